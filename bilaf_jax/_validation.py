@@ -1,0 +1,120 @@
+"""Argument checks shared by the public functions.
+
+Every public selection function validates its concrete inputs here, before anything is traced,
+so that bad input fails with a `ValueError` naming the problem instead of a shape error deep
+inside XLA. Inputs that are already tracers (a caller jitting or vmapping over them) can only be
+checked for shape; their values are the caller's responsibility.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def is_traced(x) -> bool:
+    """True when `x` is an abstract value inside a jit/vmap/grad trace."""
+    return isinstance(x, jax.core.Tracer)
+
+
+def check_features(features, name: str = "features"):
+    """Return `features` as a floating JAX/NumPy array of shape [n, d], or raise ValueError.
+
+    Checks: array-like, 2-D, n > 0 and d > 0, real numbers, all finite (when concrete).
+    Integer inputs (raw pixels, say) are converted to float32; floating dtypes are kept.
+    """
+    if features is None:
+        raise ValueError(f"{name} is None; expected an array of shape [n, d]")
+    if not isinstance(features, (jax.Array, np.ndarray)):
+        try:
+            features = np.asarray(features)
+        except Exception as e:  # ragged lists and the like
+            raise ValueError(f"{name} is not an array: {e}") from None
+    if features.ndim != 2:
+        raise ValueError(f"{name} must be 2-D [n, d], got shape {tuple(features.shape)}")
+    n, d = features.shape
+    if n == 0 or d == 0:
+        raise ValueError(f"{name} is empty: shape {tuple(features.shape)}")
+    dtype = np.dtype(features.dtype)
+    if dtype == np.bool_ or not (
+        np.issubdtype(dtype, np.floating)
+        or np.issubdtype(dtype, np.integer)
+        or dtype == jnp.bfloat16
+    ):
+        raise ValueError(f"{name} must hold real numbers, got dtype {dtype}")
+    if np.issubdtype(dtype, np.integer):
+        features = features.astype(np.float32)
+    if not is_traced(features):
+        finite = (
+            bool(np.isfinite(features).all())
+            if isinstance(features, np.ndarray)
+            else bool(jnp.isfinite(features).all())
+        )
+        if not finite:
+            raise ValueError(f"{name} contains NaN or Inf values")
+    return features
+
+
+def check_count(value, name: str, low: int, high: int) -> int:
+    """Return `value` as a Python int in [low, high], or raise ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, np.integer)):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    value = int(value)
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def check_indices(indices, n: int, name: str, length: int | None = None) -> np.ndarray:
+    """Return `indices` as int32 NumPy [m], checking 1-D, length, range [0, n) and uniqueness."""
+    if is_traced(indices):
+        raise ValueError(f"{name} must be concrete (not traced inside jit/vmap)")
+    arr = np.asarray(indices)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        if not np.all(np.equal(np.mod(arr, 1), 0)):
+            raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    if length is not None and arr.shape[0] != length:
+        raise ValueError(f"{name} must have length {length}, got {arr.shape[0]}")
+    if arr.size and (arr.min() < 0 or arr.max() >= n):
+        bad = arr[(arr < 0) | (arr >= n)][0]
+        raise ValueError(f"{name} out of range [0, {n}): {int(bad)}")
+    uniq, counts = np.unique(arr, return_counts=True)
+    if uniq.size != arr.size:
+        raise ValueError(f"{name} has repeated entries, e.g. {int(uniq[counts > 1][0])}")
+    return arr.astype(np.int32)
+
+
+def check_positive(value, name: str, allow_zero: bool = False):
+    """Check a traceable hyperparameter when concrete; pass tracers through unchanged."""
+    if is_traced(value):
+        return value
+    v = np.asarray(value)
+    if v.ndim != 0:
+        raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
+    ok = np.isfinite(v) and (v >= 0 if allow_zero else v > 0)
+    if not ok:
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value!r}")
+    return value
+
+
+def check_fraction(value, name: str, low_open: bool = False, high_open: bool = False):
+    """Check a traceable fraction in [0, 1] (ends optionally open) when concrete."""
+    if is_traced(value):
+        return value
+    v = np.asarray(value)
+    if v.ndim != 0 or not np.isfinite(v):
+        raise ValueError(f"{name} must be a finite scalar, got {value!r}")
+    lo_ok = v > 0 if low_open else v >= 0
+    hi_ok = v < 1 if high_open else v <= 1
+    if not (lo_ok and hi_ok):
+        lo = "(0" if low_open else "[0"
+        hi = "1)" if high_open else "1]"
+        raise ValueError(f"{name} must be in {lo}, {hi}, got {value!r}")
+    return value

@@ -1,0 +1,60 @@
+"""The `bilaf` command: `bilaf select | extract | finetune | run`.
+
+Each subcommand lives in its own module `cmd_<name>.py` exposing `register(subparsers)`, which
+adds an argparse parser whose default `func(args) -> int` does the work. Heavy imports (JAX,
+Flax, TFDS) happen inside `func`, so `bilaf --help` stays fast.
+
+User errors (`ValueError`, including `bilaf_jax.io.InputError`, and missing files) become one
+line on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = ("select", "extract", "finetune", "run")
+
+
+class UsageError(ValueError):
+    """Raised by subcommands for bad arguments; printed as one line, exit code 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own convention too)
+        sys.stderr.write(f"{self.prog}: error: {message}\n")
+        raise SystemExit(2)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="bilaf",
+        description="BiLAF active finetuning in JAX: select samples to label, extract "
+        "features, finetune, and run the end-to-end benchmark.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for name in COMMANDS:
+        module = importlib.import_module(f"bilaf_jax.cli.cmd_{name}")
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        code = args.func(args)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"bilaf {args.command}: interrupted\n")
+        return 130
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        sys.stderr.write(f"bilaf {args.command}: error: {msg}\n")
+        return 2
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

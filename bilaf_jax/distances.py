@@ -1,0 +1,220 @@
+"""Chunked distances used by every stage: pairwise blocks, nearest-centre assignment, k-NN.
+
+Dimension glossary (used in shapes throughout the library):
+  n  pool size (rows of `features`)       d  feature dimension
+  m  number of query rows                 K  number of centres / core samples
+  k  neighbours in a k-NN query           B  selection budget
+  c  chunk size (rows processed at once)
+
+Nothing here materialises more than a [c, K] (or [c, m]) block: queries are processed `chunk_size`
+rows at a time with `lax.map`, so memory is bounded at ImageNet scale. All functions are pure and
+jit-compatible; `chunk_size` and `k` are static.
+
+Metrics:
+  "sqeuclidean"  ||x - y||^2
+  "euclidean"    ||x - y||
+  "cosine"       1 - x.y / (||x|| ||y||)
+  "dot"          -x.y   (a dissimilarity, so "nearest" = largest inner product)
+
+`direct=True` computes Euclidean distances from explicit differences (as scipy's `cdist` does)
+instead of the Gram expansion ||x||^2 + ||y||^2 - 2 x.y: slower and [c, K, d] in memory, but free of
+cancellation error. The official mode uses it in float64 to reproduce the authors' orderings.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
+DEFAULT_CHUNK = 2048
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
+
+
+def normalize(x, axis: int = -1, eps: float = 1e-12):
+    """L2-normalise rows (like torch.nn.functional.normalize: x / max(||x||, eps))."""
+    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+    return x / jnp.maximum(norm, eps)
+
+
+def pairwise(x, y, metric: str = "sqeuclidean", *, direct: bool = False, precision=None):
+    """Distances between every row of `x` [a, d] and every row of `y` [b, d] -> [a, b].
+
+    One block, not chunked: call it on blocks, or use `map_rows` / `nearest_centre` / `knn`.
+    """
+    _check_metric(metric)
+    if metric in ("sqeuclidean", "euclidean"):
+        if direct:
+            diff = x[:, None, :] - y[None, :, :]
+            sq = jnp.sum(diff * diff, axis=-1)
+        else:
+            xy = jnp.matmul(x, y.T, precision=precision)
+            sq = jnp.sum(x * x, -1)[:, None] + jnp.sum(y * y, -1)[None, :] - 2.0 * xy
+            sq = jnp.maximum(sq, 0.0)
+        return jnp.sqrt(sq) if metric == "euclidean" else sq
+    if metric == "cosine":
+        return 1.0 - jnp.matmul(normalize(x), normalize(y).T, precision=precision)
+    return -jnp.matmul(x, y.T, precision=precision)
+
+
+def map_rows(fn, x, chunk_size: int = DEFAULT_CHUNK):
+    """Apply `fn` (rows [c, ...] -> outputs with leading dim c) to `x` in chunks of rows.
+
+    Equivalent to `fn(x)` but only `chunk_size` rows are live at once. Rows are padded to a
+    multiple of the chunk with copies of row 0 and the padding is dropped from the result.
+    """
+    n = x.shape[0]
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    if n <= chunk_size:
+        return fn(x)
+    num_chunks = -(-n // chunk_size)
+    pad = num_chunks * chunk_size - n
+    if pad:
+        x = jnp.concatenate([x, jnp.broadcast_to(x[:1], (pad,) + x.shape[1:])], axis=0)
+    blocks = x.reshape((num_chunks, chunk_size) + x.shape[1:])
+    out = lax.map(fn, blocks)
+    return jax.tree.map(lambda o: o.reshape((num_chunks * chunk_size,) + o.shape[2:])[:n], out)
+
+
+def pairwise_chunked(x, y, metric: str = "sqeuclidean", *, chunk_size: int = DEFAULT_CHUNK,
+                     direct: bool = False):
+    """Full [a, b] distance matrix computed `chunk_size` rows of `x` at a time (for small b)."""
+    return map_rows(lambda xb: pairwise(xb, y, metric, direct=direct), x, chunk_size)
+
+
+class Assignment(NamedTuple):
+    """Nearest-centre assignment of each row.
+
+    index: int32[n], position of the nearest centre (ties: lowest position).
+    distance: [n], distance to it under the metric used.
+    """
+
+    index: jax.Array
+    distance: jax.Array
+
+
+def nearest_centre(points, centres, metric: str = "sqeuclidean", *, centre_mask=None,
+                   chunk_size: int = DEFAULT_CHUNK, direct: bool = False,
+                   precision=None) -> Assignment:
+    """Assign each of `points` [n, d] to its nearest row of `centres` [K, d].
+
+    centre_mask: optional bool[K]; False centres are never chosen.
+    Never materialises more than a [chunk_size, K] block.
+    """
+    _check_metric(metric)
+
+    def block(xb):
+        dist = pairwise(xb, centres, metric, direct=direct, precision=precision)
+        if centre_mask is not None:
+            dist = jnp.where(centre_mask[None, :], dist, jnp.inf)
+        idx = jnp.argmin(dist, axis=1).astype(jnp.int32)
+        return idx, jnp.take_along_axis(dist, idx[:, None], axis=1)[:, 0]
+
+    idx, dist = map_rows(block, points, chunk_size)
+    return Assignment(idx, dist)
+
+
+class Neighbours(NamedTuple):
+    """k nearest rows of a point set for each query, nearest first.
+
+    distance: [m, k] ascending (ties: lower point index first).
+    index: int32[m, k]; where fewer than k valid points exist, the tail is padded with
+    distance +inf and index -1.
+    """
+
+    distance: jax.Array
+    index: jax.Array
+
+
+def knn(queries, points, k: int, metric: str = "sqeuclidean", *, point_mask=None,
+        chunk_size: int = DEFAULT_CHUNK, direct: bool = False) -> Neighbours:
+    """The k nearest of `points` [p, d] to each of `queries` [m, d] (k static, k <= p).
+
+    point_mask: optional bool[p]; False points are ignored.
+    Memory: one [chunk_size, p] block at a time.
+    """
+    _check_metric(metric)
+    p = points.shape[0]
+    if not 0 < k <= p:
+        raise ValueError(f"k must be in [1, {p}], got {k}")
+
+    def block(qb):
+        dist = pairwise(qb, points, metric, direct=direct)
+        if point_mask is not None:
+            dist = jnp.where(point_mask[None, :], dist, jnp.inf)
+        neg, idx = lax.top_k(-dist, k)  # ties: lower index first
+        dist_k = -neg
+        idx = jnp.where(jnp.isinf(dist_k), -1, idx).astype(jnp.int32)
+        return dist_k, idx
+
+    dist, idx = map_rows(block, queries, chunk_size)
+    return Neighbours(dist, idx)
+
+
+def greedy_unique_match(points, centres, metric: str = "sqeuclidean", *,
+                        chunk_size: int = DEFAULT_CHUNK, num_candidates: int = 32,
+                        precision=None):
+    """For centres j = 0..K-1 in order, take the nearest point not already taken.
+
+    points [n, d], centres [K, d] (K <= n) -> int32[K] distinct point indices, in centre order.
+    Ties go to the lower point index.
+
+    The greedy pass runs on a per-centre table of the `num_candidates` nearest points (one
+    chunked pass over the pool). A centre whose candidates are all taken (rare: it needs that
+    many earlier centres to claim its nearest points) falls back to an exact scan of the pool,
+    so the result equals the naive K x n greedy.
+    """
+    _check_metric(metric)
+    n = points.shape[0]
+    num_centres = centres.shape[0]
+    t = min(num_candidates, n)
+
+    # Top-t candidates per centre: scan the pool in chunks, merging running top-t lists.
+    def scan_chunk(carry, xb_and_offset):
+        best_d, best_i = carry
+        xb, offset, valid = xb_and_offset
+        dist = pairwise(centres, xb, metric, precision=precision)  # [K, c]
+        dist = jnp.where(valid[None, :], dist, jnp.inf)
+        ids = offset + jnp.arange(xb.shape[0], dtype=jnp.int32)
+        all_d = jnp.concatenate([best_d, dist], axis=1)
+        all_i = jnp.concatenate([best_i, jnp.broadcast_to(ids, dist.shape)], axis=1)
+        # Sort by (distance, index) so that ties keep the lower index.
+        order = jnp.lexsort((all_i, all_d), axis=1)[:, :t]
+        return (jnp.take_along_axis(all_d, order, 1), jnp.take_along_axis(all_i, order, 1)), None
+
+    c = min(chunk_size, n)
+    num_chunks = -(-n // c)
+    pad = num_chunks * c - n
+    xp = jnp.concatenate([points, jnp.zeros((pad, points.shape[1]), points.dtype)]) if pad else points
+    blocks = xp.reshape(num_chunks, c, points.shape[1])
+    offsets = jnp.arange(num_chunks, dtype=jnp.int32) * c
+    valid = (jnp.arange(num_chunks * c) < n).reshape(num_chunks, c)
+    dist_dtype = jnp.result_type(points.dtype, centres.dtype)
+    init = (jnp.full((num_centres, t), jnp.inf, dist_dtype),
+            jnp.full((num_centres, t), jnp.iinfo(jnp.int32).max, jnp.int32))
+    (cand_d, cand_i), _ = lax.scan(scan_chunk, init, (blocks, offsets, valid))
+
+    def exact_scan(j, taken):
+        dist = map_rows(lambda xb: pairwise(xb, centres[j][None], metric, precision=precision)[:, 0],
+                        points, chunk_size)
+        return jnp.argmin(jnp.where(taken, jnp.inf, dist)).astype(jnp.int32)
+
+    def body(j, state):
+        taken, out = state
+        ids = cand_i[j]
+        free = ~taken[jnp.clip(ids, 0, n - 1)] & (ids < n)
+        first_free = jnp.argmax(free)  # candidates are sorted, so the first free one is best
+        pick = lax.cond(free.any(), lambda: ids[first_free], lambda: exact_scan(j, taken))
+        return taken.at[pick].set(True), out.at[j].set(pick)
+
+    state = (jnp.zeros(n, bool), jnp.zeros(num_centres, jnp.int32))
+    _, out = lax.fori_loop(0, num_centres, body, state)
+    return out

@@ -1,0 +1,159 @@
+"""File I/O at the library's edge: loading feature files and writing outputs atomically.
+
+Atomic means: data goes to a temporary file in the destination folder, is flushed and fsync-ed,
+then renamed over the destination. A kill at any moment leaves either the old file or the
+complete new one, never a truncated file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """A user-facing problem with an input file or argument (the CLI prints it on one line)."""
+
+
+@contextlib.contextmanager
+def atomic_open(path, mode: str = "wb"):
+    """Open a temporary sibling of `path` for writing; rename it over `path` on success."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"output folder is not writable: {folder}")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+
+
+def write_text_atomic(path, text: str) -> None:
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path, obj, indent: int | None = None) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+
+
+def save_npz_atomic(path, **arrays) -> None:
+    """np.savez to `path` atomically (the name is used as given; no '.npz' is appended)."""
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    write_bytes_atomic(path, buf.getvalue())
+
+
+def sha256_file(path, block: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_features(path, label_column: bool = False, key: str = "features"):
+    """Load a feature matrix from `.npy` ([n, d]) or `.npz` (array `key`, optional `labels`).
+
+    With `label_column`, the file is the authors' layout [n, d + 1] whose last column is a label
+    (returned separately, never used for selection).
+    Returns (features float array [n, d], labels int array [n] or None).
+    Raises InputError with a one-line message for every problem a user can cause.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"features file not found: {path}")
+    if path.is_dir():
+        raise InputError(f"features path is a folder, not a file: {path}")
+    if not os.access(path, os.R_OK):
+        raise InputError(f"features file is not readable: {path}")
+    labels = None
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path} is not a NumPy .npy/.npz file ({str(e).splitlines()[0]})") from None
+    if isinstance(loaded, np.lib.npyio.NpzFile):
+        with loaded:
+            if key not in loaded.files:
+                raise InputError(f"{path} has no array named '{key}' (found: {', '.join(loaded.files) or 'none'})")
+            try:
+                features = loaded[key]
+                if "labels" in loaded.files and not label_column:
+                    labels = loaded["labels"]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                raise InputError(f"{path} is corrupt ({str(e).splitlines()[0]})") from None
+    else:
+        features = loaded
+    if features.dtype == object or features.dtype.kind not in "fiu":
+        raise InputError(f"{path}: features must be numeric, got dtype {features.dtype}")
+    if features.ndim != 2:
+        raise InputError(f"{path}: features must be 2-D [n, d], got shape {features.shape}")
+    if label_column:
+        if features.shape[1] < 2:
+            raise InputError(f"{path}: --label-column needs at least 2 columns, got {features.shape[1]}")
+        labels = features[:, -1]
+        features = features[:, :-1]
+    if features.shape[0] == 0 or features.shape[1] == 0:
+        raise InputError(f"{path}: features are empty, shape {features.shape}")
+    if features.dtype.kind != "f":
+        features = features.astype(np.float32)
+    if not np.isfinite(features).all():
+        raise InputError(f"{path}: features contain NaN or Inf")
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (features.shape[0],):
+            labels = None
+        else:
+            labels = labels.astype(np.int64)
+    return features, labels
+
+
+def load_index_list(path, n: int | None = None, name: str = "selection") -> list[int]:
+    """Read a JSON list of unique non-negative ints (a selection file), checking range if n given."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{name} file not found: {path}")
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{name} file {path} is not valid JSON ({e})") from None
+    if not isinstance(obj, list) or not all(
+        isinstance(v, int) and not isinstance(v, bool) for v in obj
+    ):
+        raise InputError(f"{name} file {path} must be a JSON list of integers")
+    if not obj:
+        raise InputError(f"{name} file {path} is an empty list")
+    if len(set(obj)) != len(obj):
+        seen, dup = set(), None
+        for v in obj:
+            if v in seen:
+                dup = v
+                break
+            seen.add(v)
+        raise InputError(f"{name} file {path} repeats index {dup}")
+    bad = [v for v in obj if v < 0 or (n is not None and v >= n)]
+    if bad:
+        bound = f"[0, {n})" if n is not None else ">= 0"
+        raise InputError(f"{name} file {path} has index {bad[0]} out of range {bound}")
+    return obj

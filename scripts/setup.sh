@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create .venv (if missing) and install bilaf_jax with everything the tests and the main job need.
+# Usage: bash scripts/setup.sh            (idempotent; safe to re-run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+# torch (CPU build) only serves as an independent reference in parity tests.
+python -m pip install -q -e ".[test,reference]"
+# Real offline data: Fashion-MNIST from Debian, where apt is available.
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null 2>&1 \
+      || echo "note: could not install dataset-fashion-mnist with apt-get; tests that need it are skipped"
+  else
+    echo "note: Fashion-MNIST not found; install it with 'apt-get install dataset-fashion-mnist'" \
+         "or pass --data-dir to bilaf; tests that need it are skipped"
+  fi
+fi
