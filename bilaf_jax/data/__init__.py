@@ -1,0 +1,321 @@
+"""Image datasets for feature extraction: Fashion-MNIST, CIFAR-10/100, ImageNet-2012, image folders.
+
+Two ways in:
+
+- `load_arrays(name, split)` -> `ImageArrays(images uint8 [n, h, w, c], labels int32 [n])` for
+  datasets that fit in memory (Fashion-MNIST: c = 1, 28x28). Row i is pool row id i.
+- `data_source(name, split)` -> `ImageSource`, random access (`len`, `src[i]`,
+  `src.get_batch(indices)`) for large ones (ImageNet), read lazily from array_record.
+
+Fashion-MNIST goes through a local TFDS builder (`BilafFashionMnist`) reading the IDX gzip files of
+the Debian package `dataset-fashion-mnist` (or a folder given by `data_dir` /
+`BILAF_FASHION_MNIST_DIR`); it writes array_record to a cache (`cache_dir`, env
+`BILAF_TFDS_DIR`, default `~/.cache/bilaf_jax/tfds`) under a config named after the source
+files' sha256, so a changed source is never answered from stale cache. TensorFlow is not needed.
+
+CIFAR-10/100 and ImageNet-2012 use TFDS' own builders. Reading data they prepared works without
+TensorFlow; preparing it needs TensorFlow (`pip install 'bilaf_jax[tf]'`), network access
+(CIFAR) or the ILSVRC2012 archives in `<tfds dir>/downloads/manual` (ImageNet). For these,
+`data_dir` is the TFDS data dir (default: the cache).
+
+`image_folder` reads a user's own images (`data_dir/<split>/<class>/*.jpg`, or
+`data_dir/<class>/*.jpg` with split "all"/"train"); classes are the sorted subfolder names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from bilaf_jax.io import InputError
+
+DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet2012", "image_folder")
+DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+_TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet2012": "imagenet2012"}
+
+__all__ = [
+    "DATASETS",
+    "ImageArrays",
+    "ImageSource",
+    "cache_dir_default",
+    "data_source",
+    "fashion_mnist_dir",
+    "load_arrays",
+]
+
+
+class ImageArrays(NamedTuple):
+    """A labelled image set in memory. images: uint8 [n, h, w, c]; labels: int32 [n]."""
+
+    images: np.ndarray
+    labels: np.ndarray
+
+
+def cache_dir_default() -> Path:
+    """Where TFDS-prepared data goes: $BILAF_TFDS_DIR or ~/.cache/bilaf_jax/tfds."""
+    env = os.environ.get("BILAF_TFDS_DIR")
+    return Path(env).expanduser() if env else Path("~/.cache/bilaf_jax/tfds").expanduser()
+
+
+def fashion_mnist_dir(data_dir=None) -> Path:
+    """The Fashion-MNIST IDX folder: `data_dir`, $BILAF_FASHION_MNIST_DIR, or the Debian path."""
+    if data_dir is not None:
+        return Path(data_dir).expanduser()
+    return Path(os.environ.get("BILAF_FASHION_MNIST_DIR") or DEFAULT_FASHION_MNIST_DIR).expanduser()
+
+
+def _check_name(name: str) -> str:
+    if name not in DATASETS:
+        raise InputError(f"unknown dataset '{name}' (known: {', '.join(DATASETS)})")
+    return name
+
+
+def _check_limit(limit) -> int | None:
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, (int, np.integer)) or limit < 1:
+        raise InputError(f"limit must be a positive integer, got {limit!r}")
+    return int(limit)
+
+
+class ImageSource:
+    """Random access to (image uint8 [h, w, c], label int) pairs; row i is pool row id i."""
+
+    def __init__(self, name: str, split: str, getitems, length: int, num_classes: int | None):
+        self.name = name
+        self.split = split
+        self._getitems = getitems
+        self._length = length
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, i: int):
+        i = int(i)
+        if not -self._length <= i < self._length:
+            raise IndexError(f"index {i} out of range for {self._length} images")
+        return self._getitems([i % self._length])[0]
+
+    def get_batch(self, indices, image_size: int | None = None, resample: str = "bilinear"):
+        """ImageArrays of these rows; images of several sizes need `image_size` (host resize)."""
+        indices = [int(i) for i in np.asarray(indices).reshape(-1)]
+        if any(not 0 <= i < self._length for i in indices):
+            raise IndexError(f"indices out of range for {self._length} images")
+        pairs = self._getitems(indices)
+        images = [np.asarray(im) for im, _ in pairs]
+        images = [im[:, :, None] if im.ndim == 2 else im for im in images]
+        if image_size is not None:
+            images = [_resize_uint8(im, image_size, resample) for im in images]
+        shapes = {im.shape for im in images}
+        if len(shapes) > 1:
+            raise InputError(
+                f"{self.name}: images differ in size ({sorted(shapes)[:3]}...); pass an image size"
+            )
+        if images:
+            stacked = np.stack(images)
+        else:
+            stacked = np.zeros((0, 1, 1, 1), np.uint8)
+        labels = np.asarray([lab for _, lab in pairs], np.int32)
+        return ImageArrays(stacked, labels)
+
+
+def _resize_uint8(image: np.ndarray, size: int, resample: str) -> np.ndarray:
+    from PIL import Image
+
+    if image.shape[0] == size and image.shape[1] == size:
+        return image
+    modes = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
+    mode = modes[resample]
+    grey = image.shape[-1] == 1
+    pil = Image.fromarray(image[:, :, 0] if grey else image)
+    out = np.asarray(pil.resize((size, size), mode))
+    return out[:, :, None] if grey else out
+
+
+@contextlib.contextmanager
+def _quiet_tfds():
+    """TFDS logs a warning for every custom config; keep stderr readable."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        absl.setLevel(level)
+
+
+def _fashion_mnist_tfds_source(split, data_dir, cache_dir):
+    import tensorflow_datasets as tfds
+
+    from bilaf_jax.data.fashion_mnist import BilafFashionMnist, source_digest
+
+    source = fashion_mnist_dir(data_dir)
+    digest = source_digest(source)  # also checks that the four files exist
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_dir_default()
+    with _quiet_tfds():
+        builder = BilafFashionMnist(
+            config=tfds.core.BuilderConfig(name=f"src_{digest[:16]}"),
+            data_dir=str(cache),
+            file_format="array_record",
+        )
+        if not builder.is_prepared():
+            try:
+                cache.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise InputError(f"cannot create cache folder {cache}: {e.strerror or e}") from None
+            builder.download_and_prepare(
+                download_config=tfds.download.DownloadConfig(manual_dir=str(source))
+            )
+    return builder
+
+
+def _tfds_own_source(name, split, data_dir, cache_dir) -> ImageSource:
+    import tensorflow_datasets as tfds
+
+    root = Path(data_dir or cache_dir or cache_dir_default()).expanduser()
+    with _quiet_tfds():
+        try:
+            builder = tfds.builder(
+                _TFDS_NAMES[name], data_dir=str(root), file_format="array_record"
+            )
+        except Exception as e:  # tfds raises many types for a broken data dir
+            raise InputError(f"{name}: TFDS cannot open its builder in {root} ({e})") from None
+        if builder.is_prepared():
+            return _builder_source(name, builder, split)
+        try:  # tfds.testing.mock_data patches this path
+            src = tfds.data_source(
+                _TFDS_NAMES[name], split=split, data_dir=str(root), download=False,
+                builder_kwargs={"file_format": "array_record"},
+            )
+        except Exception:
+            src = None
+        if src is not None:
+            return _wrap_tfds_source(name, split, src, builder.info.features["label"].num_classes)
+        try:
+            import tensorflow  # noqa: F401
+        except ImportError:
+            what = (
+                "the ILSVRC2012 train/val tar files in " + str(root / "downloads" / "manual")
+                if name == "imagenet2012"
+                else "network access"
+            )
+            raise InputError(
+                f"{name} is not prepared in {root}; preparing it needs TensorFlow "
+                f"(pip install 'bilaf_jax[tf]') and {what}, or pass --data-dir/data_dir= a TFDS "
+                "data dir where it was already prepared as array_record"
+            ) from None
+        try:
+            builder.download_and_prepare()
+        except Exception as e:
+            raise InputError(f"{name}: TFDS could not prepare it in {root} ({e})") from None
+    return _builder_source(name, builder, split)
+
+
+def _builder_source(name, builder, split) -> ImageSource:
+    splits = list(builder.info.splits.keys())
+    if split not in splits:
+        raise InputError(f"{name} has no split '{split}' (splits: {', '.join(sorted(splits))})")
+    with _quiet_tfds():
+        src = builder.as_data_source(split=split)
+    return _wrap_tfds_source(name, split, src, builder.info.features["label"].num_classes)
+
+
+def _wrap_tfds_source(name, split, src, num_classes) -> ImageSource:
+    def getitems(indices):
+        try:
+            recs = src.__getitems__(indices)
+        except (AttributeError, TypeError):  # older sources, tfds.testing.mock_data's mock
+            recs = [src[i] for i in indices]
+        return [(np.asarray(r["image"]), int(r["label"])) for r in recs]
+
+    return ImageSource(name, split, getitems, len(src), num_classes)
+
+
+def _image_folder_root(split, data_dir) -> Path:
+    if data_dir is None:
+        raise InputError("image_folder needs a folder: pass --data-dir / data_dir=")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise InputError(f"image folder not found: {root}")
+    if (root / split).is_dir():
+        return root / split
+    if split in ("all", "train"):
+        return root
+    raise InputError(f"image folder {root} has no split subfolder '{split}'")
+
+
+def _image_folder_source(split, data_dir) -> ImageSource:
+    from PIL import Image, UnidentifiedImageError
+
+    root = _image_folder_root(split, data_dir)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise InputError(f"image folder {root} has no class subfolders ({root}/<class>/<image>)")
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        for p in sorted((root / cls).rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
+                files.append(p)
+                labels.append(label)
+    if not files:
+        raise InputError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
+
+    def getitems(indices):
+        out = []
+        for i in indices:
+            try:
+                with Image.open(files[i]) as im:
+                    im = im.convert("L" if im.mode in ("L", "I;16", "1") else "RGB")
+                    arr = np.asarray(im)
+            except (OSError, UnidentifiedImageError) as e:
+                raise InputError(f"cannot read image {files[i]}: {e}") from None
+            out.append((arr[:, :, None] if arr.ndim == 2 else arr, labels[i]))
+        return out
+
+    src = ImageSource("image_folder", split, getitems, len(files), len(classes))
+    src.files = files
+    src.class_names = classes
+    return src
+
+
+def data_source(name: str, split: str, *, data_dir=None, cache_dir=None) -> ImageSource:
+    """Random-access source of (image uint8 [h, w, c], label) for a dataset split.
+
+    `data_dir`: Fashion-MNIST's IDX folder; image_folder's root; for TFDS' own datasets the
+    TFDS data dir. `cache_dir`: where prepared Fashion-MNIST goes (default `cache_dir_default()`).
+    """
+    _check_name(name)
+    if not isinstance(split, str) or not split:
+        raise InputError(f"split must be a non-empty string, got {split!r}")
+    if name == "fashion_mnist":
+        return _builder_source(name, _fashion_mnist_tfds_source(split, data_dir, cache_dir), split)
+    if name == "image_folder":
+        return _image_folder_source(split, data_dir)
+    return _tfds_own_source(name, split, data_dir, cache_dir)
+
+
+def load_arrays(name: str, split: str, *, data_dir=None, limit=None, cache_dir=None,
+                image_size: int | None = None) -> ImageArrays:
+    """The first `limit` (default all) images of a split in memory, in the dataset's row order.
+
+    Returns ImageArrays(images uint8 [n, h, w, c], labels int32 [n]); Fashion-MNIST is
+    [n, 28, 28, 1]. Images of differing sizes (image folders, ImageNet) need `image_size`
+    (square host-side bilinear resize).
+
+    >>> arrays = load_arrays("fashion_mnist", "train", limit=8)  # doctest: +SKIP
+    >>> arrays.images.shape, arrays.labels.dtype  # doctest: +SKIP
+    ((8, 28, 28, 1), dtype('int32'))
+    """
+    limit = _check_limit(limit)
+    src = data_source(name, split, data_dir=data_dir, cache_dir=cache_dir)
+    n = len(src) if limit is None else min(limit, len(src))
+    if n == 0:
+        raise InputError(f"{name} split '{split}' is empty")
+    return src.get_batch(np.arange(n), image_size=image_size)

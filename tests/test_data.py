@@ -1,0 +1,158 @@
+"""Datasets: the local Fashion-MNIST TFDS builder, TFDS' own builders (mocked), image folders."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+
+from bilaf_jax.data import DATASETS, ImageArrays, data_source, load_arrays
+from bilaf_jax.data.idx import read_idx, write_idx
+from bilaf_jax.io import InputError
+
+
+def make_fashion_mnist(folder, n_train=12, n_test=5, seed=0):
+    """Four small IDX gzip files shaped like Fashion-MNIST's; returns the arrays written."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for split, stem, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, 10, n).astype(np.uint8)
+        write_idx(folder / f"{stem}-images-idx3-ubyte.gz", images)
+        write_idx(folder / f"{stem}-labels-idx1-ubyte.gz", labels)
+        out[split] = (images, labels)
+    return out
+
+
+@pytest.fixture
+def fmnist(tmp_path):
+    src = tmp_path / "fmnist"
+    return src, tmp_path / "cache", make_fashion_mnist(src)
+
+
+def test_idx_roundtrip(tmp_path):
+    a = np.arange(24, dtype=np.uint8).reshape(2, 3, 4)
+    write_idx(tmp_path / "a.gz", a)
+    np.testing.assert_array_equal(read_idx(tmp_path / "a.gz"), a)
+
+
+def test_fashion_mnist_load_arrays_in_row_order(fmnist):
+    src, cache, arrays = fmnist
+    for split in ("train", "test"):
+        got = load_arrays("fashion_mnist", split, data_dir=src, cache_dir=cache)
+        assert isinstance(got, ImageArrays)
+        images, labels = arrays[split]
+        assert got.images.dtype == np.uint8 and got.images.shape == images.shape + (1,)
+        assert got.labels.dtype == np.int32
+        np.testing.assert_array_equal(got.images[..., 0], images)
+        np.testing.assert_array_equal(got.labels, labels)
+    assert list(cache.glob("bilaf_fashion_mnist/*/1.0.0/*.array_record*"))
+    got = load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache, limit=3)
+    np.testing.assert_array_equal(got.labels, arrays["train"][1][:3])
+
+
+def test_fashion_mnist_env_var_and_random_access(fmnist, monkeypatch):
+    src, cache, arrays = fmnist
+    monkeypatch.setenv("BILAF_FASHION_MNIST_DIR", str(src))
+    ds = data_source("fashion_mnist", "train", cache_dir=cache)
+    assert len(ds) == 12
+    image, label = ds[4]
+    np.testing.assert_array_equal(image[..., 0], arrays["train"][0][4])
+    assert label == arrays["train"][1][4]
+    batch = ds.get_batch([5, 1])
+    np.testing.assert_array_equal(batch.labels, arrays["train"][1][[5, 1]])
+
+
+def test_changed_source_is_not_served_from_stale_cache(fmnist):
+    src, cache, _ = fmnist
+    load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
+    new = make_fashion_mnist(src, seed=1)
+    got = load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
+    np.testing.assert_array_equal(got.images[..., 0], new["train"][0])
+
+
+def test_missing_files_say_how_to_get_them(tmp_path):
+    with pytest.raises(InputError, match="apt-get install dataset-fashion-mnist"):
+        load_arrays("fashion_mnist", "train", data_dir=tmp_path / "nowhere", cache_dir=tmp_path)
+    make_fashion_mnist(tmp_path / "f")
+    (tmp_path / "f" / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(InputError, match="t10k-labels-idx1-ubyte.gz missing"):
+        load_arrays("fashion_mnist", "train", data_dir=tmp_path / "f", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "labels_count"])
+def test_corrupt_files_are_one_line_errors(tmp_path, damage):
+    src = tmp_path / "f"
+    make_fashion_mnist(src)
+    images = src / "train-images-idx3-ubyte.gz"
+    if damage == "truncate":
+        raw = gzip.decompress(images.read_bytes())
+        images.write_bytes(gzip.compress(raw[:-10]))
+    elif damage == "garbage":
+        images.write_bytes(b"\x1f\x8bnot really gzip")
+    else:
+        write_idx(src / "train-labels-idx1-ubyte.gz", np.zeros(3, np.uint8))
+    with pytest.raises(InputError) as e:
+        load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(e.value)
+    assert not list((tmp_path / "cache").glob("bilaf_fashion_mnist/*/1.0.0/dataset_info.json"))
+
+
+def test_bad_arguments(fmnist):
+    src, cache, _ = fmnist
+    with pytest.raises(InputError, match="unknown dataset"):
+        load_arrays("mnist", "train")
+    with pytest.raises(InputError, match="no split 'val'"):
+        load_arrays("fashion_mnist", "val", data_dir=src, cache_dir=cache)
+    with pytest.raises(InputError, match="limit"):
+        load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache, limit=0)
+    assert set(DATASETS) >= {"fashion_mnist", "cifar10", "cifar100", "imagenet2012", "image_folder"}
+
+
+def test_tfds_own_builders_through_mock_data(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=6):
+        got = load_arrays("cifar10", "train", cache_dir=tmp_path)
+        assert got.images.shape == (6, 32, 32, 3) and got.images.dtype == np.uint8
+        assert got.labels.dtype == np.int32 and got.labels.shape == (6,)
+        got = load_arrays("cifar100", "test", cache_dir=tmp_path, limit=2)
+        assert got.images.shape == (2, 32, 32, 3)
+
+
+def test_unprepared_tfds_dataset_without_tensorflow_is_clear(tmp_path):
+    try:
+        import tensorflow  # noqa: F401
+
+        pytest.skip("TensorFlow is installed; preparing would try the network")
+    except ImportError:
+        pass
+    with pytest.raises(InputError, match=r"needs TensorFlow .*bilaf_jax\[tf\]"):
+        load_arrays("cifar10", "train", cache_dir=tmp_path)
+    with pytest.raises(InputError, match="ILSVRC2012"):
+        data_source("imagenet2012", "validation", data_dir=tmp_path)
+
+
+def test_image_folder(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, n in (("cat", 2), ("dog", 3)):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(n):
+            arr = rng.integers(0, 256, (10 + i, 12, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "train" / cls / f"{i}.png")
+    (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
+    src = data_source("image_folder", "train", data_dir=tmp_path)
+    assert len(src) == 5 and src.class_names == ["cat", "dog"]
+    with pytest.raises(InputError, match="differ in size"):
+        load_arrays("image_folder", "train", data_dir=tmp_path)
+    got = load_arrays("image_folder", "train", data_dir=tmp_path, image_size=8)
+    assert got.images.shape == (5, 8, 8, 3)
+    np.testing.assert_array_equal(got.labels, [0, 0, 1, 1, 1])
+    (tmp_path / "train" / "cat" / "0.png").write_bytes(b"broken")
+    with pytest.raises(InputError, match="cannot read image"):
+        load_arrays("image_folder", "train", data_dir=tmp_path, image_size=8)
+    with pytest.raises(InputError, match="needs a folder"):
+        load_arrays("image_folder", "train")
