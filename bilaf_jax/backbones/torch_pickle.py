@@ -1,0 +1,227 @@
+"""Reading PyTorch checkpoints without PyTorch.
+
+`torch.save` writes either the legacy format (before torch 1.6: five pickles in a row, then the
+raw bytes of each storage) or a zip archive (`<root>/data.pkl` plus `<root>/data/<key>` per
+storage). Tensors are pickled as calls to `torch._utils._rebuild_tensor_v2(storage, offset,
+size, stride, ...)` whose storage is a persistent id naming the storage. A restricted unpickler
+resolves only those few globals, so loading a checkpoint runs no arbitrary code, and returns
+NumPy arrays in place of tensors.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import pickle
+import struct
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from bilaf_jax.io import InputError
+
+_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
+_STORAGE_DTYPES = {
+    "DoubleStorage": np.float64,
+    "FloatStorage": np.float32,
+    "HalfStorage": np.float16,
+    "LongStorage": np.int64,
+    "IntStorage": np.int32,
+    "ShortStorage": np.int16,
+    "CharStorage": np.int8,
+    "ByteStorage": np.uint8,
+    "BoolStorage": np.bool_,
+    "BFloat16Storage": "bfloat16",
+}
+
+
+class _StorageType:
+    def __init__(self, name: str):
+        if name not in _STORAGE_DTYPES:
+            raise InputError(f"unsupported tensor storage type torch.{name}")
+        dtype = _STORAGE_DTYPES[name]
+        if dtype == "bfloat16":
+            import ml_dtypes
+
+            dtype = ml_dtypes.bfloat16
+        self.dtype = np.dtype(dtype)
+
+
+class _Storage:
+    """A storage's dtype and key; `data` is filled in once its bytes are read."""
+
+    def __init__(self, dtype: np.dtype, key: str, numel: int):
+        self.dtype, self.key, self.numel = dtype, key, numel
+        self.data: np.ndarray | None = None
+
+
+class _LazyTensor:
+    def __init__(self, storage: _Storage, offset: int, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+
+    def materialise(self) -> np.ndarray:
+        data = self.storage.data
+        if data is None:
+            raise InputError(f"storage {self.storage.key} has no data")
+        itemsize = data.dtype.itemsize
+        if self.size:
+            last = self.offset + sum((s - 1) * st for s, st in zip(self.size, self.stride)) if all(
+                self.size) else self.offset - 1
+            if self.offset < 0 or last >= data.size:
+                raise InputError(f"tensor view exceeds storage {self.storage.key}")
+        elif self.offset >= data.size:
+            raise InputError(f"tensor view exceeds storage {self.storage.key}")
+        view = np.lib.stride_tricks.as_strided(
+            data[self.offset:],
+            shape=self.size,
+            strides=tuple(s * itemsize for s in self.stride),
+            writeable=False,
+        )
+        return np.array(view)
+
+
+def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=False,
+                       backward_hooks=None, metadata=None):
+    return _LazyTensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_tensor(storage, storage_offset, size, stride):
+    return _LazyTensor(storage, storage_offset, size, stride)
+
+
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+    return data
+
+
+def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
+    return data
+
+
+_ALLOWED = {
+    ("collections", "OrderedDict"): collections.OrderedDict,
+    ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+    ("torch._utils", "_rebuild_tensor"): _rebuild_tensor,
+    ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,
+    ("torch._utils", "_rebuild_parameter_with_state"): _rebuild_parameter_with_state,
+    ("builtins", "set"): set,
+    ("builtins", "frozenset"): frozenset,
+    ("builtins", "slice"): slice,
+    ("argparse", "Namespace"): lambda *a, **k: None,  # training args stored beside weights
+}
+
+
+class _Unpickler(pickle.Unpickler):
+    def __init__(self, file, storages: dict):
+        super().__init__(file, encoding="latin1")
+        self.storages = storages
+
+    def find_class(self, module, name):
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _StorageType(name)
+        if module == "torch" and name in ("float32", "float16", "float64", "bfloat16", "int64"):
+            return name
+        if (module, name) in _ALLOWED:
+            return _ALLOWED[(module, name)]
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+    def persistent_load(self, pid):
+        if not isinstance(pid, tuple) or not pid or pid[0] != "storage":
+            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
+        storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], pid[4]
+        if not isinstance(storage_type, _StorageType):
+            raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
+        if key not in self.storages:
+            self.storages[key] = _Storage(storage_type.dtype, key, int(numel))
+        storage = self.storages[key]
+        if len(pid) > 5 and pid[5] is not None:  # legacy view: (view_key, offset, size)
+            raise pickle.UnpicklingError("legacy storage views are not supported")
+        return storage
+
+
+def _materialise(obj):
+    if isinstance(obj, _LazyTensor):
+        return obj.materialise()
+    if isinstance(obj, dict):
+        return type(obj)((k, _materialise(v)) for k, v in obj.items()) if isinstance(
+            obj, collections.OrderedDict) else {k: _materialise(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_materialise(v) for v in obj]
+    if isinstance(obj, tuple):
+        return tuple(_materialise(v) for v in obj)
+    return obj
+
+
+def _load_legacy(f) -> object:
+    magic = _Unpickler(f, {}).load()
+    if magic != _LEGACY_MAGIC:
+        raise InputError("not a PyTorch checkpoint (bad magic number)")
+    protocol = _Unpickler(f, {}).load()
+    if protocol != 1001:
+        raise InputError(f"unsupported PyTorch legacy protocol version {protocol}")
+    _Unpickler(f, {}).load()  # sys_info
+    storages: dict[str, _Storage] = {}
+    result = _Unpickler(f, storages).load()
+    keys = _Unpickler(f, {}).load()
+    for key in keys:
+        key = str(key)
+        head = f.read(8)
+        if len(head) != 8:
+            raise InputError("truncated PyTorch checkpoint (storage header)")
+        (numel,) = struct.unpack("<q", head)
+        if key not in storages:
+            raise InputError(f"PyTorch checkpoint stores data for unknown storage {key}")
+        st = storages[key]
+        nbytes = numel * st.dtype.itemsize
+        raw = f.read(nbytes)
+        if len(raw) != nbytes:
+            raise InputError(f"truncated PyTorch checkpoint (storage {key})")
+        st.data = np.frombuffer(raw, dtype=st.dtype.newbyteorder("<")).astype(st.dtype)
+    return result
+
+
+def _load_zip(zf: zipfile.ZipFile) -> object:
+    names = zf.namelist()
+    pkls = [n for n in names if n.endswith("data.pkl") and n.count("/") == 1]
+    if not pkls:
+        raise InputError("zip file is not a PyTorch checkpoint (no <root>/data.pkl)")
+    root = pkls[0].split("/")[0]
+    order = "little"
+    if f"{root}/byteorder" in names:
+        order = zf.read(f"{root}/byteorder").decode().strip()
+    storages: dict[str, _Storage] = {}
+    result = _Unpickler(io.BytesIO(zf.read(pkls[0])), storages).load()
+    for key, st in storages.items():
+        try:
+            raw = zf.read(f"{root}/data/{key}")
+        except KeyError:
+            raise InputError(f"PyTorch checkpoint lacks storage data/{key}") from None
+        if len(raw) < st.numel * st.dtype.itemsize:
+            raise InputError(f"truncated PyTorch checkpoint (storage {key})")
+        dt = st.dtype.newbyteorder("<" if order == "little" else ">")
+        st.data = np.frombuffer(raw, dtype=dt, count=st.numel).astype(st.dtype)
+    return result
+
+
+def load_torch_checkpoint(path) -> object:
+    """Load a `torch.save` file (legacy or zip) as nested dicts/lists of NumPy arrays.
+
+    Raises InputError (one line) for a missing, unreadable or corrupt file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"weight file not found: {path}")
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as zf:
+                result = _load_zip(zf)
+        else:
+            with open(path, "rb") as f:
+                result = _load_legacy(f)
+        return _materialise(result)
+    except InputError as e:
+        raise InputError(f"{path}: {e}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
+            KeyError, struct.error, zipfile.BadZipFile, OSError, UnicodeDecodeError) as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise InputError(f"{path} is not a readable PyTorch checkpoint ({msg})") from None
