@@ -1,0 +1,23 @@
+"""The finetuned model: a pretrained backbone (from `bilaf_jax.backbones`) plus a linear head."""
+
+from __future__ import annotations
+
+import jax
+from flax import nnx
+
+
+class Classifier(nnx.Module):
+    """logits = head(backbone(x)).
+
+    backbone: an nnx.Module mapping preprocessed float images [b, s, s, 3] to features [b, dim].
+    The head starts at zero (big_vision's `head_zeroinit`), so step 0 predicts uniformly and
+    the backbone's pretrained features are not disturbed by a random head.
+    """
+
+    def __init__(self, backbone: nnx.Module, dim: int, num_classes: int, *, rngs: nnx.Rngs):
+        self.backbone = backbone
+        self.head = nnx.Linear(dim, num_classes, kernel_init=nnx.initializers.zeros_init(),
+                               rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.head(self.backbone(x))

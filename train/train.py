@@ -1,0 +1,579 @@
+"""Finetuning on the selected (labelled) samples: `train_and_evaluate(config, workdir)`.
+
+Modes
+  linear  linear probe on cached features (`train.linear`), evaluated on cached test features.
+  knn     DINO's weighted k-NN on cached features (`train.knn`).
+  full    backbone + linear head trained on images: RandomResizedCrop + flip in JAX, SGD with
+          momentum (or AdamW), warm-up + cosine schedule, label smoothing, weight decay,
+          optional EMA of the weights; orbax checkpoints with exact resume.
+
+Workdir layout
+  config.json     the config and the content hashes of its input files; a later start with a
+                  different config is refused before anything is written.
+  metrics.jsonl   one JSON object per logged step: step, train_loss, learning_rate, and
+                  eval_accuracy where evaluated. On resume, lines past the restored step go.
+  checkpoints/    orbax CheckpointManager (full mode).
+  summary.json    written atomically at the end: final_accuracy, step, resumed_from_step, mode,
+                  config, num_labelled, num_test, params_digest (full mode).
+
+Exact resume: batch order and augmentation keys are functions of (seed, step) only
+(`train.input_pipeline`), and a checkpoint holds everything else (parameters, other model
+state such as BatchNorm statistics, optimiser state, EMA, the running loss sum, the step), so a
+run interrupted at any point and started again ends in the same state, bit for bit, as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bilaf_jax.io import InputError, load_features, load_index_list, sha256_file, write_json_atomic
+from train.linear import DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY
+
+MODES = ("linear", "knn", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that decides a finetuning run. Build with `make_config(**overrides)`."""
+
+    mode: str = "full"
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    selection: str | None = None  # JSON list of pool row ids to label
+    pool_size: int | None = 10000  # the pool = the first pool_size train images (None: all)
+    test_size: int | None = None  # evaluate on the first test_size test images (None: all)
+    features: str | None = None  # linear/knn: pool features .npz (features, labels)
+    test_features: str | None = None  # linear/knn: test features .npz (features, labels)
+    num_classes: int | None = None  # None: 1 + the largest label seen
+    seed: int = 0
+    # Backbone (full mode).
+    backbone: str = "efficientnet_lite0"
+    backbone_weights: str | None = None  # None: the pretrained weights; "random": random init
+    image_size: int = 48
+    # Full finetune.
+    steps: int | None = None  # None: from epochs
+    epochs: float = 100.0
+    batch_size: int = 32
+    optimizer: str = "sgd"  # sgd (momentum) | adamw
+    learning_rate: float = 3e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-4  # on kernels only (ndim > 1), not biases or norm scales
+    warmup_steps: int | None = None  # None: from warmup_epochs
+    warmup_epochs: float = 5.0
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.0  # 0: no EMA; else evaluate the EMA weights
+    drop_path: float = 0.0  # recorded; applied only by backbones that support it
+    crop_scale_min: float = 0.08
+    grad_clip_norm: float | None = None
+    eval_every: int | None = None  # None: evaluate at the end only
+    eval_batch_size: int = 256
+    log_every: int = 10
+    checkpoint_every: int = 100
+    max_checkpoints: int = 2
+    # Linear probe.
+    linear_weight_decay: float = DEFAULT_WEIGHT_DECAY
+    linear_steps: int = DEFAULT_STEPS
+    # k-NN.
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+
+
+# Fields that do not change the result: a resumed run may change them freely.
+_NOT_IDENTITY = ("data_dir", "checkpoint_every", "max_checkpoints", "selection", "features",
+                 "test_features")
+
+
+def make_config(**overrides) -> Config:
+    """Config from keyword overrides; unknown keys or bad values raise ValueError."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
+    config = Config(**overrides)
+    validate_config(config)
+    return config
+
+
+def validate_config(c: Config) -> None:
+    if c.mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {c.mode!r}")
+    if c.optimizer not in ("sgd", "adamw"):
+        raise ValueError(f"optimizer must be sgd or adamw, got {c.optimizer!r}")
+    if c.selection is None:
+        raise ValueError("a selection file is required")
+    for name in ("batch_size", "checkpoint_every", "log_every", "eval_batch_size", "image_size",
+                 "linear_steps", "knn_k", "max_checkpoints"):
+        if getattr(c, name) <= 0:
+            raise ValueError(f"{name} must be positive, got {getattr(c, name)}")
+    for name in ("steps", "pool_size", "test_size", "eval_every", "num_classes"):
+        v = getattr(c, name)
+        if v is not None and v <= 0:
+            raise ValueError(f"{name} must be positive, got {v}")
+    if not 0.0 <= c.ema_decay < 1.0:
+        raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
+    if not 0.0 <= c.label_smoothing < 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
+    if not 0.0 < c.crop_scale_min <= 1.0:
+        raise ValueError(f"crop_scale_min must be in (0, 1], got {c.crop_scale_min}")
+    if c.mode in ("linear", "knn"):
+        if c.features is None:
+            raise ValueError(f"mode {c.mode} needs pool features (--features FILE.npz)")
+        if c.test_features is None:
+            raise ValueError(f"mode {c.mode} needs test features (--test-features FILE.npz, "
+                             "written by `bilaf extract` on the test split)")
+
+
+# ----------------------------------------------------------------------------- workdir
+
+
+def _identity(config: Config) -> dict:
+    ident = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY}
+    ident["selection_sha256"] = sha256_file(config.selection)
+    for name in ("features", "test_features"):
+        path = getattr(config, name)
+        if path is not None and config.mode in ("linear", "knn"):
+            ident[f"{name}_sha256"] = sha256_file(path)
+    return ident
+
+
+def _check_workdir(workdir: Path, identity: dict) -> bool:
+    """Refuse a workdir that belongs to another config. Returns True if it already has ours."""
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"workdir {workdir} exists and is not a folder")
+    cfg_path = workdir / "config.json"
+    if not cfg_path.exists():
+        ours = ("metrics.jsonl", "summary.json", "checkpoints")
+        if workdir.is_dir() and any((workdir / name).exists() for name in ours):
+            raise InputError(f"workdir {workdir} holds a run without config.json; "
+                             "use an empty or new workdir")
+        return False
+    try:
+        stored = json.loads(cfg_path.read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"workdir {workdir} has an unreadable config.json ({e})") from None
+    if stored != identity:
+        diff = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
+        shown = "; ".join(f"{k}: {stored.get(k)!r} -> {identity.get(k)!r}" for k in diff[:3])
+        raise InputError(f"workdir {workdir} belongs to a different config ({shown}); "
+                         "use a new --workdir")
+    return True
+
+
+def _write_config(workdir: Path, config: Config, identity: dict) -> None:
+    workdir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(workdir / "config.json",
+                      {"config": dataclasses.asdict(config), "identity": identity}, indent=1)
+
+
+class MetricsWriter:
+    """Appends JSON lines to metrics.jsonl; `truncate(step)` drops lines past a resumed step."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def truncate(self, step: int) -> None:
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a line cut short by a kill
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int) \
+                        and rec["step"] <= step:
+                    kept.append(line)
+        from bilaf_jax.io import write_text_atomic
+
+        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+
+def _write_summary(workdir: Path, summary: dict) -> None:
+    write_json_atomic(workdir / "summary.json", summary, indent=1)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def train_and_evaluate(config: Config, workdir, *, backbone=None,
+                       max_steps_this_run: int | None = None) -> dict:
+    """Run (or resume) the finetuning run `config` in `workdir`; return the summary dict.
+
+    backbone: optional `bilaf_jax.backbones.Backbone`-like object (full mode) used instead of
+      loading `config.backbone` (tests pass small ones).
+    max_steps_this_run: full mode: stop after this many steps in this call, as if killed there
+      (no summary is written; the returned dict has "interrupted": True).
+    """
+    validate_config(config)
+    workdir = Path(workdir)
+    if config.mode == "full":
+        return _run_full(config, workdir, backbone, max_steps_this_run)
+    return _run_on_features(config, workdir)
+
+
+def _load_feature_pair(config: Config):
+    pool_x, pool_y = load_features(config.features)
+    if pool_y is None:
+        raise InputError(f"{config.features} has no 'labels' array; linear/knn modes need labels")
+    test_x, test_y = load_features(config.test_features)
+    if test_y is None:
+        raise InputError(f"{config.test_features} has no 'labels' array")
+    if test_x.shape[1] != pool_x.shape[1]:
+        raise InputError(f"pool features are {pool_x.shape[1]}-d but test features are "
+                         f"{test_x.shape[1]}-d")
+    if config.test_size is not None:
+        test_x, test_y = test_x[: config.test_size], test_y[: config.test_size]
+    return pool_x, pool_y, test_x, test_y
+
+
+def _run_on_features(config: Config, workdir: Path) -> dict:
+    from train.knn import knn_eval
+    from train.linear import linear_probe
+
+    pool_x, pool_y, test_x, test_y = _load_feature_pair(config)
+    if config.pool_size is not None:
+        pool_x, pool_y = pool_x[: config.pool_size], pool_y[: config.pool_size]
+    sel = np.asarray(load_index_list(config.selection, n=len(pool_y)), np.int64)
+    identity = _identity(config)
+    _check_workdir(workdir, identity)
+    num_classes = config.num_classes or int(max(pool_y.max(), test_y.max())) + 1
+    _write_config(workdir, config, identity)
+    metrics = MetricsWriter(workdir / "metrics.jsonl")
+    metrics.truncate(-1)
+    if config.mode == "linear":
+        out = linear_probe(pool_x[sel], pool_y[sel], test_x, test_y,
+                           weight_decay=config.linear_weight_decay, steps=config.linear_steps,
+                           num_classes=num_classes, return_output=True)
+        trace = np.asarray(out.loss_trace)
+        for i in range(config.log_every - 1, len(trace) - 1, config.log_every):
+            metrics.write({"step": i + 1, "train_loss": float(trace[i])})
+        step = len(trace)
+        metrics.write({"step": step, "train_loss": float(trace[-1]),
+                       "eval_accuracy": float(out.accuracy)})
+    else:
+        out = knn_eval(pool_x[sel], pool_y[sel], test_x, test_y, k=config.knn_k,
+                       temperature=config.knn_temperature, num_classes=num_classes,
+                       return_output=True)
+        step = 0
+        metrics.write({"step": 0, "eval_accuracy": float(out.accuracy)})
+    summary = {
+        "mode": config.mode,
+        "final_accuracy": float(out.accuracy),
+        "step": step,
+        "resumed_from_step": 0,
+        "num_labelled": int(len(sel)),
+        "num_test": int(len(test_y)),
+        "num_classes": num_classes,
+        "config": dataclasses.asdict(config),
+    }
+    _write_summary(workdir, summary)
+    return summary
+
+
+# ----------------------------------------------------------------------------- full finetune
+
+
+def _is_key(x) -> bool:
+    import jax
+    import jax.numpy as jnp
+
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _keys_to_data(tree):
+    import jax
+
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, tree)
+
+
+def _keys_from_data(tree, template):
+    import jax
+
+    return jax.tree.map(
+        lambda x, t: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t)
+        else x, tree, template)
+
+
+def params_digest(params) -> str:
+    """sha256 (first 16 hex digits) of all parameter arrays, in pytree order."""
+    import jax
+
+    h = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        a = np.ascontiguousarray(np.asarray(leaf))
+        h.update(str((a.shape, a.dtype.str)).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _make_optimizer(config: Config, total_steps: int, warmup_steps: int):
+    import jax
+    import optax
+
+    schedule = optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, max(warmup_steps, 0), max(total_steps, warmup_steps + 1), 0.0)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
+    parts = []
+    if config.grad_clip_norm:
+        parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
+    if config.optimizer == "sgd":
+        parts += [optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+                  optax.sgd(schedule, momentum=config.momentum)]
+    else:
+        parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
+    return optax.chain(*parts), schedule
+
+
+# Compiled steps are cached per (graph, hyperparameters) so repeated runs in one process (tests,
+# sweeps) compile once.
+_STEP_CACHE: dict = {}
+
+
+def _train_step_fn(train_def, tx, key_tuple, *, image_size, num_classes, label_smoothing,
+                   ema_decay, crop_scale_min):
+    cache_key = ("train", train_def, key_tuple)
+    if cache_key in _STEP_CACHE:
+        return _STEP_CACHE[cache_key]
+    import jax
+    import jax.numpy as jnp
+    import optax
+    from flax import nnx
+
+    from train.input_pipeline import random_resized_crop_and_flip
+
+    def train_step(state, images, labels, key):
+        images = random_resized_crop_and_flip(key, images, out_size=image_size,
+                                              scale_min=crop_scale_min)
+        targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+
+        def loss_fn(params, rest):
+            # Fresh Variable objects at this trace level, so BatchNorm may update them.
+            params, rest = jax.tree.map(lambda x: x, (params, rest))
+            model = nnx.merge(train_def, params, rest)
+            logits = model(images)
+            loss = optax.softmax_cross_entropy(logits, targets).mean()
+            _, _, rest = nnx.split(model, nnx.Param, ...)
+            return loss, rest
+
+        (loss, rest), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"],
+                                                                         state["rest"])
+        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+        params = optax.apply_updates(state["params"], updates)
+        new = dict(state, step=state["step"] + 1, params=params, rest=rest, opt_state=opt_state,
+                   loss_sum=state["loss_sum"] + loss, loss_count=state["loss_count"] + 1)
+        if ema_decay > 0:
+            new["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
+                                      state["ema"], params)
+        return new, loss
+
+    fn = jax.jit(train_step, donate_argnums=0)
+    _STEP_CACHE[cache_key] = fn
+    return fn
+
+
+def _eval_step_fn(eval_def):
+    cache_key = ("eval", eval_def)
+    if cache_key in _STEP_CACHE:
+        return _STEP_CACHE[cache_key]
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    def eval_step(params, rest, images, labels, mask):
+        logits = nnx.merge(eval_def, params, rest)(images)
+        correct = (jnp.argmax(logits, axis=1) == labels) & mask
+        return jnp.sum(correct.astype(jnp.int32))
+
+    fn = jax.jit(eval_step)
+    _STEP_CACHE[cache_key] = fn
+    return fn
+
+
+class _Images:
+    """Preprocessed images, computed once when they fit in `budget` bytes, else per batch."""
+
+    def __init__(self, backbone, images: np.ndarray, image_size: int, budget: float = 1.5e9):
+        self.backbone, self.raw, self.size = backbone, images, image_size
+        self.cached = None
+        if len(images) * image_size * image_size * 3 * 4 <= budget:
+            chunks = [np.asarray(backbone.preprocess(images[i: i + 1024], image_size))
+                      for i in range(0, len(images), 1024)]
+            self.cached = np.concatenate(chunks)
+
+    def __len__(self):
+        return len(self.raw)
+
+    def take(self, idx: np.ndarray) -> np.ndarray:
+        if self.cached is not None:
+            return self.cached[idx]
+        return np.asarray(self.backbone.preprocess(self.raw[idx], self.size))
+
+
+def _evaluate(eval_fn, params, rest, test: _Images, labels: np.ndarray, batch_size: int) -> float:
+    n = len(labels)
+    correct = 0
+    for start in range(0, n, batch_size):
+        idx = np.arange(start, start + batch_size)
+        mask = idx < n
+        idx = np.where(mask, idx, 0)
+        correct += int(eval_fn(params, rest, test.take(idx), labels[idx], mask))
+    return correct / n
+
+
+def _load_backbone(config: Config):
+    from bilaf_jax import backbones
+
+    return backbones.load(config.backbone, config.backbone_weights, seed=config.seed)
+
+
+def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> dict:
+    from bilaf_jax import data
+
+    pool = data.load_arrays(config.dataset, "train", data_dir=config.data_dir,
+                            limit=config.pool_size)
+    sel = np.asarray(load_index_list(config.selection, n=len(pool.labels)), np.int64)
+    identity = _identity(config)
+    _check_workdir(workdir, identity)
+    test = data.load_arrays(config.dataset, "test", data_dir=config.data_dir,
+                            limit=config.test_size)
+
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    from train.input_pipeline import BatchOrder, steps_for_epochs
+    from train.models import Classifier
+
+    num_classes = config.num_classes or int(max(pool.labels.max(), test.labels.max())) + 1
+    train_labels = np.asarray(pool.labels[sel], np.int32)
+    test_labels = np.asarray(test.labels, np.int32)
+    bb = backbone if backbone is not None else _load_backbone(config)
+    s = config.image_size
+    steps_per_epoch = steps_for_epochs(1.0, len(sel), config.batch_size)
+    total = config.steps or steps_for_epochs(config.epochs, len(sel), config.batch_size)
+    warmup = (config.warmup_steps if config.warmup_steps is not None
+              else round(config.warmup_epochs * steps_per_epoch))
+    warmup = min(warmup, total - 1)
+
+    model = Classifier(bb.module, bb.dim, num_classes, rngs=nnx.Rngs(config.seed))
+    model.train()
+    train_def, params, rest = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    eval_def, _, _ = nnx.split(model, nnx.Param, ...)
+    tx, schedule = _make_optimizer(config, total, warmup)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "rest": rest,
+        "opt_state": tx.init(params),
+        "loss_sum": jnp.zeros((), jnp.float32),
+        "loss_count": jnp.zeros((), jnp.int32),
+    }
+    if config.ema_decay > 0:
+        state["ema"] = jax.tree.map(jnp.copy, params)
+    del model, params, rest
+
+    _write_config(workdir, config, identity)
+    mngr = ocp.CheckpointManager(
+        (workdir / "checkpoints").absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True))
+    start = 0
+    latest = mngr.latest_step()
+    if latest is not None:
+        template = state
+        saved = _keys_to_data(template)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
+        restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+        state = _keys_from_data(restored, template)
+        start = int(state["step"])
+    metrics = MetricsWriter(workdir / "metrics.jsonl")
+    metrics.truncate(start)
+
+    train_images = _Images(bb, pool.images[sel], s)
+    test_images = _Images(bb, test.images, s)
+    order = BatchOrder(config.seed, len(sel), config.batch_size)
+    aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+    key_tuple = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay,
+                 config.grad_clip_norm, total, warmup)
+    train_step = _train_step_fn(
+        train_def, tx, key_tuple, image_size=s, num_classes=num_classes,
+        label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
+        crop_scale_min=config.crop_scale_min)
+    eval_step = _eval_step_fn(eval_def)
+
+    def eval_params(st):
+        return st["ema"] if config.ema_decay > 0 else st["params"]
+
+    t0 = time.perf_counter()
+    ran = 0
+    final_acc = None
+    step = start
+    while step < total:
+        if max_steps_this_run is not None and ran >= max_steps_this_run:
+            mngr.wait_until_finished()
+            mngr.close()
+            return {"interrupted": True, "step": step, "resumed_from_step": start}
+        idx = order(step)
+        key = jax.random.fold_in(aug_key, step)
+        state, _ = train_step(state, train_images.take(idx), train_labels[idx], key)
+        step += 1
+        ran += 1
+        if step % config.log_every == 0 or step == total:
+            record = {"step": step,
+                      "train_loss": float(state["loss_sum"]) / max(int(state["loss_count"]), 1),
+                      "learning_rate": float(schedule(step - 1))}
+            state["loss_sum"] = jnp.zeros((), jnp.float32)
+            state["loss_count"] = jnp.zeros((), jnp.int32)
+            if step == total or (config.eval_every and step % config.eval_every == 0):
+                record["eval_accuracy"] = _evaluate(eval_step, eval_params(state), state["rest"],
+                                                    test_images, test_labels,
+                                                    config.eval_batch_size)
+                if step == total:
+                    final_acc = record["eval_accuracy"]
+            metrics.write(record)
+        if step % config.checkpoint_every == 0 or step == total:
+            mngr.save(step, args=ocp.args.StandardSave(_keys_to_data(state)))
+    mngr.wait_until_finished()
+    mngr.close()
+    elapsed = time.perf_counter() - t0
+
+    if final_acc is None:  # resumed from the final checkpoint
+        final_acc = _evaluate(eval_step, eval_params(state), state["rest"], test_images,
+                              test_labels, config.eval_batch_size)
+    summary = {
+        "mode": "full",
+        "final_accuracy": final_acc,
+        "step": step,
+        "resumed_from_step": start,
+        "num_labelled": int(len(sel)),
+        "num_test": int(len(test_labels)),
+        "num_classes": num_classes,
+        "params_digest": params_digest(eval_params(state)),
+        "config": dataclasses.asdict(config),
+    }
+    _write_summary(workdir, summary)
+    if ran:
+        summary["images_per_second"] = ran * config.batch_size / elapsed
+    summary["state"] = state
+    return summary
+
+
+def summary_without_state(summary: dict) -> dict[str, Any]:
+    """The summary as written to summary.json (drops the in-memory state and timing)."""
+    return {k: v for k, v in summary.items() if k not in ("state", "images_per_second")}
+
+
+__all__ = ["Config", "MODES", "make_config", "params_digest", "train_and_evaluate"]
