@@ -1,0 +1,188 @@
+"""Stage 1: core samples by ActiveFT (Xie et al., CVPR 2023), as the BiLAF authors run it.
+
+K free centroids `theta` are optimised so that their normalised versions cover the pool's
+normalised features while staying spread out:
+
+    c = normalize(theta)                           [K, d]
+    s_ij = f_i . c_j / tau,  p(i) = argmax_j s_ij   (f_i L2-normalised)
+    S_j = sum_k exp(stopgrad(c_k) . c_j / tau)      (all K, self included)
+    loss = mean_i log(1 + lambda * S_p(i) / exp(s_i,p(i)))
+
+then each centroid, in order, takes its most similar pool sample not yet taken.
+
+The data term's gradient reaches only each row's argmax centroid, so the assignment is computed
+without gradient (one chunked matmul) and the loss reads `c[p(i)]` by gather: its backward pass
+is a scatter-add of features by assignment, not a second [n, K] matmul. The loss is evaluated
+in log space (logsumexp, softplus), which equals the authors' exp/log form but cannot overflow
+for small temperatures.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from bilaf_jax import _validation as V
+from bilaf_jax import distances
+
+
+class ActiveFTOutput(NamedTuple):
+    """Result of `activeft`.
+
+    indices: int32[K], the selected pool rows, unique, ascending (the pseudo-class order).
+    matched_indices: int32[K], the same rows in centroid order (row j was taken by centroid j).
+    centroids: [K, d], final normalised centroids.
+    losses: f32[num_steps], the loss before each optimiser step.
+    init_indices: int32[K], the pool rows the centroids started from.
+    """
+
+    indices: jax.Array
+    matched_indices: jax.Array
+    centroids: jax.Array
+    losses: jax.Array
+    init_indices: jax.Array
+
+
+class ActiveFTState(NamedTuple):
+    theta: jax.Array  # [K, d] free centroid parameters
+    opt_state: optax.OptState
+    losses: jax.Array  # [num_steps]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def assigned_similarity(centroids, features, chunk_size=distances.DEFAULT_CHUNK, precision=None):
+    """Each row's best similarity to `centroids` [K, d] and which centroid gives it.
+
+    features [b, d] -> (s f[b] = max_j f_i . c_j, p int32[b] = argmax_j, ties: lowest j).
+    The backward pass w.r.t. `centroids` is a scatter-add of features by assignment (the
+    gradient of a max reaches only its argmax); `features` get no gradient.
+    """
+    return _assigned_similarity_fwd(centroids, features, chunk_size, precision)[0]
+
+
+def _assigned_similarity_fwd(centroids, features, chunk_size, precision):
+    def block(xb):
+        # [K, c] layout: XLA's CPU argmax reduces faster along the leading axis.
+        sim = jnp.matmul(centroids, xb.T, precision=precision)
+        return jnp.max(sim, axis=0), jnp.argmax(sim, axis=0).astype(jnp.int32)
+
+    s, p = distances.map_rows(block, features, chunk_size)
+    return (s, p), (features, p, centroids.shape[0])
+
+
+def _assigned_similarity_bwd(chunk_size, precision, residuals, cotangents):
+    features, p, num_centroids = residuals
+    g_s, _ = cotangents
+    g_c = jax.ops.segment_sum(g_s[:, None] * features, p, num_segments=num_centroids)
+    return g_c.astype(features.dtype), None
+
+
+assigned_similarity.defvjp(_assigned_similarity_fwd, _assigned_similarity_bwd)
+
+
+def activeft_loss(theta, features, temperature, balance, *, chunk_size=distances.DEFAULT_CHUNK,
+                  precision=None):
+    """The authors' ActiveFT objective. theta [K, d]; features [b, d] L2-normalised -> scalar.
+
+    Value and gradient equal the authors' PyTorch loss (gradient flows through c_p(i) in the
+    data term and through c_j, not c_k, in the Gram term).
+    """
+    c = distances.normalize(theta)
+    sim, assign = assigned_similarity(c, features, chunk_size, precision)
+    s = sim / temperature  # [b]
+    gram = jnp.matmul(lax.stop_gradient(c), c.T, precision=precision) / temperature  # [K, K]: k, j
+    log_s = jax.nn.logsumexp(gram, axis=0)  # [K]: log S_j
+    # log(1 + lambda * S / e) = softplus(log lambda + log S - s)
+    return jnp.mean(jax.nn.softplus(jnp.log(balance) + log_s[assign] - s))
+
+
+def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperature=0.07,
+             learning_rate=1e-3, balance=1.0, batch_size: int | None = None, init_indices=None,
+             optimizer: optax.GradientTransformation | None = None,
+             chunk_size: int = 16384, precision=None) -> ActiveFTOutput:
+    """Select `num_samples` core samples from `features` [n, d] with ActiveFT.
+
+    Args:
+      key: PRNG key (initial centroids unless `init_indices` is given; batch rows per step).
+      features: [n, d] pool features (normalised internally).
+      num_samples: K, number of samples to select (1 <= K <= n).
+      num_steps: optimiser steps (authors: 300 full-batch; 100 on ImageNet with batches).
+      temperature, learning_rate, balance: tau, Adam's lr and lambda; traceable (vmap-able).
+      batch_size: None for full-batch steps; else a fresh random batch of rows per step
+        (the authors' ImageNet variant, 100,000 rows), drawn without replacement.
+      init_indices: int[K] pool rows to start from (to reproduce a given run).
+      optimizer: any optax transformation; default `optax.adam(learning_rate)` (then
+        `learning_rate` is ignored when an optimizer is given). Reuse the same object across
+        calls to avoid recompiling.
+      chunk_size: rows per block in the assignment matmuls (bounds memory).
+      precision: `jax.lax.Precision` for the similarity matmuls (e.g. DEFAULT for TF32/bf16
+        passes on accelerators; HIGHEST for full float32).
+
+    Returns:
+      ActiveFTOutput; `indices` ascending.
+
+    >>> import jax, numpy as np
+    >>> x = np.random.default_rng(0).normal(size=(100, 8)).astype(np.float32)
+    >>> out = activeft(jax.random.key(0), x, 5, num_steps=10)
+    >>> out.indices.shape, out.losses.shape
+    ((5,), (10,))
+    """
+    features = V.check_features(features)
+    n = features.shape[0]
+    num_samples = V.check_count(num_samples, "num_samples", 1, n)
+    num_steps = V.check_count(num_steps, "num_steps", 0, 10**9)
+    if batch_size is not None:
+        batch_size = V.check_count(batch_size, "batch_size", 1, n)
+        if batch_size == n:
+            batch_size = None
+    V.check_positive(temperature, "temperature")
+    V.check_positive(learning_rate, "learning_rate", allow_zero=True)
+    V.check_positive(balance, "balance")
+    if init_indices is not None:
+        init_indices = jnp.asarray(V.check_indices(init_indices, n, "init_indices", num_samples))
+    if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
+        raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer)}")
+    return _activeft(key, features, init_indices, temperature, learning_rate, balance,
+                     num_samples=num_samples, num_steps=num_steps, batch_size=batch_size,
+                     optimizer=optimizer, chunk_size=chunk_size, precision=precision)
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples", "num_steps", "batch_size",
+                                             "optimizer", "chunk_size", "precision"))
+def _activeft(key, features, init_indices, temperature, learning_rate, balance, *, num_samples,
+              num_steps, batch_size, optimizer, chunk_size, precision):
+    n = features.shape[0]
+    dtype = jnp.promote_types(features.dtype, jnp.float32)
+    feats = distances.normalize(features.astype(dtype))
+    init_key, batch_key = jax.random.split(key)
+    if init_indices is None:
+        init_indices = jax.random.choice(init_key, n, (num_samples,), replace=False)
+    init_indices = init_indices.astype(jnp.int32)
+    theta = feats[init_indices]
+    tx = optimizer if optimizer is not None else optax.adam(learning_rate)
+    loss_fn = functools.partial(activeft_loss, temperature=temperature, balance=balance,
+                                chunk_size=chunk_size, precision=precision)
+
+    def step(t, state: ActiveFTState) -> ActiveFTState:
+        if batch_size is None:
+            batch = feats
+        else:
+            rows = jax.random.choice(jax.random.fold_in(batch_key, t), n, (batch_size,),
+                                     replace=False)
+            batch = feats[rows]
+        loss, grad = jax.value_and_grad(loss_fn)(state.theta, batch)
+        updates, opt_state = tx.update(grad, state.opt_state, state.theta)
+        theta = optax.apply_updates(state.theta, updates)
+        return ActiveFTState(theta, opt_state, state.losses.at[t].set(loss.astype(jnp.float32)))
+
+    state = ActiveFTState(theta, tx.init(theta), jnp.zeros(num_steps, jnp.float32))
+    state = lax.fori_loop(0, num_steps, step, state)
+    centroids = distances.normalize(state.theta)
+    matched = distances.greedy_unique_match(feats, centroids, "dot", chunk_size=chunk_size,
+                                            precision=precision)
+    return ActiveFTOutput(jnp.sort(matched), matched, centroids, state.losses, init_indices)

@@ -1,0 +1,175 @@
+"""Baseline core selectors (paper Table 6): random, FDS / k-center greedy, K-Means.
+
+Same contract as `activeft`: `fn(key, features, num_samples, ...)` returns a NamedTuple whose
+`indices` are int32[num_samples], unique and ascending. All jitted; `num_samples` is static.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from bilaf_jax import _validation as V
+from bilaf_jax import distances
+
+
+class RandomOutput(NamedTuple):
+    """indices: int32[K] ascending, drawn uniformly without replacement."""
+
+    indices: jax.Array
+
+
+class KCenterOutput(NamedTuple):
+    """indices: int32[K] ascending; order: int32[K] in pick order;
+    radius: [K], the covering radius (max distance to the chosen set) before each pick
+    (+inf before the first)."""
+
+    indices: jax.Array
+    order: jax.Array
+    radius: jax.Array
+
+
+class KMeansOutput(NamedTuple):
+    """indices: int32[K] ascending (nearest distinct sample to each centre);
+    matched_indices: int32[K] in centre order; centres: [K, d]; inertia: scalar sum of squared
+    distances to the nearest centre; num_iters: Lloyd iterations run."""
+
+    indices: jax.Array
+    matched_indices: jax.Array
+    centres: jax.Array
+    inertia: jax.Array
+    num_iters: jax.Array
+
+
+def _check(features, num_samples):
+    features = V.check_features(features)
+    num_samples = V.check_count(num_samples, "num_samples", 1, features.shape[0])
+    return features, num_samples
+
+
+def random_select(key, features, num_samples: int) -> RandomOutput:
+    """`num_samples` rows of `features` [n, d] uniformly at random, without replacement.
+
+    >>> import jax, numpy as np
+    >>> random_select(jax.random.key(0), np.zeros((10, 2)), 3).indices.shape
+    (3,)
+    """
+    features, num_samples = _check(features, num_samples)
+    return _random_select(key, features.shape[0], num_samples=num_samples)
+
+
+@functools.partial(jax.jit, static_argnums=(1,), static_argnames=("num_samples",))
+def _random_select(key, n, *, num_samples):
+    idx = jax.random.choice(key, n, (num_samples,), replace=False).astype(jnp.int32)
+    return RandomOutput(jnp.sort(idx))
+
+
+class _KCenterState(NamedTuple):
+    min_dist: jax.Array  # [n] distance to the nearest chosen row
+    order: jax.Array  # [K]
+    radius: jax.Array  # [K]
+
+
+def kcenter_select(key, features, num_samples: int) -> KCenterOutput:
+    """Farthest-point (k-center greedy) selection: FDS / CoreSet in the paper.
+
+    Starts from a uniformly random row (as the authors' FDS does), then repeatedly adds the row
+    farthest (Euclidean, features as given) from the chosen set; ties go to the lowest index.
+    Cost O(K n d), memory O(n).
+    """
+    features, num_samples = _check(features, num_samples)
+    return _kcenter(key, features, num_samples=num_samples)
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples",))
+def _kcenter(key, features, *, num_samples):
+    n = features.shape[0]
+    x = features.astype(jnp.promote_types(features.dtype, jnp.float32))
+    first = jax.random.randint(key, (), 0, n, dtype=jnp.int32)
+
+    def dist_to(i):
+        return distances.pairwise(x, x[i][None], "sqeuclidean", direct=True)[:, 0]
+
+    def step(t, state: _KCenterState) -> _KCenterState:
+        pick = jnp.argmax(state.min_dist).astype(jnp.int32)
+        radius = jnp.sqrt(state.min_dist[pick])
+        return _KCenterState(jnp.minimum(state.min_dist, dist_to(pick)),
+                             state.order.at[t].set(pick), state.radius.at[t].set(radius))
+
+    state = _KCenterState(dist_to(first), jnp.zeros(num_samples, jnp.int32).at[0].set(first),
+                          jnp.full(num_samples, jnp.inf, x.dtype))
+    # Chosen rows sit at distance 0, so they are never picked again while others remain.
+    state = lax.fori_loop(1, num_samples, step, state)
+    return KCenterOutput(jnp.sort(state.order), state.order, state.radius)
+
+
+class _SeedState(NamedTuple):
+    centres: jax.Array  # [K, d]
+    min_dist: jax.Array  # [n] squared distance to the nearest seed so far
+
+
+class _LloydState(NamedTuple):
+    centres: jax.Array
+    shift: jax.Array  # squared movement of centres in the last iteration
+    it: jax.Array
+
+
+def kmeans_select(key, features, num_samples: int, *, num_iters: int = 100, tol: float = 1e-6,
+                  chunk_size: int = distances.DEFAULT_CHUNK) -> KMeansOutput:
+    """K-Means baseline: k-means++ seeding, Lloyd iterations, nearest distinct sample per centre.
+
+    Lloyd stops after `num_iters` iterations or when the total squared movement of the centres
+    falls below `tol` times the mean squared norm of the features. A centre that loses all its
+    points stays where it was. Each centre, in order, then takes its nearest row not already
+    taken, so the K indices are distinct.
+    """
+    features, num_samples = _check(features, num_samples)
+    num_iters = V.check_count(num_iters, "num_iters", 0, 10**7)
+    V.check_positive(tol, "tol", allow_zero=True)
+    return _kmeans(key, features, tol, num_samples=num_samples, num_iters=num_iters,
+                   chunk_size=chunk_size)
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples", "num_iters", "chunk_size"))
+def _kmeans(key, features, tol, *, num_samples, num_iters, chunk_size):
+    n, d = features.shape
+    x = features.astype(jnp.promote_types(features.dtype, jnp.float32))
+    first_key, seed_key = jax.random.split(key)
+
+    def sq_to(point):
+        return distances.pairwise(x, point[None], "sqeuclidean", direct=True)[:, 0]
+
+    # k-means++: each next seed drawn with probability proportional to D(x)^2.
+    first = x[jax.random.randint(first_key, (), 0, n)]
+
+    def seed_step(t, state: _SeedState) -> _SeedState:
+        logits = jnp.where(state.min_dist > 0, jnp.log(state.min_dist), -jnp.inf)
+        # All rows coincide with seeds (duplicates): fall back to uniform.
+        logits = jnp.where(jnp.isinf(logits).all(), 0.0, logits)
+        i = jax.random.categorical(jax.random.fold_in(seed_key, t), logits)
+        return _SeedState(state.centres.at[t].set(x[i]), jnp.minimum(state.min_dist, sq_to(x[i])))
+
+    seeds = _SeedState(jnp.zeros((num_samples, d), x.dtype).at[0].set(first), sq_to(first))
+    centres = lax.fori_loop(1, num_samples, seed_step, seeds).centres
+    scale = jnp.mean(jnp.sum(x * x, axis=1))
+
+    def lloyd_cond(state: _LloydState):
+        return (state.it < num_iters) & (state.shift > tol * scale)
+
+    def lloyd_step(state: _LloydState) -> _LloydState:
+        assign = distances.nearest_centre(x, state.centres, chunk_size=chunk_size).index
+        sums = jax.ops.segment_sum(x, assign, num_segments=num_samples)
+        counts = jax.ops.segment_sum(jnp.ones(n, x.dtype), assign, num_segments=num_samples)
+        new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], state.centres)
+        shift = jnp.sum((new - state.centres) ** 2)
+        return _LloydState(new, shift, state.it + 1)
+
+    state = lax.while_loop(lloyd_cond, lloyd_step,
+                           _LloydState(centres, jnp.array(jnp.inf, x.dtype), jnp.array(0)))
+    inertia = jnp.sum(distances.nearest_centre(x, state.centres, chunk_size=chunk_size).distance)
+    matched = distances.greedy_unique_match(x, state.centres, chunk_size=chunk_size)
+    return KMeansOutput(jnp.sort(matched), matched, state.centres, inertia, state.it)

@@ -1,0 +1,152 @@
+"""ActiveFT (stage 1) against the NumPy reference and an independent PyTorch port of the
+authors' loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from bilaf_jax.activeft import activeft, activeft_loss
+from tests import reference_core as ref
+
+
+def _features(digits, n=600):
+    x, _ = digits
+    return x[:n]
+
+
+def test_loss_and_gradient_match_numpy_reference(digits, rng):
+    feats = ref.normalize(_features(digits).astype(np.float64))
+    theta = feats[rng.choice(len(feats), 20, replace=False)] + 0.01 * rng.normal(size=(20, 64))
+    for tau, lam in [(0.07, 1.0), (0.2, 0.5)]:
+        want_loss, want_grad = ref.activeft_loss_and_grad(theta, feats, tau, lam)
+        with jax.enable_x64(True):
+            loss, grad = jax.value_and_grad(activeft_loss)(
+                jnp.asarray(theta), jnp.asarray(feats), tau, lam, chunk_size=128)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-10)
+        np.testing.assert_allclose(grad, want_grad, rtol=1e-7, atol=1e-12)
+
+
+def test_matches_numpy_reference_run(digits):
+    x = _features(digits)
+    init = np.random.default_rng(1).choice(len(x), 15, replace=False)
+    want_idx, want_matched, want_losses = ref.activeft(x, init, num_steps=60, tau=0.07, lr=1e-2)
+    with jax.enable_x64(True):
+        out = activeft(jax.random.key(0), x.astype(np.float64), 15, num_steps=60,
+                       learning_rate=1e-2, init_indices=init)
+    np.testing.assert_allclose(out.losses, want_losses, rtol=1e-5)
+    np.testing.assert_array_equal(out.matched_indices, want_matched)
+    np.testing.assert_array_equal(out.indices, want_idx)
+    np.testing.assert_array_equal(out.init_indices, init)
+
+
+def _authors_style_torch(features, init, num_steps, tau=0.07, lr=1e-3, lam=1.0):
+    """An independent PyTorch port of the authors' ActiveFT (their loss form, torch Adam,
+    torch.sort-based greedy mapping), float32 as they run it."""
+    torch = pytest.importorskip("torch")
+    f = torch.nn.functional.normalize(torch.tensor(features, dtype=torch.float32), dim=1)
+    theta = torch.nn.Parameter(f[torch.as_tensor(init)].clone())
+    opt = torch.optim.Adam([theta], lr=lr)
+    for _ in range(num_steps):
+        c = torch.nn.functional.normalize(theta, dim=1)
+        e_all = torch.exp(f @ c.T / tau)
+        e, pos = torch.max(e_all, dim=1)
+        big_s = torch.exp(c.detach() @ c.T / tau).sum(dim=0)
+        loss = -torch.mean(torch.log(e) - torch.log(e + big_s[pos] * lam))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    c = torch.nn.functional.normalize(theta.detach(), dim=1)
+    order = torch.sort(c @ f.T, dim=1, descending=True).indices
+    taken = []
+    for row in order.tolist():
+        taken.append(next(i for i in row if i not in taken))
+    return np.sort(taken)
+
+
+@pytest.mark.parametrize("dataset", ["digits", "fashion_mnist_pixels"])
+def test_agrees_with_pytorch_port_on_real_images(dataset, digits):
+    """Same init, 300 steps: at least 90% of the same samples as the authors' formulation."""
+    if dataset == "digits":
+        x, k = digits[0], 50
+    else:
+        import gzip
+        import pathlib
+
+        path = pathlib.Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
+        if not path.exists():
+            pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+        with gzip.open(path) as fh:
+            x = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 784)[:3000]
+        x, k = x.astype(np.float32), 30
+    init = np.random.default_rng(0).choice(len(x), k, replace=False)
+    want = _authors_style_torch(x, init, 300)
+    got = np.asarray(activeft(jax.random.key(0), x, k, init_indices=init).indices)
+    overlap = len(set(want) & set(got)) / k
+    assert overlap >= 0.9, overlap
+
+
+def test_minibatch_variant_is_deterministic_and_differs_from_full_batch(digits):
+    x = _features(digits)
+    a = activeft(jax.random.key(3), x, 10, num_steps=20, batch_size=200)
+    b = activeft(jax.random.key(3), x, 10, num_steps=20, batch_size=200)
+    c = activeft(jax.random.key(3), x, 10, num_steps=20)
+    np.testing.assert_array_equal(a.indices, b.indices)
+    np.testing.assert_array_equal(a.losses, b.losses)
+    np.testing.assert_array_equal(a.init_indices, c.init_indices)
+    assert not np.array_equal(a.losses, c.losses)
+
+
+def test_loss_decreases_and_custom_optimizer(digits):
+    x = _features(digits)
+    out = activeft(jax.random.key(0), x, 20, num_steps=100)
+    assert out.losses[-1] < out.losses[0]
+    sgd = optax.sgd(0.5)
+    out2 = activeft(jax.random.key(0), x, 20, num_steps=100, optimizer=sgd)
+    assert out2.losses[-1] < out2.losses[0]
+    assert not np.allclose(out.losses, out2.losses)
+
+
+def test_vmap_over_temperature_learning_rate_balance(digits):
+    x = _features(digits, 300)
+    key = jax.random.key(0)
+    temps = jnp.array([0.05, 0.07, 0.2])
+    lrs = jnp.array([1e-3, 3e-3, 1e-2])
+    bals = jnp.array([1.0, 0.5, 2.0])
+    swept = jax.vmap(lambda t, lr, b: activeft(key, x, 8, num_steps=30, temperature=t,
+                                                 learning_rate=lr, balance=b))(temps, lrs, bals)
+    for i in range(3):
+        one = activeft(key, x, 8, num_steps=30, temperature=float(temps[i]),
+                       learning_rate=float(lrs[i]), balance=float(bals[i]))
+        np.testing.assert_array_equal(swept.indices[i], one.indices)
+        np.testing.assert_allclose(swept.losses[i], one.losses, rtol=1e-5)
+
+
+def test_jit_eager_parity(digits):
+    x = _features(digits, 300)
+    init = np.arange(0, 300, 30)
+    jitted = activeft(jax.random.key(0), x, 10, num_steps=20, init_indices=init)
+    with jax.disable_jit():
+        eager = activeft(jax.random.key(0), x, 10, num_steps=20, init_indices=init)
+    np.testing.assert_array_equal(jitted.indices, eager.indices)
+    np.testing.assert_allclose(jitted.losses, eager.losses, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_samples=0), "num_samples"),
+        (dict(num_samples=101), "num_samples"),
+        (dict(num_samples=3, init_indices=[0, 1]), "length 3"),
+        (dict(num_samples=3, init_indices=[0, 1, 100]), "out of range"),
+        (dict(num_samples=3, init_indices=[0, 1, 1]), "repeated"),
+        (dict(num_samples=3, temperature=0.0), "temperature"),
+        (dict(num_samples=3, balance=-1.0), "balance"),
+        (dict(num_samples=3, batch_size=0), "batch_size"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    x = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=match):
+        activeft(jax.random.key(0), x, **kwargs)

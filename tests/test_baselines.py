@@ -1,0 +1,64 @@
+"""Baselines (random, k-center, k-means) against NumPy references."""
+
+import jax
+import numpy as np
+import pytest
+
+from bilaf_jax.baselines import kcenter_select, kmeans_select, random_select
+from tests import reference_core as ref
+
+
+def test_kcenter_matches_reference(digits):
+    x = digits[0][:500]
+    out = kcenter_select(jax.random.key(4), x, 25)
+    want = ref.kcenter(x, 25, int(out.order[0]))
+    np.testing.assert_array_equal(out.order, want)
+    np.testing.assert_array_equal(out.indices, np.sort(want))
+    assert np.all(np.diff(np.asarray(out.radius[1:])) <= 1e-4)  # covering radius never grows
+
+
+def test_kcenter_first_pick_is_random():
+    x = np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
+    firsts = {int(kcenter_select(jax.random.key(s), x, 3).order[0]) for s in range(8)}
+    assert len(firsts) > 1
+
+
+def test_kmeans_reaches_lloyd_fixed_point_and_matches_sklearn_quality(digits):
+    x = digits[0]
+    out = kmeans_select(jax.random.key(0), x, 10, num_iters=300, tol=0.0)
+    centres = np.asarray(out.centres, np.float64)
+    assign = ((x[:, None, :] - centres[None]) ** 2).sum(-1).argmin(1)
+    for j in range(10):
+        if (assign == j).any():
+            np.testing.assert_allclose(centres[j], x[assign == j].mean(0), rtol=1e-4, atol=1e-3)
+    np.testing.assert_array_equal(out.matched_indices, ref.greedy_match(x, centres))
+    from sklearn.cluster import KMeans
+
+    best = KMeans(10, n_init=10, random_state=0).fit(x).inertia_
+    assert float(out.inertia) <= 1.1 * best
+
+
+def test_kmeans_handles_duplicate_rows():
+    x = np.repeat(np.random.default_rng(0).normal(size=(5, 3)), 4, axis=0).astype(np.float32)
+    out = kmeans_select(jax.random.key(0), x, 8)
+    assert len(set(np.asarray(out.indices).tolist())) == 8
+
+
+def test_random_select_is_uniform_enough():
+    x = np.zeros((50, 2), np.float32)
+    counts = np.zeros(50)
+    for s in range(400):
+        counts[np.asarray(random_select(jax.random.key(s), x, 5).indices)] += 1
+    assert counts.min() > 10 and counts.max() < 80  # expected 40 each
+
+
+@pytest.mark.parametrize("fn", [random_select, kcenter_select, kmeans_select])
+def test_bad_input(fn):
+    with pytest.raises(ValueError, match="NaN"):
+        fn(jax.random.key(0), np.array([[np.nan, 1.0], [0.0, 1.0]]), 1)
+    with pytest.raises(ValueError, match="2-D"):
+        fn(jax.random.key(0), np.zeros(5), 1)
+    with pytest.raises(ValueError, match="empty"):
+        fn(jax.random.key(0), np.zeros((0, 3)), 1)
+    with pytest.raises(ValueError, match="num_samples"):
+        fn(jax.random.key(0), np.zeros((4, 3)), 5)
