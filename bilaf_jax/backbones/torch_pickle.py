@@ -58,20 +58,23 @@ class _Storage:
 
 class _LazyTensor:
     def __init__(self, storage: _Storage, offset: int, size, stride):
-        self.storage, self.offset, self.size, self.stride = storage, offset, tuple(size), tuple(stride)
+        self.storage, self.offset = storage, int(offset)
+        self.size, self.stride = tuple(size), tuple(stride)
 
     def materialise(self) -> np.ndarray:
         data = self.storage.data
         if data is None:
             raise InputError(f"storage {self.storage.key} has no data")
         itemsize = data.dtype.itemsize
-        if self.size:
-            last = self.offset + sum((s - 1) * st for s, st in zip(self.size, self.stride)) if all(
-                self.size) else self.offset - 1
-            if self.offset < 0 or last >= data.size:
+        if len(self.size) != len(self.stride) or self.offset < 0:
+            raise InputError(f"bad tensor view of storage {self.storage.key}")
+        if all(self.size):
+            pairs = zip(self.size, self.stride, strict=True)
+            last = self.offset + sum((n - 1) * st for n, st in pairs)
+            if last >= data.size:
                 raise InputError(f"tensor view exceeds storage {self.storage.key}")
-        elif self.offset >= data.size:
-            raise InputError(f"tensor view exceeds storage {self.storage.key}")
+        else:
+            return np.zeros(self.size, data.dtype)
         view = np.lib.stride_tricks.as_strided(
             data[self.offset:],
             shape=self.size,
