@@ -1,0 +1,654 @@
+"""Stage 2 of BiLAF: denoise each pseudo-class, then pick boundary samples (paper Sec. 3.3).
+
+`bilaf(key, features, core_indices, budget)` assigns every pool sample to its nearest core
+(pseudo-classes), shrinks each pseudo-class with Iterative Density-based Clustering (IDC,
+Eq. 3), splits the budget over the classes, and picks per class the samples with the lowest
+boundary score (Eq. 4-7), removing the neighbours of every pick.
+
+Two modes:
+  "paper"     the equations and Algorithm 1 as written (see `bilaf`).
+  "official"  the authors' released script, quirks included (see `bilaf`), so that with
+              float64 features under `jax.enable_x64(True)` the selected list is identical,
+              index for index, on tie-free features.
+
+Layout: pseudo-classes have different sizes, so each class is processed padded to a static
+size P (a power of two >= its size) and classes are grouped into buckets of equal P; every
+bucket is one jitted `lax.map`/`lax.scan` over its classes. Work and memory per class are
+O(P^2) (its distance matrix); nothing of size [n, n] or [n, K] is ever built. The bucket plan
+is made on the host from the pseudo-labels, so `bilaf` itself is not jittable, but its float
+hyperparameters (`remove_fraction`, `ring_fraction`, `opponent_penalty`) stay traceable in both
+modes: `jax.vmap(lambda p: bilaf(key, f, c, B, remove_fraction=p).indices)(ps)` works.
+
+Dimension glossary: see `bilaf_jax.distances`. Here also P (padded class size), C (classes in
+a bucket), T (opponent cores kept per sample).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from bilaf_jax import distances
+from bilaf_jax._validation import (
+    check_count,
+    check_features,
+    check_fraction,
+    check_indices,
+    check_positive,
+    is_traced,
+)
+
+MODES = ("paper", "official")
+# Opponent cores tracked per sample in paper mode (Eq. 7 min); an exact full scan over all K
+# cores runs only in rounds where every tracked opponent of some candidate is penalised.
+NUM_OPPONENTS = 32
+# The official script masks the own core with this value before taking the min.
+_OWN_CORE_DISTANCE = 1e9 + 7
+_MIN_PAD = 16
+# Elements of one [c, P] (or [P, P]) block handled at once by the batched class map.
+_BATCH_ELEMENTS = 1 << 22
+_REMOVE_CHUNK = 16
+
+
+class BilafOutput(NamedTuple):
+    """Result of `bilaf`.
+
+    indices: int32[B] selected pool indices: class blocks in ascending core order, each block
+      starting with its core, then in pick order. Official mode may repeat samples (warned).
+    pseudo_labels: int32[n] position (in the sorted core list) of each sample's pseudo-class.
+    kept: bool[n] True for samples left in their pseudo-class after IDC denoising.
+    boundary_score: float[n] Eq. 4 boundary score before any opponent penalty, over the
+      denoised classes; +inf for samples not kept (and everywhere when K == 1 in paper mode).
+    allocation: int32[K] budget given to each pseudo-class.
+    """
+
+    indices: jax.Array
+    pseudo_labels: jax.Array
+    kept: jax.Array
+    boundary_score: jax.Array
+    allocation: jax.Array
+
+
+# --------------------------------------------------------------------------------------------
+# Stage A: assignment to the nearest core and the nearest opponent cores.
+
+
+class _Assignment(NamedTuple):
+    features: jax.Array       # [n, d], normalised when asked
+    labels: jax.Array         # int32[n]
+    core_dist: jax.Array      # [n, T1] distances to the T1 nearest cores, ascending
+    core_index: jax.Array     # int32[n, T1] their positions
+
+
+def _direct_chunk(rows: int, d: int, chunk_size: int) -> int:
+    # Explicit differences cost [c, rows, d] per block: keep a block near 2^24 elements.
+    return max(1, min(chunk_size, (1 << 24) // max(1, rows * d)))
+
+
+def _assign(features, core_indices, *, num_nearest, normalize, direct, chunk_size, mode):
+    x = distances.normalize(features) if normalize else features
+    cores = x[core_indices]
+    chunk = _direct_chunk(cores.shape[0], x.shape[1], chunk_size) if direct else chunk_size
+    nb = distances.knn(x, cores, num_nearest, "euclidean", chunk_size=chunk, direct=direct)
+    labels = nb.index[:, 0]
+    if mode == "paper":  # a core always belongs to its own pseudo-class
+        labels = labels.at[core_indices].set(jnp.arange(core_indices.shape[0], dtype=jnp.int32))
+    return _Assignment(x, labels, nb.distance, nb.index)
+
+
+_assign_jit = jax.jit(_assign, static_argnames=("num_nearest", "normalize", "direct",
+                                                "chunk_size", "mode"))
+
+
+# --------------------------------------------------------------------------------------------
+# Host-side plan: classes grouped by padded size.
+
+
+class _Bucket(NamedTuple):
+    classes: np.ndarray       # int32[C] class ids; padding classes carry id 0 and count 0
+    members: np.ndarray       # int32[C, P] pool indices, ascending; padding = 0
+    counts: np.ndarray        # int32[C] class sizes
+    core_local: np.ndarray    # int32[C] position of the core among the members
+
+
+def _pad_size(m: int) -> int:
+    return max(_MIN_PAD, 1 << int(np.ceil(np.log2(max(m, 1)))))
+
+
+def _pad_count(c: int) -> int:
+    # Few distinct bucket lengths (fewer compilations) at <= 1.5x padding.
+    p = 1
+    while True:
+        for v in (p, p + p // 2):
+            if v >= c:
+                return max(v, 1)
+        p *= 2
+
+
+def _plan(labels: np.ndarray, core_indices: np.ndarray) -> list[_Bucket]:
+    num_classes = core_indices.shape[0]
+    order = np.argsort(labels, kind="stable")
+    counts = np.bincount(labels, minlength=num_classes)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    pads = np.array([_pad_size(int(m)) for m in counts])
+    buckets = []
+    for p in np.unique(pads):
+        ids = np.nonzero(pads == p)[0]
+        c = _pad_count(ids.size)
+        classes = np.zeros(c, np.int32)
+        members = np.zeros((c, p), np.int32)
+        cnt = np.zeros(c, np.int32)
+        core_local = np.zeros(c, np.int32)
+        for row, j in enumerate(ids):
+            mem = order[starts[j]:starts[j] + counts[j]]
+            classes[row], cnt[row] = j, counts[j]
+            members[row, :counts[j]] = mem
+            core_local[row] = int(np.searchsorted(mem, core_indices[j]))
+        buckets.append(_Bucket(classes, members, cnt, core_local))
+    return buckets
+
+
+# --------------------------------------------------------------------------------------------
+# Stage B: IDC denoising (Eq. 3), one pseudo-class at a time.
+
+
+def _class_distances(xc, direct, chunk_size):
+    if direct:
+        chunk = _direct_chunk(xc.shape[0], xc.shape[1], chunk_size)
+        return distances.pairwise_chunked(xc, xc, "euclidean", chunk_size=chunk, direct=True)
+    return distances.pairwise(xc, xc, "euclidean")
+
+
+def _ranks(key, tie, mask):
+    """Rank of each entry among `mask`ed ones by (key, tie); unmasked entries rank last."""
+    key = jnp.where(mask, key, jnp.inf)
+    perm = jnp.lexsort((tie, key)).astype(jnp.int32)
+    return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
+
+
+class _RingState(NamedTuple):
+    in_cluster: jax.Array  # bool[P]
+    position: jax.Array    # int32[P] inclusion position; P for samples never included
+    size: jax.Array        # int32 current cluster size
+    ring: jax.Array        # int32 rings done
+
+
+class _Denoised(NamedTuple):
+    position: jax.Array    # int32[C, P] inclusion order (the tie key of official selection)
+    kept: jax.Array        # bool[C, P]
+    intra_kept: jax.Array  # [C, P] sum of distances to the kept members
+    intra_all: jax.Array   # [C, P] sum of distances to all members
+
+
+def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neighbors):
+    """Inclusion positions and kept mask of one class; `dist` [P, P] is +inf off the class."""
+    p = dist.shape[0]
+    local = jnp.arange(p, dtype=jnp.int32)
+    ftype = dist.dtype
+    mf = m.astype(ftype)
+    ring = jnp.maximum(1, jnp.floor(mf * ring_fraction).astype(jnp.int32))
+    if mode == "official":
+        target = ring * (m // ring)  # the remainder after the last full ring is dropped
+    else:
+        target = m
+    k = min(num_neighbors, p)
+
+    first_key = dist[core]
+    if mode == "paper":
+        first_key = jnp.where(local == core, -jnp.inf, first_key)
+    rank = _ranks(first_key, local, valid)
+    take = valid & (rank < jnp.minimum(ring, target))
+    state = _RingState(take, jnp.where(take, rank, p).astype(jnp.int32),
+                       jnp.minimum(ring, target), jnp.int32(1))
+
+    def not_done(s):
+        return s.size < target
+
+    def add_ring(s):
+        # Columns in inclusion order, so a top-k tie goes to the earlier cluster member.
+        order = jnp.zeros(p, jnp.int32).at[jnp.where(s.in_cluster, s.position, p)].set(
+            local, mode="drop")
+        by_position = jnp.where(local[None, :] < s.size, dist[:, order], jnp.inf)
+        neg, pos_k = lax.top_k(-by_position, k)
+        count = jnp.minimum(k, s.size)
+        pos_k = pos_k.astype(jnp.int32)
+        use = jnp.arange(k) < count
+        if mode == "official":
+            # The script averages distances to the class samples whose local ids equal the
+            # positions of the nearest cluster members.
+            vals = jnp.take_along_axis(dist, pos_k, axis=1)
+        else:
+            vals = -neg
+        density = jnp.sum(jnp.where(use[None, :], vals, 0.0), axis=1) / count.astype(ftype)
+        cand = valid & ~s.in_cluster
+        r = _ranks(density, local, cand)
+        add = jnp.minimum(ring, target - s.size)
+        new = cand & (r < add)
+        return _RingState(s.in_cluster | new, jnp.where(new, s.size + r, s.position),
+                          s.size + add, s.ring + 1)
+
+    state = lax.while_loop(not_done, add_ring, state)
+    keep = jnp.floor(state.size.astype(ftype) * (1.0 - remove_fraction)).astype(jnp.int32)
+    if mode == "paper":
+        keep = jnp.maximum(keep, 1)
+        kept = state.in_cluster & (state.position < keep)
+        return state.position, kept
+    skip = m < 10  # the script leaves small classes untouched
+    kept = jnp.where(skip, valid, state.in_cluster & (state.position < keep))
+    position = jnp.where(skip, jnp.where(valid, local, p), state.position)
+    return position, kept
+
+
+def _denoise_bucket(x, members, counts, core_local, ring_fraction, remove_fraction, *,
+                    mode, num_neighbors, direct, chunk_size):
+    p = members.shape[1]
+
+    def one_class(args):
+        mem, m, core = args
+        valid = jnp.arange(p) < m
+        dist = _class_distances(x[mem], direct, chunk_size)
+        both = valid[:, None] & valid[None, :]
+        dist = jnp.where(both, dist, jnp.inf)
+        position, kept = _idc(dist, valid, m, core, ring_fraction, remove_fraction,
+                              mode=mode, num_neighbors=num_neighbors)
+        finite = jnp.where(both, dist, 0.0)
+        intra_kept = jnp.sum(jnp.where(kept[None, :], finite, 0.0), axis=1)
+        intra_all = jnp.sum(finite, axis=1)
+        return _Denoised(position, kept, intra_kept, intra_all)
+
+    batch = max(1, min(members.shape[0], _BATCH_ELEMENTS // (p * p)))
+    return lax.map(one_class, (members, counts, core_local), batch_size=batch)
+
+
+_denoise_jit = jax.jit(_denoise_bucket, static_argnames=("mode", "num_neighbors", "direct",
+                                                         "chunk_size"))
+
+
+# --------------------------------------------------------------------------------------------
+# Budget allocation (step 4).
+
+
+def _allocate_official(sizes, budget):
+    """floor(p_i B), then each leftover unit to the smallest allocation (ties: larger class,
+    then lower index), as the script does. May give 0 or more than the class size."""
+    ftype = jnp.result_type(float)
+    prop = sizes.astype(ftype) / jnp.sum(sizes).astype(ftype)
+    alloc = jnp.floor(prop * budget).astype(jnp.int32)
+
+    def body(state):
+        alloc, left = state
+        low = alloc == jnp.min(alloc)
+        big = low & (sizes == jnp.max(jnp.where(low, sizes, -1)))
+        return alloc.at[jnp.argmax(big)].add(1), left - 1
+
+
+    alloc, _ = lax.while_loop(lambda s: s[1] > 0, body, (alloc, budget - jnp.sum(alloc)))
+    return alloc
+
+
+def _allocate_paper(caps, budget):
+    """Largest remainder (Hamilton) with 1 <= B_i <= caps_i; needs K <= budget <= sum(caps).
+
+    Quota q_i = B caps_i / sum(caps); start from clip(floor(q_i), 1, caps_i); then add units
+    to the largest remainders q_i - B_i (ties: lower index) or take units from the smallest.
+    """
+    ftype = jnp.result_type(float)
+    quota = caps.astype(ftype) * budget / jnp.sum(caps).astype(ftype)
+    alloc = jnp.clip(jnp.floor(quota).astype(jnp.int32), 1, caps)
+
+    def body(alloc):
+        rem = quota - alloc.astype(ftype)
+        short = jnp.sum(alloc) < budget
+        up = jnp.argmax(jnp.where(alloc < caps, rem, -jnp.inf))
+        down = jnp.argmin(jnp.where(alloc > 1, rem, jnp.inf))
+        return jnp.where(short, alloc.at[up].add(1), alloc.at[down].add(-1))
+
+    return lax.while_loop(lambda a: jnp.sum(a) != budget, body, alloc)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage C: boundary scores and iterative selection (steps 3, 5).
+
+
+class _Global(NamedTuple):
+    """Per-sample arrays the selection reads (all [n] or [n, T1])."""
+
+    features: jax.Array
+    cores: jax.Array
+    core_dist: jax.Array
+    core_index: jax.Array
+    labels: jax.Array
+
+
+class _PickState(NamedTuple):
+    out: jax.Array        # int32[B] the whole output, written block by block
+    cand: jax.Array       # bool[P] remaining candidates
+    intra: jax.Array      # [P] sum of distances to the remaining set (paper)
+    hits: jax.Array       # [K] penalty factor per opponent class
+    node: jax.Array       # int32 local id of the last pick
+    t: jax.Array          # int32 picks made in this class
+
+
+def _opponents_official(core_dist, core_index, own):
+    """The script's d_inter and opponent: own core masked by 1e9+7, first argmin."""
+    if core_dist.shape[1] == 1:
+        shape = own.shape
+        return jnp.full(shape, _OWN_CORE_DISTANCE, core_dist.dtype), own
+    d1, i1 = core_dist[:, 1], core_index[:, 1]
+    big = jnp.asarray(_OWN_CORE_DISTANCE, core_dist.dtype)
+    outer = jnp.minimum(d1, big)
+    opp = jnp.where(d1 < big, i1, jnp.where(d1 == big, jnp.minimum(own, i1), own))
+    return outer, opp
+
+
+def _paper_terms(od, oi, own, intra_mean, hits, valid_list):
+    """Eq. 7 over the tracked opponents: min_l (D_l delta^{t_l} - a) / max(D_l, a)."""
+    a = intra_mean[:, None]
+    num = od * hits[oi] - a
+    den = jnp.maximum(od, a)
+    f = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+    f = jnp.where(valid_list & (oi != own[:, None]), f, jnp.inf)
+    return jnp.min(f, axis=1)
+
+
+def _select_bucket(out, g, classes, members, counts, core_local, den, alloc, offsets,
+                   use_all, opponent_penalty, *, mode, direct, chunk_size):
+    p = members.shape[1]
+    num_classes = g.cores.shape[0]
+    local = jnp.arange(p, dtype=jnp.int32)
+    ftype = g.features.dtype
+    full_list = g.core_index.shape[1] >= num_classes  # every opponent is tracked
+
+    def one_class(out, args):
+        cls, mem, m, core, d = args
+        budget_i = jnp.where(m > 0, alloc[cls], 0)  # padding classes pick nothing
+        offset = offsets[cls]
+        valid = local < m
+        xc = g.features[mem]
+        own = jnp.full((p,), cls, jnp.int32)
+        od, oi = g.core_dist[mem], g.core_index[mem]
+        if mode == "official":
+            pool = d.kept
+            intra0 = d.intra_kept
+            tie = d.position
+            outer, opp = _opponents_official(od, oi, own)
+        else:
+            pool = jnp.where(use_all, valid, d.kept)
+            intra0 = jnp.where(use_all, d.intra_all, d.intra_kept)
+            tie = local
+            valid_list = jnp.isfinite(od)
+            other = valid_list & (oi != own[:, None])
+            has_opp = jnp.any(other, axis=1)
+            near_opp = jnp.take_along_axis(oi, jnp.argmax(other, axis=1)[:, None], 1)[:, 0]
+        size = jnp.sum(pool).astype(jnp.int32)
+        quota = size // jnp.maximum(budget_i, 1)
+        sizef = size.astype(ftype)
+
+        def scores(s):
+            if mode == "official":
+                inner = intra0 / sizef
+                num = outer * s.hits[opp] - inner
+                return num / jnp.maximum(outer, inner)
+            remaining = jnp.sum(s.cand).astype(ftype)
+            a = s.intra / jnp.maximum(remaining, 1.0)
+            if full_list:
+                return _paper_terms(od, oi, own, a, s.hits, valid_list)
+            hit = s.hits[oi] != 1.0
+            tracked_all_hit = jnp.any(s.cand & jnp.all(hit | ~valid_list | (oi == own[:, None]),
+                                                       axis=1))
+            need_full = tracked_all_hit | (opponent_penalty < 1)
+
+            def full(_):
+                dk = distances.pairwise(xc, g.cores, "euclidean")
+                ik = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32), dk.shape)
+                return _paper_terms(dk, ik, own, a, s.hits, jnp.ones(dk.shape, bool))
+
+            return lax.cond(need_full, full,
+                            lambda _: _paper_terms(od, oi, own, a, s.hits, valid_list), None)
+
+        def not_done(s):
+            return s.t < budget_i
+
+        def pick(s):
+            node_x = xc[s.node][None]
+            if direct:
+                dist = distances.pairwise(node_x, xc, "euclidean", direct=True)[0]
+            else:
+                dist = distances.pairwise(node_x, xc, "euclidean")[0]
+            key = dist if mode == "official" else jnp.where(local == s.node, -jnp.inf, dist)
+            rank = _ranks(key, tie, s.cand)
+            removed = s.cand & (rank < quota)
+            cand = s.cand & ~removed
+            intra = s.intra
+            if mode == "paper":
+                # Algorithm 1: d_intra over the shrinking set; subtract the removed columns
+                # a chunk at a time (they are the first `quota` in rank order).
+                perm = jnp.zeros(p, jnp.int32).at[rank].set(local)
+
+                def sub(j, intra):
+                    cols = lax.dynamic_slice(perm, (j * _REMOVE_CHUNK,), (_REMOVE_CHUNK,))
+                    live = (j * _REMOVE_CHUNK + jnp.arange(_REMOVE_CHUNK)) < quota
+                    dc = distances.pairwise(xc, xc[cols], "euclidean", direct=direct)
+                    return intra - jnp.sum(jnp.where(live[None, :], dc, 0.0), axis=1)
+
+                steps = (quota + _REMOVE_CHUNK - 1) // _REMOVE_CHUNK
+                perm = jnp.concatenate([perm, jnp.zeros(_REMOVE_CHUNK, jnp.int32)])
+                intra = lax.fori_loop(0, steps, sub, intra)
+            hits = s.hits
+            if mode == "official":
+                # The previous pick's opponent is penalised at the start of this round.
+                hits = jnp.where(s.node != core, hits.at[opp[s.node]].multiply(opponent_penalty),
+                                 hits)
+            score = scores(s._replace(cand=cand, intra=intra, hits=hits))
+            if mode == "official":
+                score = jnp.where(jnp.isnan(score), -jnp.inf, score)  # numpy argmin picks NaN
+            # Lowest score; ties: nearest to the last pick, then the tie key.
+            score = jnp.where(cand, score, jnp.inf)
+            best_rank = _ranks(score, rank, cand)
+            new = jnp.argmin(best_rank).astype(jnp.int32)
+            if mode == "paper":
+                # The pick faces its nearest other core; later scores feel the penalty.
+                hits = jnp.where(has_opp[new], hits.at[near_opp[new]].multiply(opponent_penalty),
+                                 hits)
+            out = s.out.at[offset + s.t].set(mem[new])
+            return _PickState(out, cand, intra, hits, new, s.t + 1)
+
+        hits0 = jnp.ones(num_classes, ftype)
+        out = jnp.where(budget_i > 0, out.at[offset].set(mem[core]), out)
+        start = _PickState(out, pool, jnp.where(pool, intra0, 0.0), hits0, core, jnp.int32(1))
+        final = lax.while_loop(not_done, pick, start)
+
+        # Boundary score before penalties, for inspection.
+        if mode == "official":
+            inner = intra0 / sizef
+            bs = (outer - inner) / jnp.maximum(outer, inner)
+        else:
+            a = jnp.where(pool, intra0, 0.0) / jnp.maximum(sizef, 1.0)
+            bs = _paper_terms(od, oi, own, a, hits0, valid_list)
+        bs = jnp.where(pool & jnp.isfinite(bs), bs, jnp.inf)
+        kept = pool & valid
+        return final.out, (bs, kept)
+
+    out, (bs, kept) = lax.scan(one_class, out, (classes, members, counts, core_local, den))
+    return out, bs, kept
+
+
+_select_jit = jax.jit(_select_bucket, static_argnames=("mode", "direct", "chunk_size"),
+                      donate_argnums=(0,))
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point.
+
+
+def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
+          num_neighbors: int = 10, ring_fraction=0.1, remove_fraction=0.1,
+          opponent_penalty=1.1, normalize: bool = False,
+          chunk_size: int = distances.DEFAULT_CHUNK, direct: bool | None = None) -> BilafOutput:
+    """Select `budget` samples: the cores plus the boundary samples of each pseudo-class.
+
+    Args:
+      key: unused (the stage is deterministic); kept for the selectors' common signature.
+      features: [n, d] pool features (finite). Euclidean distances on them as given, or on
+        L2-normalised rows with `normalize=True` (the paper's text; the script does not).
+      core_indices: [K] distinct pool indices of the core samples (stage 1). They are sorted
+        ascending first; that order defines the pseudo-class ids.
+      budget: B, with K <= B <= n (static).
+      mode: "paper" or "official" (static).
+      num_neighbors: k of the IDC density (Eq. 3) (static).
+      ring_fraction: P_in, ring size max(1, floor(m P_in)) (traceable).
+      remove_fraction: P_rm, share of each class dropped by denoising (traceable).
+      opponent_penalty: delta of the opponent penalty (traceable).
+      chunk_size: rows per block in the assignment pass (static).
+      direct: Euclidean distances from explicit differences (as scipy's cdist) instead of the
+        Gram expansion. Default: True in official mode with float64 features (exact parity
+        with the script), else False (faster).
+
+    Paper mode (Algorithm 1): every sample joins its nearest core (a core always its own
+    class); IDC grows each class from its core in rings of max(1, floor(m P_in)) samples of
+    lowest density distance rho(x) = mean distance to its k nearest cluster members (Eq. 3),
+    the last ring possibly partial, then keeps the first max(1, floor(m (1 - P_rm))) included
+    (the core first). The budget goes by largest remainder in proportion to the kept sizes
+    with 1 <= B_i <= |U_i|; if the kept samples number fewer than B, denoising is waived (the
+    candidates are the whole pseudo-classes). Each class starts with its core; after each pick
+    the floor(|U_i| / B_i) candidates nearest to it (itself first) leave the candidate set, and
+    the next pick is the candidate of lowest Eq. 7 score
+    min_l (D(x, c_l) delta^{t_l} - d_intra(x)) / max(D(x, c_l), d_intra(x)), where d_intra is
+    the mean distance to the remaining candidates and t_l counts the earlier non-core picks of
+    this class whose nearest other core is c_l. Ties: nearest to the last pick, then lower
+    index. Never repeats an index.
+
+    Official mode (the authors' `density_cluster.py`): no core override; classes under 10
+    samples skip IDC; the samples left after the last full ring are dropped; rho averages the
+    distances to the class samples whose local ids equal the positions of the k nearest
+    cluster members; allocation floor(p_i B) then smallest-allocation-first; d_intra fixed
+    over the denoised class; only the nearest opponent is penalised, at the start of the next
+    round; each round removes the floor(|U_i| / B_i) candidates first in (distance to the last
+    pick, inclusion position) order and takes the first argmin. Raises ValueError where the
+    script would crash (a zero allocation, a core not its own nearest core, a core removed by
+    denoising) and warns where it repeats samples.
+
+    Returns:
+      BilafOutput (indices int32[B], pseudo_labels int32[n], kept bool[n],
+      boundary_score [n], allocation int32[K]).
+
+    Example:
+      >>> import jax, numpy as np
+      >>> f = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
+      >>> out = bilaf(jax.random.key(0), f, [3, 50, 120], 12)
+      >>> out.indices.shape, [int(i) for i in out.indices[:1]]
+      ((12,), [3])
+    """
+    del key
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    features = check_features(features)
+    n, d = features.shape
+    if is_traced(features):
+        raise ValueError("features must be concrete: bilaf plans its class buckets on the host")
+    core = np.sort(check_indices(core_indices, n, "core_indices"))
+    num_classes = core.shape[0]
+    if num_classes == 0:
+        raise ValueError("core_indices is empty; need at least one core sample")
+    budget = check_count(budget, "budget", num_classes, n)
+    num_neighbors = check_count(num_neighbors, "num_neighbors", 1, 1 << 30)
+    chunk_size = check_count(chunk_size, "chunk_size", 1, 1 << 30)
+    check_fraction(ring_fraction, "ring_fraction", low_open=True)
+    check_fraction(remove_fraction, "remove_fraction")
+    check_positive(opponent_penalty, "opponent_penalty")
+    features = jnp.asarray(features)
+    if direct is None:
+        direct = mode == "official" and features.dtype == jnp.float64
+    direct = bool(direct)
+    normalize = bool(normalize)
+
+    num_nearest = min(num_classes, 2 if mode == "official" else NUM_OPPONENTS + 1)
+    core_j = jnp.asarray(core, jnp.int32)
+    a = _assign_jit(features, core_j, num_nearest=num_nearest, normalize=normalize,
+                    direct=direct, chunk_size=chunk_size, mode=mode)
+    labels = np.asarray(a.labels)
+    if mode == "official":
+        wrong = np.nonzero(labels[core] != np.arange(num_classes))[0]
+        if wrong.size:
+            j = int(wrong[0])
+            raise ValueError(
+                f"official mode: core {int(core[j])} (class {j}) is nearest to core "
+                f"{int(core[labels[core[j]]])} (class {int(labels[core[j]])}), so it is not in "
+                "its own pseudo-class (duplicate core features?); the authors' script fails "
+                "here. Use mode='paper' or distinct cores.")
+
+    plan = _plan(labels, core)
+    static = dict(mode=mode, direct=direct, chunk_size=chunk_size)
+    dens = [_denoise_jit(a.features, jnp.asarray(b.members), jnp.asarray(b.counts),
+                         jnp.asarray(b.core_local), ring_fraction, remove_fraction,
+                         num_neighbors=num_neighbors, **static) for b in plan]
+    kept_sizes = jnp.zeros(num_classes, jnp.int32)
+    for b, den in zip(plan, dens, strict=True):
+        kept_sizes = kept_sizes.at[jnp.asarray(b.classes)].add(
+            jnp.sum(den.kept, axis=1).astype(jnp.int32))
+
+    class_sizes = np.bincount(labels, minlength=num_classes).astype(np.int32)
+    if mode == "official":
+        if not is_traced(kept_sizes):
+            _check_cores_kept(plan, dens, core)
+        alloc = _allocate_official_jit(kept_sizes, budget)
+        use_all = jnp.asarray(False)
+        if not is_traced(alloc):
+            zero = np.nonzero(np.asarray(alloc) == 0)[0]
+            if zero.size:
+                raise ValueError(
+                    f"official mode: the authors' allocation gives 0 samples to "
+                    f"{zero.size} pseudo-class(es) (e.g. class {int(zero[0])}, core "
+                    f"{int(core[zero[0]])}); their script divides by zero there. Raise the "
+                    "budget or use mode='paper'.")
+    else:
+        use_all = jnp.sum(kept_sizes) < budget
+        caps = jnp.where(use_all, jnp.asarray(class_sizes), kept_sizes)
+        alloc = _allocate_paper_jit(caps, budget)
+    offsets = jnp.cumsum(alloc) - alloc
+
+    g = _Global(a.features, a.features[core_j], a.core_dist, a.core_index, a.labels)
+    out = jnp.zeros(budget, jnp.int32)
+    score = jnp.full(n, jnp.inf, a.core_dist.dtype)
+    kept = jnp.zeros(n, bool)
+    for b, den in zip(plan, dens, strict=True):
+        out, bs_b, kept_b = _select_jit(
+            out, g, jnp.asarray(b.classes), jnp.asarray(b.members), jnp.asarray(b.counts),
+            jnp.asarray(b.core_local), den, alloc, offsets, use_all, opponent_penalty,
+            **static)
+        mem, cnt = jnp.asarray(b.members), jnp.asarray(b.counts)
+        valid = jnp.arange(mem.shape[1])[None, :] < cnt[:, None]
+        idx = jnp.where(valid, mem, n).reshape(-1)
+        score = score.at[idx].set(bs_b.reshape(-1), mode="drop")
+        kept = kept.at[idx].set(kept_b.reshape(-1), mode="drop")
+
+    if mode == "official" and not is_traced(out):
+        uniq = np.unique(np.asarray(out)).size
+        if uniq < budget:
+            warnings.warn(
+                f"official mode: the authors' allocation exceeds some denoised class sizes, "
+                f"so the selection repeats samples ({uniq} unique of {budget}), as their "
+                "script does.", stacklevel=2)
+    return BilafOutput(out, a.labels, kept, score, alloc.astype(jnp.int32))
+
+
+def _check_cores_kept(plan, dens, core):
+    for b, den in zip(plan, dens, strict=True):
+        kept = np.asarray(den.kept)
+        rows = np.nonzero(b.counts > 0)[0]
+        lost = rows[~kept[rows, b.core_local[rows]]]
+        if lost.size:
+            j = int(b.classes[lost[0]])
+            raise ValueError(
+                f"official mode: denoising removed core {int(core[j])} from its own "
+                f"pseudo-class {j} (duplicate rows around the core?); the authors' script "
+                "fails here. Use mode='paper'.")
+
+
+_allocate_official_jit = jax.jit(_allocate_official, static_argnums=(1,))
+_allocate_paper_jit = jax.jit(_allocate_paper, static_argnums=(1,))
