@@ -118,3 +118,18 @@ def check_fraction(value, name: str, low_open: bool = False, high_open: bool = F
         hi = "1)" if high_open else "1]"
         raise ValueError(f"{name} must be in {lo}, {hi}, got {value!r}")
     return value
+
+
+def check_exclude(exclude, n: int, num_samples: int):
+    """Turn `exclude` (indices of already-labelled rows, or None) into a bool[n] mask or None.
+
+    Raises ValueError when indices are invalid or fewer than `num_samples` rows remain.
+    """
+    if exclude is None:
+        return None
+    idx = check_indices(exclude, n, "exclude")
+    if n - idx.size < num_samples:
+        raise ValueError(f"only {n - idx.size} rows are not excluded, fewer than the {num_samples} requested")
+    mask = np.zeros(n, bool)
+    mask[idx] = True
+    return mask

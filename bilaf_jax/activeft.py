@@ -104,7 +104,7 @@ def activeft_loss(theta, features, temperature, balance, *, chunk_size=distances
 def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperature=0.07,
              learning_rate=1e-3, balance=1.0, batch_size: int | None = None, init_indices=None,
              optimizer: optax.GradientTransformation | None = None,
-             chunk_size: int = 16384, precision=None) -> ActiveFTOutput:
+             chunk_size: int = 16384, precision=None, exclude=None) -> ActiveFTOutput:
     """Select `num_samples` core samples from `features` [n, d] with ActiveFT.
 
     Args:
@@ -122,6 +122,8 @@ def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperatu
       chunk_size: rows per block in the assignment matmuls (bounds memory).
       precision: `jax.lax.Precision` for the similarity matmuls (e.g. DEFAULT for TF32/bf16
         passes on accelerators; HIGHEST for full float32).
+      exclude: int[m] rows already labelled: never selected, never used as initial centroids
+        (they still shape the objective as part of the pool).
 
     Returns:
       ActiveFTOutput; `indices` ascending.
@@ -143,25 +145,32 @@ def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperatu
     V.check_positive(temperature, "temperature")
     V.check_positive(learning_rate, "learning_rate", allow_zero=True)
     V.check_positive(balance, "balance")
+    excluded = V.check_exclude(exclude, n, num_samples)
     if init_indices is not None:
-        init_indices = jnp.asarray(V.check_indices(init_indices, n, "init_indices", num_samples))
+        init_indices = V.check_indices(init_indices, n, "init_indices", num_samples)
+        if excluded is not None and excluded[init_indices].any():
+            raise ValueError("init_indices include excluded rows")
+        init_indices = jnp.asarray(init_indices)
     if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer)}")
-    return _activeft(key, features, init_indices, temperature, learning_rate, balance,
+    return _activeft(key, features, init_indices, excluded, temperature, learning_rate, balance,
                      num_samples=num_samples, num_steps=num_steps, batch_size=batch_size,
                      optimizer=optimizer, chunk_size=chunk_size, precision=precision)
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples", "num_steps", "batch_size",
                                              "optimizer", "chunk_size", "precision"))
-def _activeft(key, features, init_indices, temperature, learning_rate, balance, *, num_samples,
+def _activeft(key, features, init_indices, excluded, temperature, learning_rate, balance, *, num_samples,
               num_steps, batch_size, optimizer, chunk_size, precision):
     n = features.shape[0]
     dtype = jnp.promote_types(features.dtype, jnp.float32)
     feats = distances.normalize(features.astype(dtype))
     init_key, batch_key = jax.random.split(key)
-    if init_indices is None:
+    if init_indices is None and excluded is None:
         init_indices = jax.random.choice(init_key, n, (num_samples,), replace=False)
+    elif init_indices is None:
+        free = (~excluded).astype(jnp.float32)
+        init_indices = jax.random.choice(init_key, n, (num_samples,), replace=False, p=free / free.sum())
     init_indices = init_indices.astype(jnp.int32)
     theta = feats[init_indices]
     tx = optimizer if optimizer is not None else optax.adam(learning_rate)
@@ -184,5 +193,5 @@ def _activeft(key, features, init_indices, temperature, learning_rate, balance, 
     state = lax.fori_loop(0, num_steps, step, state)
     centroids = distances.normalize(state.theta)
     matched = distances.greedy_unique_match(feats, centroids, "dot", chunk_size=chunk_size,
-                                            precision=precision)
+                                            precision=precision, taken=excluded)
     return ActiveFTOutput(jnp.sort(matched), matched, centroids, state.losses, init_indices)

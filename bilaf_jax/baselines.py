@@ -11,6 +11,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from bilaf_jax import _validation as V
@@ -45,27 +46,33 @@ class KMeansOutput(NamedTuple):
     num_iters: jax.Array
 
 
-def _check(features, num_samples):
+def _check(features, num_samples, exclude):
     features = V.check_features(features)
     num_samples = V.check_count(num_samples, "num_samples", 1, features.shape[0])
-    return features, num_samples
+    return features, num_samples, V.check_exclude(exclude, features.shape[0], num_samples)
 
 
-def random_select(key, features, num_samples: int) -> RandomOutput:
+def random_select(key, features, num_samples: int, *, exclude=None) -> RandomOutput:
     """`num_samples` rows of `features` [n, d] uniformly at random, without replacement.
+
+    exclude: int[m] rows already labelled, never chosen.
 
     >>> import jax, numpy as np
     >>> random_select(jax.random.key(0), np.zeros((10, 2)), 3).indices.shape
     (3,)
     """
-    features, num_samples = _check(features, num_samples)
-    return _random_select(key, features.shape[0], num_samples=num_samples)
+    features, num_samples, excluded = _check(features, num_samples, exclude)
+    return _random_select(key, excluded, features.shape[0], num_samples=num_samples)
 
 
-@functools.partial(jax.jit, static_argnums=(1,), static_argnames=("num_samples",))
-def _random_select(key, n, *, num_samples):
-    idx = jax.random.choice(key, n, (num_samples,), replace=False).astype(jnp.int32)
-    return RandomOutput(jnp.sort(idx))
+@functools.partial(jax.jit, static_argnums=(2,), static_argnames=("num_samples",))
+def _random_select(key, excluded, n, *, num_samples):
+    if excluded is None:
+        idx = jax.random.choice(key, n, (num_samples,), replace=False)
+    else:
+        free = (~excluded).astype(jnp.float32)
+        idx = jax.random.choice(key, n, (num_samples,), replace=False, p=free / free.sum())
+    return RandomOutput(jnp.sort(idx.astype(jnp.int32)))
 
 
 class _KCenterState(NamedTuple):
@@ -74,15 +81,31 @@ class _KCenterState(NamedTuple):
     radius: jax.Array  # [K]
 
 
-def kcenter_select(key, features, num_samples: int) -> KCenterOutput:
+def kcenter_select(key, features, num_samples: int, *, exclude=None) -> KCenterOutput:
     """Farthest-point (k-center greedy) selection: FDS / CoreSet in the paper.
 
     Starts from a uniformly random row (as the authors' FDS does), then repeatedly adds the row
     farthest (Euclidean, features as given) from the chosen set; ties go to the lowest index.
-    Cost O(K n d), memory O(n).
+    With `exclude` (rows already labelled), those rows form the initial chosen set instead of
+    a random row (the CoreSet rule for a labelled pool). Cost O(K n d), memory O(n).
     """
-    features, num_samples = _check(features, num_samples)
-    return _kcenter(key, features, num_samples=num_samples)
+    features, num_samples, excluded = _check(features, num_samples, exclude)
+    if excluded is None:
+        return _kcenter(key, features, num_samples=num_samples)
+    return _kcenter_from(features, np.flatnonzero(excluded).astype(np.int32), num_samples=num_samples)
+
+
+@functools.partial(jax.jit, static_argnames=("num_samples",))
+def _kcenter_from(features, labelled, *, num_samples):
+    x = features.astype(jnp.promote_types(features.dtype, jnp.float32))
+
+    def cover(min_dist, i):
+        d = distances.pairwise(x, x[i][None], "sqeuclidean", direct=True)[:, 0]
+        return jnp.minimum(min_dist, d), None
+
+    min_dist, _ = lax.scan(cover, jnp.full(x.shape[0], jnp.inf, x.dtype), labelled)
+    min_dist = min_dist.at[labelled].set(-1.0)  # labelled rows are never picked
+    return _kcenter_loop(x, min_dist, 0, num_samples)
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples",))
@@ -90,20 +113,31 @@ def _kcenter(key, features, *, num_samples):
     n = features.shape[0]
     x = features.astype(jnp.promote_types(features.dtype, jnp.float32))
     first = jax.random.randint(key, (), 0, n, dtype=jnp.int32)
+    min_dist = distances.pairwise(x, x[first][None], "sqeuclidean", direct=True)[:, 0]
+    min_dist = min_dist.at[first].set(-1.0)
+    out = _kcenter_loop(x, min_dist, 1, num_samples)
+    order = out.order.at[0].set(first)
+    return KCenterOutput(jnp.sort(order), order, out.radius.at[0].set(jnp.inf))
+
+
+def _kcenter_loop(x, min_dist, start, num_samples):
+    """Greedy picks start..K-1, given each row's squared distance to the chosen set (-1 for
+    rows in it)."""
 
     def dist_to(i):
         return distances.pairwise(x, x[i][None], "sqeuclidean", direct=True)[:, 0]
 
     def step(t, state: _KCenterState) -> _KCenterState:
+        # Chosen rows carry -1, so they are never picked again, while duplicates of a chosen
+        # row (at distance 0) stay pickable once everything else is covered.
         pick = jnp.argmax(state.min_dist).astype(jnp.int32)
-        radius = jnp.sqrt(state.min_dist[pick])
-        return _KCenterState(jnp.minimum(state.min_dist, dist_to(pick)),
-                             state.order.at[t].set(pick), state.radius.at[t].set(radius))
+        radius = jnp.sqrt(jnp.maximum(state.min_dist[pick], 0.0))
+        min_dist = jnp.minimum(state.min_dist, dist_to(pick)).at[pick].set(-1.0)
+        return _KCenterState(min_dist, state.order.at[t].set(pick), state.radius.at[t].set(radius))
 
-    state = _KCenterState(dist_to(first), jnp.zeros(num_samples, jnp.int32).at[0].set(first),
+    state = _KCenterState(min_dist, jnp.zeros(num_samples, jnp.int32),
                           jnp.full(num_samples, jnp.inf, x.dtype))
-    # Chosen rows sit at distance 0, so they are never picked again while others remain.
-    state = lax.fori_loop(1, num_samples, step, state)
+    state = lax.fori_loop(start, num_samples, step, state)
     return KCenterOutput(jnp.sort(state.order), state.order, state.radius)
 
 
@@ -119,23 +153,23 @@ class _LloydState(NamedTuple):
 
 
 def kmeans_select(key, features, num_samples: int, *, num_iters: int = 100, tol: float = 1e-6,
-                  chunk_size: int = distances.DEFAULT_CHUNK) -> KMeansOutput:
+                  chunk_size: int = distances.DEFAULT_CHUNK, exclude=None) -> KMeansOutput:
     """K-Means baseline: k-means++ seeding, Lloyd iterations, nearest distinct sample per centre.
 
     Lloyd stops after `num_iters` iterations or when the total squared movement of the centres
     falls below `tol` times the mean squared norm of the features. A centre that loses all its
     points stays where it was. Each centre, in order, then takes its nearest row not already
-    taken, so the K indices are distinct.
+    taken, so the K indices are distinct. `exclude`: rows already labelled, never chosen.
     """
-    features, num_samples = _check(features, num_samples)
+    features, num_samples, excluded = _check(features, num_samples, exclude)
     num_iters = V.check_count(num_iters, "num_iters", 0, 10**7)
     V.check_positive(tol, "tol", allow_zero=True)
-    return _kmeans(key, features, tol, num_samples=num_samples, num_iters=num_iters,
+    return _kmeans(key, features, tol, excluded, num_samples=num_samples, num_iters=num_iters,
                    chunk_size=chunk_size)
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples", "num_iters", "chunk_size"))
-def _kmeans(key, features, tol, *, num_samples, num_iters, chunk_size):
+def _kmeans(key, features, tol, excluded, *, num_samples, num_iters, chunk_size):
     n, d = features.shape
     x = features.astype(jnp.promote_types(features.dtype, jnp.float32))
     first_key, seed_key = jax.random.split(key)
@@ -171,5 +205,5 @@ def _kmeans(key, features, tol, *, num_samples, num_iters, chunk_size):
     state = lax.while_loop(lloyd_cond, lloyd_step,
                            _LloydState(centres, jnp.array(jnp.inf, x.dtype), jnp.array(0)))
     inertia = jnp.sum(distances.nearest_centre(x, state.centres, chunk_size=chunk_size).distance)
-    matched = distances.greedy_unique_match(x, state.centres, chunk_size=chunk_size)
+    matched = distances.greedy_unique_match(x, state.centres, chunk_size=chunk_size, taken=excluded)
     return KMeansOutput(jnp.sort(matched), matched, state.centres, inertia, state.it)

@@ -161,11 +161,12 @@ def knn(queries, points, k: int, metric: str = "sqeuclidean", *, point_mask=None
 
 def greedy_unique_match(points, centres, metric: str = "sqeuclidean", *,
                         chunk_size: int = DEFAULT_CHUNK, num_candidates: int = 32,
-                        precision=None):
+                        precision=None, taken=None):
     """For centres j = 0..K-1 in order, take the nearest point not already taken.
 
     points [n, d], centres [K, d] (K <= n) -> int32[K] distinct point indices, in centre order.
-    Ties go to the lower point index.
+    Ties go to the lower point index. `taken`: optional bool[n] of points that start out taken
+    (never chosen; at least K points must be free).
 
     The greedy pass runs on a per-centre table of the `num_candidates` nearest points (one
     chunked pass over the pool). A centre whose candidates are all taken (rare: it needs that
@@ -215,6 +216,7 @@ def greedy_unique_match(points, centres, metric: str = "sqeuclidean", *,
         pick = lax.cond(free.any(), lambda: ids[first_free], lambda: exact_scan(j, taken))
         return taken.at[pick].set(True), out.at[j].set(pick)
 
-    state = (jnp.zeros(n, bool), jnp.zeros(num_centres, jnp.int32))
+    taken = jnp.zeros(n, bool) if taken is None else taken
+    state = (taken, jnp.zeros(num_centres, jnp.int32))
     _, out = lax.fori_loop(0, num_centres, body, state)
     return out

@@ -62,3 +62,25 @@ def test_bad_input(fn):
         fn(jax.random.key(0), np.zeros((0, 3)), 1)
     with pytest.raises(ValueError, match="num_samples"):
         fn(jax.random.key(0), np.zeros((4, 3)), 5)
+
+
+def test_kcenter_identical_rows_never_repeats():
+    x = np.ones((6, 3), np.float32)
+    out = kcenter_select(jax.random.key(0), x, 6)
+    assert sorted(np.asarray(out.indices).tolist()) == list(range(6))
+
+
+def test_kcenter_with_labelled_rows_starts_from_them(digits):
+    x = digits[0][:300]
+    labelled = [3, 50, 120]
+    out = kcenter_select(jax.random.key(0), x, 10, exclude=labelled)
+    # Reference: farthest-point greedy with the labelled rows as the chosen set.
+    xx = x.astype(np.float64)
+    chosen = list(labelled)
+    want = []
+    for _ in range(10):
+        d = np.min(((xx[:, None] - xx[chosen][None]) ** 2).sum(-1), axis=1)
+        d[chosen] = -1
+        want.append(int(np.argmax(d)))
+        chosen.append(want[-1])
+    np.testing.assert_array_equal(out.order, want)

@@ -1,0 +1,105 @@
+"""The contract every selector keeps: shape and dtype, range, uniqueness, exclusions, same key
+same answer, budget edge cases, clear errors."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+
+from bilaf_jax.activeft import activeft
+from bilaf_jax.baselines import kcenter_select, kmeans_select, random_select
+
+SELECTORS = {
+    "activeft": functools.partial(activeft, num_steps=15),
+    "kcenter": kcenter_select,
+    "kmeans": kmeans_select,
+    "random": random_select,
+}
+
+
+@pytest.fixture(scope="module")
+def pool():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(5, 6)) * 4
+    x = centres[rng.integers(0, 5, 157)] + rng.normal(size=(157, 6))
+    return x.astype(np.float32)
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+@pytest.mark.parametrize("k", [1, 7, 157])
+def test_shape_dtype_range_unique_sorted(name, k, pool):
+    out = SELECTORS[name](jax.random.key(1), pool, k)
+    idx = np.asarray(out.indices)
+    assert idx.shape == (k,) and idx.dtype == np.int32
+    assert idx.min() >= 0 and idx.max() < len(pool)
+    assert len(np.unique(idx)) == k
+    assert np.all(np.diff(idx) > 0)
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_same_key_same_answer_and_key_matters(name, pool):
+    fn = SELECTORS[name]
+    a = np.asarray(fn(jax.random.key(5), pool, 9).indices)
+    b = np.asarray(fn(jax.random.key(5), pool, 9).indices)
+    np.testing.assert_array_equal(a, b)
+    others = [np.asarray(fn(jax.random.key(s), pool, 9).indices) for s in range(6, 10)]
+    assert any(not np.array_equal(a, o) for o in others)
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_excluded_rows_never_chosen(name, pool):
+    exclude = np.arange(0, 157, 3)
+    out = SELECTORS[name](jax.random.key(2), pool, 20, exclude=exclude)
+    idx = np.asarray(out.indices)
+    assert not set(idx.tolist()) & set(exclude.tolist())
+    assert len(np.unique(idx)) == 20
+    # Everything that is left, exactly.
+    rest = np.setdiff1d(np.arange(157), exclude)
+    out = SELECTORS[name](jax.random.key(2), pool, len(rest), exclude=exclude)
+    np.testing.assert_array_equal(out.indices, rest)
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_duplicate_and_identical_rows(name):
+    x = np.ones((12, 4), np.float32)
+    idx = np.asarray(SELECTORS[name](jax.random.key(0), x, 12).indices)
+    np.testing.assert_array_equal(idx, np.arange(12))
+    x = np.repeat(np.eye(3, dtype=np.float32), 4, axis=0)
+    idx = np.asarray(SELECTORS[name](jax.random.key(0), x, 5).indices)
+    assert len(np.unique(idx)) == 5
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_impossible_budget_and_bad_exclusions(name, pool):
+    fn = SELECTORS[name]
+    with pytest.raises(ValueError, match="num_samples"):
+        fn(jax.random.key(0), pool, 0)
+    with pytest.raises(ValueError, match="num_samples"):
+        fn(jax.random.key(0), pool, 158)
+    with pytest.raises(ValueError, match="fewer than"):
+        fn(jax.random.key(0), pool, 150, exclude=np.arange(10))
+    with pytest.raises(ValueError, match="repeated"):
+        fn(jax.random.key(0), pool, 5, exclude=[1, 1])
+    with pytest.raises(ValueError, match="out of range"):
+        fn(jax.random.key(0), pool, 5, exclude=[157])
+
+
+@pytest.mark.parametrize("name", SELECTORS)
+def test_no_recompile_on_second_call(name, pool):
+    fn = SELECTORS[name]
+    fn(jax.random.key(0), pool, 6)
+    from jax._src import test_util as jtu  # count_jit_and_pmap_lowerings is stable in tests
+
+    with jtu.count_jit_and_pmap_lowerings() as count:
+        fn(jax.random.key(1), pool + 1.0, 6)
+    assert count() == 0
+
+
+@pytest.mark.parametrize("name", ["kcenter", "kmeans", "random"])  # activeft: test_activeft.py
+def test_jit_eager_parity(name, pool):
+    fn = SELECTORS[name]
+    jitted = np.asarray(fn(jax.random.key(3), pool, 8).indices)
+    with jax.disable_jit():
+        eager = np.asarray(fn(jax.random.key(3), pool, 8).indices)
+    np.testing.assert_array_equal(jitted, eager)
