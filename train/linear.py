@@ -1,7 +1,9 @@
 """Linear probe on frozen features: L2-regularised multinomial logistic regression.
 
-Recipe: each feature row is L2-normalised, then standardised with the mean and standard
-deviation of the labelled rows; the classifier minimises
+Recipe: each feature row is L2-normalised, centred on the mean of the labelled rows and divided
+by one global scale (the labelled rows' root-mean-square per-dimension deviation, so features
+have unit average variance; per-dimension standardisation was worse with few labels on
+Fashion-MNIST / EfficientNet-Lite0 features); the classifier minimises
     mean_i CE(W x_i + b, y_i) + (weight_decay / 2) ||W||^2
 over the labelled rows (padded rows masked out) with full-batch L-BFGS for a fixed number of
 iterations, all inside one compiled program. The problem is strongly convex, so the result does
@@ -48,13 +50,13 @@ def _l2(x):
 
 
 def feature_stats(x, mask) -> FeatureStats:
-    """Masked mean and standard deviation of the L2-normalised rows x [p, d]."""
+    """Masked mean [d] and global scale (broadcast to [d]) of the L2-normalised rows x [p, d]."""
     x = _l2(x)
     w = mask.astype(x.dtype)[:, None]
     count = jnp.maximum(w.sum(), 1.0)
     mean = (w * x).sum(0) / count
-    var = (w * (x - mean) ** 2).sum(0) / count
-    return FeatureStats(mean, jnp.sqrt(var + 1e-8))
+    mean_var = jnp.sum(w * (x - mean) ** 2) / (count * x.shape[1])
+    return FeatureStats(mean, jnp.full(x.shape[1:], jnp.sqrt(mean_var + 1e-12)))
 
 
 def transform(x, stats: FeatureStats):

@@ -21,3 +21,17 @@ class Classifier(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.head(self.backbone(x))
+
+
+def set_drop_path(backbone: nnx.Module, rate: float) -> bool:
+    """Set stochastic-depth rates rising linearly to `rate` over a ViT's blocks (DeiT's rule).
+
+    Returns False when the backbone has no drop-path layers (only `rate == 0` is then exact).
+    """
+    blocks = getattr(backbone, "blocks", None)
+    if blocks is None or not all(hasattr(b, "drop_path") for b in blocks):
+        return False
+    depth = len(blocks)
+    for i, block in enumerate(blocks):
+        block.drop_path.rate = rate * i / max(depth - 1, 1)
+    return True

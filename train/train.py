@@ -455,7 +455,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     from flax import nnx
 
     from train.input_pipeline import BatchOrder, steps_for_epochs
-    from train.models import Classifier
+    from train.models import Classifier, set_drop_path
 
     num_classes = config.num_classes or int(max(pool.labels.max(), test.labels.max())) + 1
     train_labels = np.asarray(pool.labels[sel], np.int32)
@@ -468,6 +468,9 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
               else round(config.warmup_epochs * steps_per_epoch))
     warmup = min(warmup, total - 1)
 
+    drop_path_applied = set_drop_path(bb.module, config.drop_path)
+    if config.drop_path > 0 and not drop_path_applied:
+        raise ValueError(f"backbone {config.backbone} has no drop-path layers; set drop_path=0")
     model = Classifier(bb.module, bb.dim, num_classes, rngs=nnx.Rngs(config.seed))
     model.train()
     train_def, params, rest = nnx.split(model, nnx.Param, ...)

@@ -1,0 +1,101 @@
+"""`bilaf finetune`: train on the selected samples and report test accuracy.
+
+    bilaf finetune --dataset fashion_mnist --selection sel.json --mode linear \\
+        --features pool.npz --test-features test.npz --workdir runs/lin
+    bilaf finetune --dataset fashion_mnist --selection sel.json --mode full \\
+        --backbone efficientnet_lite0 --image-size 48 --steps 500 --workdir runs/full
+
+Modes: `linear` (probe on cached features), `knn` (weighted k-NN on cached features), `full`
+(backbone + head on images, checkpointed; the same command after an interruption resumes).
+Settings come from the defaults of `train.train.Config`, then `--config NAME` (a file
+`configs/NAME.py` or a path to such a file, whose `get_config()` returns a dict), then the flags.
+Writes WORKDIR/metrics.jsonl, WORKDIR/summary.json (and WORKDIR/checkpoints in full mode).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from bilaf_jax.cli import UsageError
+
+# flag -> Config field
+_FLAGS = {
+    "dataset": "dataset", "selection": "selection", "backbone": "backbone",
+    "weights": "backbone_weights", "mode": "mode", "steps": "steps",
+    "checkpoint_every": "checkpoint_every", "image_size": "image_size", "seed": "seed",
+    "features": "features", "test_features": "test_features", "data_dir": "data_dir",
+    "pool_size": "pool_size", "test_size": "test_size", "batch_size": "batch_size",
+    "learning_rate": "learning_rate", "eval_every": "eval_every",
+}
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "finetune", help="finetune (full / linear probe / k-NN) on a selection and evaluate",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", help="dataset name (default: fashion_mnist)")
+    p.add_argument("--selection", required=True, help="JSON list of pool row ids to label")
+    p.add_argument("--backbone", help="backbone name for --mode full (default: efficientnet_lite0)")
+    p.add_argument("--weights", help="backbone weights: a file, or 'random' (default: pretrained)")
+    p.add_argument("--mode", choices=("linear", "knn", "full"), help="default: full")
+    p.add_argument("--workdir", required=True, help="run folder (created; resumed if it exists)")
+    p.add_argument("--steps", type=int, help="training steps (full: default from epochs)")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
+    p.add_argument("--image-size", type=int, help="input side in pixels (full mode)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--features", help="pool features .npz (features, labels) for linear/knn")
+    p.add_argument("--test-features", help="test features .npz (features, labels) for linear/knn")
+    p.add_argument("--config", help="configs/NAME.py or a path to a config file")
+    p.add_argument("--data-dir", help="dataset folder (see bilaf_jax.data)")
+    p.add_argument("--pool-size", type=int, help="the pool = the first N train images")
+    p.add_argument("--test-size", type=int, help="evaluate on the first N test images")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
+    p.set_defaults(func=run)
+
+
+def load_config_file(name: str) -> dict:
+    """`get_config()` of configs/NAME.py (next to the `train` package) or of a .py path."""
+    path = Path(name)
+    if path.suffix != ".py":
+        import train
+
+        path = Path(train.__file__).resolve().parent.parent / "configs" / f"{name}.py"
+    if not path.is_file():
+        raise UsageError(f"config not found: {name} (looked for {path})")
+    spec = importlib.util.spec_from_file_location(f"_bilaf_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    cfg = module.get_config()
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{path}: get_config() must return a dict")
+    return dict(cfg)
+
+
+def run(args) -> int:
+    from train.train import make_config, summary_without_state, train_and_evaluate
+
+    overrides = load_config_file(args.config) if args.config else {}
+    for flag, field in _FLAGS.items():
+        value = getattr(args, flag)
+        if value is not None:
+            overrides[field] = value
+    try:
+        config = make_config(**overrides)
+    except TypeError as e:
+        raise UsageError(str(e)) from None
+    summary = summary_without_state(train_and_evaluate(config, args.workdir))
+    resumed = summary["resumed_from_step"]
+    sys.stdout.write(
+        f"{summary['mode']}: final_accuracy {summary['final_accuracy']:.4f} at step "
+        f"{summary['step']} ({summary['num_labelled']} labelled"
+        + (f", resumed from step {resumed}" if resumed else "")
+        + f") -> {Path(args.workdir) / 'summary.json'}\n")
+    if summary.get("params_digest"):
+        sys.stdout.write(json.dumps({"params_digest": summary["params_digest"]}) + "\n")
+    return 0

@@ -1,0 +1,125 @@
+"""Finetuning: NumPy references for the k-NN vote and the probe loss, solver and padding checks,
+batch order and augmentation."""
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+
+from train import input_pipeline, knn, linear  # noqa: E402
+
+
+def _blobs(rng, n, d=16, c=4, spread=0.6):
+    centres = rng.normal(size=(c, d))
+    y = rng.integers(0, c, n)
+    x = centres[y] + spread * rng.normal(size=(n, d))
+    return x.astype(np.float32), y.astype(np.int32)
+
+
+def knn_reference(train_x, train_y, test_x, k, temperature, num_classes):
+    """DINO's weighted k-NN, naively: cosine similarities, k most similar, exp(sim / T) votes."""
+    tn = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
+    qn = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
+    votes = np.zeros((len(test_x), num_classes))
+    for i, q in enumerate(qn):
+        sims = np.array([float(q @ t) for t in tn])
+        order = sorted(range(len(sims)), key=lambda j: (-sims[j], j))[: min(k, len(sims))]
+        for j in order:
+            votes[i, train_y[j]] += np.exp(sims[j] / temperature)
+    return votes.argmax(1), votes
+
+
+@pytest.mark.parametrize("n_train,k", [(60, 20), (7, 20), (30, 1)])
+def test_knn_matches_numpy_reference(n_train, k):
+    rng = np.random.default_rng(n_train)
+    x, y = _blobs(rng, n_train + 40, spread=1.5)
+    out = knn.knn_eval(x[:n_train], y[:n_train], x[n_train:], y[n_train:], k=k, temperature=0.07,
+                       num_classes=4, return_output=True)
+    pred, votes = knn_reference(x[:n_train].astype(np.float64), y[:n_train],
+                                x[n_train:].astype(np.float64), k, 0.07, 4)
+    np.testing.assert_array_equal(np.asarray(out.predictions), pred)
+    np.testing.assert_allclose(np.asarray(out.votes), votes, rtol=2e-3)
+    assert float(out.accuracy) == pytest.approx(np.mean(pred == y[n_train:]))
+
+
+def test_probe_loss_matches_numpy_reference():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(12, 5)).astype(np.float32)
+    y = rng.integers(0, 3, 12).astype(np.int32)
+    mask = np.arange(12) < 9
+    w = rng.normal(size=(5, 3)).astype(np.float32)
+    b = rng.normal(size=3).astype(np.float32)
+    got = float(linear.probe_loss((w, b), x, y, mask, 0.3, num_classes=3))
+    total = 0.0
+    for i in range(9):
+        logits = x[i].astype(np.float64) @ w + b
+        total += np.log(np.sum(np.exp(logits))) - logits[y[i]]
+    want = total / 9 + 0.5 * 0.3 * np.sum(w.astype(np.float64) ** 2)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_linear_probe_reaches_the_minimum():
+    """L-BFGS ends at the minimiser of the regularised objective (compared with scipy)."""
+    scipy_opt = pytest.importorskip("scipy.optimize")
+    rng = np.random.default_rng(1)
+    x, y = _blobs(rng, 150, d=8, c=3, spread=1.2)
+    xp, yp, mask = knn.pad_rows(x, y, 256)
+    params, stats, trace = linear.fit_linear(xp, yp, mask, 0.05, num_classes=3, steps=100)
+    xt = np.asarray(linear.transform(jnp.asarray(xp), stats), np.float64)
+
+    def f(theta):
+        w, b = theta[:24].reshape(8, 3), theta[24:]
+        logits = xt[:150] @ w + b
+        lse = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+        return np.mean(lse - logits[np.arange(150), y]) + 0.025 * np.sum(w * w)
+
+    best = scipy_opt.minimize(f, np.zeros(27), method="L-BFGS-B", options={"gtol": 1e-10}).fun
+    ours = f(np.concatenate([np.asarray(params[0]).ravel(), np.asarray(params[1])]))
+    assert ours == pytest.approx(best, abs=1e-5)
+    assert float(trace[-1]) == pytest.approx(best, abs=1e-4)
+
+
+def test_padding_does_not_change_the_probe_and_buckets_do_not_recompile():
+    rng = np.random.default_rng(2)
+    x, y = _blobs(rng, 300)
+    a = linear.linear_probe(x[:100], y[:100], x[100:], y[100:], return_output=True)
+    b = linear.linear_probe(x[:100], y[:100], x[100:], y[100:], pad_to=256, return_output=True)
+    np.testing.assert_array_equal(np.asarray(a.predictions), np.asarray(b.predictions))
+    np.testing.assert_allclose(np.asarray(a.weights), np.asarray(b.weights), atol=1e-4)
+    before = linear.linear_probe_padded._cache_size()
+    for budget in (90, 110, 128):  # same bucket (128) as the first call
+        linear.linear_probe(x[:budget], y[:budget], x[100:], y[100:])
+        knn.knn_eval(x[:budget], y[:budget], x[100:], y[100:])
+    assert linear.linear_probe_padded._cache_size() == before
+
+
+def test_linear_probe_beats_chance_and_is_deterministic():
+    rng = np.random.default_rng(3)
+    x, y = _blobs(rng, 1000, d=32, c=5, spread=2.0)
+    acc1 = linear.linear_probe(x[:50], y[:50], x[500:], y[500:])
+    acc2 = linear.linear_probe(x[:50], y[:50], x[500:], y[500:])
+    assert acc1 == acc2 and acc1 > 0.6
+
+
+def test_batch_order_is_a_function_of_seed_and_step():
+    order = input_pipeline.BatchOrder(seed=3, num_examples=10, batch_size=4)
+    stream = np.concatenate([order(s) for s in range(5)])  # 20 positions = 2 epochs
+    assert sorted(stream[:10]) == list(range(10)) and sorted(stream[10:]) == list(range(10))
+    fresh = input_pipeline.BatchOrder(seed=3, num_examples=10, batch_size=4)
+    np.testing.assert_array_equal(fresh(3), order(3))  # no history needed
+    other = input_pipeline.BatchOrder(seed=4, num_examples=10, batch_size=4)
+    assert not np.array_equal(np.concatenate([other(s) for s in range(3)]), stream[:12])
+
+
+def test_random_resized_crop_and_flip():
+    images = jnp.asarray(np.random.default_rng(0).normal(size=(6, 20, 20, 3)), jnp.float32)
+    out = input_pipeline.random_resized_crop_and_flip(jax.random.key(0), images, out_size=12)
+    assert out.shape == (6, 12, 12, 3) and bool(jnp.isfinite(out).all())
+    again = input_pipeline.random_resized_crop_and_flip(jax.random.key(0), images, out_size=12)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(again))
+    # Full-area, square crops at the same size: each image comes back as itself or its mirror.
+    same = input_pipeline.random_resized_crop_and_flip(
+        jax.random.key(1), images, out_size=20, scale_min=1.0, ratio_min=1.0, ratio_max=1.0)
+    for img, res in zip(np.asarray(images), np.asarray(same)):
+        assert np.allclose(res, img, atol=1e-5) or np.allclose(res, img[:, ::-1], atol=1e-5)

@@ -1,0 +1,38 @@
+"""Entry point: `python -m train.main --config configs/fashion_mnist.py --workdir DIR [k=v ...]`.
+
+Each trailing `key=value` overrides one field of the config (values parsed as JSON when they
+parse, else kept as strings: `steps=200 mode=linear selection=sel.json`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def main(argv=None) -> int:
+    from bilaf_jax.cli.cmd_finetune import load_config_file
+    from train.train import make_config, summary_without_state, train_and_evaluate
+
+    parser = argparse.ArgumentParser(prog="python -m train.main", description=__doc__)
+    parser.add_argument("--config", required=True, help="configs/NAME.py or NAME")
+    parser.add_argument("--workdir", required=True)
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    cfg = load_config_file(args.config)
+    for item in args.overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            parser.error(f"override {item!r} is not KEY=VALUE")
+        try:
+            cfg[key] = json.loads(value)
+        except ValueError:
+            cfg[key] = value
+    summary = summary_without_state(train_and_evaluate(make_config(**cfg), args.workdir))
+    print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
