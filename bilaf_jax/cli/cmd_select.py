@@ -1,0 +1,252 @@
+"""`bilaf select`: choose samples to label from a feature file; write a JSON list + provenance.
+
+    bilaf select FEATURES --budget B [--cores K] [--method bilaf] [--mode paper|official]
+                 [--seed S] [--label-column] [--labeled FILE] --out SELECTION.json
+    bilaf select --verify SELECTION.json
+
+The selection is a plain JSON list of pool indices (what the authors' finetuning code reads).
+Beside it, `SELECTION.meta.json` records how it was made (method, every hyperparameter, seed,
+feature-file sha256, versions, device, timings); `--verify` re-runs from that record and
+confirms the same indices.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from bilaf_jax.cli import UsageError
+
+METHODS = ("bilaf", "activeft", "kcenter", "kmeans", "random")
+SELECTION_KEYS = ("method", "core_method", "mode", "budget", "num_cores", "seed", "label_column",
+                  "labeled", "num_steps", "batch_size", "temperature", "learning_rate", "balance",
+                  "num_neighbors", "ring_fraction", "remove_fraction", "opponent_penalty", "normalize")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("select", help="select samples to label from a feature file",
+                       description=__doc__.split("\n\n")[0],
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("features", nargs="?", help=".npy [n, d] or .npz with 'features'")
+    p.add_argument("--budget", help="number of samples B, or a percentage of the pool such as 1%%")
+    p.add_argument("--cores", type=int, default=None, dest="num_cores",
+                   help="core samples K for --method bilaf (default: max(1, B // 10))")
+    p.add_argument("--method", default="bilaf", help="|".join(METHODS))
+    p.add_argument("--core-method", default="activeft", help="core stage for bilaf: activeft|kcenter|kmeans|random")
+    p.add_argument("--mode", default="paper", help="boundary stage: paper (equations) | official (authors' code)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--label-column", action="store_true",
+                   help="the file is the authors' [n, d + 1] layout with a label last (ignored)")
+    p.add_argument("--labeled", default=None, metavar="FILE",
+                   help="JSON list of already-labelled indices: never selected; existing cores in bilaf")
+    g = p.add_argument_group("ActiveFT")
+    g.add_argument("--steps", type=int, default=300, dest="num_steps")
+    g.add_argument("--batch-size", type=int, default=None, help="random rows per step (ImageNet: 100000)")
+    g.add_argument("--temperature", type=float, default=0.07)
+    g.add_argument("--lr", type=float, default=1e-3, dest="learning_rate")
+    g.add_argument("--balance", type=float, default=1.0)
+    g = p.add_argument_group("boundary stage")
+    g.add_argument("--num-neighbors", type=int, default=10)
+    g.add_argument("--ring-fraction", type=float, default=0.1)
+    g.add_argument("--remove-fraction", type=float, default=0.1)
+    g.add_argument("--opponent-penalty", type=float, default=1.1)
+    g.add_argument("--normalize", action="store_true", help="L2-normalise features in the boundary stage")
+    p.add_argument("--out", help="where to write the JSON list of indices")
+    p.add_argument("--verify", metavar="SELECTION", help="re-run the selection recorded beside SELECTION and compare")
+    p.set_defaults(func=run)
+
+
+def meta_path(selection_path) -> Path:
+    """sel.json -> sel.meta.json (the provenance sidecar)."""
+    path = Path(selection_path)
+    stem = path.name[:-5] if path.name.endswith(".json") else path.name
+    return path.with_name(stem + ".meta.json")
+
+
+def parse_budget(text, n: int) -> int:
+    if text is None:
+        raise UsageError("--budget is required")
+    text = str(text).strip()
+    try:
+        if text.endswith("%"):
+            pct = float(text[:-1])
+            if not 0 < pct <= 100:
+                raise UsageError(f"--budget percentage must be in (0, 100], got {text}")
+            return max(1, int(n * pct / 100))
+        value = float(text)
+    except ValueError:
+        raise UsageError(f"--budget must be an integer or a percentage like 1%, got {text!r}") from None
+    if value != int(value):
+        raise UsageError(f"--budget must be an integer, got {text}")
+    value = int(value)
+    if not 1 <= value <= n:
+        raise UsageError(f"--budget must be in [1, {n}] for this pool, got {value}")
+    return value
+
+
+def _check_args(a) -> None:
+    if a.method not in METHODS:
+        raise UsageError(f"unknown --method {a.method!r}; expected one of {', '.join(METHODS)}")
+    if a.core_method not in METHODS[1:]:
+        raise UsageError(f"unknown --core-method {a.core_method!r}; expected one of {', '.join(METHODS[1:])}")
+    if a.mode not in ("paper", "official"):
+        raise UsageError(f"unknown --mode {a.mode!r}; expected paper or official")
+    if a.num_cores is not None and a.method != "bilaf":
+        raise UsageError("--cores applies to --method bilaf only")
+    if a.num_steps < 0:
+        raise UsageError(f"--steps must be >= 0, got {a.num_steps}")
+    for name in ("temperature", "balance"):
+        if not getattr(a, name) > 0:
+            raise UsageError(f"--{name} must be > 0, got {getattr(a, name)}")
+    if not a.learning_rate >= 0:
+        raise UsageError(f"--lr must be >= 0, got {a.learning_rate}")
+    if a.num_neighbors < 1:
+        raise UsageError(f"--num-neighbors must be >= 1, got {a.num_neighbors}")
+    for name in ("ring_fraction", "remove_fraction"):
+        v = getattr(a, name)
+        if not 0 <= v <= 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
+    if not a.opponent_penalty > 0:
+        raise UsageError(f"--opponent-penalty must be > 0, got {a.opponent_penalty}")
+
+
+def _selection_settings(a, n: int) -> dict:
+    return {
+        "method": a.method, "core_method": a.core_method, "mode": a.mode,
+        "budget": parse_budget(a.budget, n), "num_cores": a.num_cores, "seed": a.seed,
+        "label_column": a.label_column,
+        "labeled": str(Path(a.labeled).resolve()) if a.labeled else None, "num_steps": a.num_steps,
+        "batch_size": a.batch_size, "temperature": a.temperature, "learning_rate": a.learning_rate,
+        "balance": a.balance, "num_neighbors": a.num_neighbors, "ring_fraction": a.ring_fraction,
+        "remove_fraction": a.remove_fraction, "opponent_penalty": a.opponent_penalty,
+        "normalize": a.normalize,
+    }
+
+
+def run_selection(features, settings: dict, labeled=None):
+    """Run `bilaf_jax.select` with CLI settings. Returns (indices list, SelectOutput, timings)."""
+    import jax
+    import numpy as np
+
+    from bilaf_jax.pipeline import default_num_cores, select
+
+    budget = settings["budget"]
+    core_options = {}
+    methods_with_steps = {"activeft"}
+    core = settings["method"] if settings["method"] != "bilaf" else settings["core_method"]
+    if core in methods_with_steps:
+        core_options = dict(num_steps=settings["num_steps"], batch_size=settings["batch_size"],
+                            temperature=settings["temperature"], learning_rate=settings["learning_rate"],
+                            balance=settings["balance"])
+    num_cores = settings["num_cores"]
+    if settings["method"] == "bilaf" and num_cores is None:
+        num_cores = default_num_cores(budget)
+    start = time.perf_counter()
+    out = select(jax.random.key(settings["seed"]), features, budget, method=settings["method"],
+                 num_cores=num_cores, core_method=settings["core_method"], mode=settings["mode"],
+                 core_options=core_options, num_neighbors=settings["num_neighbors"],
+                 ring_fraction=settings["ring_fraction"], remove_fraction=settings["remove_fraction"],
+                 opponent_penalty=settings["opponent_penalty"], normalize=settings["normalize"],
+                 labeled=labeled)
+    indices = np.asarray(jax.block_until_ready(out.indices)).tolist()
+    timings = {"total_seconds": round(time.perf_counter() - start, 4)}
+    return indices, out, timings, num_cores
+
+
+def run(a) -> int:
+    if a.verify:
+        return verify(a.verify)
+    if not a.features:
+        raise UsageError("FEATURES is required (or use --verify SELECTION.json)")
+    if not a.out:
+        raise UsageError("--out is required")
+    _check_args(a)
+    out_path = Path(a.out)
+    if out_path.is_dir():
+        raise UsageError(f"--out is a folder: {out_path}")
+    parent = out_path.parent if str(out_path.parent) else Path(".")
+    if not parent.is_dir():
+        raise UsageError(f"output folder does not exist: {parent}")
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise UsageError(f"output folder is not writable: {parent}")
+
+    from bilaf_jax import io
+
+    features, _ = io.load_features(a.features, label_column=a.label_column)
+    n, d = features.shape
+    settings = _selection_settings(a, n)
+    labeled = None
+    if a.labeled:
+        labeled = io.load_index_list(a.labeled, n, name="--labeled")
+    indices, out, timings, num_cores = run_selection(features, settings, labeled)
+    settings["num_cores"] = num_cores
+    meta = _provenance(a.features, features, settings, timings, len(indices))
+    # Sidecar first, list last: a list on disk always has its record beside it.
+    io.write_json_atomic(meta_path(out_path), meta, indent=2)
+    io.write_json_atomic(out_path, indices)
+    sys.stderr.write(f"bilaf select: wrote {len(indices)} indices to {out_path} "
+                     f"({timings['total_seconds']:.2f} s)\n")
+    return 0
+
+
+def _provenance(features_path, features, settings, timings, count) -> dict:
+    import platform
+
+    import jax
+
+    import bilaf_jax
+    from bilaf_jax import io
+
+    device = jax.devices()[0]
+    return {
+        "selection": settings,
+        "count": count,
+        "features": {"path": str(Path(features_path).resolve()), "sha256": io.sha256_file(features_path),
+                     "n": int(features.shape[0]), "d": int(features.shape[1]), "dtype": str(features.dtype)},
+        "versions": {"bilaf_jax": bilaf_jax.__version__, "jax": jax.__version__,
+                     "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else None,
+                     "python": platform.python_version()},
+        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
+        "timings": timings,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def verify(selection_path) -> int:
+    """Re-run a recorded selection; exit 0 when the indices agree, 1 when they differ."""
+    from bilaf_jax import io
+
+    selection = io.load_index_list(selection_path, name="selection")
+    mpath = meta_path(selection_path)
+    if not mpath.exists():
+        raise UsageError(f"no provenance record beside the selection: {mpath}")
+    try:
+        meta = json.loads(mpath.read_text())
+        settings = meta["selection"]
+        fmeta = meta["features"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"provenance record {mpath} is unreadable: {e}") from None
+    missing = [k for k in SELECTION_KEYS if k not in settings]
+    if missing:
+        raise UsageError(f"provenance record {mpath} lacks {', '.join(missing)}")
+    fpath = fmeta["path"]
+    if not Path(fpath).exists():
+        raise UsageError(f"the recorded features file is gone: {fpath}")
+    digest = io.sha256_file(fpath)
+    if digest != fmeta["sha256"]:
+        raise UsageError(f"features file {fpath} changed since the selection was made (sha256 differs)")
+    features, _ = io.load_features(fpath, label_column=settings["label_column"])
+    labeled = io.load_index_list(settings["labeled"], features.shape[0], name="--labeled") if settings["labeled"] else None
+    indices, _, timings, _ = run_selection(features, settings, labeled)
+    if indices == selection:
+        print(f"verified: {len(indices)} indices identical ({timings['total_seconds']:.2f} s)")
+        return 0
+    same = len(set(indices) & set(selection))
+    print(f"MISMATCH: re-run gives {len(indices)} indices, {same} shared with the {len(selection)} on file"
+          f"{' (same set, different order)' if same == len(selection) == len(indices) else ''}")
+    return 1

@@ -1,0 +1,81 @@
+"""`select`, the one-call pipeline."""
+
+import jax
+import numpy as np
+import pytest
+
+from bilaf_jax.pipeline import METHODS, default_num_cores, select
+
+
+@pytest.fixture(scope="module")
+def pool(digits):
+    return digits[0][:400]
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_returns_budget_unique_indices(method, pool):
+    out = select(jax.random.key(0), pool, 40, method=method, num_cores=8 if method == "bilaf" else None,
+                 core_options=dict(num_steps=20) if method in ("bilaf", "activeft") else None)
+    idx = np.asarray(out.indices)
+    assert idx.shape == (40,) and idx.dtype == np.int32
+    assert len(np.unique(idx)) == 40 and idx.min() >= 0 and idx.max() < len(pool)
+    assert set(np.asarray(out.core_indices).tolist()) <= set(idx.tolist())
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_bilaf_blocks_start_with_their_cores(mode, pool):
+    out = select(jax.random.key(1), pool, 50, num_cores=10, mode=mode, core_method="kcenter")
+    cores = np.asarray(out.core_indices)
+    idx = np.asarray(out.indices)
+    labels = np.asarray(out.boundary.pseudo_labels)
+    # Class blocks in ascending core order, each opening with its core.
+    starts = [i for i in range(len(idx)) if i == 0 or labels[idx[i]] != labels[idx[i - 1]]]
+    np.testing.assert_array_equal(idx[starts], cores)
+
+
+def test_core_stage_same_randomness_with_or_without_boundary(pool):
+    a = select(jax.random.key(7), pool, 30, num_cores=6, core_method="kcenter")
+    b = select(jax.random.key(7), pool, 30, num_cores=6, core_method="kcenter", mode="official")
+    np.testing.assert_array_equal(a.core_indices, b.core_indices)
+
+
+@pytest.mark.parametrize("method", ["bilaf", "kcenter", "random"])
+def test_labeled_rows_are_never_selected(method, pool):
+    labeled = np.arange(0, 400, 9)
+    out = select(jax.random.key(0), pool, 30, method=method, labeled=labeled,
+                 num_cores=6 if method == "bilaf" else None, core_method="kcenter")
+    idx = np.asarray(out.indices)
+    assert idx.shape == (30,) and len(np.unique(idx)) == 30
+    assert not set(idx.tolist()) & set(labeled.tolist())
+
+
+def test_labeled_rows_act_as_cores_in_bilaf(pool):
+    labeled = np.array([5, 77, 300])
+    out = select(jax.random.key(0), pool, 30, num_cores=6, core_method="kcenter", labeled=labeled)
+    used = np.asarray(out.boundary.pseudo_labels)
+    # Every labelled row heads its own pseudo-class in the boundary stage.
+    assert len(np.unique(used)) == 9
+    assert len(set(used[labeled].tolist())) == 3
+
+
+def test_default_num_cores_matches_paper_settings():
+    assert default_num_cores(500) == 50  # CIFAR-10 1%
+    assert default_num_cores(2500) == 250  # CIFAR-100 5%
+    assert default_num_cores(64058) == 6405  # ImageNet 5%
+    assert default_num_cores(5) == 1
+
+
+def test_bad_arguments(pool):
+    key = jax.random.key(0)
+    for kwargs, match in [
+        (dict(method="nope"), "unknown method"),
+        (dict(core_method="nope"), "unknown core_method"),
+        (dict(mode="nope"), "unknown mode"),
+        (dict(num_cores=41), "num_cores"),
+        (dict(method="random", num_cores=3), "num_cores"),
+        (dict(labeled=[1, 1]), "repeated"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            select(key, pool, 40, **kwargs)
+    with pytest.raises(ValueError, match="budget"):
+        select(key, pool, 401)
