@@ -207,56 +207,65 @@ def _weights_path(name, weights):
 
 
 def load(name: str, weights=None, *, taps=None, seed: int = 0) -> Backbone:
-    """Build backbone `name` with `weights` (None: default file; "random"; or a path).
+    """Build backbone `name` with `weights` (None: the default file; "random"; or a path).
 
-    >>> bb = load("efficientnet_lite0", "random")  # doctest: +SKIP
-    >>> bb.dim, bb.image_size  # doctest: +SKIP
+    The returned `module` is in eval mode; call `.train()` on it to finetune. `seed` seeds the
+    random init (`weights="random"`) and the module's dropout / stochastic-depth streams.
+
+    >>> bb = load("efficientnet_lite0", "random")
+    >>> bb.dim, bb.image_size
     (1280, 224)
     """
     from flax import nnx
 
+    from bilaf_jax.backbones import _init
+    from bilaf_jax.backbones.torch_pickle import load_torch_checkpoint
     from bilaf_jax.io import sha256_file
 
     if name not in BACKBONES:
         raise InputError(f"unknown backbone '{name}' (known: {', '.join(BACKBONES)})")
-    rngs = nnx.Rngs(params=seed, dropout=seed + 1)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InputError(f"seed must be an integer, got {seed!r}")
     random = isinstance(weights, str) and weights == "random"
     path = None if random else _weights_path(name, weights)
+    sd = None if path is None else load_torch_checkpoint(path)
+
+    def fail(e):
+        msg = str(e)
+        return InputError(msg if msg.startswith(str(path)) else f"{path}: {msg}")
+
     if name.startswith("efficientnet_lite0"):
         from bilaf_jax.backbones import efficientnet
-        from bilaf_jax.backbones.torch_pickle import load_torch_checkpoint
 
         if name == "efficientnet_lite0_taps" and taps is None:
             taps = LITE0_TAPS
-        module = efficientnet.EfficientNetLite(taps=efficientnet.check_taps(taps), rngs=rngs)
-        if path is not None:
-            sd = load_torch_checkpoint(path)
+        taps = efficientnet.check_taps(taps)
+        module = _init.build(
+            lambda: efficientnet.EfficientNetLite(taps=taps, rngs=nnx.Rngs(0)), seed
+        )
+        if sd is not None:
             if not isinstance(sd, dict):
                 raise InputError(f"{path} does not hold a state dict")
-            sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+            sd = {k[len("module."):] if str(k).startswith("module.") else k: v
+                  for k, v in sd.items()}
             try:
                 efficientnet.load_torch_state_dict(module, sd)
             except InputError as e:
-                raise InputError(f"{path}: {e}") from None
-        module.eval()
-        return Backbone(name=name, dim=module.dim, image_size=224, module=module,
-                        weights_sha256=None if path is None else sha256_file(path),
-                        weights_path=None if path is None else str(path), taps=module.taps,
-                        num_classes=module.num_classes)
-    # vit_s16
-    from bilaf_jax.backbones import vit
-    from bilaf_jax.backbones.torch_pickle import load_torch_checkpoint
+                raise fail(e) from None
+        extra = {"taps": module.taps, "num_classes": module.num_classes}
+    else:  # vit_s16
+        from bilaf_jax.backbones import vit
 
-    if taps is not None:
-        raise InputError("vit_s16 has no taps option (its embedding is the CLS token)")
-    module = vit.VisionTransformer(rngs=rngs)
-    if path is not None:
-        try:
-            vit.load_torch_state_dict(module, vit.strip_checkpoint(load_torch_checkpoint(path)))
-        except InputError as e:
-            msg = str(e)
-            raise InputError(msg if msg.startswith(str(path)) else f"{path}: {msg}") from None
+        if taps is not None:
+            raise InputError("vit_s16 has no taps option (its embedding is the CLS token)")
+        module = _init.build(lambda: vit.VisionTransformer(rngs=nnx.Rngs(0)), seed)
+        if sd is not None:
+            try:
+                vit.load_torch_state_dict(module, vit.strip_checkpoint(sd))
+            except InputError as e:
+                raise fail(e) from None
+        extra = {"resize_method": "bicubic"}
     module.eval()
     return Backbone(name=name, dim=module.dim, image_size=224, module=module,
                     weights_sha256=None if path is None else sha256_file(path),
-                    weights_path=None if path is None else str(path), resize_method="bicubic")
+                    weights_path=None if path is None else str(path), **extra)

@@ -171,15 +171,15 @@ def load_torch_state_dict(module: EfficientNetLite, sd: Mapping[str, np.ndarray]
         return w
 
     def conv(layer: nnx.Conv, key):
-        kh, kw, i, o = layer.kernel.value.shape
-        layer.kernel.value = _conv(take(key + ".weight", (o, i, kh, kw)))
+        kh, kw, i, o = layer.kernel.get_value().shape
+        layer.kernel.set_value(_conv(take(key + ".weight", (o, i, kh, kw))))
 
     def bn(layer: nnx.BatchNorm, key):
-        n = layer.scale.value.shape[0]
-        layer.scale.value = jnp.asarray(take(key + ".weight", (n,)))
-        layer.bias.value = jnp.asarray(take(key + ".bias", (n,)))
-        layer.mean.value = jnp.asarray(take(key + ".running_mean", (n,)))
-        layer.var.value = jnp.asarray(take(key + ".running_var", (n,)))
+        n = layer.scale.get_value().shape[0]
+        layer.scale.set_value(jnp.asarray(take(key + ".weight", (n,))))
+        layer.bias.set_value(jnp.asarray(take(key + ".bias", (n,))))
+        layer.mean.set_value(jnp.asarray(take(key + ".running_mean", (n,))))
+        layer.var.set_value(jnp.asarray(take(key + ".running_var", (n,))))
 
     conv(module._conv_stem, "_conv_stem")
     bn(module._bn0, "_bn0")
@@ -195,8 +195,8 @@ def load_torch_state_dict(module: EfficientNetLite, sd: Mapping[str, np.ndarray]
     conv(module._conv_head, "_conv_head")
     bn(module._bn1, "_bn1")
     fc_w = take("_fc.weight", (module.num_classes, HEAD_CHANNELS))
-    module._fc.kernel.value = jnp.asarray(fc_w.T)
-    module._fc.bias.value = jnp.asarray(take("_fc.bias", (module.num_classes,)))
+    module._fc.kernel.set_value(jnp.asarray(fc_w.T))
+    module._fc.bias.set_value(jnp.asarray(take("_fc.bias", (module.num_classes,))))
     extra = [k for k in sd if k not in used and not k.endswith("num_batches_tracked")]
     if extra:
         raise InputError(f"weight file has unexpected entries, e.g. '{extra[0]}'")

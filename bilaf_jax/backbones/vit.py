@@ -81,7 +81,7 @@ class VisionTransformer(nnx.Module):
         self.norm = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
 
     def _pos_embed(self, gh: int, gw: int):
-        pos = self.pos_embed.value
+        pos = self.pos_embed[...]
         grid = int(round((pos.shape[1] - 1) ** 0.5))
         if (gh, gw) == (grid, grid):
             return pos
@@ -95,7 +95,7 @@ class VisionTransformer(nnx.Module):
         h = self.patch_embed(x)  # [b, gh, gw, dim]
         gh, gw = h.shape[1], h.shape[2]
         h = h.reshape(b, gh * gw, self.dim)
-        cls = jnp.broadcast_to(self.cls_token.value, (b, 1, self.dim))
+        cls = jnp.broadcast_to(self.cls_token[...], (b, 1, self.dim))
         h = jnp.concatenate([cls, h], axis=1) + self._pos_embed(gh, gw)
         for block in self.blocks:
             h = block(h)
@@ -139,21 +139,21 @@ def load_torch_state_dict(module: VisionTransformer, sd: Mapping[str, np.ndarray
         return w
 
     def linear(layer: nnx.Linear, key):
-        i, o = layer.kernel.value.shape
-        layer.kernel.value = jnp.asarray(take(key + ".weight", (o, i)).T)
-        layer.bias.value = jnp.asarray(take(key + ".bias", (o,)))
+        i, o = layer.kernel.get_value().shape
+        layer.kernel.set_value(jnp.asarray(take(key + ".weight", (o, i)).T))
+        layer.bias.set_value(jnp.asarray(take(key + ".bias", (o,))))
 
     def norm(layer: nnx.LayerNorm, key):
-        n = layer.scale.value.shape[0]
-        layer.scale.value = jnp.asarray(take(key + ".weight", (n,)))
-        layer.bias.value = jnp.asarray(take(key + ".bias", (n,)))
+        n = layer.scale.get_value().shape[0]
+        layer.scale.set_value(jnp.asarray(take(key + ".weight", (n,))))
+        layer.bias.set_value(jnp.asarray(take(key + ".bias", (n,))))
 
     d, p = module.dim, module.patch
     w = take("patch_embed.proj.weight", (d, 3, p, p))
-    module.patch_embed.kernel.value = jnp.asarray(np.transpose(w, (2, 3, 1, 0)))
-    module.patch_embed.bias.value = jnp.asarray(take("patch_embed.proj.bias", (d,)))
-    module.cls_token.value = jnp.asarray(take("cls_token", (1, 1, d)))
-    module.pos_embed.value = jnp.asarray(take("pos_embed", module.pos_embed.value.shape))
+    module.patch_embed.kernel.set_value(jnp.asarray(np.transpose(w, (2, 3, 1, 0))))
+    module.patch_embed.bias.set_value(jnp.asarray(take("patch_embed.proj.bias", (d,))))
+    module.cls_token.set_value(jnp.asarray(take("cls_token", (1, 1, d))))
+    module.pos_embed.set_value(jnp.asarray(take("pos_embed", module.pos_embed.get_value().shape)))
     for i, block in enumerate(module.blocks):
         q = f"blocks.{i}."
         norm(block.norm1, q + "norm1")
