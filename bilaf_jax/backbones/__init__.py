@@ -39,6 +39,7 @@ __all__ = [
     "extract_features",
     "iter_feature_batches",
     "load",
+    "make_embedder",
     "preprocess",
 ]
 
@@ -134,48 +135,70 @@ def _eval_split(module):
     return nnx.split(copy)
 
 
-def _num_images(images) -> int:
-    return len(images)
+def _check_batch_size(batch_size) -> int:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+            or batch_size < 1:
+        raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
+    return int(batch_size)
 
 
-def _get_batch(images, start, stop, image_size, resample):
-    if isinstance(images, np.ndarray) or hasattr(images, "__array__"):
-        batch = np.asarray(images[start:stop])
+def make_embedder(backbone: Backbone, *, image_size: int | None = None, batch_size: int = 128,
+                  kind: str = "embed"):
+    """A function uint8 [m, h, w, 1|3] (m <= batch_size) -> f32 [m, dim] (or logits).
+
+    Batches are zero-padded to `batch_size`, so the jitted forward (resize + normalise +
+    network, eval mode) compiles once per input shape. Takes a snapshot of the module's weights.
+    """
+    size = backbone._size(image_size)
+    batch_size = _check_batch_size(batch_size)
+    if kind == "logits" and backbone.num_classes is None:
+        raise InputError(f"backbone {backbone.name} has no classifier head; use embed()")
+    graphdef, state = _eval_split(backbone.module)
+    mean, std = tuple(backbone.mean), tuple(backbone.std)
+
+    def run(batch):
+        batch = np.asarray(batch)
         if batch.dtype != np.uint8:
             raise InputError(f"images must be uint8, got {batch.dtype}")
-        return batch
-    return images.get_batch(np.arange(start, stop), image_size=image_size, resample=resample).images
+        if batch.ndim == 3:
+            batch = batch[..., None]
+        if batch.ndim != 4 or batch.shape[-1] not in (1, 3) or batch.shape[0] > batch_size:
+            raise InputError(f"images must be [m <= {batch_size}, h, w, 1 or 3], got {batch.shape}")
+        m = batch.shape[0]
+        if m < batch_size:
+            batch = np.concatenate([batch, np.zeros((batch_size - m,) + batch.shape[1:], np.uint8)])
+        out = _apply(graphdef, state, batch, image_size=size, mean=mean, std=std,
+                     method=backbone.resize_method, kind=kind)
+        return np.asarray(jax.device_get(out), np.float32)[:m]
+
+    return run
 
 
 def iter_feature_batches(backbone: Backbone, images, *, image_size: int | None = None,
                          batch_size: int = 128, start_batch: int = 0, kind: str = "embed"):
     """Yield (batch_index, first_row, features f32 [rows, dim]) for consecutive batches.
 
-    `images`: uint8 array [n, h, w, 1|3] or a `bilaf_jax.data.ImageSource` (images of varying
-    size are resized on the host first). Every batch is padded to `batch_size` so the jitted
-    forward compiles once. `start_batch` skips batches already done (resuming).
+    `images`: uint8 array [n, h, w, 1|3] or a `bilaf_jax.data.ImageSource` (whose images are
+    resized on the host first when their sizes vary). `start_batch` skips finished batches.
     """
     size = backbone._size(image_size)
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-            or batch_size < 1:
-        raise InputError(f"batch size must be a positive integer, got {batch_size!r}")
-    n = _num_images(images)
-    batch_size = int(min(batch_size, max(n, 1)))
-    graphdef, state = _eval_split(backbone.module)
-    resample = "bicubic" if backbone.resize_method == "bicubic" else "bilinear"
+    n = len(images)
+    batch_size = int(min(_check_batch_size(batch_size), max(n, 1)))
+    run = make_embedder(backbone, image_size=size, batch_size=batch_size, kind=kind)
     for b in range(start_batch, -(-n // batch_size)):
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-        batch = _get_batch(images, lo, hi, size, resample)
-        if batch.ndim == 3:
-            batch = batch[..., None]
-        if batch.ndim != 4 or batch.shape[-1] not in (1, 3):
-            raise InputError(f"images must be [n, h, w, 1 or 3], got batch shape {batch.shape}")
-        if hi - lo < batch_size:
-            pad = np.zeros((batch_size - (hi - lo),) + batch.shape[1:], batch.dtype)
-            batch = np.concatenate([batch, pad])
-        out = _apply(graphdef, state, batch, image_size=size, mean=tuple(backbone.mean),
-                     std=tuple(backbone.std), method=backbone.resize_method, kind=kind)
-        yield b, lo, np.asarray(jax.device_get(out), np.float32)[: hi - lo]
+        yield b, lo, run(read_rows(images, lo, hi, size, backbone.resize_method).images)
+
+
+def read_rows(images, lo: int, hi: int, image_size: int, resample: str = "bilinear"):
+    """Rows [lo, hi) of an image array or ImageSource as ImageArrays (labels -1 for arrays)."""
+    from bilaf_jax.data import ImageArrays
+
+    if hasattr(images, "get_batch"):
+        shape = getattr(images, "image_shape", None)
+        return images.get_batch(np.arange(lo, hi), image_size=None if shape else image_size,
+                                resample="bicubic" if resample == "bicubic" else "bilinear")
+    return ImageArrays(np.asarray(images[lo:hi]), np.full(hi - lo, -1, np.int32))
 
 
 def extract_features(backbone: Backbone, images, *, image_size: int | None = None,

@@ -87,12 +87,17 @@ def _check_limit(limit) -> int | None:
 class ImageSource:
     """Random access to (image uint8 [h, w, c], label int) pairs; row i is pool row id i."""
 
-    def __init__(self, name: str, split: str, getitems, length: int, num_classes: int | None):
+    def __init__(self, name: str, split: str, getitems, length: int, num_classes: int | None,
+                 image_shape: tuple | None = None, fingerprint: str = ""):
         self.name = name
         self.split = split
         self._getitems = getitems
         self._length = length
         self.num_classes = num_classes
+        # (h, w, c) when every image has it, else None (sizes vary: resize on the host)
+        self.image_shape = image_shape
+        # identifies the exact data (e.g. source checksums), for caches and resuming
+        self.fingerprint = fingerprint or f"{name}/{split}/{length}"
 
     def __len__(self) -> int:
         return self._length
@@ -197,7 +202,7 @@ def _tfds_own_source(name, split, data_dir, cache_dir) -> ImageSource:
         except Exception:
             src = None
         if src is not None:
-            return _wrap_tfds_source(name, split, src, builder.info.features["label"].num_classes)
+            return _wrap_tfds_source(name, split, src, builder.info.features)
         try:
             import tensorflow  # noqa: F401
         except ImportError:
@@ -224,10 +229,13 @@ def _builder_source(name, builder, split) -> ImageSource:
         raise InputError(f"{name} has no split '{split}' (splits: {', '.join(sorted(splits))})")
     with _quiet_tfds():
         src = builder.as_data_source(split=split)
-    return _wrap_tfds_source(name, split, src, builder.info.features["label"].num_classes)
+    return _wrap_tfds_source(name, split, src, builder.info.features)
 
 
-def _wrap_tfds_source(name, split, src, num_classes) -> ImageSource:
+def _wrap_tfds_source(name, split, src, features) -> ImageSource:
+    num_classes = features["label"].num_classes
+    shape = tuple(features["image"].shape)
+    image_shape = shape if shape and all(d is not None for d in shape) else None
     def getitems(indices):
         try:
             recs = src.__getitems__(indices)
@@ -235,7 +243,7 @@ def _wrap_tfds_source(name, split, src, num_classes) -> ImageSource:
             recs = [src[i] for i in indices]
         return [(np.asarray(r["image"]), int(r["label"])) for r in recs]
 
-    return ImageSource(name, split, getitems, len(src), num_classes)
+    return ImageSource(name, split, getitems, len(src), num_classes, image_shape)
 
 
 def _image_folder_root(split, data_dir) -> Path:
@@ -279,7 +287,8 @@ def _image_folder_source(split, data_dir) -> ImageSource:
             out.append((arr[:, :, None] if arr.ndim == 2 else arr, labels[i]))
         return out
 
-    src = ImageSource("image_folder", split, getitems, len(files), len(classes))
+    src = ImageSource("image_folder", split, getitems, len(files), len(classes),
+                      fingerprint=f"image_folder/{root.resolve()}/{len(files)}")
     src.files = files
     src.class_names = classes
     return src
@@ -295,7 +304,10 @@ def data_source(name: str, split: str, *, data_dir=None, cache_dir=None) -> Imag
     if not isinstance(split, str) or not split:
         raise InputError(f"split must be a non-empty string, got {split!r}")
     if name == "fashion_mnist":
-        return _builder_source(name, _fashion_mnist_tfds_source(split, data_dir, cache_dir), split)
+        builder = _fashion_mnist_tfds_source(split, data_dir, cache_dir)
+        src = _builder_source(name, builder, split)
+        src.fingerprint = f"fashion_mnist/{split}/{builder.builder_config.name}"
+        return src
     if name == "image_folder":
         return _image_folder_source(split, data_dir)
     return _tfds_own_source(name, split, data_dir, cache_dir)

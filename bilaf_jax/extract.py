@@ -1,0 +1,188 @@
+"""Resumable feature extraction to a `.npz` file (the edge between datasets, backbones and disk).
+
+`extract_to_file(out, dataset=..., split=..., backbone=...)` embeds a dataset split with a
+backbone and writes `out` (npz) with
+
+- `features` f32 [n, dim], `labels` int32 [n], `indices` int64 [n] (pool row ids: the dataset
+  rows used, 0..n-1 in the dataset's order),
+- `meta`: a 0-d string array holding JSON (backbone, weight sha256, image size, dataset, split,
+  limit, taps, ...).
+
+Completed batches go to `<out>.partial/batch_<b>.npz` (each written atomically) beside a
+`config.json`. A killed run started again with the same configuration reuses them; a different
+configuration discards them. The final file is written atomically and the partial folder removed,
+so `out` is either absent or complete, never truncated.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+import zipfile
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from bilaf_jax.io import InputError, atomic_open, save_npz_atomic, write_json_atomic
+
+__all__ = ["ExtractOutput", "extract_to_file", "read_meta"]
+
+_SHARD = "batch_{:06d}.npz"
+
+
+class ExtractOutput(NamedTuple):
+    path: Path
+    num_images: int  # n
+    dim: int
+    reused_batches: int  # batches found in the partial folder and not recomputed
+    computed_batches: int
+    seconds: float
+
+
+def _check_out(out) -> Path:
+    out = Path(out).expanduser()
+    if out.is_dir():
+        raise InputError(f"output path is a folder: {out}")
+    folder = out.parent if str(out.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"output folder is not writable: {folder}")
+    return out
+
+
+def _save_shard(path: Path, **arrays) -> None:
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
+
+
+def _load_shard(path: Path, rows: int, dim: int):
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            features, labels = z["features"], z["labels"]
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
+    if features.shape != (rows, dim) or labels.shape != (rows,) or features.dtype != np.float32:
+        return None
+    return features, labels
+
+
+def _prepare_partial(partial: Path, config: dict) -> None:
+    """Make `partial` hold shards of exactly `config` (keep them if it matches, else empty it)."""
+    cfg_path = partial / "config.json"
+    if partial.is_dir():
+        try:
+            same = json.loads(cfg_path.read_text()) == config
+        except (OSError, ValueError):
+            same = False
+        if same:
+            return
+        for p in partial.iterdir():  # only what this module writes
+            if p.name == "config.json" or (p.name.startswith("batch_") and p.name.endswith(".npz")) \
+                    or p.name.endswith(".tmp"):
+                p.unlink()
+    elif partial.exists():
+        raise InputError(f"{partial} exists and is not a folder; remove it")
+    partial.mkdir(exist_ok=True)
+    write_json_atomic(cfg_path, config, indent=1)
+
+
+def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
+                    image_size: int | None = None, limit: int | None = None,
+                    batch_size: int = 128, data_dir=None, cache_dir=None, taps=None,
+                    seed: int = 0, progress: bool = True, on_batch=None) -> ExtractOutput:
+    """Embed `dataset`/`split` with `backbone` (a name, or a loaded `Backbone`) into `out`.
+
+    `on_batch(batch_index)` is called after each batch's shard is safely on disk.
+    Raises InputError (one line) for every problem a user can cause.
+    """
+    from tqdm.auto import tqdm
+
+    from bilaf_jax import backbones as bbs
+    from bilaf_jax import data
+
+    t0 = time.perf_counter()
+    out = _check_out(out)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer))
+                              or limit < 1):
+        raise InputError(f"limit must be a positive integer, got {limit!r}")
+    batch_size = bbs._check_batch_size(batch_size)
+    source = data.data_source(dataset, split, data_dir=data_dir, cache_dir=cache_dir)
+    if isinstance(backbone, str):
+        backbone = bbs.load(backbone, weights, taps=taps, seed=seed)
+    size = backbone._size(image_size)
+    n = len(source) if limit is None else min(int(limit), len(source))
+    if n == 0:
+        raise InputError(f"{dataset} split '{split}' is empty")
+    batch_size = min(batch_size, n)
+    num_batches = -(-n // batch_size)
+    meta = {
+        "dataset": dataset,
+        "split": split,
+        "limit": None if limit is None else int(limit),
+        "num_images": n,
+        "source": source.fingerprint,
+        "backbone": backbone.name,
+        "weights_sha256": backbone.weights_sha256 or f"random(seed={seed})",
+        "weights_path": backbone.weights_path,
+        "taps": None if backbone.taps is None else [str(t) for t in backbone.taps],
+        "dim": backbone.dim,
+        "image_size": size,
+        "resize": backbone.resize_method,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+    }
+    partial = out.with_name(out.name + ".partial")
+    _prepare_partial(partial, {**meta, "batch_size": batch_size, "format": 1})
+
+    shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for b in range(num_batches):
+        p = partial / _SHARD.format(b)
+        if p.exists():
+            rows = min(n, (b + 1) * batch_size) - b * batch_size
+            got = _load_shard(p, rows, backbone.dim)
+            if got is not None:
+                shards[b] = got
+    reused = len(shards)
+    todo = [b for b in range(num_batches) if b not in shards]
+    bar = tqdm(total=n, initial=sum(len(f) for f, _ in shards.values()), unit="img",
+               desc=f"extract {backbone.name}", file=sys.stderr, disable=not progress,
+               dynamic_ncols=True)
+    try:
+        if todo:
+            run = bbs.make_embedder(backbone, image_size=size, batch_size=batch_size)
+            for b in todo:
+                lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
+                arrays = bbs.read_rows(source, lo, hi, size, backbone.resize_method)
+                features = run(arrays.images)
+                if not np.isfinite(features).all():
+                    raise InputError(f"non-finite features in batch {b} (rows {lo}-{hi - 1})")
+                labels = arrays.labels.astype(np.int32)
+                _save_shard(partial / _SHARD.format(b), features=features, labels=labels)
+                shards[b] = (features, labels)
+                bar.update(hi - lo)
+                if on_batch is not None:
+                    on_batch(b)
+    finally:
+        bar.close()
+    features = np.concatenate([shards[b][0] for b in range(num_batches)])
+    labels = np.concatenate([shards[b][1] for b in range(num_batches)])
+    seconds = time.perf_counter() - t0
+    meta["seconds"] = round(seconds, 3)
+    save_npz_atomic(out, features=features, labels=labels,
+                    indices=np.arange(n, dtype=np.int64), meta=np.asarray(json.dumps(meta)))
+    shutil.rmtree(partial, ignore_errors=True)
+    return ExtractOutput(out, n, backbone.dim, reused, len(todo), seconds)
+
+
+def read_meta(path) -> dict:
+    """The `meta` JSON of a feature file written by `extract_to_file`."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return json.loads(str(z["meta"]))
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise InputError(f"{path} has no readable extraction metadata ({e})") from None
