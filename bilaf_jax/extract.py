@@ -111,10 +111,10 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
                               or limit < 1):
         raise InputError(f"limit must be a positive integer, got {limit!r}")
     batch_size = bbs._check_batch_size(batch_size)
-    source = data.data_source(dataset, split, data_dir=data_dir, cache_dir=cache_dir)
     if isinstance(backbone, str):
         backbone = bbs.load(backbone, weights, taps=taps, seed=seed)
     size = backbone._size(image_size)
+    source = data.data_source(dataset, split, data_dir=data_dir, cache_dir=cache_dir)
     n = len(source) if limit is None else min(int(limit), len(source))
     if n == 0:
         raise InputError(f"{dataset} split '{split}' is empty")

@@ -1,0 +1,194 @@
+"""`bilaf extract` and `bilaf_jax.extract.extract_to_file`: output layout, resume, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bilaf_jax import backbones, cli
+from bilaf_jax.data import load_arrays
+from bilaf_jax.extract import extract_to_file, read_meta
+from bilaf_jax.io import InputError
+from tests.test_data import make_fashion_mnist
+
+# One small configuration throughout, so the jitted forward compiles once per test session.
+CFG = dict(dataset="fashion_mnist", split="train", backbone="efficientnet_lite0",
+           weights="random", taps=("2",), image_size=32, batch_size=4)
+ARGS = ["--dataset", "fashion_mnist", "--split", "train", "--backbone", "efficientnet_lite0",
+        "--weights", "random", "--taps", "2", "--image-size", "32", "--batch-size", "4",
+        "--no-progress"]
+
+
+@pytest.fixture
+def pool(tmp_path):
+    src = tmp_path / "fmnist"
+    arrays = make_fashion_mnist(src, n_train=10, n_test=3)
+    return {"data_dir": src, "cache_dir": tmp_path / "cache"}, arrays
+
+
+def bilaf(monkeypatch, *argv):
+    monkeypatch.setattr(cli, "COMMANDS", ("extract",))  # independent of the other commands
+    return cli.main(["extract", *map(str, argv)])
+
+
+def test_cli_writes_features_labels_indices_meta(pool, tmp_path, monkeypatch, capsys):
+    dirs, arrays = pool
+    out = tmp_path / "feats.npz"
+    rc = bilaf(monkeypatch, *ARGS, "--data-dir", dirs["data_dir"], "--cache-dir",
+               dirs["cache_dir"], "--limit", 7, "--out", out)
+    assert rc == 0, capsys.readouterr().err
+    with np.load(out, allow_pickle=False) as z:
+        features, labels, indices = z["features"], z["labels"], z["indices"]
+    assert features.shape == (7, 24) and features.dtype == np.float32
+    np.testing.assert_array_equal(labels, arrays["train"][1][:7])
+    np.testing.assert_array_equal(indices, np.arange(7))
+    meta = read_meta(out)
+    assert meta["backbone"] == "efficientnet_lite0" and meta["image_size"] == 32
+    assert meta["dataset"] == "fashion_mnist" and meta["split"] == "train" and meta["limit"] == 7
+    assert meta["taps"] == ["2"] and meta["weights_sha256"] == "random(seed=0)"
+    assert not (tmp_path / "feats.npz.partial").exists()
+    # the same numbers as embedding the images directly
+    bb = backbones.load("efficientnet_lite0", "random", taps=(2,))
+    images = load_arrays("fashion_mnist", "train", limit=7, **dirs).images
+    np.testing.assert_allclose(features, bb.embed(images, image_size=32, batch_size=4),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_resume_after_interruption_gives_identical_features(pool, tmp_path):
+    dirs, _ = pool
+    whole = extract_to_file(tmp_path / "whole.npz", progress=False, **CFG, **dirs)
+    assert (whole.reused_batches, whole.computed_batches) == (0, 3)
+
+    out = tmp_path / "resumed.npz"
+
+    def kill_after_second(b):
+        if b == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_file(out, progress=False, on_batch=kill_after_second, **CFG, **dirs)
+    assert not out.exists()  # never a truncated file
+    partial = tmp_path / "resumed.npz.partial"
+    assert sorted(p.name for p in partial.glob("batch_*.npz")) == [
+        "batch_000000.npz", "batch_000001.npz"]
+    res = extract_to_file(out, progress=False, **CFG, **dirs)
+    assert (res.reused_batches, res.computed_batches) == (2, 1)
+    assert not partial.exists()
+    with np.load(out) as a, np.load(tmp_path / "whole.npz") as b:
+        for key in ("features", "labels", "indices"):
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_changed_config_or_corrupt_shard_is_recomputed(pool, tmp_path):
+    dirs, _ = pool
+    out = tmp_path / "f.npz"
+
+    def stop(b):
+        if b == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_file(out, progress=False, on_batch=stop, **CFG, **dirs)
+    partial = tmp_path / "f.npz.partial"
+    (partial / "batch_000000.npz").write_bytes(b"half a file")
+    res = extract_to_file(out, progress=False, **CFG, **dirs)
+    assert (res.reused_batches, res.computed_batches) == (1, 2)
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_file(out, progress=False, on_batch=stop, **CFG, **dirs)
+    cfg = dict(CFG, seed=1)  # other weights: the old shards must not be reused
+    res = extract_to_file(out, progress=False, **cfg, **dirs)
+    assert res.reused_batches == 0
+    assert json.loads(str(np.load(out)["meta"]))["weights_sha256"] == "random(seed=1)"
+
+
+def test_interrupted_cli_exits_130_without_output(pool, tmp_path, monkeypatch, capsys):
+    dirs, _ = pool
+    import bilaf_jax.backbones as bbs
+
+    real = bbs.make_embedder
+
+    def failing_embedder(*a, **k):
+        run = real(*a, **k)
+        calls = []
+
+        def f(x):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
+            return run(x)
+
+        return f
+
+    monkeypatch.setattr(bbs, "make_embedder", failing_embedder)
+    out = tmp_path / "f.npz"
+    rc = bilaf(monkeypatch, *ARGS, "--data-dir", dirs["data_dir"], "--cache-dir",
+               dirs["cache_dir"], "--out", out)
+    assert rc == 130 and not out.exists()
+    assert len(list((tmp_path / "f.npz.partial").glob("batch_*.npz"))) == 1
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--backbone", "resnet"], "unknown backbone 'resnet'"),
+        (["--taps", "2,neck"], "bad tap"),
+        (["--weights", "/no/such/file.pth"], "weight file not found"),
+        (["--split", "validation"], "no split 'validation'"),
+        (["--image-size", "0"], "positive integer"),
+        (["--batch-size", "x"], "positive integer"),
+        (["--out", "/no/such/folder/f.npz"], "output folder does not exist"),
+        (["--data-dir", "/no/such/dir"], "apt-get install dataset-fashion-mnist"),
+        (["--backbone", "vit_s16", "--taps", "head"], "vit_s16 has no taps"),
+    ],
+)
+def test_bad_inputs_are_one_line_exit_2(pool, tmp_path, monkeypatch, capsys, extra, message):
+    dirs, _ = pool
+    argv = ARGS + ["--data-dir", dirs["data_dir"], "--cache-dir", dirs["cache_dir"],
+                   "--out", tmp_path / "f.npz"] + extra
+    with pytest.raises(SystemExit) if extra[0] in ("--image-size", "--batch-size") \
+            else _no_raise() as exit_info:
+        rc = bilaf(monkeypatch, *argv)
+    if exit_info is not None and hasattr(exit_info, "value"):
+        rc = exit_info.value.code
+    err = capsys.readouterr().err.strip()
+    assert rc == 2, err
+    # (TFDS may draw its progress bars first while it prepares the data)
+    assert message in err.splitlines()[-1] and "Traceback" not in err, err
+    assert not (tmp_path / "f.npz").exists()
+
+
+class _no_raise:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_library_errors(pool, tmp_path):
+    dirs, _ = pool
+    with pytest.raises(InputError, match="output path is a folder"):
+        extract_to_file(tmp_path, progress=False, **CFG, **dirs)
+    with pytest.raises(InputError, match="limit"):
+        extract_to_file(tmp_path / "f.npz", progress=False, limit=0, **CFG, **dirs)
+
+
+def test_image_folder_of_mixed_sizes(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls, n in (("a", 3), ("b", 2)):
+        (tmp_path / "imgs" / cls).mkdir(parents=True)
+        for i in range(n):
+            mode_shape = (20 + 3 * i, 17, 3) if i % 2 else (15, 22)  # RGB and grey
+            arr = rng.integers(0, 256, mode_shape, dtype=np.uint8)
+            Image.fromarray(arr).save(tmp_path / "imgs" / cls / f"{i}.png")
+    cfg = dict(CFG, dataset="image_folder", split="all")
+    res = extract_to_file(tmp_path / "f.npz", data_dir=tmp_path / "imgs", progress=False, **cfg)
+    assert res.num_images == 5
+    with np.load(tmp_path / "f.npz") as z:
+        assert z["features"].shape == (5, 24) and np.isfinite(z["features"]).all()
+        np.testing.assert_array_equal(z["labels"], [0, 0, 0, 1, 1])
