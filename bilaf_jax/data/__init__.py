@@ -118,6 +118,8 @@ class ImageSource:
         images = [im[:, :, None] if im.ndim == 2 else im for im in images]
         if image_size is not None:
             images = [_resize_uint8(im, image_size, resample) for im in images]
+        if len({im.shape[-1] for im in images}) > 1:  # grey beside RGB: make all RGB
+            images = [np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images]
         shapes = {im.shape for im in images}
         if len(shapes) > 1:
             raise InputError(
