@@ -28,6 +28,9 @@ def check_features(features, name: str = "features"):
     """
     if features is None:
         raise ValueError(f"{name} is None; expected an array of shape [n, d]")
+    from bilaf_jax.sharding import as_auto_sharded
+
+    features = as_auto_sharded(features)
     if not isinstance(features, (jax.Array, np.ndarray)):
         try:
             features = np.asarray(features)
@@ -120,16 +123,38 @@ def check_fraction(value, name: str, low_open: bool = False, high_open: bool = F
     return value
 
 
-def check_exclude(exclude, n: int, num_samples: int):
-    """Turn `exclude` (indices of already-labelled rows, or None) into a bool[n] mask or None.
+def check_pool(features, num_rows=None):
+    """`check_features`, plus the count of real rows: all of them, or `num_rows` (a prefix; the
+    rest is padding added to shard the rows evenly, see `bilaf_jax.sharding`).
+    Returns (features, num_rows)."""
+    features = check_features(features)
+    n = features.shape[0]
+    if num_rows is None:
+        return features, n
+    return features, check_count(num_rows, "num_rows", 1, n)
 
-    Raises ValueError when indices are invalid or fewer than `num_samples` rows remain.
+
+def check_exclude(exclude, num_rows: int, num_samples: int, total: int | None = None):
+    """Turn `exclude` (indices of already-labelled rows, or None) into a bool mask or None.
+
+    Indices must lie in [0, num_rows); the mask has `total` entries (default num_rows), padding
+    rows left False. Raises ValueError when indices are invalid or fewer than `num_samples` rows
+    remain.
     """
     if exclude is None:
         return None
-    idx = check_indices(exclude, n, "exclude")
-    if n - idx.size < num_samples:
-        raise ValueError(f"only {n - idx.size} rows are not excluded, fewer than the {num_samples} requested")
-    mask = np.zeros(n, bool)
+    idx = check_indices(exclude, num_rows, "exclude")
+    if num_rows - idx.size < num_samples:
+        raise ValueError(f"only {num_rows - idx.size} rows are not excluded, fewer than the {num_samples} requested")
+    mask = np.zeros(num_rows if total is None else total, bool)
     mask[idx] = True
+    return mask
+
+
+def unavailable_rows(excluded, n: int, num_rows: int):
+    """bool[n] of rows a selector may not pick (excluded or padding), or None when all may be."""
+    if excluded is None and num_rows == n:
+        return None
+    mask = np.zeros(n, bool) if excluded is None else excluded.copy()
+    mask[num_rows:] = True
     return mask

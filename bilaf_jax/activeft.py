@@ -86,11 +86,12 @@ assigned_similarity.defvjp(_assigned_similarity_fwd, _assigned_similarity_bwd)
 
 
 def activeft_loss(theta, features, temperature, balance, *, chunk_size=distances.DEFAULT_CHUNK,
-                  precision=None):
+                  precision=None, row_mask=None):
     """The authors' ActiveFT objective. theta [K, d]; features [b, d] L2-normalised -> scalar.
 
     Value and gradient equal the authors' PyTorch loss (gradient flows through c_p(i) in the
-    data term and through c_j, not c_k, in the Gram term).
+    data term and through c_j, not c_k, in the Gram term). `row_mask` bool[b]: rows that count
+    (padding rows of a sharded pool do not).
     """
     c = distances.normalize(theta)
     sim, assign = assigned_similarity(c, features, chunk_size, precision)
@@ -98,13 +99,17 @@ def activeft_loss(theta, features, temperature, balance, *, chunk_size=distances
     gram = jnp.matmul(lax.stop_gradient(c), c.T, precision=precision) / temperature  # [K, K]: k, j
     log_s = jax.nn.logsumexp(gram, axis=0)  # [K]: log S_j
     # log(1 + lambda * S / e) = softplus(log lambda + log S - s)
-    return jnp.mean(jax.nn.softplus(jnp.log(balance) + log_s[assign] - s))
+    per_row = jax.nn.softplus(jnp.log(balance) + log_s[assign] - s)
+    if row_mask is None:
+        return jnp.mean(per_row)
+    return jnp.sum(jnp.where(row_mask, per_row, 0.0)) / jnp.sum(row_mask)
 
 
 def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperature=0.07,
              learning_rate=1e-3, balance=1.0, batch_size: int | None = None, init_indices=None,
              optimizer: optax.GradientTransformation | None = None,
-             chunk_size: int = 16384, precision=None, exclude=None) -> ActiveFTOutput:
+             chunk_size: int = 16384, precision=None, exclude=None,
+             num_rows: int | None = None) -> ActiveFTOutput:
     """Select `num_samples` core samples from `features` [n, d] with ActiveFT.
 
     Args:
@@ -124,6 +129,8 @@ def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperatu
         passes on accelerators; HIGHEST for full float32).
       exclude: int[m] rows already labelled: never selected, never used as initial centroids
         (they still shape the objective as part of the pool).
+      num_rows: the real rows when `features` was padded to shard evenly (`bilaf_jax.sharding`):
+        rows from `num_rows` on are ignored.
 
     Returns:
       ActiveFTOutput; `indices` ascending.
@@ -134,57 +141,60 @@ def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperatu
     >>> out.indices.shape, out.losses.shape
     ((5,), (10,))
     """
-    features = V.check_features(features)
+    features, num_rows = V.check_pool(features, num_rows)
     n = features.shape[0]
-    num_samples = V.check_count(num_samples, "num_samples", 1, n)
+    num_samples = V.check_count(num_samples, "num_samples", 1, num_rows)
     num_steps = V.check_count(num_steps, "num_steps", 0, 10**9)
     if batch_size is not None:
-        batch_size = V.check_count(batch_size, "batch_size", 1, n)
-        if batch_size == n:
+        batch_size = V.check_count(batch_size, "batch_size", 1, num_rows)
+        if batch_size == num_rows:
             batch_size = None
     V.check_positive(temperature, "temperature")
     V.check_positive(learning_rate, "learning_rate", allow_zero=True)
     V.check_positive(balance, "balance")
-    excluded = V.check_exclude(exclude, n, num_samples)
+    excluded = V.check_exclude(exclude, num_rows, num_samples, total=n)
     if init_indices is not None:
-        init_indices = V.check_indices(init_indices, n, "init_indices", num_samples)
+        init_indices = V.check_indices(init_indices, num_rows, "init_indices", num_samples)
         if excluded is not None and excluded[init_indices].any():
             raise ValueError("init_indices include excluded rows")
         init_indices = jnp.asarray(init_indices)
     if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer)}")
-    return _activeft(key, features, init_indices, excluded, temperature, learning_rate, balance,
-                     num_samples=num_samples, num_steps=num_steps, batch_size=batch_size,
+    return _activeft(key, features, init_indices, V.unavailable_rows(excluded, n, num_rows), temperature,
+                     learning_rate, balance, num_samples=num_samples, num_steps=num_steps,
+                     batch_size=batch_size, num_rows=num_rows, has_excluded=excluded is not None,
                      optimizer=optimizer, chunk_size=chunk_size, precision=precision)
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples", "num_steps", "batch_size",
-                                             "optimizer", "chunk_size", "precision"))
-def _activeft(key, features, init_indices, excluded, temperature, learning_rate, balance, *, num_samples,
-              num_steps, batch_size, optimizer, chunk_size, precision):
+@functools.partial(jax.jit, static_argnames=("num_samples", "num_steps", "batch_size", "num_rows",
+                                             "has_excluded", "optimizer", "chunk_size", "precision"))
+def _activeft(key, features, init_indices, unavailable, temperature, learning_rate, balance, *,
+              num_samples, num_steps, batch_size, num_rows, has_excluded, optimizer, chunk_size,
+              precision):
     n = features.shape[0]
     dtype = jnp.promote_types(features.dtype, jnp.float32)
     feats = distances.normalize(features.astype(dtype))
     init_key, batch_key = jax.random.split(key)
-    if init_indices is None and excluded is None:
-        init_indices = jax.random.choice(init_key, n, (num_samples,), replace=False)
+    if init_indices is None and (unavailable is None or not has_excluded):
+        init_indices = jax.random.choice(init_key, num_rows, (num_samples,), replace=False)
     elif init_indices is None:
-        free = (~excluded).astype(jnp.float32)
+        free = (~unavailable).astype(jnp.float32)
         init_indices = jax.random.choice(init_key, n, (num_samples,), replace=False, p=free / free.sum())
     init_indices = init_indices.astype(jnp.int32)
     theta = feats[init_indices]
     tx = optimizer if optimizer is not None else optax.adam(learning_rate)
+    row_mask = None if num_rows == n else jnp.arange(n) < num_rows
     loss_fn = functools.partial(activeft_loss, temperature=temperature, balance=balance,
                                 chunk_size=chunk_size, precision=precision)
 
     def step(t, state: ActiveFTState) -> ActiveFTState:
         if batch_size is None:
-            batch = feats
+            batch, mask = feats, row_mask
         else:
-            rows = jax.random.choice(jax.random.fold_in(batch_key, t), n, (batch_size,),
+            rows = jax.random.choice(jax.random.fold_in(batch_key, t), num_rows, (batch_size,),
                                      replace=False)
-            batch = feats[rows]
-        loss, grad = jax.value_and_grad(loss_fn)(state.theta, batch)
+            batch, mask = feats[rows], None
+        loss, grad = jax.value_and_grad(loss_fn)(state.theta, batch, row_mask=mask)
         updates, opt_state = tx.update(grad, state.opt_state, state.theta)
         theta = optax.apply_updates(state.theta, updates)
         return ActiveFTState(theta, opt_state, state.losses.at[t].set(loss.astype(jnp.float32)))
@@ -193,5 +203,5 @@ def _activeft(key, features, init_indices, excluded, temperature, learning_rate,
     state = lax.fori_loop(0, num_steps, step, state)
     centroids = distances.normalize(state.theta)
     matched = distances.greedy_unique_match(feats, centroids, "dot", chunk_size=chunk_size,
-                                            precision=precision, taken=excluded)
+                                            precision=precision, taken=unavailable)
     return ActiveFTOutput(jnp.sort(matched), matched, centroids, state.losses, init_indices)

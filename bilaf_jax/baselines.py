@@ -46,32 +46,38 @@ class KMeansOutput(NamedTuple):
     num_iters: jax.Array
 
 
-def _check(features, num_samples, exclude):
-    features = V.check_features(features)
-    num_samples = V.check_count(num_samples, "num_samples", 1, features.shape[0])
-    return features, num_samples, V.check_exclude(exclude, features.shape[0], num_samples)
+def _check(features, num_samples, exclude, num_rows):
+    """Validated (features, num_samples, num_rows, unavailable bool[n] or None)."""
+    features, num_rows = V.check_pool(features, num_rows)
+    n = features.shape[0]
+    num_samples = V.check_count(num_samples, "num_samples", 1, num_rows)
+    excluded = V.check_exclude(exclude, num_rows, num_samples, total=n)
+    return features, num_samples, num_rows, V.unavailable_rows(excluded, n, num_rows)
 
 
-def random_select(key, features, num_samples: int, *, exclude=None) -> RandomOutput:
+def random_select(key, features, num_samples: int, *, exclude=None, num_rows=None) -> RandomOutput:
     """`num_samples` rows of `features` [n, d] uniformly at random, without replacement.
 
     exclude: int[m] rows already labelled, never chosen.
+    num_rows: real rows of a padded, sharded pool (`bilaf_jax.sharding`); the rest are ignored.
 
     >>> import jax, numpy as np
     >>> random_select(jax.random.key(0), np.zeros((10, 2)), 3).indices.shape
     (3,)
     """
-    features, num_samples, excluded = _check(features, num_samples, exclude)
-    return _random_select(key, excluded, features.shape[0], num_samples=num_samples)
+    features, num_samples, num_rows, unavailable = _check(features, num_samples, exclude, num_rows)
+    if unavailable is not None and not unavailable[:num_rows].any():
+        unavailable = None  # padding only: drawing from the first num_rows is the same thing
+    return _random_select(key, unavailable, num_rows, num_samples=num_samples)
 
 
 @functools.partial(jax.jit, static_argnums=(2,), static_argnames=("num_samples",))
-def _random_select(key, excluded, n, *, num_samples):
-    if excluded is None:
-        idx = jax.random.choice(key, n, (num_samples,), replace=False)
+def _random_select(key, unavailable, num_rows, *, num_samples):
+    if unavailable is None:
+        idx = jax.random.choice(key, num_rows, (num_samples,), replace=False)
     else:
-        free = (~excluded).astype(jnp.float32)
-        idx = jax.random.choice(key, n, (num_samples,), replace=False, p=free / free.sum())
+        free = (~unavailable).astype(jnp.float32)
+        idx = jax.random.choice(key, free.shape[0], (num_samples,), replace=False, p=free / free.sum())
     return RandomOutput(jnp.sort(idx.astype(jnp.int32)))
 
 
@@ -81,22 +87,25 @@ class _KCenterState(NamedTuple):
     radius: jax.Array  # [K]
 
 
-def kcenter_select(key, features, num_samples: int, *, exclude=None) -> KCenterOutput:
+def kcenter_select(key, features, num_samples: int, *, exclude=None, num_rows=None) -> KCenterOutput:
     """Farthest-point (k-center greedy) selection: FDS / CoreSet in the paper.
 
     Starts from a uniformly random row (as the authors' FDS does), then repeatedly adds the row
     farthest (Euclidean, features as given) from the chosen set; ties go to the lowest index.
     With `exclude` (rows already labelled), those rows form the initial chosen set instead of
     a random row (the CoreSet rule for a labelled pool). Cost O(K n d), memory O(n).
+    num_rows: real rows of a padded, sharded pool (`bilaf_jax.sharding`); the rest are ignored.
     """
-    features, num_samples, excluded = _check(features, num_samples, exclude)
-    if excluded is None:
-        return _kcenter(key, features, num_samples=num_samples)
-    return _kcenter_from(features, np.flatnonzero(excluded).astype(np.int32), num_samples=num_samples)
+    features, num_samples, num_rows, unavailable = _check(features, num_samples, exclude, num_rows)
+    padding = jnp.arange(features.shape[0]) >= num_rows
+    if unavailable is None or not unavailable[:num_rows].any():
+        return _kcenter(key, features, padding, num_rows, num_samples=num_samples)
+    labelled = np.flatnonzero(unavailable[:num_rows]).astype(np.int32)
+    return _kcenter_from(features, padding, labelled, num_samples=num_samples)
 
 
 @functools.partial(jax.jit, static_argnames=("num_samples",))
-def _kcenter_from(features, labelled, *, num_samples):
+def _kcenter_from(features, padding, labelled, *, num_samples):
     x = features.astype(jnp.promote_types(features.dtype, jnp.float32))
 
     def cover(min_dist, i):
@@ -105,16 +114,15 @@ def _kcenter_from(features, labelled, *, num_samples):
 
     min_dist, _ = lax.scan(cover, jnp.full(x.shape[0], jnp.inf, x.dtype), labelled)
     min_dist = min_dist.at[labelled].set(-1.0)  # labelled rows are never picked
-    return _kcenter_loop(x, min_dist, 0, num_samples)
+    return _kcenter_loop(x, jnp.where(padding, -1.0, min_dist), 0, num_samples)
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples",))
-def _kcenter(key, features, *, num_samples):
-    n = features.shape[0]
+@functools.partial(jax.jit, static_argnums=(3,), static_argnames=("num_samples",))
+def _kcenter(key, features, padding, num_rows, *, num_samples):
     x = features.astype(jnp.promote_types(features.dtype, jnp.float32))
-    first = jax.random.randint(key, (), 0, n, dtype=jnp.int32)
+    first = jax.random.randint(key, (), 0, num_rows, dtype=jnp.int32)
     min_dist = distances.pairwise(x, x[first][None], "sqeuclidean", direct=True)[:, 0]
-    min_dist = min_dist.at[first].set(-1.0)
+    min_dist = jnp.where(padding, -1.0, min_dist).at[first].set(-1.0)
     out = _kcenter_loop(x, min_dist, 1, num_samples)
     order = out.order.at[0].set(first)
     return KCenterOutput(jnp.sort(order), order, out.radius.at[0].set(jnp.inf))
@@ -153,57 +161,61 @@ class _LloydState(NamedTuple):
 
 
 def kmeans_select(key, features, num_samples: int, *, num_iters: int = 100, tol: float = 1e-6,
-                  chunk_size: int = distances.DEFAULT_CHUNK, exclude=None) -> KMeansOutput:
+                  chunk_size: int = distances.DEFAULT_CHUNK, exclude=None,
+                  num_rows=None) -> KMeansOutput:
     """K-Means baseline: k-means++ seeding, Lloyd iterations, nearest distinct sample per centre.
 
     Lloyd stops after `num_iters` iterations or when the total squared movement of the centres
     falls below `tol` times the mean squared norm of the features. A centre that loses all its
     points stays where it was. Each centre, in order, then takes its nearest row not already
     taken, so the K indices are distinct. `exclude`: rows already labelled, never chosen.
+    `num_rows`: real rows of a padded, sharded pool (`bilaf_jax.sharding`); the rest are ignored.
     """
-    features, num_samples, excluded = _check(features, num_samples, exclude)
+    features, num_samples, num_rows, unavailable = _check(features, num_samples, exclude, num_rows)
     num_iters = V.check_count(num_iters, "num_iters", 0, 10**7)
     V.check_positive(tol, "tol", allow_zero=True)
-    return _kmeans(key, features, tol, excluded, num_samples=num_samples, num_iters=num_iters,
+    return _kmeans(key, features, tol, unavailable, num_rows, num_samples=num_samples, num_iters=num_iters,
                    chunk_size=chunk_size)
 
 
-@functools.partial(jax.jit, static_argnames=("num_samples", "num_iters", "chunk_size"))
-def _kmeans(key, features, tol, excluded, *, num_samples, num_iters, chunk_size):
+@functools.partial(jax.jit, static_argnums=(4,), static_argnames=("num_samples", "num_iters", "chunk_size"))
+def _kmeans(key, features, tol, unavailable, num_rows, *, num_samples, num_iters, chunk_size):
     n, d = features.shape
     x = features.astype(jnp.promote_types(features.dtype, jnp.float32))
     first_key, seed_key = jax.random.split(key)
+    real = jnp.arange(n) < num_rows  # padding rows of a sharded pool are not data
 
     def sq_to(point):
-        return distances.pairwise(x, point[None], "sqeuclidean", direct=True)[:, 0]
+        return jnp.where(real, distances.pairwise(x, point[None], "sqeuclidean", direct=True)[:, 0], 0.0)
 
     # k-means++: each next seed drawn with probability proportional to D(x)^2.
-    first = x[jax.random.randint(first_key, (), 0, n)]
+    first = x[jax.random.randint(first_key, (), 0, num_rows)]
 
     def seed_step(t, state: _SeedState) -> _SeedState:
         logits = jnp.where(state.min_dist > 0, jnp.log(state.min_dist), -jnp.inf)
         # All rows coincide with seeds (duplicates): fall back to uniform.
-        logits = jnp.where(jnp.isinf(logits).all(), 0.0, logits)
+        logits = jnp.where(jnp.isinf(logits).all(), jnp.where(real, 0.0, -jnp.inf), logits)
         i = jax.random.categorical(jax.random.fold_in(seed_key, t), logits)
         return _SeedState(state.centres.at[t].set(x[i]), jnp.minimum(state.min_dist, sq_to(x[i])))
 
     seeds = _SeedState(jnp.zeros((num_samples, d), x.dtype).at[0].set(first), sq_to(first))
     centres = lax.fori_loop(1, num_samples, seed_step, seeds).centres
-    scale = jnp.mean(jnp.sum(x * x, axis=1))
+    weight = real.astype(x.dtype)
+    scale = jnp.sum(weight * jnp.sum(x * x, axis=1)) / num_rows
 
     def lloyd_cond(state: _LloydState):
         return (state.it < num_iters) & (state.shift > tol * scale)
 
     def lloyd_step(state: _LloydState) -> _LloydState:
         assign = distances.nearest_centre(x, state.centres, chunk_size=chunk_size).index
-        sums = jax.ops.segment_sum(x, assign, num_segments=num_samples)
-        counts = jax.ops.segment_sum(jnp.ones(n, x.dtype), assign, num_segments=num_samples)
+        sums = jax.ops.segment_sum(x * weight[:, None], assign, num_segments=num_samples)
+        counts = jax.ops.segment_sum(weight, assign, num_segments=num_samples)
         new = jnp.where(counts[:, None] > 0, sums / jnp.maximum(counts, 1)[:, None], state.centres)
         shift = jnp.sum((new - state.centres) ** 2)
         return _LloydState(new, shift, state.it + 1)
 
     state = lax.while_loop(lloyd_cond, lloyd_step,
                            _LloydState(centres, jnp.array(jnp.inf, x.dtype), jnp.array(0)))
-    inertia = jnp.sum(distances.nearest_centre(x, state.centres, chunk_size=chunk_size).distance)
-    matched = distances.greedy_unique_match(x, state.centres, chunk_size=chunk_size, taken=excluded)
+    inertia = jnp.sum(weight * distances.nearest_centre(x, state.centres, chunk_size=chunk_size).distance)
+    matched = distances.greedy_unique_match(x, state.centres, chunk_size=chunk_size, taken=unavailable)
     return KMeansOutput(jnp.sort(matched), matched, state.centres, inertia, state.it)

@@ -54,7 +54,8 @@ def default_num_cores(budget: int) -> int:
 def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int | None = None,
            core_method: str = "activeft", mode: str = "paper", core_options: dict | None = None,
            num_neighbors: int = 10, ring_fraction=0.1, remove_fraction=0.1,
-           opponent_penalty=1.1, normalize: bool = False, labeled=None) -> SelectOutput:
+           opponent_penalty=1.1, normalize: bool = False, labeled=None,
+           num_rows: int | None = None) -> SelectOutput:
     """Choose `budget` rows of `features` [n, d] to label.
 
     method: "bilaf" (core stage with `core_method` picking `num_cores` cores, then BiLAF's
@@ -71,6 +72,7 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
       selected. For "bilaf" they also count as existing cores: the boundary stage runs with
       cores = labeled + the K new cores and a budget of budget + m, and the labelled rows are
       then dropped from its output, leaving `budget` new rows.
+    num_rows: the real rows of a pool padded to shard evenly (`bilaf_jax.sharding.shard_rows`).
 
     The key is split once per stage, so the core stage draws the same randomness whether or
     not a boundary stage follows.
@@ -87,11 +89,12 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
         raise ValueError(f"unknown core_method {core_method!r}; expected one of {CORE_METHODS}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
-    features = V.check_features(features)
-    n = features.shape[0]
+    features, n = V.check_pool(features, num_rows)
     budget = V.check_count(budget, "budget", 1, n)
     core_key, boundary_key = jax.random.split(key)
     options = dict(core_options or {})
+    if n < features.shape[0]:
+        options["num_rows"] = n
     if labeled is not None:
         labeled = V.check_indices(labeled, n, "labeled")
         V.check_exclude(labeled, n, budget)
@@ -120,6 +123,9 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
         bilaf, boundary_key, core_indices=all_cores, budget=budget + (0 if labeled is None else labeled.size),
         mode=mode, num_neighbors=num_neighbors, ring_fraction=ring_fraction,
         remove_fraction=remove_fraction, opponent_penalty=opponent_penalty, normalize=normalize)
+    if n < features.shape[0]:
+        # The boundary stage works per pseudo-class on gathered rows; hand it the real rows.
+        features = _real_rows(features, n)
     if mode == "official":
         # The authors' boundary stage runs in float64 (scipy cdist); so does ours in this mode.
         with jax.enable_x64(True):
@@ -131,3 +137,8 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
         picked = np.asarray(indices)
         indices = jnp.asarray(picked[~np.isin(picked, labeled)], jnp.int32)
     return SelectOutput(indices, core_indices, core, boundary)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _real_rows(features, num_rows):
+    return features[:num_rows]
