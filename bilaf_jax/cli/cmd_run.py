@@ -1,0 +1,90 @@
+"""`bilaf run`: the end-to-end benchmark (features, selections, evaluations, report).
+
+    bilaf run --workdir runs/default                 # Fashion-MNIST, 10,000-image pool (CPU)
+    bilaf run --quick --workdir runs/quick           # 2,000-image pool, 2 seeds (minutes)
+    bilaf run --config full --workdir runs/full      # 60,000-image pool, 224 px, finetuning (GPU)
+    bilaf run --config full --dry-run --workdir runs/full   # check the plan, compute nothing
+
+Configs: default, quick, full, paper_cifar10, paper_cifar100, paper_imagenet (see
+`bilaf_jax/run_configs.py`, mirrored in `configs/run_*.py`), or a path to a .py file whose
+`get_config()` returns a RunConfig or a dict of overrides of the default.
+Writes WORKDIR/results.json, results.md, accuracy_vs_budget.png, pca_map.png; every finished
+piece (features, selections, evaluations) is cached there, so the same command after an
+interruption resumes and gives the same results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from bilaf_jax.cli import UsageError
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        "run", help="run the end-to-end benchmark (methods x budgets x seeds) and report",
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="run config name or .py path (default: default)")
+    p.add_argument("--quick", action="store_true", help="the quick config (same as --config quick)")
+    p.add_argument("--workdir", required=True, help="run folder (created; resumed if it exists)")
+    p.add_argument("--data-dir", help="dataset folder (Fashion-MNIST: the IDX files)")
+    p.add_argument("--weights", help="backbone weight file (e.g. dino_deitsmall16_pretrain.pth) "
+                   "or 'random'")
+    p.add_argument("--dry-run", action="store_true",
+                   help="validate the config and print the plan; compute nothing")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def resolve_config(args):
+    from bilaf_jax import run_configs
+
+    if args.quick and args.config not in (None, "quick"):
+        raise UsageError(f"--quick and --config {args.config} contradict each other")
+    config = run_configs.get("quick" if args.quick else (args.config or "default"))
+    changes = {}
+    if args.data_dir is not None:
+        changes["data_dir"] = args.data_dir
+    if args.weights is not None:
+        changes["weights"] = args.weights
+    return config._replace(**changes)
+
+
+def dry_run(config, workdir: Path) -> int:
+    from bilaf_jax import experiment
+
+    experiment.validate(config)
+    pool = config.pool_size or {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000,
+                                "imagenet2012": 1_281_167}.get(config.dataset)
+    if pool is None:
+        sys.stdout.write(f"config {config.name}: pool size known only after loading the data\n")
+        return 0
+    budgets, jobs = experiment.plan(config, pool)
+    if "full" in config.evals:  # check the finetuning config of every job now, not hours later
+        for job in jobs[:1]:
+            experiment.finetune_config(config, workdir / "x.json", job.seed, config.pool_size)
+    sys.stdout.write(
+        f"config {config.name}: {config.dataset}, pool {pool}, backbone {config.backbone} at "
+        f"{config.image_size} px, budgets {budgets}, K = {config.num_cores}, seeds "
+        f"{list(config.seeds)}, methods {list(config.methods)}, evals {list(config.evals)}: "
+        f"{len(jobs)} selections, {len(jobs) * len(config.evals)} evaluations -> {workdir}\n")
+    return 0
+
+
+def run(args) -> int:
+    config = resolve_config(args)
+    workdir = Path(args.workdir).expanduser()
+    if args.dry_run:
+        return dry_run(config, workdir)
+    from bilaf_jax import experiment
+
+    command = "bilaf " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    out = experiment.run_experiment(config, workdir, progress=not args.no_progress,
+                                    command=command)
+    sys.stdout.write(out.markdown)
+    sys.stdout.write(f"\nwrote {workdir / 'results.json'}, results.md, accuracy_vs_budget.png, "
+                     "pca_map.png\n")
+    return 0

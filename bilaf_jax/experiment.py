@@ -1,0 +1,772 @@
+"""The end-to-end benchmark behind `bilaf run`: features -> selections -> evaluations -> report.
+
+`run_experiment(config, workdir)` for a `RunConfig`:
+
+1. Features: the pool (the FIRST `pool_size` train images of the data set, in its row order,
+   which is also the pool of `train`'s full finetuning) and the test images are embedded once
+   with the backbone (`bilaf_jax.extract.extract_to_file`, resumable per batch) into
+   `features/pool.npz`, `features/test.npz`.
+   With `selection_dim`, selection runs on the rank-`selection_dim` projection of the pool
+   features onto their top right singular vectors (no centring: inner products and Euclidean
+   distances are kept up to the discarded energy, which is reported); evaluations always use
+   the full features. Saved once in `features/selection.npz`.
+2. Selections: every method x budget x seed (`jax.random.key(seed)`), each cached as
+   `selections/<method>/b<budget>_s<seed>.json`. BiLAF's ActiveFT cores (K = `num_cores`, the
+   same for all budgets, re-drawn per seed) are computed once per seed
+   (`selections/cores/activeft_k<K>_s<seed>.json`) and are exactly those
+   `pipeline.select(key, ..., method="bilaf")` draws.
+3. Evaluations: linear probe and weighted k-NN on the cached features (train.linear_probe,
+   train.knn_eval), or full finetuning (train.train_and_evaluate), each record cached as
+   `evals/<eval>/<method>_b<budget>_s<seed>.json`.
+4. Report: `results.json`, `results.md`, `accuracy_vs_budget.png`, `pca_map.png`.
+
+Every file is written atomically; a killed run started again reuses every finished piece, and
+its `results.json` records equal those of an uninterrupted run (selection_seconds is the time
+measured when the selection was made, stored with it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+import platform
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+
+from bilaf_jax.io import InputError, save_npz_atomic, write_bytes_atomic, write_json_atomic, write_text_atomic
+
+METHODS = ("random", "kcenter", "kmeans", "activeft", "bilaf-paper", "bilaf-official")
+EVALS = ("linear", "knn", "full")
+FORMAT = 1
+
+# Fields that do not change any cached piece: a resumed run may change them.
+_NOT_IDENTITY = ("name", "methods", "budget_fractions", "seeds", "evals", "notes", "data_dir",
+                 "extract_batch_size")
+
+
+class RunConfig(NamedTuple):
+    """What `bilaf run` does. Defaults = the `default` config (see `bilaf_jax.run_configs`)."""
+
+    name: str = "default"
+    dataset: str = "fashion_mnist"
+    data_dir: str | None = None
+    pool_size: int | None = 10_000  # the pool = the first pool_size train images (None: all)
+    test_size: int | None = None  # the first test_size test images (None: all)
+    backbone: str = "efficientnet_lite0_taps"
+    weights: str | None = None  # None: the backbone's default file; "random"; or a path
+    image_size: int = 48
+    extract_batch_size: int = 256
+    selection_dim: int | None = 256  # rank of the projection used for selection (None: raw)
+    methods: tuple = METHODS
+    budget_fractions: tuple = (0.01, 0.02, 0.05)
+    seeds: tuple = (0, 1, 2, 3, 4)
+    num_cores: int = 20  # K of BiLAF, fixed across budgets
+    activeft_steps: int = 300
+    activeft_batch_size: int | None = None  # None: full-batch steps
+    remove_fraction: float = 0.1  # P_rm of the boundary stage
+    evals: tuple = ("linear", "knn")
+    finetune: dict | None = None  # overrides of train.make_config for the "full" evaluation
+    finetune_backbone: str = "efficientnet_lite0"
+    notes: str = ""
+
+
+class Job(NamedTuple):
+    method: str
+    budget: int
+    seed: int
+
+
+class Interrupted(Exception):
+    """Raised by `run_experiment(..., stop_after=N)` after N new pieces (as if killed there)."""
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def budgets_for(config: RunConfig, pool_size: int) -> list[int]:
+    """Budgets in samples: round(fraction * pool size), at least 1."""
+    return [max(1, int(round(f * pool_size))) for f in config.budget_fractions]
+
+
+def validate(config: RunConfig) -> None:
+    """Raise InputError (one line) for settings that cannot run."""
+    from bilaf_jax import backbones, data
+
+    def positive_int(name, value, allow_none=False):
+        if value is None and allow_none:
+            return
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise InputError(f"run config {config.name}: {name} must be a positive integer, got {value!r}")
+
+    if config.dataset not in data.DATASETS:
+        raise InputError(f"run config {config.name}: unknown dataset {config.dataset!r}")
+    if config.backbone not in backbones.BACKBONES:
+        raise InputError(f"run config {config.name}: unknown backbone {config.backbone!r}")
+    for name in ("pool_size", "test_size", "selection_dim", "activeft_batch_size"):
+        positive_int(name, getattr(config, name), allow_none=True)
+    for name in ("image_size", "extract_batch_size", "num_cores", "activeft_steps"):
+        positive_int(name, getattr(config, name))
+    bad = [m for m in config.methods if m not in METHODS]
+    if bad or not config.methods or len(set(config.methods)) != len(config.methods):
+        raise InputError(f"run config {config.name}: methods must be distinct names from "
+                         f"{', '.join(METHODS)}, got {list(config.methods)}")
+    bad = [e for e in config.evals if e not in EVALS]
+    if bad or not config.evals or len(set(config.evals)) != len(config.evals):
+        raise InputError(f"run config {config.name}: evals must be distinct names from "
+                         f"{', '.join(EVALS)}, got {list(config.evals)}")
+    if not config.seeds or len(set(config.seeds)) != len(config.seeds) or any(
+            isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in config.seeds):
+        raise InputError(f"run config {config.name}: seeds must be distinct non-negative integers")
+    if not config.budget_fractions or any(
+            not isinstance(f, (int, float)) or not 0 < f <= 1 for f in config.budget_fractions):
+        raise InputError(f"run config {config.name}: budget_fractions must be in (0, 1]")
+    if not 0 <= config.remove_fraction < 1:
+        raise InputError(f"run config {config.name}: remove_fraction must be in [0, 1)")
+    if config.pool_size is not None:
+        check_budgets(config, config.pool_size)
+
+
+def check_budgets(config: RunConfig, pool_size: int) -> list[int]:
+    budgets = budgets_for(config, pool_size)
+    if len(set(budgets)) != len(budgets):
+        raise InputError(f"run config {config.name}: budgets {budgets} repeat for a pool of {pool_size}")
+    if any(b > pool_size for b in budgets):
+        raise InputError(f"run config {config.name}: budget above the pool size {pool_size}")
+    if any(m.startswith("bilaf") for m in config.methods) and config.num_cores > min(budgets):
+        raise InputError(f"run config {config.name}: num_cores K = {config.num_cores} exceeds the "
+                         f"smallest budget {min(budgets)}")
+    return budgets
+
+
+def finetune_config(config: RunConfig, selection_path, seed: int, pool_size: int | None):
+    """train's Config for the full finetuning of one selection (raises ValueError if invalid)."""
+    from train.train import make_config
+
+    overrides = dict(config.finetune or {})
+    overrides.update(mode="full", dataset=config.dataset, data_dir=config.data_dir,
+                     selection=str(selection_path), pool_size=pool_size, seed=seed,
+                     backbone=config.finetune_backbone, backbone_weights=config.weights)
+    overrides.setdefault("image_size", config.image_size)
+    overrides.setdefault("test_size", config.test_size)
+    return make_config(**overrides)
+
+
+def identity(config: RunConfig) -> dict:
+    ident = {k: v for k, v in config._asdict().items() if k not in _NOT_IDENTITY}
+    ident["format"] = FORMAT
+    return json.loads(json.dumps(ident))
+
+
+def _check_workdir(workdir: Path, config: RunConfig) -> None:
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"workdir {workdir} exists and is not a folder")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
+    if not os.access(workdir, os.W_OK | os.X_OK):
+        raise InputError(f"workdir {workdir} is not writable")
+    path = workdir / "run.json"
+    ident = identity(config)
+    if path.exists():
+        try:
+            stored = json.loads(path.read_text())["identity"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise InputError(f"workdir {workdir} has an unreadable run.json ({e})") from None
+        if stored != ident:
+            diff = sorted(k for k in set(stored) | set(ident) if stored.get(k) != ident.get(k))
+            shown = "; ".join(f"{k}: {stored.get(k)!r} -> {ident.get(k)!r}" for k in diff[:3])
+            raise InputError(f"workdir {workdir} holds a run of a different config ({shown}); "
+                             "use a new --workdir")
+    else:
+        write_json_atomic(path, {"identity": ident, "config": config._asdict()}, indent=1)
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+def _bar(total, desc, progress):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, file=sys.stderr, disable=not progress,
+                dynamic_ncols=True, leave=True)
+
+
+class _Counter:
+    """Counts newly computed pieces; raises Interrupted after `stop_after` of them."""
+
+    def __init__(self, stop_after):
+        self.stop_after = stop_after
+        self.done = 0
+
+    def tick(self):
+        self.done += 1
+        if self.stop_after is not None and self.done >= self.stop_after:
+            raise Interrupted(f"stopped after {self.done} new pieces")
+
+
+# ----------------------------------------------------------------------------- stage 1: features
+
+
+class Features(NamedTuple):
+    pool: np.ndarray  # [n, d] evaluation features
+    pool_labels: np.ndarray  # int32[n] (never used for selection)
+    test: np.ndarray  # [m, d]
+    test_labels: np.ndarray  # int32[m]
+    selection: np.ndarray  # [n, r] features the selectors see
+    retained_energy: float  # share of sum ||x||^2 kept by the projection (1.0 without)
+    meta: dict
+
+
+def _read_npz(path: Path):
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def project(features: np.ndarray, rank: int) -> tuple[np.ndarray, float]:
+    """Rows of features [n, d] in the basis of their top-`rank` right singular vectors [n, r].
+
+    No centring, so inner products and distances are kept up to the discarded energy. Returns
+    (projected float32 [n, r], retained share of the squared Frobenius norm). Deterministic
+    signs (largest component of each vector positive).
+    """
+    x = np.asarray(features, np.float64)
+    if rank >= x.shape[1]:
+        return np.asarray(features, np.float32), 1.0
+    gram = x.T @ x  # [d, d]
+    evals, evecs = np.linalg.eigh(gram)
+    order = np.argsort(evals)[::-1][:rank]
+    v = evecs[:, order]
+    v *= np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(rank)])
+    kept = float(evals[order].sum() / max(evals.sum(), 1e-300))
+    return (x @ v).astype(np.float32), kept
+
+
+def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True, counter=None,
+                             backbone=None) -> Features:
+    """Embed (or reuse) the pool and test images; returns Features."""
+    from bilaf_jax.extract import extract_to_file, read_meta
+
+    folder = workdir / "features"
+    folder.mkdir(exist_ok=True)
+    paths = {"pool": folder / "pool.npz", "test": folder / "test.npz"}
+    limits = {"pool": config.pool_size, "test": config.test_size}
+    splits = {"pool": "train", "test": "test"}
+    if not all(p.exists() for p in paths.values()):
+        from bilaf_jax import backbones
+
+        bb = backbone
+        if bb is None:
+            bb = backbones.load(config.backbone, config.weights)
+        for part in ("pool", "test"):
+            if paths[part].exists():
+                continue
+            on_batch = (lambda b: counter.tick()) if counter is not None else None
+            extract_to_file(paths[part], dataset=config.dataset, split=splits[part], backbone=bb,
+                            image_size=config.image_size, limit=limits[part],
+                            batch_size=config.extract_batch_size, data_dir=config.data_dir,
+                            progress=progress, on_batch=on_batch)
+    pool, test = _read_npz(paths["pool"]), _read_npz(paths["test"])
+    meta = read_meta(paths["pool"])
+    sel_path = folder / "selection.npz"
+    if config.selection_dim is None or config.selection_dim >= pool["features"].shape[1]:
+        selection, kept = pool["features"], 1.0
+    elif sel_path.exists():
+        z = _read_npz(sel_path)
+        selection, kept = z["features"], float(z["retained_energy"])
+    else:
+        selection, kept = project(pool["features"], config.selection_dim)
+        save_npz_atomic(sel_path, features=selection, retained_energy=np.asarray(kept))
+    return Features(pool["features"], pool["labels"].astype(np.int32), test["features"],
+                    test["labels"].astype(np.int32), selection, kept, meta)
+
+
+# ----------------------------------------------------------------------------- stage 2: selections
+
+
+def _selection_path(workdir: Path, job: Job) -> Path:
+    return workdir / "selections" / job.method / f"b{job.budget}_s{job.seed}.json"
+
+
+def _cores_path(workdir: Path, config: RunConfig, seed: int) -> Path:
+    return workdir / "selections" / "cores" / f"activeft_k{config.num_cores}_s{seed}.json"
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent or cut short: recompute
+
+
+def _core_options(config: RunConfig) -> dict:
+    opts = {"num_steps": config.activeft_steps}
+    if config.activeft_batch_size is not None:
+        opts["batch_size"] = config.activeft_batch_size
+    return opts
+
+
+def _bilaf_cores(config: RunConfig, workdir: Path, features: np.ndarray, seed: int, counter):
+    """ActiveFT cores of `seed` (cached): the cores select(key, ..., method='bilaf') draws."""
+    import jax
+
+    from bilaf_jax.pipeline import select
+
+    path = _cores_path(workdir, config, seed)
+    cached = _read_json(path)
+    if cached is not None:
+        return cached
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    # select()'s bilaf path runs the core selector with the first half of split(key); so does
+    # select(method="activeft") with the same options, so these are the same cores.
+    out = select(jax.random.key(seed), features, config.num_cores, method="activeft",
+                 core_options=_core_options(config))
+    indices = np.sort(np.asarray(out.indices)).tolist()
+    rec = {"indices": indices, "seconds": time.perf_counter() - t0}
+    write_json_atomic(path, rec)
+    counter.tick()
+    return rec
+
+
+def boundary_from_cores(seed: int, features: np.ndarray, core_indices, budget: int, *, mode: str,
+                        remove_fraction: float = 0.1):
+    """BiLAF's boundary stage on given cores, with the key and precision `pipeline.select` uses.
+
+    select(jax.random.key(seed), features, budget, method="bilaf", num_cores=K, mode=mode)
+    equals running the core stage then this (tests check it).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from bilaf_jax.boundary import bilaf
+
+    _, boundary_key = jax.random.split(jax.random.key(seed))
+    cores = np.sort(np.asarray(core_indices))
+    kwargs = dict(mode=mode, remove_fraction=remove_fraction)
+    if mode == "official":
+        with jax.enable_x64(True):
+            return bilaf(boundary_key, jnp.asarray(features, jnp.float64), cores, budget, **kwargs)
+    return bilaf(boundary_key, features, cores, budget, **kwargs)
+
+
+def run_selection(config: RunConfig, workdir: Path, features: np.ndarray, job: Job, counter) -> dict:
+    """Compute (or read) one selection record."""
+    import jax
+
+    from bilaf_jax.pipeline import select
+
+    path = _selection_path(workdir, job)
+    cached = _read_json(path)
+    if cached is not None:
+        return cached
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"method": job.method, "budget": job.budget, "seed": job.seed}
+    caught = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if job.method.startswith("bilaf"):
+                cores = _bilaf_cores(config, workdir, features, job.seed, counter)
+                t0 = time.perf_counter()
+                out = boundary_from_cores(job.seed, features, cores["indices"], job.budget,
+                                          mode=job.method.split("-", 1)[1],
+                                          remove_fraction=config.remove_fraction)
+                indices = np.asarray(out.indices)
+                seconds = cores["seconds"] + time.perf_counter() - t0
+                rec["core_indices"] = cores["indices"]
+                rec["core_seconds"] = cores["seconds"]
+            else:
+                t0 = time.perf_counter()
+                opts = _core_options(config) if job.method == "activeft" else None
+                out = select(jax.random.key(job.seed), features, job.budget, method=job.method,
+                             core_options=opts)
+                indices = np.asarray(out.indices)
+                seconds = time.perf_counter() - t0
+        rec["indices"] = [int(i) for i in indices]
+        rec["num_unique"] = int(len(np.unique(indices)))
+        rec["seconds"] = seconds
+    except ValueError as e:  # e.g. official mode where the authors' script would crash
+        rec["error"] = " ".join(str(e).split())
+    rec["warnings"] = sorted({" ".join(str(w.message).split()) for w in caught})
+    write_json_atomic(path, rec)
+    counter.tick()
+    return rec
+
+
+# ----------------------------------------------------------------------------- stage 3: evaluations
+
+
+def _eval_path(workdir: Path, job: Job, ev: str) -> Path:
+    return workdir / "evals" / ev / f"{job.method}_b{job.budget}_s{job.seed}.json"
+
+
+def run_evaluation(config: RunConfig, workdir: Path, feats: Features, job: Job, ev: str,
+                   selection: dict, counter, num_classes: int) -> dict:
+    path = _eval_path(workdir, job, ev)
+    cached = _read_json(path)
+    if cached is not None:
+        return cached
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rec = {"method": job.method, "budget": job.budget, "seed": job.seed, "eval": ev,
+           "accuracy": None, "selection_seconds": selection.get("seconds")}
+    if "error" in selection:
+        rec["error"] = "selection failed: " + selection["error"]
+    else:
+        idx = np.asarray(selection["indices"], np.int64)
+        rec["num_labelled"] = int(len(np.unique(idx)))
+        t0 = time.perf_counter()
+        if ev == "linear":
+            from train import linear_probe
+
+            acc = linear_probe(feats.pool[idx], feats.pool_labels[idx], feats.test,
+                               feats.test_labels, num_classes=num_classes)
+        elif ev == "knn":
+            from train import knn_eval
+
+            acc = knn_eval(feats.pool[idx], feats.pool_labels[idx], feats.test, feats.test_labels,
+                           num_classes=num_classes)
+        else:
+            from train.train import train_and_evaluate
+
+            sel_path = _selection_path(workdir, job).with_suffix(".indices.json")
+            if not sel_path.exists():
+                write_json_atomic(sel_path, sorted(set(int(i) for i in idx)))
+            cfg = finetune_config(config, sel_path, job.seed, len(feats.pool_labels))
+            summary = train_and_evaluate(cfg, workdir / "finetune" / f"{job.method}_b{job.budget}_s{job.seed}")
+            acc = summary["final_accuracy"]
+        rec["accuracy"] = float(acc)
+        rec["eval_seconds"] = time.perf_counter() - t0
+    write_json_atomic(path, rec)
+    counter.tick()
+    return rec
+
+
+# ----------------------------------------------------------------------------- stage 4: report
+
+
+def environment() -> dict:
+    import jax
+
+    try:
+        import flax
+
+        flax_version = flax.__version__
+    except ImportError:  # pragma: no cover
+        flax_version = None
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "jax": jax.__version__,
+        "flax": flax_version,
+        "numpy": np.__version__,
+        "devices": [str(d) for d in jax.devices()],
+    }
+
+
+def summarize(records: list[dict]) -> dict:
+    """{(method, budget, eval): (mean, std, count)} over the seeds with an accuracy."""
+    groups: dict = {}
+    for r in records:
+        groups.setdefault((r["method"], r["budget"], r["eval"]), []).append(r["accuracy"])
+    out = {}
+    for key, accs in groups.items():
+        vals = np.asarray([a for a in accs if a is not None], np.float64)
+        if len(vals):
+            out[key] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                        len(vals))
+        else:
+            out[key] = (math.nan, math.nan, 0)
+    return out
+
+
+def _paired(records, method, other, budget, ev):
+    a = {r["seed"]: r["accuracy"] for r in records
+         if r["method"] == method and r["budget"] == budget and r["eval"] == ev}
+    b = {r["seed"]: r["accuracy"] for r in records
+         if r["method"] == other and r["budget"] == budget and r["eval"] == ev}
+    seeds = sorted(s for s in a if s in b and a[s] is not None and b[s] is not None)
+    return np.asarray([a[s] - b[s] for s in seeds], np.float64)
+
+
+def verdict(records, method, other, budget, ev) -> str:
+    """One honest phrase: mean paired difference, seeds won, and whether it exceeds noise."""
+    d = _paired(records, method, other, budget, ev)
+    if not len(d):
+        return f"{method} vs {other}: no comparable runs"
+    mean = d.mean()
+    wins = int((d > 0).sum())
+    if len(d) > 1:
+        se = d.std(ddof=1) / math.sqrt(len(d))
+        clear = abs(mean) > 2 * se and mean != 0
+    else:
+        se, clear = math.nan, False
+    if mean > 0:
+        word = "beats" if clear else "is ahead of, within noise,"
+    elif mean < 0:
+        word = "loses to" if clear else "is behind, within noise,"
+    else:
+        word = "ties"
+    se_txt = f", s.e. {100 * se:.1f}" if len(d) > 1 else ""
+    return (f"{method} {word} {other} ({100 * mean:+.1f} points{se_txt}; "
+            f"ahead on {wins}/{len(d)} seeds)")
+
+
+def results_markdown(config: RunConfig, records, budgets, meta: dict) -> str:
+    stats = summarize(records)
+    pool_n = meta["pool_size"]
+    lines = [f"# bilaf run: config `{config.name}`", ""]
+    lines.append(f"Command: `{meta['command']}`  ")
+    lines.append(f"Date (UTC): {meta['date']}; machine: {meta['machine']}  ")
+    lines.append(f"Data: {config.dataset}, pool = first {pool_n} train images, "
+                 f"{meta['test_size']} test images; backbone {config.backbone} at "
+                 f"{config.image_size} px ({meta['feature_dim']}-d features); selection on "
+                 + (f"a rank-{config.selection_dim} projection (retained energy "
+                    f"{meta['retained_energy']:.4f})" if meta["selection_dim"] else "the raw features")
+                 + ".  ")
+    lines.append(f"BiLAF: K = {config.num_cores} ActiveFT cores ({config.activeft_steps} steps), "
+                 f"fixed across budgets. {config.notes}  ")
+    lines.append(f"Seeds: {', '.join(str(s) for s in config.seeds)}. Accuracy in %, mean ± "
+                 "sample std over seeds.")
+    lines.append("")
+    for ev in config.evals:
+        lines.append(f"## {ev}")
+        lines.append("")
+        head = "| method | " + " | ".join(
+            f"B = {b} ({100 * b / pool_n:g}%)" for b in budgets) + " | selection s (B = "
+        head += f"{budgets[-1]}) |"
+        lines.append(head)
+        lines.append("|---" * (len(budgets) + 2) + "|")
+        for m in config.methods:
+            cells = []
+            for b in budgets:
+                mean, std, count = stats.get((m, b, ev), (math.nan, math.nan, 0))
+                if count == 0:
+                    cells.append("failed")
+                else:
+                    extra = "" if count == len(config.seeds) else f" (n={count})"
+                    cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}{extra}")
+            secs = [r["selection_seconds"] for r in records if r["method"] == m
+                    and r["budget"] == budgets[-1] and r["eval"] == ev
+                    and r["selection_seconds"] is not None]
+            sec = f"{np.median(secs):.1f}" if secs else "-"
+            lines.append(f"| {m} | " + " | ".join(cells) + f" | {sec} |")
+        lines.append("")
+        bilafs = [m for m in config.methods if m.startswith("bilaf")]
+        others = [m for m in ("random", "activeft") if m in config.methods]
+        if bilafs and others:
+            lines.append("Does BiLAF beat random and ActiveFT? (paired over seeds; 'beats' / "
+                         "'loses to' only when the mean difference exceeds 2 standard errors)")
+            lines.append("")
+            for b in budgets:
+                parts = [verdict(records, m, o, b, ev) for m in bilafs for o in others]
+                lines.append(f"- B = {b}: " + "; ".join(parts) + ".")
+            lines.append("")
+    failed = [r for r in records if r.get("error")]
+    if failed:
+        lines.append("## Failed runs")
+        lines.append("")
+        seen = set()
+        for r in failed:
+            key = (r["method"], r["budget"], r["seed"])
+            if key not in seen:
+                seen.add(key)
+                lines.append(f"- {r['method']} B = {r['budget']} seed {r['seed']}: {r['error']}")
+        lines.append("")
+    lines.append("Median selection time is wall-clock on this machine, including JAX compilation "
+                 "where a shape is seen first; bilaf's includes its ActiveFT cores.")
+    return "\n".join(lines) + "\n"
+
+
+def _png_bytes(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_accuracy(config: RunConfig, records, budgets, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stats = summarize(records)
+    fig, axes = plt.subplots(1, len(config.evals), figsize=(5.2 * len(config.evals), 4),
+                             squeeze=False)
+    for ax, ev in zip(axes[0], config.evals, strict=False):
+        for m in config.methods:
+            pts = [(b, *stats[(m, b, ev)][:2]) for b in budgets
+                   if (m, b, ev) in stats and stats[(m, b, ev)][2] > 0]
+            if not pts:
+                continue
+            b, mean, std = (np.asarray(v) for v in zip(*pts, strict=False))
+            style = "-o" if m.startswith("bilaf") else "--o"
+            ax.errorbar(b, 100 * mean, yerr=100 * std, fmt=style, capsize=3, label=m,
+                        markersize=4, linewidth=1.5 if m.startswith("bilaf") else 1.0)
+        ax.set_xscale("log")
+        ax.set_xticks(budgets)
+        ax.set_xticklabels([str(b) for b in budgets])
+        ax.minorticks_off()
+        ax.set_xlabel("budget (labelled samples)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{config.dataset}: {ev}")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    write_bytes_atomic(path, _png_bytes(fig))
+    plt.close(fig)
+
+
+def plot_pca_map(feats: Features, selection: dict, path: Path, title: str) -> None:
+    """2-D PCA of the pool features with one BiLAF selection's cores and boundary picks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    x = np.asarray(feats.pool, np.float64)
+    x = x - x.mean(0)
+    _, _, vt = np.linalg.svd(x[:: max(1, len(x) // 5000)], full_matrices=False)
+    xy = x @ vt[:2].T
+    fig, ax = plt.subplots(figsize=(7, 6))
+    sc = ax.scatter(xy[:, 0], xy[:, 1], c=feats.pool_labels, cmap="tab10", s=3, alpha=0.25,
+                    linewidths=0)
+    cores = np.asarray(selection.get("core_indices", []), np.int64)
+    picks = np.asarray(selection["indices"], np.int64)
+    boundary = np.setdiff1d(picks, cores)
+    ax.scatter(xy[boundary, 0], xy[boundary, 1], marker="^", s=28, facecolors="none",
+               edgecolors="black", linewidths=0.9, label=f"boundary picks ({len(boundary)})")
+    ax.scatter(xy[cores, 0], xy[cores, 1], marker="*", s=160, c="red", edgecolors="black",
+               linewidths=0.6, label=f"core samples ({len(cores)})")
+    ax.set_title(title)
+    ax.set_xlabel("PC 1")
+    ax.set_ylabel("PC 2")
+    legend = ax.legend(loc="best", fontsize=8)
+    ax.add_artist(legend)
+    handles, _ = sc.legend_elements()
+    ax.legend(handles, [str(i) for i in range(len(handles))], title="true class",
+              loc="lower right", fontsize=7, title_fontsize=7, markerscale=0.8)
+    fig.tight_layout()
+    write_bytes_atomic(path, _png_bytes(fig))
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+class RunOutput(NamedTuple):
+    results: dict  # the content of results.json
+    markdown: str  # the content of results.md
+    workdir: Path
+
+
+def plan(config: RunConfig, pool_size: int) -> tuple[list[int], list[Job]]:
+    budgets = check_budgets(config, pool_size)
+    jobs = [Job(m, b, s) for s in config.seeds for m in config.methods for b in budgets]
+    return budgets, jobs
+
+
+def run_experiment(config: RunConfig, workdir, *, progress: bool = True,
+                   stop_after: int | None = None, command: str | None = None,
+                   backbone=None) -> RunOutput:
+    """Run (or resume) `config` in `workdir`; returns what was written to results.json/.md.
+
+    stop_after: stop (raise Interrupted) after this many newly computed pieces (feature
+    batches, cores, selections, evaluations), as if killed there; for tests.
+    backbone: a loaded Backbone to use instead of loading `config.backbone` (tests).
+    """
+    validate(config)
+    workdir = Path(workdir).expanduser()
+    _check_workdir(workdir, config)
+    counter = _Counter(stop_after)
+    timing = {}
+    t0 = time.perf_counter()
+    feats = load_or_extract_features(config, workdir, progress=progress, counter=counter,
+                                     backbone=backbone)
+    timing["features_seconds"] = time.perf_counter() - t0
+    n = len(feats.pool_labels)
+    budgets, jobs = plan(config, n)
+    num_classes = int(max(feats.pool_labels.max(), feats.test_labels.max())) + 1
+
+    t1 = time.perf_counter()
+    selections = {}
+    with contextlib.closing(_bar(len(jobs), "select", progress)) as bar:
+        for job in jobs:
+            bar.set_postfix_str(f"{job.method} B={job.budget} seed={job.seed}", refresh=False)
+            selections[job] = run_selection(config, workdir, feats.selection, job, counter)
+            bar.update()
+    timing["selection_seconds"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    records = []
+    with contextlib.closing(_bar(len(jobs) * len(config.evals), "evaluate", progress)) as bar:
+        for job in jobs:
+            for ev in config.evals:
+                bar.set_postfix_str(f"{ev} {job.method} B={job.budget} seed={job.seed}",
+                                    refresh=False)
+                records.append(run_evaluation(config, workdir, feats, job, ev, selections[job],
+                                              counter, num_classes))
+                bar.update()
+    timing["evaluation_seconds"] = time.perf_counter() - t2
+    order = {(m, b, s, e): i for i, (m, b, s, e) in enumerate(
+        (m, b, s, e) for m in config.methods for b in budgets for s in config.seeds
+        for e in config.evals)}
+    records.sort(key=lambda r: order[(r["method"], r["budget"], r["seed"], r["eval"])])
+
+    import datetime
+
+    meta = {
+        "command": command or f"bilaf run --config {config.name} --workdir {workdir}",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, JAX devices: "
+                   + ", ".join(sorted({d.platform for d in __import__("jax").devices()})),
+        "pool_size": n,
+        "test_size": len(feats.test_labels),
+        "feature_dim": int(feats.pool.shape[1]),
+        "selection_dim": None if feats.selection.shape[1] == feats.pool.shape[1]
+        else int(feats.selection.shape[1]),
+        "retained_energy": feats.retained_energy,
+    }
+    results = {
+        "format": FORMAT,
+        "config": json.loads(json.dumps(config._asdict())),
+        "budgets": budgets,
+        "pool_size": n,
+        "test_size": len(feats.test_labels),
+        "num_classes": num_classes,
+        "feature_dim": meta["feature_dim"],
+        "selection_dim": meta["selection_dim"],
+        "retained_energy": feats.retained_energy,
+        "features_meta": feats.meta,
+        "records": records,
+        "summary": [{"method": m, "budget": b, "eval": e, "mean": mean, "std": std, "count": c}
+                    for (m, b, e), (mean, std, c) in sorted(summarize(records).items(),
+                                                            key=lambda kv: str(kv[0]))],
+        "environment": environment(),
+        "command": meta["command"],
+        "date": meta["date"],
+        "timing_this_call": timing,
+    }
+    markdown = results_markdown(config, records, budgets, meta)
+    write_json_atomic(workdir / "results.json", results, indent=1)
+    write_text_atomic(workdir / "results.md", markdown)
+    plot_accuracy(config, records, budgets, workdir / "accuracy_vs_budget.png")
+    bilaf_method = next((m for m in ("bilaf-paper", "bilaf-official") if m in config.methods), None)
+    if bilaf_method is not None:
+        b = budgets[len(budgets) // 2]
+        sel = selections[Job(bilaf_method, b, config.seeds[0])]
+        if "error" not in sel:
+            plot_pca_map(feats, sel, workdir / "pca_map.png",
+                         f"{bilaf_method}, B = {b}, K = {config.num_cores}, seed "
+                         f"{config.seeds[0]} ({config.dataset}, first 2 PCs of the pool)")
+    return RunOutput(results, markdown, workdir)

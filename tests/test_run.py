@@ -1,0 +1,212 @@
+"""`bilaf run`: outputs, resume after interruption, config wiring, one-line errors.
+
+The pipeline runs on tiny injected features (written where `bilaf run` caches its extracted
+features), so no backbone or data set is needed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from bilaf_jax import experiment, run_configs
+from bilaf_jax.cli import main
+from bilaf_jax.experiment import METHODS, Interrupted, RunConfig
+
+
+def _blobs(n, num_classes, d, seed):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=3.0, size=(num_classes, d))
+    y = np.arange(n) % num_classes
+    x = centres[y] + rng.normal(size=(n, d))
+    return np.abs(x).astype(np.float32), y.astype(np.int32)  # non-negative, like pooled ReLU6
+
+
+def _inject_features(workdir, n=240, m=90, d=24):
+    folder = workdir / "features"
+    folder.mkdir(parents=True)
+    for name, rows, seed in (("pool", n, 0), ("test", m, 1)):
+        x, y = _blobs(rows, 4, d, seed)
+        np.savez(folder / f"{name}.npz", features=x, labels=y, indices=np.arange(rows),
+                 meta=np.asarray(json.dumps({"backbone": "injected", "dim": d})))
+
+
+def tiny_config(**changes) -> RunConfig:
+    base = RunConfig(name="tiny", pool_size=240, test_size=90, budget_fractions=(0.05, 0.1),
+                     seeds=(0, 1), num_cores=4, activeft_steps=20, selection_dim=8,
+                     methods=METHODS, evals=("linear", "knn"), notes="tiny test config")
+    return base._replace(**changes)
+
+
+def _strip_timing(records):
+    return [{k: v for k, v in r.items() if not k.endswith("seconds")} for r in records]
+
+
+def test_outputs_and_records(tmp_path):
+    wd = tmp_path / "run"
+    _inject_features(wd)
+    config = tiny_config()
+    out = experiment.run_experiment(config, wd, progress=False)
+    for name in ("results.json", "results.md", "accuracy_vs_budget.png", "pca_map.png", "run.json"):
+        assert (wd / name).is_file(), name
+    for name in ("accuracy_vs_budget.png", "pca_map.png"):
+        assert (wd / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = json.loads((wd / "results.json").read_text())
+    assert res == json.loads(json.dumps(out.results))
+    assert res["budgets"] == [12, 24]
+    recs = res["records"]
+    assert len(recs) == len(METHODS) * 2 * 2 * 2
+    keys = {(r["method"], r["budget"], r["seed"], r["eval"]) for r in recs}
+    assert len(keys) == len(recs)
+    for r in recs:
+        assert {"method", "budget", "seed", "eval", "accuracy", "selection_seconds"} <= set(r)
+        if r.get("error") is None:
+            assert 0.0 <= r["accuracy"] <= 1.0 and r["selection_seconds"] > 0
+    assert res["environment"]["jax"] == jax.__version__
+    assert res["config"]["name"] == "tiny" and res["selection_dim"] == 8
+    # selections: right sizes, in range; bilaf blocks start with their cores
+    for m in METHODS:
+        sel = json.loads((wd / "selections" / m / "b24_s1.json").read_text())
+        assert len(sel["indices"]) == 24 and all(0 <= i < 240 for i in sel["indices"])
+        if m.startswith("bilaf"):
+            assert set(sel["core_indices"]) <= set(sel["indices"])
+            assert len(sel["core_indices"]) == 4
+        elif m != "bilaf-official":
+            assert sel["num_unique"] == 24
+    md = (wd / "results.md").read_text()
+    assert "| bilaf-paper |" in md and "## linear" in md and "## knn" in md
+    assert "- B = 12:" in md and "bilaf-paper" in md and "vs" not in md.split("## linear")[0]
+
+
+def test_resume_after_interruptions_gives_identical_records(tmp_path):
+    config = tiny_config(methods=("random", "activeft", "bilaf-paper", "bilaf-official"))
+    ref = tmp_path / "ref"
+    _inject_features(ref)
+    full = experiment.run_experiment(config, ref, progress=False).results
+
+    wd = tmp_path / "resumed"
+    _inject_features(wd)
+    with pytest.raises(Interrupted):
+        experiment.run_experiment(config, wd, progress=False, stop_after=5)
+    before = {p: p.read_bytes() for p in wd.rglob("*.json") if p.name != "run.json"}
+    assert len(before) == 5 and not (wd / "results.json").exists()
+    stops = 0
+    while True:
+        try:
+            out = experiment.run_experiment(config, wd, progress=False, stop_after=7)
+            break
+        except Interrupted:
+            stops += 1
+    assert stops > 2
+    for p, data in before.items():  # finished pieces are reused, not redone
+        assert p.read_bytes() == data
+    assert _strip_timing(out.results["records"]) == _strip_timing(full["records"])
+    # a further call recomputes nothing and reproduces the same records exactly
+    again = experiment.run_experiment(config, wd, progress=False, stop_after=1).results
+    assert again["records"] == out.results["records"]
+
+
+def test_bilaf_from_cached_cores_equals_select(digits):
+    from bilaf_jax.pipeline import select
+
+    x = digits[0][:400]
+    for mode in ("paper", "official"):
+        ref = select(jax.random.key(3), x, 40, method="bilaf", num_cores=8, mode=mode,
+                     core_options={"num_steps": 30})
+        cores = select(jax.random.key(3), x, 8, method="activeft",
+                       core_options={"num_steps": 30}).indices
+        got = experiment.boundary_from_cores(3, x, np.asarray(cores), 40, mode=mode)
+        np.testing.assert_array_equal(np.sort(np.asarray(cores)), np.asarray(ref.core_indices))
+        np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(ref.indices))
+
+
+def test_projection_keeps_geometry():
+    x, _ = _blobs(100, 3, 20, 0)
+    z, kept = experiment.project(x, 20)
+    assert kept == 1.0
+    z, kept = experiment.project(x, 6)
+    assert z.shape == (100, 6) and 0.9 < kept < 1.0
+    z2, _ = experiment.project(x, 6)
+    np.testing.assert_array_equal(z, z2)
+    full, _ = experiment.project(np.pad(x, ((0, 0), (0, 5))), 20)
+    np.testing.assert_allclose(full @ full.T, x.astype(np.float64) @ x.T, rtol=1e-4, atol=1e-2)
+
+
+@pytest.mark.parametrize("name", sorted(run_configs.CONFIGS))
+def test_configs_validate_and_dry_run(name, tmp_path, capsys):
+    config = run_configs.get(name)
+    experiment.validate(config)
+    assert main(["run", "--config", name, "--dry-run", "--workdir", str(tmp_path / "w")]) == 0
+    out = capsys.readouterr().out
+    assert f"config {name}" in out
+    assert not (tmp_path / "w").exists()
+
+
+def test_default_and_full_config_contents(tmp_path):
+    d = run_configs.default()
+    assert d.pool_size == 10_000 and d.test_size is None and d.dataset == "fashion_mnist"
+    assert experiment.budgets_for(d, 10_000) == [100, 200, 500]
+    assert len(d.seeds) >= 5 and set(d.methods) == set(METHODS)
+    assert d.num_cores <= 100
+    q = run_configs.quick()
+    assert experiment.budgets_for(q, q.pool_size) == [20, 40, 100]
+    f = run_configs.full()
+    assert f.pool_size is None and f.image_size == 224 and "full" in f.evals
+    assert experiment.budgets_for(f, 60_000) == [600, 1200, 3000]
+    cfg = experiment.finetune_config(f, tmp_path / "sel.json", 2, 60_000)
+    assert (cfg.mode, cfg.image_size, cfg.pool_size, cfg.seed) == ("full", 224, 60_000, 2)
+    assert cfg.backbone == "efficientnet_lite0" and cfg.dataset == "fashion_mnist"
+    c10 = run_configs.paper_cifar10()
+    assert c10.backbone == "vit_s16" and c10.num_cores == 50
+    assert experiment.budgets_for(c10, 50_000) == [250, 500, 1000]
+    cfg = experiment.finetune_config(c10._replace(weights="w.pth"), tmp_path / "s.json", 0, 50_000)
+    assert (cfg.backbone, cfg.backbone_weights, cfg.learning_rate) == ("vit_s16", "w.pth", 3e-3)
+
+
+def test_config_file(tmp_path):
+    p = tmp_path / "mine.py"
+    p.write_text("def get_config():\n    return {'seeds': (0, 1, 2), 'num_cores': 10}\n")
+    c = run_configs.get(str(p))
+    assert c.name == "mine" and c.seeds == (0, 1, 2) and c.num_cores == 10
+    p.write_text("def get_config():\n    return {'bogus': 1}\n")
+    with pytest.raises(ValueError, match="bogus"):
+        run_configs.get(str(p))
+
+
+def _one_line_exit_2(capsys, argv):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_bad_arguments_exit_2_with_one_line(tmp_path, capsys):
+    err = _one_line_exit_2(capsys, ["run", "--config", "nope", "--workdir", str(tmp_path / "w")])
+    assert "unknown run config 'nope'" in err
+    err = _one_line_exit_2(capsys, ["run", "--config", str(tmp_path / "missing.py"),
+                                    "--workdir", str(tmp_path / "w")])
+    assert "not found" in err
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    err = _one_line_exit_2(capsys, ["run", "--quick", "--workdir", str(blocker)])
+    assert "not a folder" in err
+    err = _one_line_exit_2(capsys, ["run", "--quick", "--workdir", str(blocker / "sub")])
+    assert "cannot create workdir" in err
+    err = _one_line_exit_2(capsys, ["run", "--quick", "--config", "full", "--workdir", "x"])
+    assert "contradict" in err
+    with pytest.raises(SystemExit) as e:  # argparse: missing --workdir
+        main(["run"])
+    assert e.value.code == 2
+
+
+def test_workdir_of_another_config_is_refused(tmp_path, capsys):
+    wd = tmp_path / "run"
+    _inject_features(wd)
+    experiment._check_workdir(wd, tiny_config())
+    with pytest.raises(ValueError, match="different config"):
+        experiment.run_experiment(tiny_config(num_cores=3), wd, progress=False)
+    # changing only what caches do not depend on is fine
+    experiment._check_workdir(wd, tiny_config(seeds=(0, 1, 2), evals=("knn",)))
