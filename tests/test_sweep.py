@@ -1,0 +1,247 @@
+"""Hyperparameter sweeps: vmapped grids equal separate runs; quality measures equal naive NumPy.
+
+The pool is 4 well-separated clusters of 40 points, so every core set of one point per
+cluster gives the same pseudo-class sizes and the boundary programs compile once.
+"""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+
+from bilaf_jax import sweep as S
+from bilaf_jax.activeft import activeft
+from bilaf_jax.boundary import bilaf
+from bilaf_jax.pipeline import select
+
+BOUNDARY_GRID = {"remove_fraction": [0.1, 0.3], "opponent_penalty": [1.1, 1.5]}
+BUDGET = 16
+STEPS = 20
+
+
+@pytest.fixture(scope="module")
+def pool():
+    rng = np.random.default_rng(0)
+    centres = 10.0 * np.eye(4, 16)
+    labels = np.repeat(np.arange(4), 40)
+    x = centres[labels] + rng.normal(size=(160, 16))
+    # The sample nearest each cluster mean is that cluster's core.
+    cores = np.array([40 * c + np.argmin(np.linalg.norm(x[labels == c] - x[labels == c].mean(0), axis=1))
+                      for c in range(4)])
+    return x.astype(np.float32), labels, cores
+
+
+def _naive_mean_nearest(x, idx):
+    x = x.astype(np.float64)
+    d = np.sqrt(((x[:, None, :] - x[None, idx, :]) ** 2).sum(-1))
+    return d.min(axis=1).mean()
+
+
+def _naive_entropy(counts):
+    p = np.asarray(counts, float) / np.sum(counts)
+    h = -sum(v * np.log(v) for v in p if v > 0)
+    return h / np.log(len(counts))
+
+
+# ------------------------------------------------------------------------------- stage sweeps
+
+
+@pytest.mark.parametrize("per_batch", [None, 2])
+def test_activeft_sweep_equals_separate_runs(digits, per_batch):
+    x = digits[0][:300]
+    key = jax.random.key(3)
+    grid = {"temperature": [0.05, 0.1], "learning_rate": [1e-3, 1e-2], "balance": [1.0, 0.5]}
+    out = S.sweep_activeft(key, x, 8, grid, num_steps=STEPS, settings_per_batch=per_batch)
+    assert out.indices.shape == (8, 8) and out.losses.shape == (8, STEPS)
+    # Cartesian product, first parameter slowest.
+    np.testing.assert_allclose(out.params["temperature"], [0.05] * 4 + [0.1] * 4)
+    np.testing.assert_allclose(out.params["balance"], [1.0, 0.5] * 4)
+    for i in (0, 3, 5, 6):
+        one = activeft(key, x, 8, num_steps=STEPS, temperature=out.params["temperature"][i],
+                       learning_rate=out.params["learning_rate"][i],
+                       balance=out.params["balance"][i])
+        np.testing.assert_array_equal(out.indices[i], one.indices)
+        np.testing.assert_allclose(out.losses[i], one.losses, rtol=1e-5)
+
+
+def test_boundary_sweep_equals_separate_runs(pool):
+    x, _, cores = pool
+    key = jax.random.key(0)
+    out = S.sweep_boundary(key, x, cores, BUDGET, BOUNDARY_GRID)
+    seq = S.sweep_boundary(key, x, cores, BUDGET, BOUNDARY_GRID, settings_per_batch=1)
+    assert out.indices.shape == (4, BUDGET) and out.kept.shape == (4, 160)
+    distinct = set()
+    for i in range(4):
+        p = {k: float(v[i]) for k, v in out.params.items()}
+        one = bilaf(key, x, cores, BUDGET, **p)
+        np.testing.assert_array_equal(out.indices[i], one.indices)
+        np.testing.assert_array_equal(seq.indices[i], one.indices)
+        np.testing.assert_array_equal(out.kept[i], one.kept)
+        np.testing.assert_array_equal(out.allocation[i], one.allocation)
+        np.testing.assert_array_equal(out.pseudo_labels, one.pseudo_labels)
+        distinct.add(tuple(np.asarray(one.indices)))
+    assert len(distinct) > 1  # the grid does change the selection
+
+
+def test_sweep_rows_match_select_and_naive_measures(pool):
+    x, labels, _ = pool
+    key = jax.random.key(3)  # its ActiveFT cores fall one per cluster (no new class sizes)
+    grid = {"temperature": [0.07, 0.2], **BOUNDARY_GRID}
+    out = S.sweep(key, x, BUDGET, grid, num_cores=4, labels=labels, num_steps=STEPS)
+    records = S.to_records(out)
+    assert len(records) == 8 and out.indices.shape == (8, BUDGET)
+    assert list(out.core_setting) == [0] * 4 + [1] * 4
+    for i in (0, 5):
+        r = records[i]
+        ref = select(key, x, BUDGET, num_cores=4,
+                     core_options=dict(num_steps=STEPS, temperature=r["temperature"]),
+                     remove_fraction=r["remove_fraction"], opponent_penalty=r["opponent_penalty"])
+        idx = np.asarray(ref.indices)
+        np.testing.assert_array_equal(out.indices[i], idx)
+        np.testing.assert_array_equal(out.core_indices[r["core_setting"]], ref.core_indices)
+        np.testing.assert_allclose(r["mean_distance"], _naive_mean_nearest(x, idx), rtol=1e-4)
+        np.testing.assert_allclose(r["core_mean_distance"],
+                                   _naive_mean_nearest(x, np.asarray(ref.core_indices)), rtol=1e-4)
+        np.testing.assert_allclose(r["activeft_final_loss"], ref.core.losses[-1], rtol=1e-6)
+        # Pseudo-labels by brute force: nearest core, cores in their own class.
+        cores = np.asarray(ref.core_indices)
+        d = ((x[:, None, :].astype(np.float64) - x[None, cores]) ** 2).sum(-1)
+        pseudo = d.argmin(1)
+        pseudo[cores] = np.arange(4)
+        kept = np.asarray(ref.boundary.kept)
+        np.testing.assert_allclose(r["selected_balance"],
+                                   _naive_entropy(np.bincount(pseudo[idx], minlength=4)), rtol=1e-12)
+        np.testing.assert_allclose(r["pool_balance"],
+                                   _naive_entropy(np.bincount(pseudo[kept], minlength=4)), rtol=1e-12)
+        assert r["label_count"] == len(set(labels[idx].tolist()))
+        np.testing.assert_allclose(r["label_balance"],
+                                   _naive_entropy(np.bincount(labels[idx], minlength=4)), rtol=1e-12)
+
+
+# ------------------------------------------------------------------------------- measures
+
+
+def test_mean_nearest_distance_equals_naive(digits):
+    x = digits[0][:500]
+    rng = np.random.default_rng(0)
+    idx = np.stack([rng.choice(500, 37, replace=False) for _ in range(3)])
+    got = S.mean_nearest_distances(x, idx, chunk_size=64)  # several chunks, last one padded
+    want = [_naive_mean_nearest(x, i) for i in idx]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    np.testing.assert_allclose(S.mean_nearest_distance(x, idx[0], chunk_size=64), want[0], rtol=1e-4)
+
+
+def test_entropy_and_label_coverage():
+    assert S.normalized_entropy([3, 3, 3]) == pytest.approx(1.0)
+    assert S.normalized_entropy([0, 7, 0]) == 0.0
+    assert S.normalized_entropy([5]) == 1.0
+    np.testing.assert_allclose(S.normalized_entropy([1, 2, 3, 0]), _naive_entropy([1, 2, 3, 0]))
+    # Labels need not be 0..C-1; the entropy is over the labels present in the pool.
+    labels = np.array([7, 7, 3, 3, 9, 9, 9, 42])
+    assert S.label_coverage(labels, [0, 1, 2]) == (2, pytest.approx(_naive_entropy([1, 2, 0, 0])))
+    count, bal = S.label_coverage(labels, [0, 2, 4, 7])
+    assert count == 4 and bal == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------------------- bad grids
+
+
+@pytest.mark.parametrize("specs, match", [
+    (["tau=0.1"], "unknown grid parameter 'tau'"),
+    (["num_steps=100,200"], "'num_steps' is not a traceable hyperparameter"),
+    (["num_neighbors=5"], "'num_neighbors' is not a traceable"),
+    (["temperature="], "empty value"),
+    (["temperature=0.1,,0.2"], "empty value"),
+    (["temperature"], "name=v1,v2"),
+    (["=0.1"], "name=v1,v2"),
+    (["temperature=0.1,abc"], "'abc' is not a number"),
+    (["temperature=0.1", "temperature=0.2"], "given twice"),
+    (["temperature=0"], r"temperature=0 is out of range \(0, inf\)"),
+    (["remove_fraction=1.5"], r"out of range \[0, 1\]"),
+    (["ring_fraction=0"], r"out of range \(0, 1\]"),
+    (["opponent_penalty=nan"], "out of range"),
+    (["learning_rate=0.1,0.1"], "repeats a value"),
+])
+def test_bad_grid_specs(specs, match):
+    with pytest.raises(ValueError, match=match):
+        S.parse_grid(specs)
+
+
+@pytest.mark.parametrize("grid, match", [
+    ({"temperature": []}, "has no values"),
+    ({"temperature": "0.1"}, "1-D sequence"),
+    ({"batch_size": [10]}, "not a traceable"),
+    ({"balance": [[1.0]]}, "1-D sequence"),
+])
+def test_bad_grids(grid, match):
+    with pytest.raises(ValueError, match=match):
+        S.check_grid(grid)
+    with pytest.raises(ValueError, match=match):
+        S.sweep(jax.random.key(0), np.ones((10, 2), np.float32), 4, grid)
+
+
+# ------------------------------------------------------------------------------- CLI
+
+
+def _cli():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "sweep.py"
+    spec = importlib.util.spec_from_file_location("sweep_cli", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_cli_writes_records(pool, tmp_path, capsys):
+    x, labels, _ = pool
+    np.savez(tmp_path / "f.npz", features=x, labels=labels)
+    out = tmp_path / "r.json"
+    code = _cli().main([str(tmp_path / "f.npz"), "--budget", str(BUDGET), "--cores", "4",
+                        "--steps", str(STEPS), "--grid", "remove_fraction=0.1,0.3",
+                        "--grid", "opponent_penalty=1.1,1.5", "--out", str(out)])
+    assert code == 0
+    data = json.loads(out.read_text())
+    assert len(data["records"]) == 4 and data["config"]["has_labels"]
+    assert {"mean_distance", "selected_balance", "pool_balance", "label_count",
+            "label_balance"} <= set(data["records"][0])
+    table = capsys.readouterr().out
+    assert table.startswith("| temperature |") and table.count("\n| 0.07 |") == 4
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--grid", "bogus=1"], "unknown grid parameter"),
+    (["--grid", "num_steps=1,2"], "not a traceable"),
+    (["--grid", "temperature="], "empty value"),
+    (["--budget", "0"], "--budget must be in"),
+    (["--cores", "99"], "--cores must be in"),
+    (["--settings-per-batch", "0"], "--settings-per-batch"),
+    (["--sequential", "--settings-per-batch", "2"], "not allowed with"),
+    (["--budget", "x"], "invalid int value"),
+])
+def test_cli_bad_input_exits_2_with_one_line(pool, tmp_path, capsys, extra, match):
+    x, _, _ = pool
+    np.save(tmp_path / "f.npy", x)
+    args = [str(tmp_path / "f.npy"), "--budget", "16", "--out", str(tmp_path / "r.json"), *extra]
+    try:
+        code = _cli().main(args)
+    except SystemExit as e:  # argparse errors
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("sweep.py: error:"), err
+    assert match in err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_cli_missing_file_and_bad_output_folder(tmp_path, capsys):
+    cli = _cli()
+    assert cli.main([str(tmp_path / "none.npz"), "--budget", "4", "--out", str(tmp_path / "r.json")]) == 2
+    assert "not found" in capsys.readouterr().err
+    np.save(tmp_path / "f.npy", np.ones((10, 2), np.float32))
+    assert cli.main([str(tmp_path / "f.npy"), "--budget", "4", "--out",
+                     str(tmp_path / "no" / "r.json")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not writable" in err
