@@ -68,7 +68,7 @@ def assigned_similarity(centroids, features, chunk_size=distances.DEFAULT_CHUNK,
 def _assigned_similarity_fwd(centroids, features, chunk_size, precision):
     def block(xb):
         # [K, c] layout: XLA's CPU argmax reduces faster along the leading axis.
-        sim = jnp.matmul(centroids, xb.T, precision=precision)
+        sim = distances.matmul(centroids, xb.T, precision)
         return jnp.max(sim, axis=0), jnp.argmax(sim, axis=0).astype(jnp.int32)
 
     s, p = distances.map_rows(block, features, chunk_size)
@@ -96,7 +96,8 @@ def activeft_loss(theta, features, temperature, balance, *, chunk_size=distances
     c = distances.normalize(theta)
     sim, assign = assigned_similarity(c, features, chunk_size, precision)
     s = sim / temperature  # [b]
-    gram = jnp.matmul(lax.stop_gradient(c), c.T, precision=precision) / temperature  # [K, K]: k, j
+    # [K, K]: k, j. Always float32: exp(./tau) would amplify bfloat16 rounding, and it is cheap.
+    gram = distances.matmul(lax.stop_gradient(c), c.T) / temperature
     log_s = jax.nn.logsumexp(gram, axis=0)  # [K]: log S_j
     # log(1 + lambda * S / e) = softplus(log lambda + log S - s)
     per_row = jax.nn.softplus(jnp.log(balance) + log_s[assign] - s)
@@ -125,8 +126,8 @@ def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperatu
         `learning_rate` is ignored when an optimizer is given). Reuse the same object across
         calls to avoid recompiling.
       chunk_size: rows per block in the assignment matmuls (bounds memory).
-      precision: `jax.lax.Precision` for the similarity matmuls (e.g. DEFAULT for TF32/bf16
-        passes on accelerators; HIGHEST for full float32).
+      precision: similarity matmuls: "float32" (default), "tensorfloat32" (NVIDIA GPUs) or
+        "bfloat16", the last two accumulating in float32 (see `bilaf_jax.distances`).
       exclude: int[m] rows already labelled: never selected, never used as initial centroids
         (they still shape the objective as part of the pool).
       num_rows: the real rows when `features` was padded to shard evenly (`bilaf_jax.sharding`):
@@ -158,6 +159,7 @@ def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperatu
         if excluded is not None and excluded[init_indices].any():
             raise ValueError("init_indices include excluded rows")
         init_indices = jnp.asarray(init_indices)
+    distances.resolve_precision(precision)  # unknown names fail here, before tracing
     if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer)}")
     return _activeft(key, features, init_indices, V.unavailable_rows(excluded, n, num_rows), temperature,

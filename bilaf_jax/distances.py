@@ -16,6 +16,11 @@ Metrics:
   "cosine"       1 - x.y / (||x|| ||y||)
   "dot"          -x.y   (a dissimilarity, so "nearest" = largest inner product)
 
+Matmul precision (`precision=`): "float32" (default: full float32 on every device),
+"tensorfloat32" (TF32 inputs, float32 accumulation; NVIDIA GPUs only) or "bfloat16" (bfloat16
+inputs, float32 accumulation). The faster two may flip near-ties in argmax/argmin decisions; a
+`jax.lax.Precision` or `DotAlgorithmPreset` is passed through unchanged.
+
 `direct=True` computes Euclidean distances from explicit differences (as scipy's `cdist` does)
 instead of the Gram expansion ||x||^2 + ||y||^2 - 2 x.y: slower and [c, K, d] in memory, but free of
 cancellation error. The official mode uses it in float64 to reproduce the authors' orderings.
@@ -30,7 +35,23 @@ import jax.numpy as jnp
 from jax import lax
 
 METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
+PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
 DEFAULT_CHUNK = 2048
+
+
+def resolve_precision(precision):
+    """Map a precision name (see module docstring) to what `jnp.matmul` takes."""
+    if precision is None or precision == "float32":
+        return lax.Precision.HIGHEST
+    if precision == "bfloat16":
+        return lax.DotAlgorithmPreset.BF16_BF16_F32
+    if precision == "tensorfloat32":
+        if jax.default_backend() != "gpu":
+            raise ValueError("precision 'tensorfloat32' needs an NVIDIA GPU; use 'float32' or 'bfloat16'")
+        return lax.DotAlgorithmPreset.TF32_TF32_F32
+    if isinstance(precision, str):
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    return precision
 
 
 def _check_metric(metric: str) -> None:
@@ -55,13 +76,20 @@ def pairwise(x, y, metric: str = "sqeuclidean", *, direct: bool = False, precisi
             diff = x[:, None, :] - y[None, :, :]
             sq = jnp.sum(diff * diff, axis=-1)
         else:
-            xy = jnp.matmul(x, y.T, precision=precision)
+            xy = matmul(x, y.T, precision)
             sq = jnp.sum(x * x, -1)[:, None] + jnp.sum(y * y, -1)[None, :] - 2.0 * xy
             sq = jnp.maximum(sq, 0.0)
         return jnp.sqrt(sq) if metric == "euclidean" else sq
     if metric == "cosine":
-        return 1.0 - jnp.matmul(normalize(x), normalize(y).T, precision=precision)
-    return -jnp.matmul(x, y.T, precision=precision)
+        return 1.0 - matmul(normalize(x), normalize(y).T, precision)
+    return -matmul(x, y.T, precision)
+
+
+def matmul(a, b, precision=None):
+    """a @ b under a precision policy (see module docstring); float64 inputs stay float64."""
+    if a.dtype == jnp.float64 or b.dtype == jnp.float64:
+        return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
+    return jnp.matmul(a, b, precision=resolve_precision(precision)).astype(jnp.result_type(a, b))
 
 
 def map_rows(fn, x, chunk_size: int = DEFAULT_CHUNK):

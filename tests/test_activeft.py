@@ -150,3 +150,13 @@ def test_bad_arguments_raise_value_error(kwargs, match):
     x = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
     with pytest.raises(ValueError, match=match):
         activeft(jax.random.key(0), x, **kwargs)
+
+
+def test_bfloat16_matmuls_pick_nearly_the_same_samples(digits):
+    x = digits[0]
+    init = np.random.default_rng(0).choice(len(x), 40, replace=False)
+    full = activeft(jax.random.key(0), x, 40, num_steps=100, init_indices=init)
+    fast = activeft(jax.random.key(0), x, 40, num_steps=100, init_indices=init, precision="bfloat16")
+    assert len(set(np.asarray(full.indices)) & set(np.asarray(fast.indices))) >= 36
+    with pytest.raises(ValueError, match="precision"):
+        activeft(jax.random.key(0), x, 4, precision="half")
