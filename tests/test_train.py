@@ -121,5 +121,5 @@ def test_random_resized_crop_and_flip():
     # Full-area, square crops at the same size: each image comes back as itself or its mirror.
     same = input_pipeline.random_resized_crop_and_flip(
         jax.random.key(1), images, out_size=20, scale_min=1.0, ratio_min=1.0, ratio_max=1.0)
-    for img, res in zip(np.asarray(images), np.asarray(same)):
+    for img, res in zip(np.asarray(images), np.asarray(same), strict=True):
         assert np.allclose(res, img, atol=1e-5) or np.allclose(res, img[:, ::-1], atol=1e-5)

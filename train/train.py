@@ -347,7 +347,6 @@ def _train_step_fn(train_def, tx, key_tuple, *, image_size, num_classes, label_s
     if cache_key in _STEP_CACHE:
         return _STEP_CACHE[cache_key]
     import jax
-    import jax.numpy as jnp
     import optax
     from flax import nnx
 
@@ -486,7 +485,14 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
         "loss_count": jnp.zeros((), jnp.int32),
     }
     if config.ema_decay > 0:
-        state["ema"] = jax.tree.map(jnp.copy, params)
+        state["ema"] = params
+    # Own copies: the train step donates its input buffers, and the caller's backbone module
+    # must stay usable.
+    # Every leaf committed to one device: jit's cache key includes committed-ness, and
+    # restored arrays are committed, so uncommitted fresh ones would compile the step twice.
+    device = jax.devices()[0]
+    commit = lambda tree: jax.device_put(tree, device)
+    state = commit(jax.tree.map(jnp.copy, state))
     del model, params, rest
 
     _write_config(workdir, config, identity)
@@ -500,7 +506,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
         saved = _keys_to_data(template)
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
         restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-        state = _keys_from_data(restored, template)
+        state = commit(_keys_from_data(restored, template))
         start = int(state["step"])
     metrics = MetricsWriter(workdir / "metrics.jsonl")
     metrics.truncate(start)
@@ -538,8 +544,8 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
             record = {"step": step,
                       "train_loss": float(state["loss_sum"]) / max(int(state["loss_count"]), 1),
                       "learning_rate": float(schedule(step - 1))}
-            state["loss_sum"] = jnp.zeros((), jnp.float32)
-            state["loss_count"] = jnp.zeros((), jnp.int32)
+            state["loss_sum"] = commit(jnp.zeros((), jnp.float32))
+            state["loss_count"] = commit(jnp.zeros((), jnp.int32))
             if step == total or (config.eval_every and step % config.eval_every == 0):
                 record["eval_accuracy"] = _evaluate(eval_step, eval_params(state), state["rest"],
                                                     test_images, test_labels,

@@ -1,0 +1,139 @@
+"""`bilaf finetune` on cached features: outputs, and one-line errors that leave files alone."""
+
+import importlib
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("jax")
+
+import bilaf_jax.cli as cli  # noqa: E402
+
+
+@pytest.fixture
+def bilaf(monkeypatch):
+    """`bilaf ...` in-process, with whichever subcommands exist in this checkout."""
+    present = []
+    for name in cli.COMMANDS:
+        try:
+            importlib.import_module(f"bilaf_jax.cli.cmd_{name}")
+            present.append(name)
+        except ImportError:
+            pass
+    monkeypatch.setattr(cli, "COMMANDS", tuple(present))
+    return cli.main
+
+
+@pytest.fixture
+def feats(tmp_path):
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 12))
+
+    def make(n):
+        y = rng.integers(0, 3, n)
+        return (centres[y] + 0.8 * rng.normal(size=(n, 12))).astype(np.float32), y.astype(np.int32)
+
+    px, py = make(300)
+    tx, ty = make(200)
+    np.savez(tmp_path / "pool.npz", features=px, labels=py)
+    np.savez(tmp_path / "test.npz", features=tx, labels=ty)
+    sel = tmp_path / "sel.json"
+    sel.write_text(json.dumps([int(i) for i in rng.choice(300, 40, replace=False)]))
+    return tmp_path
+
+
+def _args(d, workdir, mode="linear", sel=None):
+    return ["finetune", "--dataset", "fashion_mnist", "--selection", str(sel or d / "sel.json"),
+            "--mode", mode, "--features", str(d / "pool.npz"),
+            "--test-features", str(d / "test.npz"), "--workdir", str(workdir)]
+
+
+def _snapshot(folder):
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.iterdir())
+            if p.is_file()}
+
+
+def test_linear_and_knn_write_summary_and_metrics(bilaf, feats, capsys):
+    for mode in ("linear", "knn"):
+        wd = feats / mode
+        assert bilaf(_args(feats, wd, mode)) == 0
+        out = capsys.readouterr().out
+        assert f"{mode}: final_accuracy" in out
+        summary = json.loads((wd / "summary.json").read_text())
+        assert summary["mode"] == mode and summary["resumed_from_step"] == 0
+        assert summary["num_labelled"] == 40 and summary["num_test"] == 200
+        assert 0.7 < summary["final_accuracy"] <= 1.0
+        assert summary["config"]["mode"] == mode
+        recs = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs] == sorted(r["step"] for r in recs)
+        assert recs[-1]["eval_accuracy"] == summary["final_accuracy"]
+        assert recs[-1]["step"] == summary["step"] == (100 if mode == "linear" else 0)
+        if mode == "linear":
+            losses = [r["train_loss"] for r in recs]
+            assert losses[-1] <= losses[0]
+        assert json.loads((wd / "config.json").read_text())["config"]["mode"] == mode
+    # The library call agrees with the command.
+    from train import linear_probe
+
+    pool, test = np.load(feats / "pool.npz"), np.load(feats / "test.npz")
+    sel = json.loads((feats / "sel.json").read_text())
+    acc = linear_probe(pool["features"][sel], pool["labels"][sel], test["features"],
+                       test["labels"], num_classes=3)
+    assert acc == json.loads((feats / "linear" / "summary.json").read_text())["final_accuracy"]
+    # Same command again: same result, no duplicated metrics.
+    before = (feats / "linear" / "metrics.jsonl").read_text()
+    assert bilaf(_args(feats, feats / "linear", "linear")) == 0
+    assert (feats / "linear" / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("content,needle", [
+    ('{"a": 1}', "JSON list"),
+    ("[1, 2, 2]", "repeats index 2"),
+    ("[0, 300]", "out of range"),
+    ("[-1]", "out of range"),
+    ("[1, 2", "not valid JSON"),
+    ("[]", "empty"),
+])
+def test_bad_selection_is_one_line_and_writes_nothing(bilaf, feats, capsys, content, needle):
+    wd = feats / "run"
+    assert bilaf(_args(feats, wd)) == 0
+    before = _snapshot(wd)
+    capsys.readouterr()
+    bad = feats / "bad.json"
+    bad.write_text(content)
+    for workdir in (wd, feats / "fresh"):
+        assert bilaf(_args(feats, workdir, sel=bad)) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err and err.startswith("bilaf finetune: error:")
+    assert _snapshot(wd) == before
+    assert not (feats / "fresh").exists()
+
+
+def test_workdir_of_another_config_is_refused(bilaf, feats, capsys):
+    wd = feats / "run"
+    assert bilaf(_args(feats, wd, "linear")) == 0
+    before = _snapshot(wd)
+    capsys.readouterr()
+    other = feats / "other.json"
+    other.write_text(json.dumps(list(range(50))))
+    for args in (_args(feats, wd, "knn"), _args(feats, wd, "linear", sel=other),
+                 _args(feats, wd, "linear") + ["--seed", "3"]):
+        assert bilaf(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "different config" in err
+    assert _snapshot(wd) == before
+
+
+def test_missing_inputs_are_one_line_errors(bilaf, feats, capsys):
+    args = _args(feats, feats / "run")
+    i = args.index("--test-features")
+    assert bilaf(args[:i] + args[i + 2:]) == 2
+    assert "--test-features" in capsys.readouterr().err
+    args[i + 1] = str(feats / "nope.npz")
+    assert bilaf(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not found" in err
+    assert bilaf(_args(feats, feats / "run") + ["--config", "no_such_config"]) == 2
+    assert "config not found" in capsys.readouterr().err
+    assert not (feats / "run").exists()

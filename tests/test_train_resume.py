@@ -1,0 +1,183 @@
+"""Full finetune: an interrupted run, started again, ends exactly where an uninterrupted one does.
+
+Two kinds of interruption: in-process (`max_steps_this_run`, with the real EfficientNet-Lite0 at
+random weights on 16 px images) and a real SIGKILL of a child process (a small NNX backbone so
+that the child starts fast).
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+jax = pytest.importorskip("jax")
+import jax.numpy as jnp  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from train.train import make_config, train_and_evaluate  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _fashion_mnist_or_skip():
+    from bilaf_jax import data
+
+    try:
+        data.load_arrays("fashion_mnist", "test", limit=8)
+    except Exception as e:  # noqa: BLE001 - any failure means the data is not here
+        pytest.skip(f"Fashion-MNIST not available: {e}")
+
+
+class _TinyNet(nnx.Module):
+    def __init__(self, rngs):
+        self.conv = nnx.Conv(3, 8, (3, 3), strides=2, rngs=rngs)
+        self.bn = nnx.BatchNorm(8, rngs=rngs)
+        self.drop = nnx.Dropout(0.2, rngs=rngs)
+
+    def __call__(self, x):
+        return self.drop(nnx.relu(self.bn(self.conv(x))).mean((1, 2)))
+
+
+class TinyBackbone:
+    """Stands in for a `bilaf_jax.backbones.Backbone` (BatchNorm and dropout included)."""
+
+    dim = 8
+    image_size = 16
+
+    def __init__(self, seed=0):
+        self.module = _TinyNet(nnx.Rngs(params=seed, dropout=seed + 1))
+
+    def preprocess(self, images, image_size=None):
+        s = image_size or self.image_size
+        x = jnp.asarray(images, jnp.float32) / 255.0
+        x = jnp.repeat(x, 3, -1) if x.shape[-1] == 1 else x
+        return jax.image.resize(x, (x.shape[0], s, s, 3), "bilinear")
+
+
+def _tree_equal(a, b):
+    def data(x):
+        return np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                          else x)
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(data(x), data(y)) for x, y in zip(la, lb, strict=True))
+
+
+def _selection(tmp_path, ids):
+    path = tmp_path / "sel.json"
+    path.write_text(json.dumps(ids))
+    return str(path)
+
+
+def test_resume_after_interrupt_is_exact_real_backbone(tmp_path):
+    _fashion_mnist_or_skip()
+    from bilaf_jax import backbones
+
+    # One backbone object serves every run: runs never write into the module they wrap.
+    bb = backbones.load("efficientnet_lite0", "random")
+    sel = _selection(tmp_path, list(range(0, 120, 5)))  # 24 labelled
+    cfg = make_config(selection=sel, backbone_weights="random", image_size=16, steps=4,
+                      batch_size=4, checkpoint_every=2, log_every=1, eval_every=2,
+                      pool_size=200, test_size=16, ema_decay=0.5, warmup_steps=1)
+    full = train_and_evaluate(cfg, tmp_path / "a", backbone=bb)
+    part = train_and_evaluate(cfg, tmp_path / "b", backbone=bb, max_steps_this_run=3)
+    assert part == {"interrupted": True, "step": 3, "resumed_from_step": 0}
+    assert not (tmp_path / "b" / "summary.json").exists()
+    rest = train_and_evaluate(cfg, tmp_path / "b", backbone=bb)
+    assert rest["resumed_from_step"] == 2 and full["resumed_from_step"] == 0
+    assert _tree_equal(full["state"], rest["state"])  # params, BN stats, optimiser, EMA, RNG
+    sa = json.loads((tmp_path / "a" / "summary.json").read_text())
+    sb = json.loads((tmp_path / "b" / "summary.json").read_text())
+    assert sa["final_accuracy"] == sb["final_accuracy"]
+    assert sa["params_digest"] == sb["params_digest"]
+    assert sa["step"] == sb["step"] == 4
+    assert {k: v for k, v in sa.items() if k != "resumed_from_step"} == \
+        {k: v for k, v in sb.items() if k != "resumed_from_step"}
+    # Metrics: the line of step 3 (written before the interrupt) is not duplicated.
+    ma = (tmp_path / "a" / "metrics.jsonl").read_text()
+    mb = (tmp_path / "b" / "metrics.jsonl").read_text()
+    assert ma == mb
+    recs = [json.loads(line) for line in mb.splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert all("train_loss" in r and np.isfinite(r["train_loss"]) for r in recs)
+    assert [r["step"] for r in recs if "eval_accuracy" in r] == [2, 4]
+    assert recs[-1]["eval_accuracy"] == sa["final_accuracy"]
+    # Starting the finished run again changes nothing but resumed_from_step.
+    again = train_and_evaluate(cfg, tmp_path / "a", backbone=bb)
+    assert again["final_accuracy"] == sa["final_accuracy"] and again["resumed_from_step"] == 4
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == ma
+    # A different config in the same workdir is refused before anything is written.
+    with pytest.raises(ValueError, match="different config"):
+        train_and_evaluate(make_config(**{**cfg.__dict__, "steps": 5}), tmp_path / "a",
+                           backbone=bb)
+    assert (tmp_path / "a" / "metrics.jsonl").read_text() == ma
+
+
+def _child_config(sel):
+    return make_config(selection=sel, image_size=16, steps=60, batch_size=4,
+                       checkpoint_every=10, log_every=5, eval_every=30, pool_size=200,
+                       test_size=16, ema_decay=0.9, warmup_steps=5)
+
+
+def child_main(workdir, sel, step_delay):
+    """Run in a child process: the small-backbone run, slowed down so it can be killed midway."""
+    import train.train as tt
+
+    if step_delay:
+        step_fn = tt._train_step_fn
+
+        def slow(*a, **k):
+            fn = step_fn(*a, **k)
+
+            def run(*args):
+                time.sleep(step_delay)
+                return fn(*args)
+            return run
+        tt._train_step_fn = slow
+    train_and_evaluate(_child_config(sel), workdir, backbone=TinyBackbone())
+
+
+def _spawn(workdir, sel, delay):
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); "
+            "from tests.test_train_resume import child_main; "
+            f"child_main({str(workdir)!r}, {sel!r}, {delay!r})")
+    return subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
+def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
+    _fashion_mnist_or_skip()
+    sel = _selection(tmp_path, list(range(0, 200, 4)))  # 50 labelled
+    workdir = tmp_path / "killed"
+    proc = _spawn(workdir, sel, 0.1)
+    first = workdir / "checkpoints" / "10"
+    deadline = time.time() + 120
+    while not first.is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert first.is_dir(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ""
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (workdir / "summary.json").exists()
+    killed_at = max(int(json.loads(line)["step"])
+                    for line in (workdir / "metrics.jsonl").read_text().splitlines()
+                    if line.strip().startswith("{") and line.strip().endswith("}"))
+    assert 10 <= killed_at < 60
+
+    again = _spawn(workdir, sel, 0.0)
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err.decode()[-2000:]
+
+    train_and_evaluate(_child_config(sel), tmp_path / "ref", backbone=TinyBackbone())
+    s_killed = json.loads((workdir / "summary.json").read_text())
+    s_ref = json.loads((tmp_path / "ref" / "summary.json").read_text())
+    assert s_killed["resumed_from_step"] >= 10 and s_ref["resumed_from_step"] == 0
+    assert s_killed["final_accuracy"] == s_ref["final_accuracy"]
+    assert s_killed["params_digest"] == s_ref["params_digest"]
+    assert (workdir / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
