@@ -30,7 +30,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -437,6 +437,67 @@ def _load_backbone(config: Config):
     return backbones.load(config.backbone, config.backbone_weights, seed=config.seed)
 
 
+
+class Finetune(NamedTuple):
+    """What a full-finetune run needs: initial state, compiled steps, schedule.
+
+    state: dict(step, params, rest (BatchNorm statistics, RNG state), opt_state, loss_sum,
+      loss_count[, ema]), every leaf a fresh array committed to one device.
+    train_step(state, images f32 [b, s, s, 3], labels int[b], key) -> (state, loss); donates
+      `state`. eval_step(params, rest, images, labels, mask) -> number correct.
+    """
+
+    state: dict
+    train_step: Any
+    eval_step: Any
+    schedule: Any
+    commit: Any
+
+
+def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
+                   warmup_steps: int) -> Finetune:
+    """Classifier (backbone + zero-initialised head), optimiser and compiled steps."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from train.models import Classifier, set_drop_path
+
+    drop_path_applied = set_drop_path(backbone.module, config.drop_path)
+    if config.drop_path > 0 and not drop_path_applied:
+        raise ValueError(f"backbone {config.backbone} has no drop-path layers; set drop_path=0")
+    model = Classifier(backbone.module, backbone.dim, num_classes, rngs=nnx.Rngs(config.seed))
+    model.train()
+    train_def, params, rest = nnx.split(model, nnx.Param, ...)
+    model.eval()
+    eval_def, _, _ = nnx.split(model, nnx.Param, ...)
+    tx, schedule = _make_optimizer(config, total_steps, warmup_steps)
+    state = {
+        "step": jnp.zeros((), jnp.int32),
+        "params": params,
+        "rest": rest,
+        "opt_state": tx.init(params),
+        "loss_sum": jnp.zeros((), jnp.float32),
+        "loss_count": jnp.zeros((), jnp.int32),
+    }
+    if config.ema_decay > 0:
+        state["ema"] = params
+    # Own copies: the train step donates its input buffers, and the caller's backbone module
+    # must stay usable. Every leaf is committed to one device: jit's cache key includes
+    # committed-ness, and restored arrays are committed, so uncommitted fresh ones would
+    # compile the step twice.
+    device = jax.devices()[0]
+    commit = lambda tree: jax.device_put(tree, device)
+    state = commit(jax.tree.map(jnp.copy, state))
+    key_tuple = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay,
+                 config.grad_clip_norm, total_steps, warmup_steps)
+    train_step = _train_step_fn(
+        train_def, tx, key_tuple, image_size=config.image_size, num_classes=num_classes,
+        label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
+        crop_scale_min=config.crop_scale_min)
+    return Finetune(state, train_step, _eval_step_fn(eval_def), schedule, commit)
+
+
 def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> dict:
     from bilaf_jax import data
 
@@ -451,10 +512,8 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     import jax
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
-    from flax import nnx
 
     from train.input_pipeline import BatchOrder, steps_for_epochs
-    from train.models import Classifier, set_drop_path
 
     num_classes = config.num_classes or int(max(pool.labels.max(), test.labels.max())) + 1
     train_labels = np.asarray(pool.labels[sel], np.int32)
@@ -467,33 +526,9 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
               else round(config.warmup_epochs * steps_per_epoch))
     warmup = min(warmup, total - 1)
 
-    drop_path_applied = set_drop_path(bb.module, config.drop_path)
-    if config.drop_path > 0 and not drop_path_applied:
-        raise ValueError(f"backbone {config.backbone} has no drop-path layers; set drop_path=0")
-    model = Classifier(bb.module, bb.dim, num_classes, rngs=nnx.Rngs(config.seed))
-    model.train()
-    train_def, params, rest = nnx.split(model, nnx.Param, ...)
-    model.eval()
-    eval_def, _, _ = nnx.split(model, nnx.Param, ...)
-    tx, schedule = _make_optimizer(config, total, warmup)
-    state = {
-        "step": jnp.zeros((), jnp.int32),
-        "params": params,
-        "rest": rest,
-        "opt_state": tx.init(params),
-        "loss_sum": jnp.zeros((), jnp.float32),
-        "loss_count": jnp.zeros((), jnp.int32),
-    }
-    if config.ema_decay > 0:
-        state["ema"] = params
-    # Own copies: the train step donates its input buffers, and the caller's backbone module
-    # must stay usable.
-    # Every leaf committed to one device: jit's cache key includes committed-ness, and
-    # restored arrays are committed, so uncommitted fresh ones would compile the step twice.
-    device = jax.devices()[0]
-    commit = lambda tree: jax.device_put(tree, device)
-    state = commit(jax.tree.map(jnp.copy, state))
-    del model, params, rest
+    ft = build_finetune(config, bb, num_classes, total, warmup)
+    state, schedule, commit = ft.state, ft.schedule, ft.commit
+    train_step, eval_step = ft.train_step, ft.eval_step
 
     _write_config(workdir, config, identity)
     mngr = ocp.CheckpointManager(
@@ -515,13 +550,6 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     test_images = _Images(bb, test.images, s)
     order = BatchOrder(config.seed, len(sel), config.batch_size)
     aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
-    key_tuple = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay,
-                 config.grad_clip_norm, total, warmup)
-    train_step = _train_step_fn(
-        train_def, tx, key_tuple, image_size=s, num_classes=num_classes,
-        label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
-        crop_scale_min=config.crop_scale_min)
-    eval_step = _eval_step_fn(eval_def)
 
     def eval_params(st):
         return st["ema"] if config.ema_decay > 0 else st["params"]
