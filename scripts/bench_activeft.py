@@ -139,7 +139,8 @@ def main(argv=None):
     jax_picks = {}
     for num_steps in steps:
         host = machine_info()
-        run = lambda: activeft(key, xd, args.k, num_steps=num_steps, batch_size=args.batch_size,
+        run = lambda num_steps=num_steps: activeft(key, xd, args.k, num_steps=num_steps,
+                                                   batch_size=args.batch_size,
                                init_indices=init, precision=precision)
         t0 = time.perf_counter()
         out = jax.block_until_ready(run())

@@ -1,0 +1,280 @@
+"""Benchmark BiLAF at ImageNet scale: the boundary stage alone (CPU or GPU), or the full pipeline.
+
+Usage:
+  # (a) boundary stage, random cores, in a fresh subprocess (so peak RSS is the stage's own)
+  python scripts/bench_scale.py [--n 1281167] [--d 384] [--k 6405] [--budget 64058]
+      [--mode paper] [--clusters 1000] [--repeats 1] [--profile] [--timeout SECONDS]
+      [--out RESULT.json]
+  # (b) full pipeline (meant for a GPU): ActiveFT (--steps of --batch-size rows), then the
+  #     boundary stage on its cores; run twice, the second run is reported as steady state
+  python scripts/bench_scale.py --full-pipeline [--steps 100] [--batch-size 100000]
+      [--precision default|high|highest] [--out RESULT.json]
+
+Features: a Gaussian mixture of --clusters centres (so pseudo-classes have realistic sizes),
+float32, generated in chunks with a fixed seed inside the measured process. Peak memory is the
+process's ru_maxrss (features included; the RSS after generating them is reported separately),
+plus the accelerator's peak_bytes_in_use where the device reports it. The output is checked:
+B unique indices that include every core (official mode may repeat samples by design).
+
+--profile attributes the boundary stage's time to assignment, host planning, denoising and
+selection by wrapping the stage's internal jitted steps with a blocking timer (this removes
+overlap between steps, so the total can rise slightly).
+Targets for (a) on the 2-core CPU machine: <= 300 s and <= 20 GiB.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+GIB = 1 << 30
+
+
+def mixture(n, d, clusters, seed, chunk=65536):
+    """Gaussian mixture [n, d] float32: centres ~ N(0, 4 I), unit noise; chunked generation."""
+    rng = np.random.default_rng(seed)
+    centres = (2.0 * rng.standard_normal((clusters, d))).astype(np.float32)
+    out = np.empty((n, d), np.float32)
+    for s in range(0, n, chunk):
+        e = min(n, s + chunk)
+        lab = rng.integers(0, clusters, e - s)
+        out[s:e] = centres[lab] + rng.standard_normal((e - s, d), dtype=np.float32)
+    return out
+
+
+def rss_gib():
+    # Linux reports ru_maxrss in KiB.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_peak_gib(dev):
+    try:
+        stats = dev.memory_stats() or {}
+    except Exception:  # CPU devices may not implement it
+        return None
+    peak = stats.get("peak_bytes_in_use")
+    return None if peak is None else peak / GIB
+
+
+class PhaseTimer:
+    """Wraps the boundary stage's module-level steps (`_plan` and every `*_jit` function) with
+    blocking timers (for --profile); phases are named after those functions."""
+
+    def __init__(self, module):
+        import jax
+
+        self.module, self.jax, self.totals, self.saved = module, jax, {}, {}
+        for attr in sorted(vars(module)):
+            fn = getattr(module, attr)
+            if not callable(fn) or not (attr == "_plan" or attr.endswith("_jit")):
+                continue
+            self.saved[attr] = fn
+            setattr(module, attr, self._wrap(fn, attr.strip("_").removesuffix("_jit")))
+
+    def _wrap(self, fn, phase):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = self.jax.block_until_ready(fn(*args, **kwargs))
+            self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - t0
+            return out
+
+        return timed
+
+    def reset(self):
+        self.totals = {}
+
+    def restore(self):
+        for attr, fn in self.saved.items():
+            setattr(self.module, attr, fn)
+
+
+def check_selection(indices, cores, budget, mode):
+    idx = np.asarray(indices)
+    uniq = np.unique(idx).size
+    has_cores = bool(np.isin(cores, idx).all())
+    ok = idx.shape == (budget,) and has_cores and (uniq == budget or mode == "official")
+    return dict(selected=int(idx.size), unique=int(uniq), all_cores_selected=has_cores, ok=bool(ok))
+
+
+def measure(args) -> dict:
+    """Runs inside the measured process."""
+    import jax
+    from jax import lax
+
+    from bilaf_jax import boundary
+
+    x64 = args.mode == "official"
+    if x64:
+        jax.config.update("jax_enable_x64", True)
+    dev = jax.devices()[0]
+    t0 = time.perf_counter()
+    x = mixture(args.n, args.d, args.clusters, args.seed)
+    if x64:
+        x = x.astype(np.float64)
+    res = dict(n=args.n, d=args.d, k=args.k, budget=args.budget, mode=args.mode,
+               clusters=args.clusters, seed=args.seed, device=f"{dev.platform}:{dev.device_kind}",
+               jax=jax.__version__, host=f"{cpu_name()}, {os.cpu_count()} cores",
+               load_at_start=round(os.getloadavg()[0], 2),
+               generate_s=round(time.perf_counter() - t0, 2))
+    xd = jax.device_put(x, dev)
+    del x
+    res["rss_after_features_gib"] = round(rss_gib(), 3)
+    key = jax.random.key(args.seed)
+    core_key, boundary_key = jax.random.split(key)
+    timer = PhaseTimer(boundary) if args.profile else None
+    runs = []
+
+    if args.full_pipeline:
+        from bilaf_jax.activeft import activeft
+
+        precision = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH,
+                     "highest": lax.Precision.HIGHEST}[args.precision]
+        for _ in range(2 + max(0, args.repeats - 1)):
+            if timer:
+                timer.reset()
+            t0 = time.perf_counter()
+            core = jax.block_until_ready(
+                activeft(core_key, xd, args.k, num_steps=args.steps, batch_size=args.batch_size,
+                         precision=precision))
+            t1 = time.perf_counter()
+            cores = np.sort(np.asarray(core.indices))
+            out = jax.block_until_ready(boundary.bilaf(boundary_key, xd, cores, args.budget,
+                                                       mode=args.mode))
+            t2 = time.perf_counter()
+            runs.append(dict(activeft_s=round(t1 - t0, 3), boundary_s=round(t2 - t1, 3),
+                             total_s=round(t2 - t0, 3), phases=dict(timer.totals) if timer else None,
+                             check=check_selection(out.indices, cores, args.budget, args.mode)))
+    else:
+        cores = np.sort(np.random.default_rng(args.seed + 1).choice(args.n, args.k, replace=False))
+        for _ in range(1 + args.repeats):
+            if timer:
+                timer.reset()
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(boundary.bilaf(boundary_key, xd, cores, args.budget,
+                                                       mode=args.mode))
+            runs.append(dict(boundary_s=round(time.perf_counter() - t0, 3),
+                             phases=dict(timer.totals) if timer else None,
+                             check=check_selection(out.indices, cores, args.budget, args.mode)))
+    sizes = np.bincount(np.asarray(out.pseudo_labels), minlength=args.k)
+    res.update(runs=runs, class_size_min=int(sizes.min()), class_size_median=float(np.median(sizes)),
+               class_size_max=int(sizes.max()), kept=int(np.asarray(out.kept).sum()),
+               peak_rss_gib=round(rss_gib(), 3), device_peak_gib=device_peak_gib(dev))
+    return res
+
+
+def markdown(res) -> str:
+    lines = [f"# BiLAF scale benchmark on {res['device']} (host {res['host']}, load at start "
+             f"{res['load_at_start']}); JAX {res['jax']}",
+             f"# n={res['n']} d={res['d']} K={res['k']} B={res['budget']} mode={res['mode']} "
+             f"clusters={res['clusters']}; pseudo-class sizes min/median/max = "
+             f"{res['class_size_min']}/{res['class_size_median']:.0f}/{res['class_size_max']}",
+             ""]
+    phases = []
+    for r in res["runs"]:
+        phases += [p for p in (r.get("phases") or {}) if p not in phases]
+    lines += ["| run | activeft s | boundary s | total s | " + "".join(f"{p} s | " for p in phases)
+              + "peak RSS GiB | device peak GiB | check |",
+              "|---|---|---|---|" + "---|" * len(phases) + "---|---|---|"]
+    dev_peak = res.get("device_peak_gib")
+    for i, r in enumerate(res["runs"]):
+        label = "first (compile)" if i == 0 else ("steady" if i == 1 else f"steady {i}")
+        ph = r.get("phases") or {}
+        cells = [f"{ph[p]:.1f}" if p in ph else "-" for p in phases]
+        c = r["check"]
+        check = ("ok" if c["ok"] else "FAIL") + f" ({c['unique']} unique, cores "
+        check += ("all in" if c["all_cores_selected"] else "MISSING") + ")"
+        lines.append(f"| {label} | {r.get('activeft_s', '-')} | {r['boundary_s']} | "
+                     f"{r.get('total_s', r['boundary_s'])} | " + "".join(c + " | " for c in cells) +
+                     f"{res['peak_rss_gib']:.2f} | "
+                     f"{'-' if dev_peak is None else f'{dev_peak:.2f}'} | {check} |")
+    lines.append(f"\nRSS after generating the features: {res['rss_after_features_gib']:.2f} GiB "
+                 f"(peak RSS is the process maximum over all runs).")
+    return "\n".join(lines)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n", type=int, default=1_281_167)
+    p.add_argument("--d", type=int, default=384)
+    p.add_argument("--k", type=int, default=6405)
+    p.add_argument("--budget", type=int, default=64_058)
+    p.add_argument("--mode", choices=("paper", "official"), default="paper")
+    p.add_argument("--clusters", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="steady-state runs after the first (boundary-only mode)")
+    p.add_argument("--full-pipeline", action="store_true")
+    p.add_argument("--steps", type=int, default=100, help="ActiveFT steps (--full-pipeline)")
+    p.add_argument("--batch-size", type=int, default=100_000,
+                   help="ActiveFT rows per step (--full-pipeline); 0 = full batch")
+    p.add_argument("--precision", choices=("default", "high", "highest"), default="default")
+    p.add_argument("--profile", action="store_true", help="per-phase times of the boundary stage")
+    p.add_argument("--timeout", type=float, default=None, help="kill the measurement after this")
+    p.add_argument("--in-process", action="store_true",
+                   help="measure in this process (peak RSS then includes the parent)")
+    p.add_argument("--out", default=None, help="write the result JSON here (atomically)")
+    p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch_size == 0:
+        args.batch_size = None
+    if not 1 <= args.k <= args.budget <= args.n:
+        sys.stderr.write(f"bench_scale.py: error: need 1 <= k <= budget <= n, got k={args.k} "
+                         f"budget={args.budget} n={args.n}\n")
+        return 2
+    if args.child_out or args.in_process:
+        res = measure(args)
+        if args.child_out:
+            Path(args.child_out).write_text(json.dumps(res))
+            return 0
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            child_out = Path(tmp) / "result.json"
+            cmd = [sys.executable, os.path.abspath(__file__), *(argv or sys.argv[1:]),
+                   "--child-out", str(child_out)]
+            t0 = time.perf_counter()
+            try:
+                proc = subprocess.run(cmd, timeout=args.timeout)
+            except subprocess.TimeoutExpired:
+                print(f"bench_scale.py: measurement killed after {args.timeout:.0f} s "
+                      f"(wall {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+                return 1
+            if proc.returncode != 0 or not child_out.exists():
+                print(f"bench_scale.py: measurement failed (exit {proc.returncode})", file=sys.stderr)
+                return 1
+            res = json.loads(child_out.read_text())
+            res["process_wall_s"] = round(time.perf_counter() - t0, 2)
+    print(markdown(res))
+    if args.out:
+        from bilaf_jax.io import write_json_atomic
+
+        write_json_atomic(args.out, res, indent=1)
+    return 0 if all(r["check"]["ok"] for r in res["runs"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
