@@ -139,9 +139,9 @@ def main(argv=None):
     jax_picks = {}
     for num_steps in steps:
         host = machine_info()
-        run = lambda num_steps=num_steps: activeft(key, xd, args.k, num_steps=num_steps,
-                                                   batch_size=args.batch_size,
-                               init_indices=init, precision=precision)
+        run = lambda num_steps=num_steps: activeft(
+            key, xd, args.k, num_steps=num_steps, batch_size=args.batch_size,
+            init_indices=init, precision=precision)
         t0 = time.perf_counter()
         out = jax.block_until_ready(run())
         first = time.perf_counter() - t0
