@@ -93,7 +93,7 @@ def _prepare_partial(partial: Path, config: dict) -> None:
 
 def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
                     image_size: int | None = None, limit: int | None = None,
-                    batch_size: int = 128, data_dir=None, cache_dir=None, taps=None,
+                    batch_size: int = 64, data_dir=None, cache_dir=None, taps=None,
                     seed: int = 0, progress: bool = True, on_batch=None) -> ExtractOutput:
     """Embed `dataset`/`split` with `backbone` (a name, or a loaded `Backbone`) into `out`.
 

@@ -119,6 +119,10 @@ def test_tfds_own_builders_through_mock_data(tmp_path):
         assert got.labels.dtype == np.int32 and got.labels.shape == (6,)
         got = load_arrays("cifar100", "test", cache_dir=tmp_path, limit=2)
         assert got.images.shape == (2, 32, 32, 3)
+        src = data_source("imagenet2012", "validation", cache_dir=tmp_path)
+        assert src.image_shape is None and src.num_classes == 1000  # sizes vary
+        got = load_arrays("imagenet2012", "validation", cache_dir=tmp_path, image_size=24)
+        assert got.images.shape == (6, 24, 24, 3)
 
 
 def test_unprepared_tfds_dataset_without_tensorflow_is_clear(tmp_path):

@@ -192,3 +192,13 @@ def test_image_folder_of_mixed_sizes(tmp_path):
     with np.load(tmp_path / "f.npz") as z:
         assert z["features"].shape == (5, 24) and np.isfinite(z["features"]).all()
         np.testing.assert_array_equal(z["labels"], [0, 0, 0, 1, 1])
+
+
+def test_imagenet_through_mocked_tfds(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    cfg = dict(CFG, dataset="imagenet2012", split="validation")
+    with tfds.testing.mock_data(num_examples=5):
+        res = extract_to_file(tmp_path / "f.npz", cache_dir=tmp_path, progress=False, **cfg)
+    assert res.num_images == 5
+    with np.load(tmp_path / "f.npz") as z:
+        assert z["features"].shape == (5, 24) and z["labels"].min() >= 0
