@@ -34,6 +34,7 @@ def test_reads_legacy_and_zip_torch_files(tmp_path):
         "scalar": torch.tensor(5),
         "empty": torch.zeros(0, 3),
         "nested": {"teacher": [torch.ones(2)], "epoch": 3},
+        "args": __import__("argparse").Namespace(arch="vit_small", lr=0.1),
     }
     for legacy in (True, False):
         path = tmp_path / f"sd_{legacy}.pth"
@@ -202,6 +203,9 @@ def test_lite0_embed_equals_module_on_preprocessed(lite0_random_file):
     np.testing.assert_allclose(pixels[..., 0], pixels[..., 2], atol=1e-6)  # grey replicated
     emb = bb.embed(images, image_size=48, batch_size=2)  # padded last batch
     np.testing.assert_allclose(emb, nnx.jit(lambda m, x: m(x))(bb.module, x), rtol=1e-4, atol=1e-4)
+    bb.module.train()  # embed() always runs an eval-mode copy and leaves the module's mode alone
+    np.testing.assert_array_equal(bb.embed(images, image_size=48, batch_size=2), emb)
+    assert bb.module._bn0.use_running_average is False
 
 
 # ---------------------------------------------------------------- ViT-S/16 parity

@@ -101,6 +101,16 @@ def _rebuild_parameter_with_state(data, requires_grad, backward_hooks, state):
     return data
 
 
+class _Opaque:
+    """Stands in for harmless objects stored beside the weights (e.g. training arguments)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
@@ -110,7 +120,7 @@ _ALLOWED = {
     ("builtins", "set"): set,
     ("builtins", "frozenset"): frozenset,
     ("builtins", "slice"): slice,
-    ("argparse", "Namespace"): lambda *a, **k: None,  # training args stored beside weights
+    ("argparse", "Namespace"): _Opaque,  # DINO stores its training arguments
 }
 
 
