@@ -53,6 +53,8 @@ _MIN_PAD = 16
 # Elements of one [c, P] (or [P, P]) block handled at once by the batched class map.
 _BATCH_ELEMENTS = 1 << 22
 _REMOVE_CHUNK = 16
+# Cluster members merged into the running k-NN lists per step of IDC.
+_MERGE_CHUNK = 64
 
 
 class BilafOutput(NamedTuple):
@@ -160,13 +162,17 @@ def _plan(labels: np.ndarray, core_indices: np.ndarray) -> list[_Bucket]:
 def _class_distances(xc, direct, chunk_size):
     if direct:
         chunk = _direct_chunk(xc.shape[0], xc.shape[1], chunk_size)
-        return distances.pairwise_chunked(xc, xc, "euclidean", chunk_size=chunk, direct=True)
-    return distances.pairwise(xc, xc, "euclidean")
+        dist = distances.pairwise_chunked(xc, xc, "euclidean", chunk_size=chunk, direct=True)
+    else:
+        dist = distances.pairwise(xc, xc, "euclidean")
+    # The Gram form leaves sqrt(rounding) ~ 1e-4..1e-8 on the diagonal; a sample is at 0.
+    return jnp.where(jnp.eye(xc.shape[0], dtype=bool), 0.0, dist)
 
 
 def _ranks(key, tie, mask):
     """Rank of each entry among `mask`ed ones by (key, tie); unmasked entries rank last."""
     key = jnp.where(mask, key, jnp.inf)
+    tie = jnp.where(mask, tie, jnp.iinfo(jnp.int32).max)  # after masked-in entries of key +inf
     perm = jnp.lexsort((tie, key)).astype(jnp.int32)
     return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
 
@@ -174,8 +180,10 @@ def _ranks(key, tie, mask):
 class _RingState(NamedTuple):
     in_cluster: jax.Array  # bool[P]
     position: jax.Array    # int32[P] inclusion position; P for samples never included
+    order: jax.Array       # int32[P + W] local id at each inclusion position (padded)
+    near_dist: jax.Array   # [P, k] distances to the k nearest cluster members, ascending
+    near_pos: jax.Array    # int32[P, k] their inclusion positions
     size: jax.Array        # int32 current cluster size
-    ring: jax.Array        # int32 rings done
 
 
 class _Denoised(NamedTuple):
@@ -198,39 +206,61 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
         target = m
     k = min(num_neighbors, p)
 
+    width = min(p, _MERGE_CHUNK)
+
+    def absorb(s, start):
+        """Merge cluster positions [start, s.size) into every row's running k nearest."""
+
+        def merge(j, carry):
+            near_dist, near_pos = carry
+            first = start + j * width
+            cols = lax.dynamic_slice(s.order, (first,), (width,))
+            pos = first + jnp.arange(width, dtype=jnp.int32)
+            block = jnp.where((pos < s.size)[None, :], dist[:, cols], jnp.inf)
+            # Running entries come first and hold earlier positions: ties keep the earlier.
+            both = jnp.concatenate([near_dist, block], axis=1)
+            both_pos = jnp.concatenate([near_pos, jnp.broadcast_to(pos, block.shape)], axis=1)
+            neg, idx = lax.top_k(-both, k)
+            return -neg, jnp.take_along_axis(both_pos, idx, axis=1)
+
+        steps = (s.size - start + width - 1) // width
+        near = lax.fori_loop(0, steps, merge, (s.near_dist, s.near_pos))
+        return s._replace(near_dist=near[0], near_pos=near[1])
+
     first_key = dist[core]
     if mode == "paper":
         first_key = jnp.where(local == core, -jnp.inf, first_key)
     rank = _ranks(first_key, local, valid)
-    take = valid & (rank < jnp.minimum(ring, target))
-    state = _RingState(take, jnp.where(take, rank, p).astype(jnp.int32),
-                       jnp.minimum(ring, target), jnp.int32(1))
+    first_size = jnp.minimum(ring, target)
+    take = valid & (rank < first_size)
+    position = jnp.where(take, rank, p).astype(jnp.int32)
+    order = jnp.zeros(p + width, jnp.int32).at[position].set(local, mode="drop")
+    state = _RingState(take, position, order, jnp.full((p, k), jnp.inf, ftype),
+                       jnp.zeros((p, k), jnp.int32), first_size)
+    state = absorb(state, 0)
 
     def not_done(s):
         return s.size < target
 
     def add_ring(s):
-        # Columns in inclusion order, so a top-k tie goes to the earlier cluster member.
-        order = jnp.zeros(p, jnp.int32).at[jnp.where(s.in_cluster, s.position, p)].set(
-            local, mode="drop")
-        by_position = jnp.where(local[None, :] < s.size, dist[:, order], jnp.inf)
-        neg, pos_k = lax.top_k(-by_position, k)
         count = jnp.minimum(k, s.size)
-        pos_k = pos_k.astype(jnp.int32)
         use = jnp.arange(k) < count
         if mode == "official":
             # The script averages distances to the class samples whose local ids equal the
             # positions of the nearest cluster members.
-            vals = jnp.take_along_axis(dist, pos_k, axis=1)
+            vals = jnp.take_along_axis(dist, s.near_pos, axis=1)
         else:
-            vals = -neg
+            vals = s.near_dist
         density = jnp.sum(jnp.where(use[None, :], vals, 0.0), axis=1) / count.astype(ftype)
         cand = valid & ~s.in_cluster
         r = _ranks(density, local, cand)
         add = jnp.minimum(ring, target - s.size)
         new = cand & (r < add)
-        return _RingState(s.in_cluster | new, jnp.where(new, s.size + r, s.position),
-                          s.size + add, s.ring + 1)
+        position = jnp.where(new, s.size + r, s.position)
+        order = s.order.at[jnp.where(new, position, p + width)].set(local, mode="drop")
+        grown = s._replace(in_cluster=s.in_cluster | new, position=position, order=order,
+                           size=s.size + add)
+        return absorb(grown, s.size)
 
     state = lax.while_loop(not_done, add_ring, state)
     keep = jnp.floor(state.size.astype(ftype) * (1.0 - remove_fraction)).astype(jnp.int32)
@@ -264,9 +294,6 @@ def _denoise_bucket(x, members, counts, core_local, ring_fraction, remove_fracti
     batch = max(1, min(members.shape[0], _BATCH_ELEMENTS // (p * p)))
     return lax.map(one_class, (members, counts, core_local), batch_size=batch)
 
-
-_denoise_jit = jax.jit(_denoise_bucket, static_argnames=("mode", "num_neighbors", "direct",
-                                                         "chunk_size"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -420,6 +447,7 @@ def _select_bucket(out, g, classes, members, counts, core_local, den, alloc, off
                 dist = distances.pairwise(node_x, xc, "euclidean", direct=True)[0]
             else:
                 dist = distances.pairwise(node_x, xc, "euclidean")[0]
+            dist = dist.at[s.node].set(0.0)
             key = dist if mode == "official" else jnp.where(local == s.node, -jnp.inf, dist)
             rank = _ranks(key, tie, s.cand)
             removed = s.cand & (rank < quota)
@@ -477,9 +505,6 @@ def _select_bucket(out, g, classes, members, counts, core_local, den, alloc, off
     out, (bs, kept) = lax.scan(one_class, out, (classes, members, counts, core_local, den))
     return out, bs, kept
 
-
-_select_jit = jax.jit(_select_bucket, static_argnames=("mode", "direct", "chunk_size"),
-                      donate_argnums=(0,))
 
 
 # --------------------------------------------------------------------------------------------
@@ -583,72 +608,81 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
                 "here. Use mode='paper' or distinct cores.")
 
     plan = _plan(labels, core)
-    static = dict(mode=mode, direct=direct, chunk_size=chunk_size)
-    dens = [_denoise_jit(a.features, jnp.asarray(b.members), jnp.asarray(b.counts),
-                         jnp.asarray(b.core_local), ring_fraction, remove_fraction,
-                         num_neighbors=num_neighbors, **static) for b in plan]
-    kept_sizes = jnp.zeros(num_classes, jnp.int32)
-    for b, den in zip(plan, dens, strict=True):
-        kept_sizes = kept_sizes.at[jnp.asarray(b.classes)].add(
-            jnp.sum(den.kept, axis=1).astype(jnp.int32))
+    buckets = tuple(tuple(jnp.asarray(v) for v in bucket) for bucket in plan)
+    class_sizes = jnp.asarray(np.bincount(labels, minlength=num_classes).astype(np.int32))
+    res = _stages_jit(a, core_j, buckets, class_sizes, ring_fraction, remove_fraction,
+                      opponent_penalty, mode=mode, num_neighbors=num_neighbors, direct=direct,
+                      chunk_size=chunk_size, budget=budget)
+    if mode == "official" and not is_traced(res.alloc):
+        lost = int(res.core_lost)
+        if lost >= 0:
+            raise ValueError(
+                f"official mode: denoising removed core {int(core[lost])} from its own "
+                f"pseudo-class {lost} (duplicate rows around the core?); the authors' script "
+                "fails here. Use mode='paper'.")
+        zero = np.nonzero(np.asarray(res.alloc) == 0)[0]
+        if zero.size:
+            raise ValueError(
+                f"official mode: the authors' allocation gives 0 samples to "
+                f"{zero.size} pseudo-class(es) (e.g. class {int(zero[0])}, core "
+                f"{int(core[zero[0]])}); their script divides by zero there. Raise the "
+                "budget or use mode='paper'.")
+        uniq = np.unique(np.asarray(res.out)).size
+        if uniq < budget:
+            warnings.warn(
+                f"official mode: the authors' allocation exceeds some denoised class sizes, "
+                f"so the selection repeats samples ({uniq} unique of {budget}), as their "
+                "script does.", stacklevel=2)
+    return BilafOutput(res.out, a.labels, res.kept, res.score, res.alloc)
 
-    class_sizes = np.bincount(labels, minlength=num_classes).astype(np.int32)
+
+class _StagesOut(NamedTuple):
+    out: jax.Array
+    kept: jax.Array
+    score: jax.Array
+    alloc: jax.Array
+    core_lost: jax.Array  # first class whose core was denoised away (official), else -1
+
+
+def _stages(a, core_j, buckets, class_sizes, ring_fraction, remove_fraction, opponent_penalty,
+            *, mode, num_neighbors, direct, chunk_size, budget):
+    """Denoise every bucket, allocate, select every bucket: one compiled program."""
+    n = a.features.shape[0]
+    num_classes = core_j.shape[0]
+    static = dict(mode=mode, direct=direct, chunk_size=chunk_size)
+    dens = [_denoise_bucket(a.features, members, counts, core_local, ring_fraction,
+                            remove_fraction, num_neighbors=num_neighbors, **static)
+            for _, members, counts, core_local in buckets]
+    kept_sizes = jnp.zeros(num_classes, jnp.int32)
+    core_lost = jnp.int32(num_classes)
+    for (classes, _, counts, core_local), den in zip(buckets, dens, strict=True):
+        kept_sizes = kept_sizes.at[classes].add(jnp.sum(den.kept, axis=1).astype(jnp.int32))
+        core_kept = jnp.take_along_axis(den.kept, core_local[:, None], axis=1)[:, 0]
+        lost = jnp.where((counts > 0) & ~core_kept, classes, num_classes)
+        core_lost = jnp.minimum(core_lost, jnp.min(lost))
+    core_lost = jnp.where(core_lost == num_classes, -1, core_lost)
+
     if mode == "official":
-        if not is_traced(kept_sizes):
-            _check_cores_kept(plan, dens, core)
-        alloc = _allocate_official_jit(kept_sizes, budget)
+        alloc = _allocate_official(kept_sizes, budget)
         use_all = jnp.asarray(False)
-        if not is_traced(alloc):
-            zero = np.nonzero(np.asarray(alloc) == 0)[0]
-            if zero.size:
-                raise ValueError(
-                    f"official mode: the authors' allocation gives 0 samples to "
-                    f"{zero.size} pseudo-class(es) (e.g. class {int(zero[0])}, core "
-                    f"{int(core[zero[0]])}); their script divides by zero there. Raise the "
-                    "budget or use mode='paper'.")
     else:
         use_all = jnp.sum(kept_sizes) < budget
-        caps = jnp.where(use_all, jnp.asarray(class_sizes), kept_sizes)
-        alloc = _allocate_paper_jit(caps, budget)
+        alloc = _allocate_paper(jnp.where(use_all, class_sizes, kept_sizes), budget)
     offsets = jnp.cumsum(alloc) - alloc
 
     g = _Global(a.features, a.features[core_j], a.core_dist, a.core_index, a.labels)
     out = jnp.zeros(budget, jnp.int32)
     score = jnp.full(n, jnp.inf, a.core_dist.dtype)
     kept = jnp.zeros(n, bool)
-    for b, den in zip(plan, dens, strict=True):
-        out, bs_b, kept_b = _select_jit(
-            out, g, jnp.asarray(b.classes), jnp.asarray(b.members), jnp.asarray(b.counts),
-            jnp.asarray(b.core_local), den, alloc, offsets, use_all, opponent_penalty,
-            **static)
-        mem, cnt = jnp.asarray(b.members), jnp.asarray(b.counts)
-        valid = jnp.arange(mem.shape[1])[None, :] < cnt[:, None]
-        idx = jnp.where(valid, mem, n).reshape(-1)
+    for (classes, members, counts, core_local), den in zip(buckets, dens, strict=True):
+        out, bs_b, kept_b = _select_bucket(out, g, classes, members, counts, core_local, den,
+                                           alloc, offsets, use_all, opponent_penalty, **static)
+        valid = jnp.arange(members.shape[1])[None, :] < counts[:, None]
+        idx = jnp.where(valid, members, n).reshape(-1)
         score = score.at[idx].set(bs_b.reshape(-1), mode="drop")
         kept = kept.at[idx].set(kept_b.reshape(-1), mode="drop")
-
-    if mode == "official" and not is_traced(out):
-        uniq = np.unique(np.asarray(out)).size
-        if uniq < budget:
-            warnings.warn(
-                f"official mode: the authors' allocation exceeds some denoised class sizes, "
-                f"so the selection repeats samples ({uniq} unique of {budget}), as their "
-                "script does.", stacklevel=2)
-    return BilafOutput(out, a.labels, kept, score, alloc.astype(jnp.int32))
+    return _StagesOut(out, kept, score, alloc.astype(jnp.int32), core_lost)
 
 
-def _check_cores_kept(plan, dens, core):
-    for b, den in zip(plan, dens, strict=True):
-        kept = np.asarray(den.kept)
-        rows = np.nonzero(b.counts > 0)[0]
-        lost = rows[~kept[rows, b.core_local[rows]]]
-        if lost.size:
-            j = int(b.classes[lost[0]])
-            raise ValueError(
-                f"official mode: denoising removed core {int(core[j])} from its own "
-                f"pseudo-class {j} (duplicate rows around the core?); the authors' script "
-                "fails here. Use mode='paper'.")
-
-
-_allocate_official_jit = jax.jit(_allocate_official, static_argnums=(1,))
-_allocate_paper_jit = jax.jit(_allocate_paper, static_argnums=(1,))
+_stages_jit = jax.jit(_stages, static_argnames=("mode", "num_neighbors", "direct", "chunk_size",
+                                                "budget"))

@@ -1,0 +1,237 @@
+"""BiLAF stage 2 (`bilaf_jax.boundary.bilaf`) against the naive NumPy references."""
+
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bilaf_jax import boundary
+from bilaf_jax.boundary import bilaf
+from tests.reference_boundary import official_reference, paper_reference
+
+KEY = jax.random.key(0)
+NON_DEFAULT = dict(ring_fraction=0.2, remove_fraction=0.3, opponent_penalty=1.5)
+
+
+def _blobs(seed=0, n=150, d=5, k=6):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(scale=3.0, size=(k, d))
+    x = centres[rng.integers(0, k, n)] + rng.normal(size=(n, d))
+    cores = rng.choice(n, k, replace=False)
+    return x, cores
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    return _blobs()
+
+
+@pytest.fixture(scope="module")
+def digit_features(digits):
+    # Real data: the 1,797 digit images through a fixed random projection (tie-free floats).
+    x = digits[0].astype(np.float64) @ np.random.default_rng(1).normal(size=(64, 16))
+    cores = np.random.default_rng(2).choice(x.shape[0], 12, replace=False)
+    return x, cores
+
+
+def _check(out, ref, n):
+    assert out.indices.dtype == jnp.int32 and out.pseudo_labels.dtype == jnp.int32
+    assert out.indices.shape == (len(ref[0]),) and out.pseudo_labels.shape == (n,)
+    np.testing.assert_array_equal(np.asarray(out.pseudo_labels), ref[1])
+    np.testing.assert_array_equal(np.asarray(out.kept), ref[2])
+    np.testing.assert_array_equal(np.asarray(out.allocation), ref[3])
+    np.testing.assert_array_equal(np.asarray(out.indices), np.asarray(ref[0]))
+
+
+@pytest.mark.parametrize("params", [{}, NON_DEFAULT], ids=["default", "non_default"])
+@pytest.mark.parametrize("mode", ["official", "paper"])
+def test_matches_reference_blobs_x64(blobs, mode, params):
+    x, cores = blobs
+    ref_fn = official_reference if mode == "official" else paper_reference
+    with jax.enable_x64(True):
+        out = bilaf(KEY, x, cores, 40, mode=mode, **params)
+        _check(out, ref_fn(x, cores, 40, **params), x.shape[0])
+        if mode == "paper":
+            ref_score = ref_fn(x, cores, 40, **params)[4]
+            np.testing.assert_allclose(np.asarray(out.boundary_score), ref_score, rtol=1e-9)
+
+
+@pytest.mark.parametrize("params,budget", [({}, 120), (NON_DEFAULT, 300)],
+                         ids=["default", "non_default"])
+@pytest.mark.parametrize("mode", ["official", "paper"])
+def test_matches_reference_digits_x64(digit_features, mode, params, budget):
+    x, cores = digit_features
+    ref_fn = official_reference if mode == "official" else paper_reference
+    with jax.enable_x64(True):
+        out = bilaf(KEY, x, cores, budget, mode=mode, **params)
+    _check(out, ref_fn(x, cores, budget, **params), x.shape[0])
+
+
+def test_official_other_num_neighbors_x64(blobs):
+    x, cores = blobs
+    with jax.enable_x64(True):
+        out = bilaf(KEY, x, cores, 30, mode="official", num_neighbors=3, remove_fraction=0.2)
+    _check(out, official_reference(x, cores, 30, num_neighbors=3, remove_fraction=0.2),
+           x.shape[0])
+
+
+def test_paper_float32_matches_reference(blobs):
+    x, cores = blobs
+    out = bilaf(KEY, x.astype(np.float32), cores, 40)
+    assert out.boundary_score.dtype == jnp.float32
+    _check(out, paper_reference(x.astype(np.float32), cores, 40), x.shape[0])
+
+
+def test_paper_normalize_matches_reference(blobs):
+    x, cores = blobs
+    with jax.enable_x64(True):
+        out = bilaf(KEY, x, cores, 40, normalize=True)
+    _check(out, paper_reference(x, cores, 40, normalize=True), x.shape[0])
+
+
+def test_output_layout_and_uniqueness(blobs):
+    x, cores = blobs
+    out = bilaf(KEY, x.astype(np.float32), cores[::-1], 40)  # unsorted cores are sorted
+    idx = np.asarray(out.indices)
+    alloc = np.asarray(out.allocation)
+    starts = np.concatenate([[0], np.cumsum(alloc)[:-1]])
+    np.testing.assert_array_equal(idx[starts], np.sort(cores))
+    assert len(set(idx.tolist())) == 40 and alloc.min() >= 1
+    labels = np.asarray(out.pseudo_labels)
+    for j, s in enumerate(starts):
+        assert (labels[idx[s:s + alloc[j]]] == j).all()
+    assert np.isinf(np.asarray(out.boundary_score)[~np.asarray(out.kept)]).all()
+    assert not np.isnan(np.asarray(out.boundary_score)).any()
+
+
+# --- edge cases (x64, exact distances so that duplicate rows tie exactly) ------------------
+
+
+def _edge(x, cores, budget, **kw):
+    with jax.enable_x64(True):
+        out = bilaf(KEY, x, cores, budget, direct=True, **kw)
+    ref = paper_reference(x, cores, budget, **kw)
+    _check(out, ref, x.shape[0])
+    assert len(set(np.asarray(out.indices).tolist())) == budget
+    return out
+
+
+def test_single_sample_class_and_small_classes():
+    x, cores = _blobs(seed=3, n=40, d=3, k=3)
+    x = np.concatenate([x, [[50.0, 50.0, 50.0]]])  # a far core alone in its class
+    cores = np.append(cores, 40)
+    out = _edge(x, cores, 12)
+    assert int(np.sum(np.asarray(out.pseudo_labels) == 3)) == 1
+    with jax.enable_x64(True):
+        off = bilaf(KEY, x, cores, 12, mode="official", direct=True)
+    _check(off, official_reference(x, cores, 12), x.shape[0])
+
+
+def test_budget_equals_num_cores_and_pool_size():
+    x, cores = _blobs(seed=4, n=40, d=3, k=3)
+    out = _edge(x, cores, 3)
+    np.testing.assert_array_equal(np.asarray(out.indices), np.sort(cores))
+    out = _edge(x, cores, 40)
+    assert sorted(np.asarray(out.indices).tolist()) == list(range(40))
+
+
+def test_duplicate_rows_and_identical_rows():
+    x, cores = _blobs(seed=5, n=40, d=3, k=3)
+    x[10:20] = x[5]
+    _edge(x, cores, 12)
+    same = np.ones((40, 3))
+    out = _edge(same, cores, 9)
+    assert int(np.sum(np.asarray(out.pseudo_labels) == 0)) == 38
+    with pytest.raises(ValueError, match="not in its own pseudo-class"):
+        with jax.enable_x64(True):
+            bilaf(KEY, same, cores, 9, mode="official")
+
+
+def test_single_core():
+    x, _ = _blobs(seed=6, n=40, d=3, k=3)
+    out = _edge(x, [7], 6)
+    assert np.isinf(np.asarray(out.boundary_score)).all()
+    with jax.enable_x64(True):
+        off = bilaf(KEY, x, [7], 6, mode="official")
+    _check(off, official_reference(x, [7], 6), 40)
+
+
+def test_official_zero_allocation_raises():
+    rng = np.random.default_rng(7)
+    x = np.concatenate([rng.normal(size=(100, 2)), rng.normal(size=(5, 2)) + 30,
+                        rng.normal(size=(5, 2)) - 30])
+    cores = [0, 100, 105]
+    with pytest.raises(ValueError, match="allocation gives 0"):
+        bilaf(KEY, x, cores, 3, mode="official")
+    with pytest.raises(ValueError):
+        official_reference(x, cores, 3)
+    out = bilaf(KEY, x, cores, 3)  # paper mode: every class gets at least its core
+    np.testing.assert_array_equal(np.asarray(out.indices), cores)
+
+
+def test_official_repeats_warn_and_match_reference():
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.normal(size=(20, 2)) + 10 * i for i in range(3)])
+    cores = [0, 20, 40]
+    with jax.enable_x64(True):
+        with pytest.warns(UserWarning, match="repeats samples"):
+            out = bilaf(KEY, x, cores, 60, mode="official")
+    ref = official_reference(x, cores, 60)
+    _check(out, ref, 60)
+    assert len(set(ref[0])) < 60
+    paper = bilaf(KEY, x, cores, 60)
+    assert len(set(np.asarray(paper.indices).tolist())) == 60
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(features=np.full((10, 2), np.nan)), "NaN"),
+    (dict(features=np.zeros(10)), "2-D"),
+    (dict(core_indices=[1, 1]), "repeated"),
+    (dict(core_indices=[1, 10]), "out of range"),
+    (dict(core_indices=[]), "core_indices"),
+    (dict(budget=1), "budget"),
+    (dict(budget=11), "budget"),
+    (dict(mode="nope"), "mode"),
+    (dict(ring_fraction=0.0), "ring_fraction"),
+    (dict(remove_fraction=1.5), "remove_fraction"),
+    (dict(opponent_penalty=-1.0), "opponent_penalty"),
+    (dict(num_neighbors=0), "num_neighbors"),
+])
+def test_bad_inputs(bad, match):
+    args = dict(features=np.random.default_rng(0).normal(size=(10, 2)), core_indices=[1, 4],
+                budget=4)
+    kwargs = {k: v for k, v in bad.items() if k not in args}
+    args.update({k: v for k, v in bad.items() if k in args})
+    with pytest.raises(ValueError, match=match):
+        bilaf(KEY, args["features"], args["core_indices"], args["budget"], **kwargs)
+
+
+@pytest.mark.parametrize("name,values", [("remove_fraction", [0.0, 0.1, 0.3]),
+                                         ("ring_fraction", [0.05, 0.1, 0.5]),
+                                         ("opponent_penalty", [1.0, 1.1, 2.0])])
+def test_vmap_over_hyperparameters(blobs, name, values):
+    x, cores = blobs
+    x = x.astype(np.float32)
+
+    def run(v):
+        out = bilaf(KEY, x, cores, 40, **{name: v})
+        return out.indices, out.allocation, out.kept
+
+    batched = jax.vmap(run)(jnp.asarray(values, jnp.float32))
+    for i, v in enumerate(values):
+        single = run(np.float32(v))
+        for b, s in zip(batched, single, strict=True):
+            np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(s))
+
+
+def test_no_recompile_on_second_call(blobs):
+    x, cores = blobs
+    x = x.astype(np.float32)
+    bilaf(KEY, x, cores, 40, remove_fraction=0.1)
+    size = boundary._stages_jit._cache_size()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        bilaf(KEY, x, cores, 40, remove_fraction=0.25, opponent_penalty=1.3)
+    assert boundary._stages_jit._cache_size() == size
