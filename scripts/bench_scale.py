@@ -144,6 +144,13 @@ def measure(args) -> dict:
     core_key, boundary_key = jax.random.split(key)
     timer = PhaseTimer(boundary) if args.profile else None
     runs = []
+    res["runs"] = runs
+
+    def save_partial():
+        # After every run, so a timeout still leaves the finished runs.
+        if args.child_out:
+            Path(args.child_out).write_text(json.dumps({**res, "peak_rss_gib": round(rss_gib(), 3),
+                                                        "partial": True}))
 
     if args.full_pipeline:
         from bilaf_jax.activeft import activeft
@@ -165,6 +172,7 @@ def measure(args) -> dict:
             runs.append(dict(activeft_s=round(t1 - t0, 3), boundary_s=round(t2 - t1, 3),
                              total_s=round(t2 - t0, 3), phases=dict(timer.totals) if timer else None,
                              check=check_selection(out.indices, cores, args.budget, args.mode)))
+            save_partial()
     else:
         cores = np.sort(np.random.default_rng(args.seed + 1).choice(args.n, args.k, replace=False))
         for _ in range(1 + args.repeats):
@@ -176,6 +184,7 @@ def measure(args) -> dict:
             runs.append(dict(boundary_s=round(time.perf_counter() - t0, 3),
                              phases=dict(timer.totals) if timer else None,
                              check=check_selection(out.indices, cores, args.budget, args.mode)))
+            save_partial()
     sizes = np.bincount(np.asarray(out.pseudo_labels), minlength=args.k)
     res.update(runs=runs, class_size_min=int(sizes.min()), class_size_median=float(np.median(sizes)),
                class_size_max=int(sizes.max()), kept=int(np.asarray(out.kept).sum()),
@@ -187,8 +196,10 @@ def markdown(res) -> str:
     lines = [f"# BiLAF scale benchmark on {res['device']} (host {res['host']}, load at start "
              f"{res['load_at_start']}); JAX {res['jax']}",
              f"# n={res['n']} d={res['d']} K={res['k']} B={res['budget']} mode={res['mode']} "
-             f"clusters={res['clusters']}; pseudo-class sizes min/median/max = "
-             f"{res['class_size_min']}/{res['class_size_median']:.0f}/{res['class_size_max']}",
+             f"clusters={res['clusters']}" + (
+                 "; PARTIAL (killed by --timeout after the runs below)" if res.get("partial") else
+                 f"; pseudo-class sizes min/median/max = {res['class_size_min']}/"
+                 f"{res['class_size_median']:.0f}/{res['class_size_max']}"),
              ""]
     phases = []
     for r in res["runs"]:
@@ -197,6 +208,8 @@ def markdown(res) -> str:
               + "peak RSS GiB | device peak GiB | check |",
               "|---|---|---|---|" + "---|" * len(phases) + "---|---|---|"]
     dev_peak = res.get("device_peak_gib")
+    if res.get("partial"):
+        dev_peak = None
     for i, r in enumerate(res["runs"]):
         label = "first (compile)" if i == 0 else ("steady" if i == 1 else f"steady {i}")
         ph = r.get("phases") or {}
@@ -262,11 +275,16 @@ def main(argv=None) -> int:
             except subprocess.TimeoutExpired:
                 print(f"bench_scale.py: measurement killed after {args.timeout:.0f} s "
                       f"(wall {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-                return 1
-            if proc.returncode != 0 or not child_out.exists():
-                print(f"bench_scale.py: measurement failed (exit {proc.returncode})", file=sys.stderr)
+                proc = None
+            if not child_out.exists():
+                code = "timeout" if proc is None else f"exit {proc.returncode}"
+                print(f"bench_scale.py: measurement failed ({code}) before any run finished",
+                      file=sys.stderr)
                 return 1
             res = json.loads(child_out.read_text())
+            if not res.get("runs"):
+                print("bench_scale.py: no run finished", file=sys.stderr)
+                return 1
             res["process_wall_s"] = round(time.perf_counter() - t0, 2)
     print(markdown(res))
     if args.out:
