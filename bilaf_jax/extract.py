@@ -82,8 +82,8 @@ def _prepare_partial(partial: Path, config: dict) -> None:
         if same:
             return
         for p in partial.iterdir():  # only what this module writes
-            if p.name == "config.json" or (p.name.startswith("batch_") and p.name.endswith(".npz")) \
-                    or p.name.endswith(".tmp"):
+            shard = p.name.startswith("batch_") and p.name.endswith(".npz")
+            if shard or p.name == "config.json" or p.name.endswith(".tmp"):
                 p.unlink()
     elif partial.exists():
         raise InputError(f"{partial} exists and is not a folder; remove it")

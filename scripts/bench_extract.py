@@ -1,7 +1,7 @@
 """Feature-extraction throughput (images/s) of the backbones: jitted resize + normalise + forward.
 
     python scripts/bench_extract.py --image-size 48 --batch-size 256
-    python scripts/bench_extract.py --image-size 224 --batch-size 256 --backbones efficientnet_lite0,vit_s16
+    python scripts/bench_extract.py --image-size 224 --batch-size 256 --json
 
 Feeds random uint8 images of `--input-size` (default 28x28 grey, Fashion-MNIST's shape) from
 the host each batch, as `bilaf extract` does, and times `--batches` batches after `--warmup`

@@ -60,7 +60,7 @@ def taps_dim(taps) -> int:
 
 def depthwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                    dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """`lax.conv_general_dilated` drop-in; on CPU, depthwise NHWC convs as k*k shifted multiply-adds.
+    """`lax.conv_general_dilated` drop-in: on CPU, depthwise NHWC convs as k*k shifted products.
 
     XLA's CPU grouped convolution is 10-30x slower than this fused sum of shifted slices (measured
     on the Lite0 shapes); other backends and other convolutions go to `lax.conv_general_dilated`.
@@ -70,7 +70,8 @@ def depthwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dil
         jax.default_backend() == "cpu"
         and lhs.ndim == 4 and rhs.shape[2] == 1 and feature_group_count == lhs.shape[-1]
         and rhs.shape[3] == lhs.shape[-1]
-        and all(d == 1 for d in (lhs_dilation or (1, 1))) and all(d == 1 for d in (rhs_dilation or (1, 1)))
+        and all(d == 1 for d in (lhs_dilation or (1, 1)))
+        and all(d == 1 for d in (rhs_dilation or (1, 1)))
         and (dimension_numbers is None or dimension_numbers == nhwc)
         and not kwargs.get("preferred_element_type")
     )
