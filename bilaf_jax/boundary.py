@@ -50,6 +50,10 @@ NUM_OPPONENTS = 32
 # The official script masks the own core with this value before taking the min.
 _OWN_CORE_DISTANCE = 1e9 + 7
 _MIN_PAD = 16
+# Bucket planning heuristic (see _group_pads): rough seconds to compile one bucket program,
+# and seconds per padded distance-matrix element per feature dimension.
+_COMPILE_SECONDS = 0.5
+_ELEMENT_SECONDS = 3e-11
 # Elements of one [c, P] (or [P, P]) block handled at once by the batched class map.
 _BATCH_ELEMENTS = 1 << 22
 _REMOVE_CHUNK = 16
@@ -122,26 +126,59 @@ def _pad_size(m: int) -> int:
     return max(_MIN_PAD, 1 << int(np.ceil(np.log2(max(m, 1)))))
 
 
-def _pad_count(c: int) -> int:
-    # Few distinct bucket lengths (fewer compilations) at <= 1.5x padding.
-    p = 1
-    while True:
-        for v in (p, p + p // 2):
-            if v >= c:
-                return max(v, 1)
-        p *= 2
+def _pad_count(c: int, p: int) -> int:
+    """Classes per bucket: the next of 1, 2, 3, 4, 6, 8, 12, ... (few distinct lengths, at most
+    1.5x padding), rounded up to a multiple of the batch when larger than one batch."""
+    v = 1
+    while v < c:
+        v = v + v // 2 if (v & (v - 1)) == 0 and v >= 2 else (v * 4 // 3 if v >= 3 else v + 1)
+    batch = _batch(p)
+    return v if v <= batch else -(-v // batch) * batch
 
 
-def _plan(labels: np.ndarray, core_indices: np.ndarray) -> list[_Bucket]:
+def _batch(p: int) -> int:
+    return max(1, _BATCH_ELEMENTS // (p * p))
+
+
+def _group_pads(counts: np.ndarray, d: int) -> np.ndarray:
+    """Padded size per class: power-of-two sizes, with neighbouring sizes merged into one
+    bucket where the extra padded work costs less than compiling another bucket program.
+
+    Optimal contiguous grouping of the size grid by dynamic programming over
+    cost(group) = _COMPILE_SECONDS + sum(classes x P_group^2) x per-element seconds.
+    """
+    pads = np.array([_pad_size(int(m)) for m in counts])
+    grid = np.unique(pads)
+    num = np.array([np.sum(pads == g) for g in grid], np.float64)
+    per_element = (d + 32) * _ELEMENT_SECONDS
+    best = np.full(grid.size + 1, np.inf)
+    best[0] = 0.0
+    cut = np.zeros(grid.size + 1, int)
+    for hi in range(1, grid.size + 1):
+        for lo in range(hi):
+            cost = best[lo] + _COMPILE_SECONDS + num[lo:hi].sum() * float(grid[hi - 1]) ** 2 \
+                * per_element
+            if cost < best[hi]:
+                best[hi], cut[hi] = cost, lo
+    target = np.zeros(grid.size, grid.dtype)
+    hi = grid.size
+    while hi > 0:
+        lo = cut[hi]
+        target[lo:hi] = grid[hi - 1]
+        hi = lo
+    return target[np.searchsorted(grid, pads)]
+
+
+def _plan(labels: np.ndarray, core_indices: np.ndarray, d: int) -> list[_Bucket]:
     num_classes = core_indices.shape[0]
     order = np.argsort(labels, kind="stable")
     counts = np.bincount(labels, minlength=num_classes)
     starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    pads = np.array([_pad_size(int(m)) for m in counts])
+    pads = _group_pads(counts, d)
     buckets = []
     for p in np.unique(pads):
         ids = np.nonzero(pads == p)[0]
-        c = _pad_count(ids.size)
+        c = _pad_count(ids.size, int(p))
         classes = np.zeros(c, np.int32)
         members = np.zeros((c, p), np.int32)
         cnt = np.zeros(c, np.int32)
@@ -291,7 +328,7 @@ def _denoise_bucket(x, members, counts, core_local, ring_fraction, remove_fracti
         intra_all = jnp.sum(finite, axis=1)
         return _Denoised(position, kept, intra_kept, intra_all)
 
-    batch = max(1, min(members.shape[0], _BATCH_ELEMENTS // (p * p)))
+    batch = min(members.shape[0], _batch(p))  # divides the class count (see _plan)
     return lax.map(one_class, (members, counts, core_local), batch_size=batch)
 
 
@@ -607,7 +644,7 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
                 "its own pseudo-class (duplicate core features?); the authors' script fails "
                 "here. Use mode='paper' or distinct cores.")
 
-    plan = _plan(labels, core)
+    plan = _plan(labels, core, d)
     buckets = tuple(tuple(jnp.asarray(v) for v in bucket) for bucket in plan)
     class_sizes = jnp.asarray(np.bincount(labels, minlength=num_classes).astype(np.int32))
     res = _stages_jit(a, core_j, buckets, class_sizes, ring_fraction, remove_fraction,

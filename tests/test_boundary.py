@@ -208,20 +208,20 @@ def test_bad_inputs(bad, match):
         bilaf(KEY, args["features"], args["core_indices"], args["budget"], **kwargs)
 
 
-@pytest.mark.parametrize("name,values", [("remove_fraction", [0.0, 0.1, 0.3]),
-                                         ("ring_fraction", [0.05, 0.1, 0.5]),
-                                         ("opponent_penalty", [1.0, 1.1, 2.0])])
-def test_vmap_over_hyperparameters(blobs, name, values):
+def test_vmap_over_hyperparameters(blobs):
     x, cores = blobs
     x = x.astype(np.float32)
+    sweep = dict(remove_fraction=[0.0, 0.1, 0.3], ring_fraction=[0.05, 0.1, 0.5],
+                 opponent_penalty=[1.0, 1.1, 2.0])
 
-    def run(v):
-        out = bilaf(KEY, x, cores, 40, **{name: v})
+    def run(remove, ring, penalty):
+        out = bilaf(KEY, x, cores, 40, remove_fraction=remove, ring_fraction=ring,
+                    opponent_penalty=penalty)
         return out.indices, out.allocation, out.kept
 
-    batched = jax.vmap(run)(jnp.asarray(values, jnp.float32))
-    for i, v in enumerate(values):
-        single = run(np.float32(v))
+    batched = jax.vmap(run)(*(jnp.asarray(v, jnp.float32) for v in sweep.values()))
+    for i in range(3):
+        single = run(*(np.float32(v[i]) for v in sweep.values()))
         for b, s in zip(batched, single, strict=True):
             np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(s))
 
