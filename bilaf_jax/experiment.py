@@ -238,16 +238,16 @@ def project(features: np.ndarray, rank: int) -> tuple[np.ndarray, float]:
     (projected float32 [n, r], retained share of the squared Frobenius norm). Deterministic
     signs (largest component of each vector positive).
     """
-    x = np.asarray(features, np.float64)
+    x = np.asarray(features, np.float32)
     if rank >= x.shape[1]:
-        return np.asarray(features, np.float32), 1.0
-    gram = x.T @ x  # [d, d]
+        return x, 1.0
+    gram = (x.T @ x).astype(np.float64)  # [d, d]
     evals, evecs = np.linalg.eigh(gram)
     order = np.argsort(evals)[::-1][:rank]
     v = evecs[:, order]
     v *= np.sign(v[np.argmax(np.abs(v), axis=0), np.arange(rank)])
     kept = float(evals[order].sum() / max(evals.sum(), 1e-300))
-    return (x @ v).astype(np.float32), kept
+    return x @ v.astype(np.float32), kept
 
 
 def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True, counter=None,
