@@ -210,3 +210,30 @@ def test_workdir_of_another_config_is_refused(tmp_path, capsys):
         experiment.run_experiment(tiny_config(num_cores=3), wd, progress=False)
     # changing only what caches do not depend on is fine
     experiment._check_workdir(wd, tiny_config(seeds=(0, 1, 2), evals=("knn",)))
+
+
+def test_full_finetune_evaluation_wiring(tmp_path, monkeypatch):
+    """The "full" evaluation hands train_and_evaluate a valid config per selection (faked run)."""
+    import train.train
+
+    calls = []
+
+    def fake_train_and_evaluate(config, workdir):
+        sel = json.loads(open(config.selection).read())
+        calls.append((config, str(workdir), sel))
+        return {"final_accuracy": 0.25 + 0.001 * len(sel), "step": 1}
+
+    monkeypatch.setattr(train.train, "train_and_evaluate", fake_train_and_evaluate)
+    wd = tmp_path / "run"
+    _inject_features(wd)
+    config = tiny_config(methods=("random", "bilaf-paper"), evals=("knn", "full"), seeds=(0,),
+                         finetune={"epochs": 2.0, "batch_size": 8}, image_size=32)
+    out = experiment.run_experiment(config, wd, progress=False)
+    assert len(calls) == 4 and len({w for _, w, _ in calls}) == 4
+    for cfg, _, sel in calls:
+        assert (cfg.mode, cfg.pool_size, cfg.test_size, cfg.seed) == ("full", 240, 90, 0)
+        assert (cfg.epochs, cfg.batch_size, cfg.image_size) == (2.0, 8, 32)
+        assert cfg.backbone == "efficientnet_lite0" and sel == sorted(set(sel))
+    full = [r for r in out.results["records"] if r["eval"] == "full"]
+    assert {r["budget"] for r in full} == {12, 24}
+    assert all(r["accuracy"] == 0.25 + 0.001 * r["num_labelled"] for r in full)
