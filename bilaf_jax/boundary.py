@@ -52,8 +52,8 @@ _OWN_CORE_DISTANCE = 1e9 + 7
 _MIN_PAD = 16
 # Bucket planning heuristic (see _group_pads): rough seconds to compile one bucket program,
 # and seconds per padded distance-matrix element per feature dimension.
-_COMPILE_SECONDS = 0.5
-_ELEMENT_SECONDS = 3e-11
+_COMPILE_SECONDS = 1.0
+_ELEMENT_SECONDS = 6e-11
 # Elements of one [c, P] (or [P, P]) block handled at once by the batched class map.
 _BATCH_ELEMENTS = 1 << 22
 _REMOVE_CHUNK = 16
@@ -123,7 +123,12 @@ class _Bucket(NamedTuple):
 
 
 def _pad_size(m: int) -> int:
-    return max(_MIN_PAD, 1 << int(np.ceil(np.log2(max(m, 1)))))
+    """Smallest padded class size >= m: powers of two up to 512, then quarter-octave steps
+    (1024, 1280, 1536, 1792, 2048, 2560, ...) so that big classes waste at most 25% per side."""
+    if m <= 512:
+        return max(_MIN_PAD, 1 << int(np.ceil(np.log2(max(m, 1)))))
+    step = 1 << (int(np.floor(np.log2(m - 1))) - 2)
+    return int(-(-m // step) * step)
 
 
 def _pad_count(c: int, p: int) -> int:
