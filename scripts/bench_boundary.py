@@ -7,7 +7,8 @@ Usage:
 
 Prints a markdown table: mode, B, first-call seconds (compilation included; the first budget
 of each mode pays most of it, later budgets reuse the compiled bucket programs), steady-state
-seconds (best of --repeats). With --authors, also times the authors' script functions on the
+seconds (best of --repeats), and the process CPU seconds of the same calls (a check on the
+wall-clock numbers when the machine is shared). With --authors, also times the authors' script functions on the
 same features (float64, scipy), run in this process from the given file.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import sys
 import time
 import types
@@ -71,28 +73,30 @@ def main(argv=None):
         key = jax.random.key(0)
         for mode in args.modes.split(","):
             for b in budgets:
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 jax.block_until_ready(bilaf(key, f, cores, b, mode=mode))
-                first = time.perf_counter() - t0
+                first = (time.perf_counter() - t0, time.process_time() - c0)
                 steady = []
                 for _ in range(args.repeats):
-                    t0 = time.perf_counter()
+                    t0, c0 = time.perf_counter(), time.process_time()
                     jax.block_until_ready(bilaf(key, f, cores, b, mode=mode))
-                    steady.append(time.perf_counter() - t0)
+                    steady.append((time.perf_counter() - t0, time.process_time() - c0))
                 rows.append((mode + (" x64" if args.x64 else ""), b, first, min(steady)))
     if args.authors:
         mod = load_authors(args.authors)
         for b in budgets:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run_authors(mod, feats, cores, b)
-            dt = time.perf_counter() - t0
+            dt = (time.perf_counter() - t0, time.process_time() - c0)
             rows.append(("authors (numpy/scipy f64)", b, dt, dt))
     print(f"n={args.n} d={args.d} K={args.cores} jax {jax.__version__} "
           f"devices {jax.devices()[0].platform}")
-    print("| mode | B | first call (s) | steady (s) |")
-    print("|---|---|---|---|")
+    print(f"load average at end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print("| mode | B | first call (s) | steady (s) | first call CPU (s) | steady CPU (s) |")
+    print("|---|---|---|---|---|---|")
     for mode, b, first, steady in rows:
-        print(f"| {mode} | {b} | {first:.2f} | {steady:.3f} |")
+        print(f"| {mode} | {b} | {first[0]:.2f} | {steady[0]:.3f} | {first[1]:.2f} | "
+              f"{steady[1]:.3f} |")
 
 
 class _null:
