@@ -111,6 +111,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--torch", action="store_true", help="also time the PyTorch implementation")
     p.add_argument("--torch-threads", type=int, default=None)
+    p.add_argument("--skip-jax", action="store_true", help="time only the PyTorch version")
     args = p.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",")]
 
@@ -133,11 +134,13 @@ def main(argv=None):
           f"{gen_s:.1f} s")
     print(f"# JAX {jax.__version__} on {dev.platform}:{dev.device_kind}; host {machine_info()}")
     print()
+    # CPU seconds (user + system, all threads of this process) are reported next to wall
+    # seconds: on a shared machine they vary far less with other jobs' load.
     print("| impl | n | d | K | steps | batch | precision | first call s | steady s | "
-          "device | host (load at start) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "steady CPU s | device | host (load at start) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     jax_picks = {}
-    for num_steps in steps:
+    for num_steps in [] if args.skip_jax else steps:
         host = machine_info()
         run = lambda num_steps=num_steps: activeft(
             key, xd, args.k, num_steps=num_steps, batch_size=args.batch_size,
@@ -145,15 +148,18 @@ def main(argv=None):
         t0 = time.perf_counter()
         out = jax.block_until_ready(run())
         first = time.perf_counter() - t0
-        steady = []
+        steady, cpu = [], []
         for _ in range(args.repeats):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             jax.block_until_ready(run())
             steady.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         jax_picks[num_steps] = np.asarray(out.indices)
         st = f"{min(steady):.2f}" if steady else "-"
+        ct = f"{min(cpu):.1f}" if cpu else "-"
         print(f"| jax | {args.n} | {args.d} | {args.k} | {num_steps} | {args.batch_size or 'full'} | "
-              f"{args.precision} | {first:.2f} | {st} | {dev.device_kind} | {host} |", flush=True)
+              f"{args.precision} | {first:.2f} | {st} | {ct} | {dev.device_kind} | {host} |",
+              flush=True)
     if args.torch:
         import torch
 
@@ -161,16 +167,18 @@ def main(argv=None):
             torch.set_num_threads(args.torch_threads)
         for num_steps in steps:
             host = machine_info()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             picks, _ = torch_activeft(x, init, num_steps, batch_size=args.batch_size,
                                       seed=args.seed)
             secs = time.perf_counter() - t0
-            same = np.intersect1d(picks, jax_picks[num_steps]).size
+            cpu_s = time.process_time() - c0
             print(f"| torch {torch.__version__} ({torch.get_num_threads()} threads) | {args.n} | "
                   f"{args.d} | {args.k} | {num_steps} | {args.batch_size or 'full'} | fp32 | "
-                  f"{secs:.2f} | {secs:.2f} | cpu | {host} |", flush=True)
-            print(f"#   torch and JAX selections share {same} of {args.k} indices "
-                  "(same initial rows; batches differ when --batch-size is set)", flush=True)
+                  f"{secs:.2f} | {secs:.2f} | {cpu_s:.1f} | cpu | {host} |", flush=True)
+            if num_steps in jax_picks:
+                same = np.intersect1d(picks, jax_picks[num_steps]).size
+                print(f"#   torch and JAX selections share {same} of {args.k} indices "
+                      "(same initial rows; batches differ when --batch-size is set)", flush=True)
 
 
 if __name__ == "__main__":
