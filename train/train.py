@@ -34,7 +34,14 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from bilaf_jax.io import InputError, load_features, load_index_list, sha256_file, write_json_atomic
+from bilaf_jax.io import (
+    InputError,
+    load_features,
+    load_index_list,
+    sha256_file,
+    write_json_atomic,
+    write_text_atomic,
+)
 from train.linear import DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY
 
 MODES = ("linear", "knn", "full")
@@ -48,7 +55,7 @@ class Config:
     dataset: str = "fashion_mnist"
     data_dir: str | None = None
     selection: str | None = None  # JSON list of pool row ids to label
-    pool_size: int | None = 10000  # the pool = the first pool_size train images (None: all)
+    pool_size: int | None = None  # pool = first pool_size train images / feature rows (None: all)
     test_size: int | None = None  # evaluate on the first test_size test images (None: all)
     features: str | None = None  # linear/knn: pool features .npz (features, labels)
     test_features: str | None = None  # linear/knn: test features .npz (features, labels)
@@ -190,8 +197,6 @@ class MetricsWriter:
                 if isinstance(rec, dict) and isinstance(rec.get("step"), int) \
                         and rec["step"] <= step:
                     kept.append(line)
-        from bilaf_jax.io import write_text_atomic
-
         write_text_atomic(self.path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
