@@ -186,3 +186,12 @@ def test_bilaf_rejects_invalid_budget_and_cores(mode, problem, data):
     with pytest.raises(ValueError):
         select(jax.random.key(0), x, budget, method="bilaf", num_cores=bad_cores, mode=mode,
                labeled=labeled, core_method="kcenter")
+
+
+def test_paper_mode_single_core_does_not_repeat_it():
+    # With one core there is no opponent, so every candidate's boundary score is +inf: the
+    # value that also marks removed candidates. The removed core must not win that tie.
+    x = make_pool("normal", 9, 1, seed=0)
+    for budget in (2, 5, 9):
+        idx = np.asarray(select(jax.random.key(0), x, budget, num_cores=1, core_method="kcenter").indices)
+        check_indices(idx, 9, budget, None)
