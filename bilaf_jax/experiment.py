@@ -499,8 +499,17 @@ def _paired(records, method, other, budget, ev):
     return np.asarray([a[s] - b[s] for s in seeds], np.float64)
 
 
+# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (then 2.0).
+_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t_critical(df: int) -> float:
+    return _T95[df - 1] if 1 <= df <= len(_T95) else 2.0
+
+
 def verdict(records, method, other, budget, ev) -> str:
-    """One honest phrase: mean paired difference, seeds won, and whether it exceeds noise."""
+    """One honest phrase: mean paired difference, seeds won, and whether a paired t-test over
+    the seeds (two-sided, 5%) separates the two methods."""
     d = _paired(records, method, other, budget, ev)
     if not len(d):
         return f"{method} vs {other}: no comparable runs"
@@ -508,18 +517,19 @@ def verdict(records, method, other, budget, ev) -> str:
     wins = int((d > 0).sum())
     if len(d) > 1:
         se = d.std(ddof=1) / math.sqrt(len(d))
-        clear = abs(mean) > 2 * se and mean != 0
+        clear = abs(mean) > t_critical(len(d) - 1) * se and mean != 0
     else:
         se, clear = math.nan, False
     if mean > 0:
-        word = "beats" if clear else "is ahead of, within noise,"
+        word = "beats" if clear else "is ahead of"
     elif mean < 0:
-        word = "loses to" if clear else "is behind, within noise,"
+        word = "loses to" if clear else "is behind"
     else:
         word = "ties"
     se_txt = f", s.e. {100 * se:.1f}" if len(d) > 1 else ""
+    sig = "" if clear or mean == 0 else f", not significant over {len(d)} seeds"
     return (f"{method} {word} {other} ({100 * mean:+.1f} points{se_txt}; "
-            f"ahead on {wins}/{len(d)} seeds)")
+            f"ahead on {wins}/{len(d)} seeds{sig})")
 
 
 def results_markdown(config: RunConfig, records, budgets, meta: dict) -> str:
@@ -565,8 +575,9 @@ def results_markdown(config: RunConfig, records, budgets, meta: dict) -> str:
         bilafs = [m for m in config.methods if m.startswith("bilaf")]
         others = [m for m in ("random", "activeft") if m in config.methods]
         if bilafs and others:
-            lines.append("Does BiLAF beat random and ActiveFT? (paired over seeds; 'beats' / "
-                         "'loses to' only when the mean difference exceeds 2 standard errors)")
+            lines.append("Does BiLAF beat random and ActiveFT? (differences paired by seed; "
+                         "'beats' / 'loses to' only where a two-sided paired t-test over the "
+                         "seeds is significant at 5%)")
             lines.append("")
             for b in budgets:
                 parts = [verdict(records, m, o, b, ev) for m in bilafs for o in others]
@@ -662,6 +673,15 @@ def plot_pca_map(feats: Features, selection: dict, path: Path, title: str) -> No
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+def _readable(folder: Path, names) -> None:
+    """Atomic writes create private files; make the report readable like any new file."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for name in names:
+        with contextlib.suppress(OSError):
+            os.chmod(folder / name, 0o666 & ~umask)
 
 
 class RunOutput(NamedTuple):
@@ -769,4 +789,5 @@ def run_experiment(config: RunConfig, workdir, *, progress: bool = True,
             plot_pca_map(feats, sel, workdir / "pca_map.png",
                          f"{bilaf_method}, B = {b}, K = {config.num_cores}, seed "
                          f"{config.seeds[0]} ({config.dataset}, first 2 PCs of the pool)")
+    _readable(workdir, ("results.json", "results.md", "accuracy_vs_budget.png", "pca_map.png"))
     return RunOutput(results, markdown, workdir)

@@ -237,3 +237,20 @@ def test_full_finetune_evaluation_wiring(tmp_path, monkeypatch):
     full = [r for r in out.results["records"] if r["eval"] == "full"]
     assert {r["budget"] for r in full} == {12, 24}
     assert all(r["accuracy"] == 0.25 + 0.001 * r["num_labelled"] for r in full)
+
+
+def test_verdict_uses_a_paired_t_test():
+    def recs(method, accs):
+        return [{"method": method, "budget": 10, "seed": s, "eval": "knn", "accuracy": a}
+                for s, a in enumerate(accs)]
+
+    base = recs("random", [0.50, 0.52, 0.48, 0.51, 0.49])
+    clear = base + recs("bilaf-paper", [0.53, 0.55, 0.50, 0.54, 0.52])
+    assert experiment.verdict(clear, "bilaf-paper", "random", 10, "knn").startswith(
+        "bilaf-paper beats random (+2.8 points")
+    noisy = base + recs("bilaf-paper", [0.60, 0.45, 0.47, 0.52, 0.50])
+    text = experiment.verdict(noisy, "bilaf-paper", "random", 10, "knn")
+    assert "is ahead of random" in text and "not significant over 5 seeds" in text
+    worse = base + recs("bilaf-paper", [0.40, 0.41, 0.39, 0.42, 0.40])
+    assert "loses to random" in experiment.verdict(worse, "bilaf-paper", "random", 10, "knn")
+    assert "no comparable" in experiment.verdict(base, "bilaf-paper", "random", 10, "knn")
