@@ -195,3 +195,15 @@ def test_paper_mode_single_core_does_not_repeat_it():
     for budget in (2, 5, 9):
         idx = np.asarray(select(jax.random.key(0), x, budget, num_cores=1, core_method="kcenter").indices)
         check_indices(idx, 9, budget, None)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason="select drops every copy of a labelled row from the "
+                   "official boundary output, so where the script repeats labelled cores the "
+                   "list comes back shorter than the budget")
+def test_official_repeats_with_labeled_keep_the_budget():
+    x = make_pool("normal", 40, 3, seed=0)
+    labeled = np.array([0, 1], np.int32)
+    with pytest.warns(UserWarning, match="repeats samples"):
+        out = select(jax.random.key(0), x, 38, num_cores=2, core_method="kcenter",
+                     mode="official", labeled=labeled)
+    check_indices(out.indices, 40, 38, labeled, unique=False)
