@@ -11,8 +11,8 @@ Recipe as configs/cifar10.py (SGD 0.9, lr 3e-3, wd 1e-4, cosine, 5 warm-up epoch
 smoothing 0.1, drop-path 0.1, RandomResizedCrop 224 + flip, 1000 epochs).
 """
 
-from pathlib import Path
 import importlib.util
+from pathlib import Path
 
 
 def get_config() -> dict:
