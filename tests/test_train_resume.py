@@ -157,7 +157,7 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
     workdir = tmp_path / "killed"
     proc = _spawn(workdir, sel, 0.1)
     first = workdir / "checkpoints" / "10"
-    deadline = time.time() + 120
+    deadline = time.time() + 300
     while not first.is_dir() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert first.is_dir(), proc.stderr.read().decode()[-2000:] if proc.poll() is not None else ""
