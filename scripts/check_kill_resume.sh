@@ -151,8 +151,29 @@ for root, _, names in os.walk("run_ref/selections"):
                 sel_diff.append(p)
         elif not filecmp.cmp(p, q, shallow=False):
             sel_diff.append(p)
+only = set()
+for sub in ("selections", "features", "evals"):
+    for side, other in (("run_ref", "run_killed"), ("run_killed", "run_ref")):
+        for root, _, names in os.walk(os.path.join(side, sub)):
+            for name in names:
+                if not os.path.exists(os.path.join(root, name).replace(side, other, 1)):
+                    only.add(os.path.join(root, name))
 print(f"  selection files differing (timing fields ignored): {len(sel_diff)} {sel_diff[:3]}")
-ok &= not sel_diff
+print(f"  cached files present in one workdir only: {len(only)} {sorted(only)[:3]}")
+import numpy as np
+
+feat_diff = []
+for name in sorted(os.listdir("run_ref/features")):
+    if name.endswith(".npz"):
+        za, zb = np.load(f"run_ref/features/{name}"), np.load(f"run_killed/features/{name}")
+        for k in za.files:
+            if k == "meta":
+                continue
+            if k not in zb.files or not np.array_equal(za[k], zb[k]):
+                feat_diff.append(f"{name}:{k}")
+        print(f"  features/{name}: arrays {', '.join(k for k in za.files if k != 'meta')} identical: "
+              f"{not [d for d in feat_diff if d.startswith(name)]}")
+ok &= not sel_diff and not only and not feat_diff
 print("  PASS" if ok else "  FAIL")
 raise SystemExit(0 if ok else 1)
 EOF
