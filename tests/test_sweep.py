@@ -15,7 +15,8 @@ from bilaf_jax.activeft import activeft
 from bilaf_jax.boundary import bilaf
 from bilaf_jax.pipeline import select
 
-BOUNDARY_GRID = {"remove_fraction": [0.1, 0.3], "opponent_penalty": [1.1, 1.5]}
+BOUNDARY_GRID = {"remove_fraction": [0.1, 0.3], "ring_fraction": [0.1, 0.25],
+                 "opponent_penalty": [1.1, 1.5]}
 BUDGET = 16
 STEPS = 20
 
@@ -70,9 +71,9 @@ def test_boundary_sweep_equals_separate_runs(pool):
     key = jax.random.key(0)
     out = S.sweep_boundary(key, x, cores, BUDGET, BOUNDARY_GRID)
     seq = S.sweep_boundary(key, x, cores, BUDGET, BOUNDARY_GRID, settings_per_batch=1)
-    assert out.indices.shape == (4, BUDGET) and out.kept.shape == (4, 160)
+    assert out.indices.shape == (8, BUDGET) and out.kept.shape == (8, 160)
     distinct = set()
-    for i in range(4):
+    for i in range(8):
         p = {k: float(v[i]) for k, v in out.params.items()}
         one = bilaf(key, x, cores, BUDGET, **p)
         np.testing.assert_array_equal(out.indices[i], one.indices)
@@ -90,13 +91,14 @@ def test_sweep_rows_match_select_and_naive_measures(pool):
     grid = {"temperature": [0.07, 0.2], **BOUNDARY_GRID}
     out = S.sweep(key, x, BUDGET, grid, num_cores=4, labels=labels, num_steps=STEPS)
     records = S.to_records(out)
-    assert len(records) == 8 and out.indices.shape == (8, BUDGET)
-    assert list(out.core_setting) == [0] * 4 + [1] * 4
-    for i in (0, 5):
+    assert len(records) == 16 and out.indices.shape == (16, BUDGET)
+    assert list(out.core_setting) == [0] * 8 + [1] * 8
+    for i in (0, 13):
         r = records[i]
         ref = select(key, x, BUDGET, num_cores=4,
                      core_options=dict(num_steps=STEPS, temperature=r["temperature"]),
-                     remove_fraction=r["remove_fraction"], opponent_penalty=r["opponent_penalty"])
+                     remove_fraction=r["remove_fraction"], ring_fraction=r["ring_fraction"],
+                     opponent_penalty=r["opponent_penalty"])
         idx = np.asarray(ref.indices)
         np.testing.assert_array_equal(out.indices[i], idx)
         np.testing.assert_array_equal(out.core_indices[r["core_setting"]], ref.core_indices)
@@ -201,14 +203,15 @@ def test_cli_writes_records(pool, tmp_path, capsys):
     out = tmp_path / "r.json"
     code = _cli().main([str(tmp_path / "f.npz"), "--budget", str(BUDGET), "--cores", "4",
                         "--steps", str(STEPS), "--grid", "remove_fraction=0.1,0.3",
-                        "--grid", "opponent_penalty=1.1,1.5", "--out", str(out)])
+                        "--grid", "ring_fraction=0.1,0.25", "--grid", "opponent_penalty=1.1,1.5",
+                        "--out", str(out)])
     assert code == 0
     data = json.loads(out.read_text())
-    assert len(data["records"]) == 4 and data["config"]["has_labels"]
+    assert len(data["records"]) == 8 and data["config"]["has_labels"]
     assert {"mean_distance", "selected_balance", "pool_balance", "label_count",
             "label_balance"} <= set(data["records"][0])
     table = capsys.readouterr().out
-    assert table.startswith("| temperature |") and table.count("\n| 0.07 |") == 4
+    assert table.startswith("| temperature |") and table.count("\n| 0.07 |") == 8
 
 
 @pytest.mark.parametrize("extra, match", [
