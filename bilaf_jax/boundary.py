@@ -57,6 +57,8 @@ _ELEMENT_SECONDS = 6e-11
 # Elements of one [c, P] (or [P, P]) block handled at once by the batched class map.
 _BATCH_ELEMENTS = 1 << 22
 _REMOVE_CHUNK = 16
+# Largest [P, K] block of distances to all cores kept per class (paper Eq. 7 scans).
+_CORE_CACHE_ELEMENTS = 1 << 23
 # Cluster members merged into the running k-NN lists per step of IDC.
 _MERGE_CHUNK = 64
 
@@ -401,6 +403,8 @@ class _PickState(NamedTuple):
     hits: jax.Array       # [K] penalty factor per opponent class
     node: jax.Array       # int32 local id of the last pick
     t: jax.Array          # int32 picks made in this class
+    to_cores: jax.Array   # [P, K] distances to all cores once needed (paper), else [1, 1]
+    have_cores: jax.Array  # bool, to_cores filled
 
 
 def _opponents_official(core_dist, core_index, own):
@@ -458,27 +462,45 @@ def _select_bucket(out, g, classes, members, counts, core_local, den, alloc, off
         quota = size // jnp.maximum(budget_i, 1)
         sizef = size.astype(ftype)
 
+        def all_cores():
+            if direct:
+                chunk = _direct_chunk(num_classes, xc.shape[1], chunk_size)
+                return distances.pairwise_chunked(xc, g.cores, "euclidean", chunk_size=chunk,
+                                                  direct=True)
+            return distances.pairwise(xc, g.cores, "euclidean")
+
+        every = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32), (p, num_classes))
+        cache = mode == "paper" and not full_list and p * num_classes <= _CORE_CACHE_ELEMENTS
+
         def scores(s):
+            """Scores of all rows and the (possibly filled) distance cache."""
             if mode == "official":
                 inner = intra0 / sizef
                 num = outer * s.hits[opp] - inner
-                return num / jnp.maximum(outer, inner)
+                return num / jnp.maximum(outer, inner), s.to_cores, s.have_cores
             remaining = jnp.sum(s.cand).astype(ftype)
             a = s.intra / jnp.maximum(remaining, 1.0)
             if full_list:
-                return _paper_terms(od, oi, own, a, s.hits, valid_list)
+                return _paper_terms(od, oi, own, a, s.hits, valid_list), s.to_cores, s.have_cores
+            # The tracked opponents give the exact Eq. 7 minimum while one of them is
+            # unpenalised (delta >= 1); otherwise scan all cores.
             hit = s.hits[oi] != 1.0
             tracked_all_hit = jnp.any(s.cand & jnp.all(hit | ~valid_list | (oi == own[:, None]),
                                                        axis=1))
             need_full = tracked_all_hit | (opponent_penalty < 1)
-
-            def full(_):
-                dk = distances.pairwise(xc, g.cores, "euclidean")
-                ik = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32), dk.shape)
-                return _paper_terms(dk, ik, own, a, s.hits, jnp.ones(dk.shape, bool))
-
-            return lax.cond(need_full, full,
-                            lambda _: _paper_terms(od, oi, own, a, s.hits, valid_list), None)
+            ones = jnp.ones((p, num_classes), bool)
+            if cache:
+                to_cores = lax.cond(need_full & ~s.have_cores, lambda _: all_cores(),
+                                    lambda _: s.to_cores, None)
+                have = s.have_cores | need_full
+                sc = lax.cond(need_full,
+                              lambda _: _paper_terms(to_cores, every, own, a, s.hits, ones),
+                              lambda _: _paper_terms(od, oi, own, a, s.hits, valid_list), None)
+                return sc, to_cores, have
+            sc = lax.cond(need_full,
+                          lambda _: _paper_terms(all_cores(), every, own, a, s.hits, ones),
+                          lambda _: _paper_terms(od, oi, own, a, s.hits, valid_list), None)
+            return sc, s.to_cores, s.have_cores
 
         def not_done(s):
             return s.t < budget_i
@@ -514,23 +536,25 @@ def _select_bucket(out, g, classes, members, counts, core_local, den, alloc, off
                 # The previous pick's opponent is penalised at the start of this round.
                 hits = jnp.where(s.node != core, hits.at[opp[s.node]].multiply(opponent_penalty),
                                  hits)
-            score = scores(s._replace(cand=cand, intra=intra, hits=hits))
+            score, to_cores, have_cores = scores(s._replace(cand=cand, intra=intra, hits=hits))
             if mode == "official":
                 score = jnp.where(jnp.isnan(score), -jnp.inf, score)  # numpy argmin picks NaN
             # Lowest score; ties: nearest to the last pick, then the tie key.
             score = jnp.where(cand, score, jnp.inf)
-            best_rank = _ranks(score, rank, cand)
-            new = jnp.argmin(best_rank).astype(jnp.int32)
+            tied = cand & (score == jnp.min(score))
+            new = jnp.argmin(jnp.where(tied, rank, jnp.iinfo(jnp.int32).max)).astype(jnp.int32)
             if mode == "paper":
                 # The pick faces its nearest other core; later scores feel the penalty.
                 hits = jnp.where(has_opp[new], hits.at[near_opp[new]].multiply(opponent_penalty),
                                  hits)
             out = s.out.at[offset + s.t].set(mem[new])
-            return _PickState(out, cand, intra, hits, new, s.t + 1)
+            return _PickState(out, cand, intra, hits, new, s.t + 1, to_cores, have_cores)
 
         hits0 = jnp.ones(num_classes, ftype)
         out = jnp.where(budget_i > 0, out.at[offset].set(mem[core]), out)
-        start = _PickState(out, pool, jnp.where(pool, intra0, 0.0), hits0, core, jnp.int32(1))
+        cache_shape = (p, num_classes) if cache else (1, 1)
+        start = _PickState(out, pool, jnp.where(pool, intra0, 0.0), hits0, core, jnp.int32(1),
+                           jnp.zeros(cache_shape, ftype), jnp.asarray(False))
         final = lax.while_loop(not_done, pick, start)
 
         # Boundary score before penalties, for inspection.

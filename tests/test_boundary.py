@@ -235,3 +235,16 @@ def test_no_recompile_on_second_call(blobs):
         warnings.simplefilter("error")
         bilaf(KEY, x, cores, 40, remove_fraction=0.25, opponent_penalty=1.3)
     assert boundary._stages_jit._cache_size() == size
+
+
+@pytest.mark.parametrize("tracked,cache", [(2, 1 << 23), (3, 1)], ids=["cached", "uncached"])
+def test_paper_tracked_opponents_fallback_exact(monkeypatch, tracked, cache):
+    # Few tracked opponents per sample: rounds where all are penalised scan every core.
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 6))
+    cores = rng.choice(300, 30, replace=False)
+    monkeypatch.setattr(boundary, "NUM_OPPONENTS", tracked)
+    monkeypatch.setattr(boundary, "_CORE_CACHE_ELEMENTS", cache)
+    with jax.enable_x64(True):
+        out = bilaf(KEY, x, cores, 100, opponent_penalty=1.5)
+    _check(out, paper_reference(x, cores, 100, opponent_penalty=1.5), 300)
