@@ -143,7 +143,7 @@ def run_bilaf(x, budget, num_cores, core_method, mode, labeled, seed=3):
 
 @pytest.mark.parametrize("mode", ["paper", "official"])
 @given(problem=problems(sizes=(1, 9, 40)), data=st.data())
-@_settings(6)
+@_settings(4)
 def test_bilaf_contract(mode, problem, data):
     x, labeled, budget = problem
     n = x.shape[0]
@@ -192,7 +192,7 @@ def test_paper_mode_single_core_does_not_repeat_it():
     # With one core there is no opponent, so every candidate's boundary score is +inf: the
     # value that also marks removed candidates. The removed core must not win that tie.
     x = make_pool("normal", 9, 1, seed=0)
-    for budget in (2, 5, 9):
+    for budget in (2, 9):
         idx = np.asarray(select(jax.random.key(0), x, budget, num_cores=1, core_method="kcenter").indices)
         check_indices(idx, 9, budget, None)
 
