@@ -46,7 +46,7 @@ from bilaf_jax._validation import (
 MODES = ("paper", "official")
 # Opponent cores tracked per sample in paper mode (Eq. 7 min); an exact full scan over all K
 # cores runs only in rounds where every tracked opponent of some candidate is penalised.
-NUM_OPPONENTS = 32
+NUM_OPPONENTS = 16
 # The official script masks the own core with this value before taking the min.
 _OWN_CORE_DISTANCE = 1e9 + 7
 _MIN_PAD = 16
