@@ -109,16 +109,16 @@ def test_resume_after_interruptions_gives_identical_records(tmp_path):
     assert again["records"] == out.results["records"]
 
 
-def test_bilaf_from_cached_cores_equals_select(digits):
+def test_bilaf_from_cached_cores_equals_select():
     from bilaf_jax.pipeline import select
 
-    x = digits[0][:400]
+    x, _ = _blobs(240, 4, 8, 5)  # the tiny runs' shapes: compiled programs are shared
     for mode in ("paper", "official"):
-        ref = select(jax.random.key(3), x, 40, method="bilaf", num_cores=8, mode=mode,
-                     core_options={"num_steps": 30})
-        cores = select(jax.random.key(3), x, 8, method="activeft",
-                       core_options={"num_steps": 30}).indices
-        got = experiment.boundary_from_cores(3, x, np.asarray(cores), 40, mode=mode)
+        ref = select(jax.random.key(3), x, 24, method="bilaf", num_cores=4, mode=mode,
+                     core_options={"num_steps": 20})
+        cores = select(jax.random.key(3), x, 4, method="activeft",
+                       core_options={"num_steps": 20}).indices
+        got = experiment.boundary_from_cores(3, x, np.asarray(cores), 24, mode=mode)
         np.testing.assert_array_equal(np.sort(np.asarray(cores)), np.asarray(ref.core_indices))
         np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(ref.indices))
 

@@ -36,7 +36,34 @@ def register(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and print the plan; compute nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--compile-cache", default=None,
+                   help="folder for JAX's persistent compilation cache, reused by later runs "
+                   "(default: $BILAF_COMPILE_CACHE or ~/.cache/bilaf_jax/jax_compile; 'off' "
+                   "disables it)")
     p.set_defaults(func=run)
+
+
+def enable_compile_cache(folder) -> str | None:
+    """Point JAX's persistent compilation cache at `folder` (None: the default; 'off': none).
+
+    Many selection programs have data-dependent static shapes (budgets, BiLAF's per-class
+    buckets); a later run of the same config then skips recompiling them.
+    """
+    import os
+
+    folder = folder or os.environ.get("BILAF_COMPILE_CACHE") or "~/.cache/bilaf_jax/jax_compile"
+    if folder == "off":
+        return None
+    path = Path(folder).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None  # a cache is an optimisation only
+    import jax
+
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    return str(path)
 
 
 def resolve_config(args):
@@ -81,6 +108,7 @@ def run(args) -> int:
         return dry_run(config, workdir)
     from bilaf_jax import experiment
 
+    enable_compile_cache(args.compile_cache)
     command = "bilaf " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
     out = experiment.run_experiment(config, workdir, progress=not args.no_progress,
                                     command=command)
