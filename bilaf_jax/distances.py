@@ -244,7 +244,7 @@ def greedy_unique_match(points, centres, metric: str = "sqeuclidean", *,
         pick = lax.cond(free.any(), lambda: ids[first_free], lambda: exact_scan(j, taken))
         return taken.at[pick].set(True), out.at[j].set(pick)
 
-    taken = jnp.zeros(n, bool) if taken is None else taken
+    taken = jnp.zeros(n, bool) if taken is None else jnp.asarray(taken)
     state = (taken, jnp.zeros(num_centres, jnp.int32))
     _, out = lax.fori_loop(0, num_centres, body, state)
     return out

@@ -69,7 +69,7 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
       float64 under `jax.enable_x64`, as the authors' scipy code does, so that its list matches
       theirs index for index.
     labeled: int[m] rows already labelled (multi-round active finetuning). They are never
-      selected. For "bilaf" they also count as existing cores: the boundary stage runs with
+      selected. For "bilaf" (paper mode only) they also count as existing cores: the boundary stage runs with
       cores = labeled + the K new cores and a budget of budget + m, and the labelled rows are
       then dropped from its output, leaving `budget` new rows.
     num_rows: the real rows of a pool padded to shard evenly (`bilaf_jax.sharding.shard_rows`).
@@ -97,6 +97,11 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
         options["num_rows"] = n
     if labeled is not None:
         labeled = V.check_indices(labeled, n, "labeled")
+        if method == "bilaf" and mode == "official" and labeled.size:
+            # The script has no labelled pool; where it repeats a labelled core, no faithful
+            # list of `budget` new rows exists.
+            raise ValueError("labeled rows need mode='paper': the authors' script (official mode) has no "
+                             "notion of an already-labelled pool")
         V.check_exclude(labeled, n, budget)
         if labeled.size:
             options["exclude"] = labeled

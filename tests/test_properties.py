@@ -154,6 +154,8 @@ def test_bilaf_contract(mode, problem, data):
         assert err is None, err
         assert not warned, warned
         check_indices(idx, n, budget, labeled)
+    elif labeled is not None and labeled.size:
+        assert err is not None and "need mode='paper'" in err, err
     else:
         if err is not None:
             assert OFFICIAL_ERRORS.match(err), err
@@ -197,13 +199,12 @@ def test_paper_mode_single_core_does_not_repeat_it():
         check_indices(idx, 9, budget, None)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason="select drops every copy of a labelled row from the "
-                   "official boundary output, so where the script repeats labelled cores the "
-                   "list comes back shorter than the budget")
-def test_official_repeats_with_labeled_keep_the_budget():
+def test_official_mode_refuses_labelled_pools():
+    # The authors' script has no labelled pool and repeats cores where a class is too small, so
+    # no faithful list of `budget` new rows exists: official mode refuses, paper mode serves.
     x = make_pool("normal", 40, 3, seed=0)
     labeled = np.array([0, 1], np.int32)
-    with pytest.warns(UserWarning, match="repeats samples"):
-        out = select(jax.random.key(0), x, 38, num_cores=2, core_method="kcenter",
-                     mode="official", labeled=labeled)
-    check_indices(out.indices, 40, 38, labeled, unique=False)
+    with pytest.raises(ValueError, match="need mode='paper'"):
+        select(jax.random.key(0), x, 38, num_cores=2, core_method="kcenter", mode="official", labeled=labeled)
+    out = select(jax.random.key(0), x, 38, num_cores=2, core_method="kcenter", labeled=labeled)
+    check_indices(out.indices, 40, 38, labeled)

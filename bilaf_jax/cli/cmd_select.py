@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -67,24 +68,26 @@ def meta_path(selection_path) -> Path:
 
 
 def parse_budget(text, n: int) -> int:
+    """'500' or '1%' (of the pool, at least 1) -> a budget in [1, n]."""
     if text is None:
         raise UsageError("--budget is required")
     text = str(text).strip()
+    number = text[:-1] if text.endswith("%") else text
     try:
-        if text.endswith("%"):
-            pct = float(text[:-1])
-            if not 0 < pct <= 100:
-                raise UsageError(f"--budget percentage must be in (0, 100], got {text}")
-            return max(1, int(n * pct / 100))
-        value = float(text)
+        value = float(number)
     except ValueError:
-        raise UsageError(f"--budget must be an integer or a percentage like 1%, got {text!r}") from None
+        value = float("nan")
+    if not math.isfinite(value):
+        raise UsageError(f"--budget must be an integer or a percentage like 1%, got {text!r}")
+    if text.endswith("%"):
+        if not 0 < value <= 100:
+            raise UsageError(f"--budget percentage must be in (0, 100], got {text}")
+        return max(1, int(n * value / 100))
     if value != int(value):
         raise UsageError(f"--budget must be an integer, got {text}")
-    value = int(value)
     if not 1 <= value <= n:
-        raise UsageError(f"--budget must be in [1, {n}] for this pool, got {value}")
-    return value
+        raise UsageError(f"--budget must be in [1, {n}] for this pool, got {int(value)}")
+    return int(value)
 
 
 def _check_args(a) -> None:
@@ -241,7 +244,9 @@ def verify(selection_path) -> int:
     if digest != fmeta["sha256"]:
         raise UsageError(f"features file {fpath} changed since the selection was made (sha256 differs)")
     features, _ = io.load_features(fpath, label_column=settings["label_column"])
-    labeled = io.load_index_list(settings["labeled"], features.shape[0], name="--labeled") if settings["labeled"] else None
+    labeled = None
+    if settings["labeled"]:
+        labeled = io.load_index_list(settings["labeled"], features.shape[0], name="--labeled")
     indices, _, timings, _ = run_selection(features, settings, labeled)
     if indices == selection:
         print(f"verified: {len(indices)} indices identical ({timings['total_seconds']:.2f} s)")
