@@ -645,10 +645,13 @@ def plot_pca_map(feats: Features, selection: dict, path: Path, title: str) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    x = np.asarray(feats.pool, np.float64)
+    x = np.asarray(feats.pool, np.float32)
     x = x - x.mean(0)
-    _, _, vt = np.linalg.svd(x[:: max(1, len(x) // 5000)], full_matrices=False)
-    xy = x @ vt[:2].T
+    # Top-2 eigenvectors of the covariance (a full SVD of [n, d] is needlessly slow here).
+    evals, evecs = np.linalg.eigh((x.T @ x).astype(np.float64))
+    top = evecs[:, np.argsort(evals)[::-1][:2]]
+    top *= np.sign(top[np.argmax(np.abs(top), axis=0), np.arange(2)])
+    xy = x @ top.astype(np.float32)
     fig, ax = plt.subplots(figsize=(7, 6))
     sc = ax.scatter(xy[:, 0], xy[:, 1], c=feats.pool_labels, cmap="tab10", s=3, alpha=0.25,
                     linewidths=0)
