@@ -187,7 +187,24 @@ def _check_workdir(workdir: Path, config: RunConfig) -> None:
             raise InputError(f"workdir {workdir} holds a run of a different config ({shown}); "
                              "use a new --workdir")
     else:
-        write_json_atomic(path, {"identity": ident, "config": config._asdict()}, indent=1)
+        write_json_atomic(path, {"identity": ident, "config": config._asdict(),
+                                 "created": _utc_now()}, indent=1)
+
+
+def _utc_now(ts: float | None = None) -> str:
+    import datetime
+
+    when = datetime.datetime.fromtimestamp(time.time() if ts is None else ts, datetime.timezone.utc)
+    return when.strftime("%Y-%m-%d %H:%M")
+
+
+def _started(workdir: Path) -> str:
+    """When this workdir's run was first started (run.json's creation)."""
+    path = workdir / "run.json"
+    try:
+        return json.loads(path.read_text()).get("created") or _utc_now(path.stat().st_mtime)
+    except (OSError, ValueError, AttributeError):
+        return _utc_now()
 
 
 # ----------------------------------------------------------------------------- progress
@@ -537,7 +554,8 @@ def results_markdown(config: RunConfig, records, budgets, meta: dict) -> str:
     pool_n = meta["pool_size"]
     lines = [f"# bilaf run: config `{config.name}`", ""]
     lines.append(f"Command: `{meta['command']}`  ")
-    lines.append(f"Date (UTC): {meta['date']}; machine: {meta['machine']}  ")
+    lines.append(f"Run started (UTC): {meta['started']}; this report: {meta['date']}; machine: "
+                 f"{meta['machine']}  ")
     lines.append(f"Data: {config.dataset}, pool = first {pool_n} train images, "
                  f"{meta['test_size']} test images; backbone {config.backbone} at "
                  f"{config.image_size} px ({meta['feature_dim']}-d features); selection on "
@@ -746,11 +764,10 @@ def run_experiment(config: RunConfig, workdir, *, progress: bool = True,
         for e in config.evals)}
     records.sort(key=lambda r: order[(r["method"], r["budget"], r["seed"], r["eval"])])
 
-    import datetime
-
     meta = {
         "command": command or f"bilaf run --config {config.name} --workdir {workdir}",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+        "date": _utc_now(),
+        "started": _started(workdir),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, JAX devices: "
                    + ", ".join(sorted({d.platform for d in __import__("jax").devices()})),
         "pool_size": n,
@@ -778,6 +795,7 @@ def run_experiment(config: RunConfig, workdir, *, progress: bool = True,
         "environment": environment(),
         "command": meta["command"],
         "date": meta["date"],
+        "run_started": meta["started"],
         "timing_this_call": timing,
     }
     markdown = results_markdown(config, records, budgets, meta)
