@@ -23,6 +23,12 @@ class InputError(ValueError):
     """A user-facing problem with an input file or argument (the CLI prints it on one line)."""
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode: str = "wb"):
     """Open a temporary sibling of `path` for writing; rename it over `path` on success."""
@@ -34,6 +40,8 @@ def atomic_open(path, mode: str = "wb"):
         raise InputError(f"output folder is not writable: {folder}")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
     try:
+        # mkstemp makes 0600 files; give the result the mode a plain open() would.
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

@@ -1,0 +1,51 @@
+"""Atomic writes and feature loading."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from bilaf_jax import io
+
+
+def test_atomic_write_replaces_whole_file_with_plain_permissions(tmp_path):
+    path = tmp_path / "sel.json"
+    io.write_json_atomic(path, [1, 2, 3])
+    assert json.loads(path.read_text()) == [1, 2, 3]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~mask
+    assert [p.name for p in tmp_path.iterdir()] == ["sel.json"]
+
+
+def test_failed_write_keeps_old_file_and_leaves_no_temp(tmp_path):
+    path = tmp_path / "sel.json"
+    io.write_json_atomic(path, [1])
+    with pytest.raises(RuntimeError):
+        with io.atomic_open(path) as f:
+            f.write(b"[2, 3")
+            raise RuntimeError("killed")
+    assert json.loads(path.read_text()) == [1]
+    assert [p.name for p in tmp_path.iterdir()] == ["sel.json"]
+
+
+def test_load_features_formats_and_errors(tmp_path):
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    np.save(tmp_path / "f.npy", x)
+    np.savez(tmp_path / "f.npz", features=x, labels=np.arange(4))
+    got, labels = io.load_features(tmp_path / "f.npy")
+    np.testing.assert_array_equal(got, x) and labels is None
+    got, labels = io.load_features(tmp_path / "f.npz")
+    np.testing.assert_array_equal(labels, np.arange(4))
+    got, labels = io.load_features(tmp_path / "f.npy", label_column=True)
+    np.testing.assert_array_equal(got, x[:, :2])
+    np.testing.assert_array_equal(labels, x[:, 2].astype(int))
+    (tmp_path / "bad.npy").write_text("not numpy")
+    for path, match in [(tmp_path / "missing.npy", "not found"), (tmp_path / "bad.npy", "not a NumPy"),
+                        (tmp_path, "folder")]:
+        with pytest.raises(io.InputError, match=match):
+            io.load_features(path)
+    np.save(tmp_path / "nan.npy", np.array([[np.nan, 1.0]]))
+    with pytest.raises(io.InputError, match="NaN"):
+        io.load_features(tmp_path / "nan.npy")
