@@ -20,33 +20,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import time
 
 import numpy as np
-
-
-def mixture(n, d, clusters, seed, chunk=65536):
-    """Gaussian mixture [n, d] float32: centres ~ N(0, 4 I), unit noise; chunked generation."""
-    rng = np.random.default_rng(seed)
-    centres = (2.0 * rng.standard_normal((clusters, d))).astype(np.float32)
-    out = np.empty((n, d), np.float32)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        lab = rng.integers(0, clusters, e - s)
-        out[s:e] = centres[lab] + rng.standard_normal((e - s, d), dtype=np.float32)
-    return out
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
+from _common import cpu_name, mixture
 
 
 def machine_info():

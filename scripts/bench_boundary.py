@@ -15,26 +15,11 @@ same features (float64, scipy), run in this process from the given file.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import os
-import sys
 import time
-import types
 
 import numpy as np
-
-
-def load_authors(path):
-    # Their module imports torch at top level but the selection functions never use it.
-    if "torch" not in sys.modules:
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            sys.modules["torch"] = types.ModuleType("torch")
-    spec = importlib.util.spec_from_file_location("authors_density_cluster", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _common import load_authors
 
 
 def run_authors(mod, features, cores, budget):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -37,36 +36,14 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import cpu_name, mixture
 
 GIB = 1 << 30
-
-
-def mixture(n, d, clusters, seed, chunk=65536):
-    """Gaussian mixture [n, d] float32: centres ~ N(0, 4 I), unit noise; chunked generation."""
-    rng = np.random.default_rng(seed)
-    centres = (2.0 * rng.standard_normal((clusters, d))).astype(np.float32)
-    out = np.empty((n, d), np.float32)
-    for s in range(0, n, chunk):
-        e = min(n, s + chunk)
-        lab = rng.integers(0, clusters, e - s)
-        out[s:e] = centres[lab] + rng.standard_normal((e - s, d), dtype=np.float32)
-    return out
 
 
 def rss_gib():
     # Linux reports ru_maxrss in KiB.
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1 << 20)
-
-
-def cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def device_peak_gib(dev):

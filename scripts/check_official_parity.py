@@ -17,24 +17,11 @@ two lists are identical (same indices, same order). Exit status 1 on any mismatc
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import sys
-import types
 import warnings
 
 import numpy as np
-
-
-def load_authors(path):
-    if "torch" not in sys.modules:  # imported at their top level, unused by these functions
-        try:
-            import torch  # noqa: F401
-        except ImportError:
-            sys.modules["torch"] = types.ModuleType("torch")
-    spec = importlib.util.spec_from_file_location("authors_density_cluster", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from _common import load_authors
 
 
 def authors_select(mod, features, cores, budget, k, ring, remove, penalty):
