@@ -88,13 +88,18 @@ def knn_eval(train_x, train_y, test_x, test_y, *, k: int = 20, temperature: floa
     >>> knn_eval(x, y, x, y, k=1)
     1.0
     """
+    xp, yp, mask, tx, ty, num_classes = padded_inputs(train_x, train_y, test_x, test_y, num_classes, pad_to)
+    out = knn_classify(xp, yp, mask, tx, ty, temperature, k=k, num_classes=num_classes)
+    return out if return_output else float(out.accuracy)
+
+
+def padded_inputs(train_x, train_y, test_x, test_y, num_classes, pad_to):
+    """The labelled rows padded to a bucket size (with a mask) and the test arrays as JAX arrays;
+    `num_classes` inferred from the labels when None."""
     train_y = np.asarray(train_y)
     test_y = np.asarray(test_y)
     if num_classes is None:
         num_classes = int(max(train_y.max(), test_y.max())) + 1
     size = pad_to or bucket_size(len(train_y))
     xp, yp, mask = pad_rows(np.asarray(train_x, np.float32), train_y, size)
-    out = knn_classify(xp, yp, mask, jnp.asarray(test_x, jnp.float32),
-                       jnp.asarray(test_y, jnp.int32), temperature, k=k,
-                       num_classes=num_classes)
-    return out if return_output else float(out.accuracy)
+    return xp, yp, mask, jnp.asarray(test_x, jnp.float32), jnp.asarray(test_y, jnp.int32), num_classes

@@ -19,11 +19,10 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax import lax
 
-from train.knn import bucket_size, pad_rows
+from train.knn import padded_inputs
 
 DEFAULT_WEIGHT_DECAY = 1e-2
 DEFAULT_STEPS = 100
@@ -136,13 +135,6 @@ def linear_probe(train_x, train_y, test_x, test_y, *, weight_decay: float = DEFA
     >>> linear_probe(x, y, x, y) > 0.9
     True
     """
-    train_y = np.asarray(train_y)
-    test_y = np.asarray(test_y)
-    if num_classes is None:
-        num_classes = int(max(train_y.max(), test_y.max())) + 1
-    size = pad_to or bucket_size(len(train_y))
-    xp, yp, mask = pad_rows(np.asarray(train_x, np.float32), train_y, size)
-    out = linear_probe_padded(xp, yp, mask, jnp.asarray(test_x, jnp.float32),
-                              jnp.asarray(test_y, jnp.int32), weight_decay,
-                              num_classes=num_classes, steps=steps)
+    xp, yp, mask, tx, ty, num_classes = padded_inputs(train_x, train_y, test_x, test_y, num_classes, pad_to)
+    out = linear_probe_padded(xp, yp, mask, tx, ty, weight_decay, num_classes=num_classes, steps=steps)
     return out if return_output else float(out.accuracy)
