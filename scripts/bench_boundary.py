@@ -2,7 +2,7 @@
 
 Usage:
   python scripts/bench_boundary.py [--n 50000] [--d 384] [--cores 250]
-      [--budgets 500,1000,2500,5000] [--modes paper,official] [--x64] [--repeats 3]
+      [--budgets 500,1000,2500,5000] [--modes paper,official] [--x64] [--repeats 3] [--clusters C]
       [--authors PATH/TO/density_cluster.py]
 
 Prints a markdown table: mode, B, first-call seconds (compilation included; the first budget
@@ -19,7 +19,7 @@ import os
 import time
 
 import numpy as np
-from _common import load_authors
+from _common import load_authors, mixture
 
 
 def run_authors(mod, features, cores, budget):
@@ -39,6 +39,8 @@ def main(argv=None):
     p.add_argument("--x64", action="store_true", help="float64 features under jax x64")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clusters", type=int, default=0,
+                   help="Gaussian-mixture features with this many clusters (0: a single Gaussian)")
     p.add_argument("--authors", default=None, help="path to the authors' density_cluster.py")
     args = p.parse_args(argv)
 
@@ -47,7 +49,10 @@ def main(argv=None):
     from bilaf_jax.boundary import bilaf
 
     rng = np.random.default_rng(args.seed)
-    feats = rng.normal(size=(args.n, args.d))
+    if args.clusters:
+        feats = mixture(args.n, args.d, args.clusters, args.seed).astype(np.float64)
+    else:  # one Gaussian blob: random cores give very uneven pseudo-classes
+        feats = rng.normal(size=(args.n, args.d))
     cores = np.sort(rng.choice(args.n, args.cores, replace=False))
     budgets = [int(b) for b in args.budgets.split(",")]
     rows = []
