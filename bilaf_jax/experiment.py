@@ -41,7 +41,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bilaf_jax.io import InputError, save_npz_atomic, write_bytes_atomic, write_json_atomic, write_text_atomic
+from bilaf_jax.io import (
+    InputError,
+    check_identity,
+    save_npz_atomic,
+    write_bytes_atomic,
+    write_json_atomic,
+    write_text_atomic,
+)
 
 METHODS = ("random", "kcenter", "kmeans", "activeft", "bilaf-paper", "bilaf-official")
 EVALS = ("linear", "knn", "full")
@@ -177,15 +184,7 @@ def _check_workdir(workdir: Path, config: RunConfig) -> None:
     path = workdir / "run.json"
     ident = identity(config)
     if path.exists():
-        try:
-            stored = json.loads(path.read_text())["identity"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            raise InputError(f"workdir {workdir} has an unreadable run.json ({e})") from None
-        if stored != ident:
-            diff = sorted(k for k in set(stored) | set(ident) if stored.get(k) != ident.get(k))
-            shown = "; ".join(f"{k}: {stored.get(k)!r} -> {ident.get(k)!r}" for k in diff[:3])
-            raise InputError(f"workdir {workdir} holds a run of a different config ({shown}); "
-                             "use a new --workdir")
+        check_identity(path, ident, workdir)
     else:
         write_json_atomic(path, {"identity": ident, "config": config._asdict(),
                                  "created": _utc_now()}, indent=1)

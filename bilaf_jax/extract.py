@@ -17,7 +17,6 @@ so `out` is either absent or complete, never truncated.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bilaf_jax.io import InputError, atomic_open, save_npz_atomic, write_json_atomic
+from bilaf_jax.io import InputError, atomic_open, check_output_path, save_npz_atomic, write_json_atomic
 
 __all__ = ["ExtractOutput", "extract_to_file", "read_meta"]
 
@@ -41,18 +40,6 @@ class ExtractOutput(NamedTuple):
     reused_batches: int  # batches found in the partial folder and not recomputed
     computed_batches: int
     seconds: float
-
-
-def _check_out(out) -> Path:
-    out = Path(out).expanduser()
-    if out.is_dir():
-        raise InputError(f"output path is a folder: {out}")
-    folder = out.parent if str(out.parent) else Path(".")
-    if not folder.is_dir():
-        raise InputError(f"output folder does not exist: {folder}")
-    if not os.access(folder, os.W_OK):
-        raise InputError(f"output folder is not writable: {folder}")
-    return out
 
 
 def _save_shard(path: Path, **arrays) -> None:
@@ -106,7 +93,7 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
     from bilaf_jax import data
 
     t0 = time.perf_counter()
-    out = _check_out(out)
+    out = check_output_path(out)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer))
                               or limit < 1):
         raise InputError(f"limit must be a positive integer, got {limit!r}")

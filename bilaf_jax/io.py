@@ -23,6 +23,34 @@ class InputError(ValueError):
     """A user-facing problem with an input file or argument (the CLI prints it on one line)."""
 
 
+def check_output_path(path) -> Path:
+    """`path` as a Path whose folder exists and is writable and which is not itself a folder."""
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise InputError(f"output path is a folder: {path}")
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise InputError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"output folder is not writable: {folder}")
+    return path
+
+
+def check_identity(record_path, current: dict, workdir) -> None:
+    """Raise InputError unless the JSON at `record_path` holds `identity` equal to `current`.
+
+    Used to refuse reusing a workdir made by a different configuration."""
+    record_path = Path(record_path)
+    try:
+        stored = json.loads(record_path.read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise InputError(f"workdir {workdir} has an unreadable {record_path.name} ({e})") from None
+    if stored != current:
+        diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+        shown = "; ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in diff[:3])
+        raise InputError(f"workdir {workdir} holds a run of a different config ({shown}); use a new --workdir")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

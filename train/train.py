@@ -36,6 +36,7 @@ import numpy as np
 
 from bilaf_jax.io import (
     InputError,
+    check_identity,
     load_features,
     load_index_list,
     sha256_file,
@@ -162,15 +163,7 @@ def _check_workdir(workdir: Path, identity: dict) -> bool:
             raise InputError(f"workdir {workdir} holds a run without config.json; "
                              "use an empty or new workdir")
         return False
-    try:
-        stored = json.loads(cfg_path.read_text())["identity"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise InputError(f"workdir {workdir} has an unreadable config.json ({e})") from None
-    if stored != identity:
-        diff = sorted(k for k in set(stored) | set(identity) if stored.get(k) != identity.get(k))
-        shown = "; ".join(f"{k}: {stored.get(k)!r} -> {identity.get(k)!r}" for k in diff[:3])
-        raise InputError(f"workdir {workdir} belongs to a different config ({shown}); "
-                         "use a new --workdir")
+    check_identity(cfg_path, identity, workdir)
     return True
 
 

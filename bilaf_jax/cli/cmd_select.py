@@ -167,18 +167,9 @@ def run(a) -> int:
     if not a.out:
         raise UsageError("--out is required")
     _check_args(a)
-    out_path = Path(a.out)
-    if out_path.is_dir():
-        raise UsageError(f"--out is a folder: {out_path}")
-    parent = out_path.parent if str(out_path.parent) else Path(".")
-    if not parent.is_dir():
-        raise UsageError(f"output folder does not exist: {parent}")
-    import os
-
-    if not os.access(parent, os.W_OK):
-        raise UsageError(f"output folder is not writable: {parent}")
-
     from bilaf_jax import io
+
+    out_path = io.check_output_path(a.out)
 
     features, _ = io.load_features(a.features, label_column=a.label_column)
     n, d = features.shape
