@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
+from bilaf_jax.backbones.torch_pickle import StateDictReader
 from bilaf_jax.io import InputError
 
 # (expand ratio, kernel, stride, out channels) of the 16 MBConv blocks; stem 32, head 1280.
@@ -197,16 +198,8 @@ def _conv(torch_w: np.ndarray) -> jnp.ndarray:
 
 def load_torch_state_dict(module: EfficientNetLite, sd: Mapping[str, np.ndarray]) -> None:
     """Copy a lukemelas-layout EfficientNet-Lite0 state dict into `module` (in place)."""
-    used = set()
-
-    def take(key, shape):
-        if key not in sd:
-            raise InputError(f"weight file lacks '{key}' (not an EfficientNet-Lite0 state dict?)")
-        w = np.asarray(sd[key], np.float32)
-        if tuple(w.shape) != tuple(shape):
-            raise InputError(f"weight '{key}' has shape {w.shape}, expected {tuple(shape)}")
-        used.add(key)
-        return w
+    reader = StateDictReader(sd, "EfficientNet-Lite0")
+    take = reader.take
 
     def conv(layer: nnx.Conv, key):
         kh, kw, i, o = layer.kernel.get_value().shape
@@ -235,6 +228,4 @@ def load_torch_state_dict(module: EfficientNetLite, sd: Mapping[str, np.ndarray]
     fc_w = take("_fc.weight", (module.num_classes, HEAD_CHANNELS))
     module._fc.kernel.set_value(jnp.asarray(fc_w.T))
     module._fc.bias.set_value(jnp.asarray(take("_fc.bias", (module.num_classes,))))
-    extra = [k for k in sd if k not in used and not k.endswith("num_batches_tracked")]
-    if extra:
-        raise InputError(f"weight file has unexpected entries, e.g. '{extra[0]}'")
+    reader.check_all_used("num_batches_tracked")

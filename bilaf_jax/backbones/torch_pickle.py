@@ -238,3 +238,28 @@ def load_torch_checkpoint(path) -> object:
             KeyError, struct.error, zipfile.BadZipFile, OSError, UnicodeDecodeError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         raise InputError(f"{path} is not a readable PyTorch checkpoint ({msg})") from None
+
+
+class StateDictReader:
+    """Hands out state-dict entries by name with shape checks and remembers which were used, so
+    a loader can refuse files with entries it does not understand."""
+
+    def __init__(self, state_dict, model: str):
+        self.state_dict = state_dict
+        self.model = model
+        self.used: set[str] = set()
+
+    def take(self, key: str, shape) -> np.ndarray:
+        if key not in self.state_dict:
+            raise InputError(f"weight file lacks '{key}' (not the state dict of {self.model}?)")
+        w = np.asarray(self.state_dict[key], np.float32)
+        if tuple(w.shape) != tuple(shape):
+            raise InputError(f"weight '{key}' has shape {w.shape}, expected {tuple(shape)}")
+        self.used.add(key)
+        return w
+
+    def check_all_used(self, ignore_suffix: str | None = None) -> None:
+        extra = [k for k in self.state_dict if k not in self.used
+                 and not (ignore_suffix and k.endswith(ignore_suffix))]
+        if extra:
+            raise InputError(f"weight file has unexpected entries, e.g. '{extra[0]}'")

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from bilaf_jax.backbones.torch_pickle import StateDictReader
 from bilaf_jax.io import InputError
 
 LN_EPS = 1e-6
@@ -127,16 +128,8 @@ def strip_checkpoint(obj) -> dict:
 
 def load_torch_state_dict(module: VisionTransformer, sd: Mapping[str, np.ndarray]) -> None:
     """Copy a DINO/DeiT ViT state dict into `module` (in place)."""
-    used = set()
-
-    def take(key, shape):
-        if key not in sd:
-            raise InputError(f"weight file lacks '{key}' (not a ViT-S/16 state dict?)")
-        w = np.asarray(sd[key], np.float32)
-        if tuple(w.shape) != tuple(shape):
-            raise InputError(f"weight '{key}' has shape {w.shape}, expected {tuple(shape)}")
-        used.add(key)
-        return w
+    reader = StateDictReader(sd, "ViT-S/16")
+    take = reader.take
 
     def linear(layer: nnx.Linear, key):
         i, o = layer.kernel.get_value().shape
@@ -163,6 +156,4 @@ def load_torch_state_dict(module: VisionTransformer, sd: Mapping[str, np.ndarray
         linear(block.mlp.fc1, q + "mlp.fc1")
         linear(block.mlp.fc2, q + "mlp.fc2")
     norm(module.norm, "norm")
-    extra = [k for k in sd if k not in used]
-    if extra:
-        raise InputError(f"weight file has unexpected entries, e.g. '{extra[0]}'")
+    reader.check_all_used()
