@@ -130,7 +130,7 @@ def _selection_settings(a, n: int) -> dict:
 
 
 def run_selection(features, settings: dict, labeled=None):
-    """Run `bilaf_jax.select` with CLI settings. Returns (indices list, SelectOutput, timings)."""
+    """Run `bilaf_jax.select` with CLI settings. Returns (indices list, timings, num_cores used)."""
     import jax
     import numpy as np
 
@@ -138,9 +138,8 @@ def run_selection(features, settings: dict, labeled=None):
 
     budget = settings["budget"]
     core_options = {}
-    methods_with_steps = {"activeft"}
     core = settings["method"] if settings["method"] != "bilaf" else settings["core_method"]
-    if core in methods_with_steps:
+    if core == "activeft":  # the only selector with optimiser settings
         core_options = dict(num_steps=settings["num_steps"], batch_size=settings["batch_size"],
                             temperature=settings["temperature"], learning_rate=settings["learning_rate"],
                             balance=settings["balance"])
@@ -156,7 +155,7 @@ def run_selection(features, settings: dict, labeled=None):
                  labeled=labeled)
     indices = np.asarray(jax.block_until_ready(out.indices)).tolist()
     timings = {"total_seconds": round(time.perf_counter() - start, 4)}
-    return indices, out, timings, num_cores
+    return indices, timings, num_cores
 
 
 def run(a) -> int:
@@ -177,7 +176,7 @@ def run(a) -> int:
     labeled = None
     if a.labeled:
         labeled = io.load_index_list(a.labeled, n, name="--labeled")
-    indices, out, timings, num_cores = run_selection(features, settings, labeled)
+    indices, timings, num_cores = run_selection(features, settings, labeled)
     settings["num_cores"] = num_cores
     meta = _provenance(a.features, features, settings, timings, len(indices))
     # Sidecar first, list last: a list on disk always has its record beside it.
@@ -238,7 +237,7 @@ def verify(selection_path) -> int:
     labeled = None
     if settings["labeled"]:
         labeled = io.load_index_list(settings["labeled"], features.shape[0], name="--labeled")
-    indices, _, timings, _ = run_selection(features, settings, labeled)
+    indices, timings, _ = run_selection(features, settings, labeled)
     if indices == selection:
         print(f"verified: {len(indices)} indices identical ({timings['total_seconds']:.2f} s)")
         return 0
