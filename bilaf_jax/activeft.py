@@ -67,9 +67,9 @@ def assigned_similarity(centroids, features, chunk_size=distances.DEFAULT_CHUNK,
 
 def _assigned_similarity_fwd(centroids, features, chunk_size, precision):
     def block(xb):
-        # [K, c] layout: XLA's CPU argmax reduces faster along the leading axis.
+        # [K, c] layout: XLA's CPU reductions run faster along the leading axis.
         sim = distances.matmul(centroids, xb.T, precision)
-        return jnp.max(sim, axis=0), jnp.argmax(sim, axis=0).astype(jnp.int32)
+        return distances.first_argmax(sim, axis=0)
 
     s, p = distances.map_rows(block, features, chunk_size)
     return (s, p), (features, p, centroids.shape[0])

@@ -264,8 +264,8 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
             # Running entries come first and hold earlier positions: ties keep the earlier.
             both = jnp.concatenate([near_dist, block], axis=1)
             both_pos = jnp.concatenate([near_pos, jnp.broadcast_to(pos, block.shape)], axis=1)
-            neg, idx = lax.top_k(-both, k)
-            return -neg, jnp.take_along_axis(both_pos, idx, axis=1)
+            near, idx = distances.smallest_k(both, k)
+            return near, jnp.take_along_axis(both_pos, idx, axis=1)
 
         steps = (s.size - start + width - 1) // width
         near = lax.fori_loop(0, steps, merge, (s.near_dist, s.near_pos))
@@ -542,7 +542,7 @@ def _select_bucket(out, g, classes, members, counts, core_local, den, alloc, off
             # Lowest score; ties: nearest to the last pick, then the tie key.
             score = jnp.where(cand, score, jnp.inf)
             tied = cand & (score == jnp.min(score))
-            new = jnp.argmin(jnp.where(tied, rank, jnp.iinfo(jnp.int32).max)).astype(jnp.int32)
+            new = distances.first_argmin(jnp.where(tied, rank, jnp.iinfo(jnp.int32).max))[1]
             if mode == "paper":
                 # The pick faces its nearest other core; later scores feel the penalty.
                 hits = jnp.where(has_opp[new], hits.at[near_opp[new]].multiply(opponent_penalty),
