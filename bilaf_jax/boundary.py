@@ -25,6 +25,7 @@ a bucket), T (opponent cores kept per sample).
 
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import NamedTuple
 
@@ -54,13 +55,15 @@ _MIN_PAD = 16
 # and seconds per padded distance-matrix element per feature dimension.
 _COMPILE_SECONDS = 1.0
 _ELEMENT_SECONDS = 6e-11
-# Elements of one [c, P] (or [P, P]) block handled at once by the batched class map.
-_BATCH_ELEMENTS = 1 << 22
-_REMOVE_CHUNK = 16
-# Largest [P, K] block of distances to all cores kept per class (paper Eq. 7 scans).
-_CORE_CACHE_ELEMENTS = 1 << 23
-# Cluster members merged into the running k-NN lists per step of IDC.
-_MERGE_CHUNK = 64
+# Classes processed together: at most this many elements in their [C, P, max(P, d)] arrays.
+_BATCH_ELEMENTS = 1 << 24
+# Elements of the [c, P, K] distances to all cores in a paper-mode full Eq. 7 scan, and the
+# most kept per batch between rounds (beyond that they are recomputed each time needed).
+_CORE_BLOCK_ELEMENTS = 1 << 22
+_CORE_CACHE_ELEMENTS = 1 << 24
+# Cluster members merged into the running k-NN lists per step of IDC: at least this many,
+# and about a ring (P / 10) in big classes so that a ring takes one or two merges.
+_MERGE_WIDTH = 32
 
 
 class BilafOutput(NamedTuple):
@@ -122,6 +125,7 @@ class _Bucket(NamedTuple):
     members: np.ndarray       # int32[C, P] pool indices, ascending; padding = 0
     counts: np.ndarray        # int32[C] class sizes
     core_local: np.ndarray    # int32[C] position of the core among the members
+    batch: int                # classes processed together (divides C)
 
 
 def _pad_size(m: int) -> int:
@@ -133,18 +137,12 @@ def _pad_size(m: int) -> int:
     return int(-(-m // step) * step)
 
 
-def _pad_count(c: int, p: int) -> int:
-    """Classes per bucket: the next of 1, 2, 3, 4, 6, 8, 12, ... (few distinct lengths, at most
-    1.5x padding), rounded up to a multiple of the batch when larger than one batch."""
-    v = 1
-    while v < c:
-        v = v + v // 2 if (v & (v - 1)) == 0 and v >= 2 else (v * 4 // 3 if v >= 3 else v + 1)
-    batch = _batch(p)
-    return v if v <= batch else -(-v // batch) * batch
-
-
-def _batch(p: int) -> int:
-    return max(1, _BATCH_ELEMENTS // (p * p))
+def _batching(c: int, p: int, d: int) -> tuple[int, int]:
+    """(padded class count, batch): as few equal batches as memory allows."""
+    most = max(1, _BATCH_ELEMENTS // (p * max(p, d)))
+    num = -(-c // most)
+    batch = -(-c // num)
+    return num * batch, batch
 
 
 def _group_pads(counts: np.ndarray, d: int) -> np.ndarray:
@@ -185,7 +183,7 @@ def _plan(labels: np.ndarray, core_indices: np.ndarray, d: int) -> list[_Bucket]
     buckets = []
     for p in np.unique(pads):
         ids = np.nonzero(pads == p)[0]
-        c = _pad_count(ids.size, int(p))
+        c, batch = _batching(ids.size, int(p), d)
         classes = np.zeros(c, np.int32)
         members = np.zeros((c, p), np.int32)
         cnt = np.zeros(c, np.int32)
@@ -195,30 +193,41 @@ def _plan(labels: np.ndarray, core_indices: np.ndarray, d: int) -> list[_Bucket]
             classes[row], cnt[row] = j, counts[j]
             members[row, :counts[j]] = mem
             core_local[row] = int(np.searchsorted(mem, core_indices[j]))
-        buckets.append(_Bucket(classes, members, cnt, core_local))
+        buckets.append(_Bucket(classes, members, cnt, core_local, batch))
     return buckets
 
 
 # --------------------------------------------------------------------------------------------
-# Stage B: IDC denoising (Eq. 3), one pseudo-class at a time.
+# Stage B: IDC denoising (Eq. 3), one pseudo-class at a time (vmapped over a batch of classes).
 
 
-def _class_distances(xc, direct, chunk_size):
+def _class_distances(xc, valid, direct, chunk_size):
+    """[P, P] distances within one padded class: 0 on the diagonal, +inf off the class,
+    exactly symmetric (so that rows, which are contiguous, can stand in for columns)."""
     if direct:
         chunk = _direct_chunk(xc.shape[0], xc.shape[1], chunk_size)
         dist = distances.pairwise_chunked(xc, xc, "euclidean", chunk_size=chunk, direct=True)
     else:
         dist = distances.pairwise(xc, xc, "euclidean")
     # The Gram form leaves sqrt(rounding) ~ 1e-4..1e-8 on the diagonal; a sample is at 0.
-    return jnp.where(jnp.eye(xc.shape[0], dtype=bool), 0.0, dist)
+    p = xc.shape[0]
+    upper = jnp.arange(p)[:, None] < jnp.arange(p)[None, :]
+    dist = jnp.where(upper, dist, jnp.where(upper.T, dist.T, 0.0))
+    return jnp.where(valid[:, None] & valid[None, :], dist, jnp.inf)
 
 
-def _ranks(key, tie, mask):
-    """Rank of each entry among `mask`ed ones by (key, tie); unmasked entries rank last."""
-    key = jnp.where(mask, key, jnp.inf)
-    tie = jnp.where(mask, tie, jnp.iinfo(jnp.int32).max)  # after masked-in entries of key +inf
-    perm = jnp.lexsort((tie, key)).astype(jnp.int32)
-    return jnp.zeros_like(perm).at[perm].set(jnp.arange(perm.shape[0], dtype=jnp.int32))
+def _ring_plan(m, ring_fraction, remove_fraction, *, mode, ftype):
+    """Ring size, cluster target and kept count of IDC for a class of `m` samples.
+
+    The kept count depends only on m, so the budget can be split before denoising runs.
+    """
+    ring = jnp.maximum(1, jnp.floor(m.astype(ftype) * ring_fraction).astype(jnp.int32))
+    # Official: the remainder after the last full ring is dropped.
+    target = ring * (m // ring) if mode == "official" else m
+    keep = jnp.floor(target.astype(ftype) * (1.0 - remove_fraction)).astype(jnp.int32)
+    if mode == "official":
+        return ring, target, jnp.where(m < 10, m, keep)  # the script skips small classes
+    return ring, target, jnp.where(m > 0, jnp.maximum(keep, 1), 0)
 
 
 class _RingState(NamedTuple):
@@ -230,27 +239,31 @@ class _RingState(NamedTuple):
     size: jax.Array        # int32 current cluster size
 
 
-class _Denoised(NamedTuple):
-    position: jax.Array    # int32[C, P] inclusion order (the tie key of official selection)
-    kept: jax.Array        # bool[C, P]
-    intra_kept: jax.Array  # [C, P] sum of distances to the kept members
-    intra_all: jax.Array   # [C, P] sum of distances to all members
-
-
 def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neighbors):
-    """Inclusion positions and kept mask of one class; `dist` [P, P] is +inf off the class."""
+    """Inclusion positions and kept mask of one class; `dist` [P, P] is +inf off the class.
+
+    Each ring appends its samples one at a time, lowest (key, local id) first, so positions
+    follow the script's tuple sort; the running k nearest cluster members of every row are
+    then updated with the new ring only.
+    """
     p = dist.shape[0]
     local = jnp.arange(p, dtype=jnp.int32)
     ftype = dist.dtype
-    mf = m.astype(ftype)
-    ring = jnp.maximum(1, jnp.floor(mf * ring_fraction).astype(jnp.int32))
-    if mode == "official":
-        target = ring * (m // ring)  # the remainder after the last full ring is dropped
-    else:
-        target = m
+    ring, target, keep = _ring_plan(m, ring_fraction, remove_fraction, mode=mode, ftype=ftype)
     k = min(num_neighbors, p)
+    width = min(p, max(_MERGE_WIDTH, p // 16))
 
-    width = min(p, _MERGE_CHUNK)
+    def append(s, key, count):
+        def one(_, s):
+            free = valid & ~s.in_cluster
+            low = jnp.min(jnp.where(free, key, jnp.inf))
+            i = jnp.min(jnp.where(free & (key == low), local, p))
+            hit = local == i
+            return s._replace(in_cluster=s.in_cluster | hit,
+                              position=jnp.where(hit, s.size, s.position),
+                              order=s.order.at[s.size].set(i, mode="drop"), size=s.size + 1)
+
+        return lax.fori_loop(0, count, one, s)
 
     def absorb(s, start):
         """Merge cluster positions [start, s.size) into every row's running k nearest."""
@@ -260,7 +273,7 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
             first = start + j * width
             cols = lax.dynamic_slice(s.order, (first,), (width,))
             pos = first + jnp.arange(width, dtype=jnp.int32)
-            block = jnp.where((pos < s.size)[None, :], dist[:, cols], jnp.inf)
+            block = jnp.where((pos < s.size)[None, :], dist[cols].T, jnp.inf)
             # Running entries come first and hold earlier positions: ties keep the earlier.
             both = jnp.concatenate([near_dist, block], axis=1)
             both_pos = jnp.concatenate([near_pos, jnp.broadcast_to(pos, block.shape)], axis=1)
@@ -271,20 +284,13 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
         near = lax.fori_loop(0, steps, merge, (s.near_dist, s.near_pos))
         return s._replace(near_dist=near[0], near_pos=near[1])
 
+    state = _RingState(jnp.zeros(p, bool), jnp.full(p, p, jnp.int32),
+                       jnp.zeros(p + width, jnp.int32), jnp.full((p, k), jnp.inf, ftype),
+                       jnp.zeros((p, k), jnp.int32), jnp.int32(0))
     first_key = dist[core]
     if mode == "paper":
         first_key = jnp.where(local == core, -jnp.inf, first_key)
-    rank = _ranks(first_key, local, valid)
-    first_size = jnp.minimum(ring, target)
-    take = valid & (rank < first_size)
-    position = jnp.where(take, rank, p).astype(jnp.int32)
-    order = jnp.zeros(p + width, jnp.int32).at[position].set(local, mode="drop")
-    state = _RingState(take, position, order, jnp.full((p, k), jnp.inf, ftype),
-                       jnp.zeros((p, k), jnp.int32), first_size)
-    state = absorb(state, 0)
-
-    def not_done(s):
-        return s.size < target
+    state = absorb(append(state, first_key, jnp.minimum(ring, target)), 0)
 
     def add_ring(s):
         count = jnp.minimum(k, s.size)
@@ -296,48 +302,16 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
         else:
             vals = s.near_dist
         density = jnp.sum(jnp.where(use[None, :], vals, 0.0), axis=1) / count.astype(ftype)
-        cand = valid & ~s.in_cluster
-        r = _ranks(density, local, cand)
-        add = jnp.minimum(ring, target - s.size)
-        new = cand & (r < add)
-        position = jnp.where(new, s.size + r, s.position)
-        order = s.order.at[jnp.where(new, position, p + width)].set(local, mode="drop")
-        grown = s._replace(in_cluster=s.in_cluster | new, position=position, order=order,
-                           size=s.size + add)
-        return absorb(grown, s.size)
+        return absorb(append(s, density, jnp.minimum(ring, target - s.size)), s.size)
 
-    state = lax.while_loop(not_done, add_ring, state)
-    keep = jnp.floor(state.size.astype(ftype) * (1.0 - remove_fraction)).astype(jnp.int32)
+    state = lax.while_loop(lambda s: s.size < target, add_ring, state)
+    kept = state.in_cluster & (state.position < keep)
     if mode == "paper":
-        keep = jnp.maximum(keep, 1)
-        kept = state.in_cluster & (state.position < keep)
         return state.position, kept
     skip = m < 10  # the script leaves small classes untouched
-    kept = jnp.where(skip, valid, state.in_cluster & (state.position < keep))
+    kept = jnp.where(skip, valid, kept)
     position = jnp.where(skip, jnp.where(valid, local, p), state.position)
     return position, kept
-
-
-def _denoise_bucket(x, members, counts, core_local, ring_fraction, remove_fraction, *,
-                    mode, num_neighbors, direct, chunk_size):
-    p = members.shape[1]
-
-    def one_class(args):
-        mem, m, core = args
-        valid = jnp.arange(p) < m
-        dist = _class_distances(x[mem], direct, chunk_size)
-        both = valid[:, None] & valid[None, :]
-        dist = jnp.where(both, dist, jnp.inf)
-        position, kept = _idc(dist, valid, m, core, ring_fraction, remove_fraction,
-                              mode=mode, num_neighbors=num_neighbors)
-        finite = jnp.where(both, dist, 0.0)
-        intra_kept = jnp.sum(jnp.where(kept[None, :], finite, 0.0), axis=1)
-        intra_all = jnp.sum(finite, axis=1)
-        return _Denoised(position, kept, intra_kept, intra_all)
-
-    batch = min(members.shape[0], _batch(p))  # divides the class count (see _plan)
-    return lax.map(one_class, (members, counts, core_local), batch_size=batch)
-
 
 
 # --------------------------------------------------------------------------------------------
@@ -383,28 +357,39 @@ def _allocate_paper(caps, budget):
 
 
 # --------------------------------------------------------------------------------------------
-# Stage C: boundary scores and iterative selection (steps 3, 5).
+# Stage C: boundary scores and iterative selection (steps 3, 5), a batch of classes at once.
 
 
 class _Global(NamedTuple):
-    """Per-sample arrays the selection reads (all [n] or [n, T1])."""
+    """Arrays every class reads: pool features, core features, nearest cores per sample."""
 
-    features: jax.Array
-    cores: jax.Array
-    core_dist: jax.Array
-    core_index: jax.Array
-    labels: jax.Array
+    features: jax.Array   # [n, d]
+    cores: jax.Array      # [K, d]
+    core_dist: jax.Array  # [n, T1]
+    core_index: jax.Array  # int32[n, T1]
 
 
-class _PickState(NamedTuple):
-    out: jax.Array        # int32[B] the whole output, written block by block
-    cand: jax.Array       # bool[P] remaining candidates
-    intra: jax.Array      # [P] sum of distances to the remaining set (paper)
-    hits: jax.Array       # [K] penalty factor per opponent class
-    node: jax.Array       # int32 local id of the last pick
-    t: jax.Array          # int32 picks made in this class
-    to_cores: jax.Array   # [P, K] distances to all cores once needed (paper), else [1, 1]
+class _Class(NamedTuple):
+    """One padded class, or a batch of them with a leading axis."""
+
+    cls: jax.Array        # int32 class id
+    members: jax.Array    # int32[P] pool indices, ascending
+    count: jax.Array      # int32 class size m (0: padding class)
+    core: jax.Array       # int32 local id of the core
+
+
+class _Pick(NamedTuple):
+    """Selection state of a batch of classes (leading axis C)."""
+
+    picks: jax.Array      # int32[C, S] pool indices in pick order
+    cand: jax.Array       # bool[C, P] remaining candidates
+    to_cores: jax.Array   # [C, P, K] distances to every core once a full scan ran (paper), or a
+                          # [1, 1, 1] placeholder where that would be too big
     have_cores: jax.Array  # bool, to_cores filled
+    intra: jax.Array      # [C, P] sum of distances to the remaining candidates (paper)
+    hits: jax.Array       # [C, K] penalty factor per opponent class
+    node: jax.Array       # int32[C] local id of the last pick
+    t: jax.Array          # int32[C] picks made
 
 
 def _opponents_official(core_dist, core_index, own):
@@ -420,7 +405,7 @@ def _opponents_official(core_dist, core_index, own):
 
 
 def _paper_terms(od, oi, own, intra_mean, hits, valid_list):
-    """Eq. 7 over the tracked opponents: min_l (D_l delta^{t_l} - a) / max(D_l, a)."""
+    """Eq. 7 over the given opponents: min_l (D_l delta^{t_l} - a) / max(D_l, a)."""
     a = intra_mean[:, None]
     num = od * hits[oi] - a
     den = jnp.maximum(od, a)
@@ -429,148 +414,194 @@ def _paper_terms(od, oi, own, intra_mean, hits, valid_list):
     return jnp.min(f, axis=1)
 
 
-def _select_bucket(out, g, classes, members, counts, core_local, den, alloc, offsets,
-                   use_all, opponent_penalty, *, mode, direct, chunk_size):
-    p = members.shape[1]
+def _first(mask, *keys):
+    """[C, P] one-hot of the lexicographically smallest (keys...) entry where `mask`, per row
+    (all False in rows without one); every key is [C, P] and the last must be unique."""
+    for key in keys:
+        big = jnp.inf if jnp.issubdtype(key.dtype, jnp.floating) else jnp.iinfo(key.dtype).max
+        low = jnp.min(jnp.where(mask, key, big), axis=1, keepdims=True)
+        mask = mask & (key == low)
+    return mask
+
+
+def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponent_penalty, *,
+                   mode, num_neighbors, direct, chunk_size, width):
+    """Denoise and select one batch of classes (leading axis C) of padded size P.
+
+    Returns picks int32[C, S], boundary score [C, P], kept bool[C, P], core kept bool[C].
+    """
+    num, p = c.members.shape
     num_classes = g.cores.shape[0]
     local = jnp.arange(p, dtype=jnp.int32)
-    ftype = g.features.dtype
+    valid = local[None, :] < c.count[:, None]
+    xc = g.features[c.members]                                             # [C, P, d]
+    if direct:  # explicit differences: one class at a time bounds the [c, P, d] blocks
+        dist = lax.map(lambda a: _class_distances(*a, True, chunk_size), (xc, valid))
+    else:
+        dist = jax.vmap(_class_distances, (0, 0, None, None))(xc, valid, False, chunk_size)
+    position, kept = jax.vmap(functools.partial(
+        _idc, ring_fraction=ring_fraction, remove_fraction=remove_fraction, mode=mode,
+        num_neighbors=num_neighbors))(dist, valid, c.count, c.core)
+    finite = jnp.where(jnp.isfinite(dist), dist, 0.0)
+    core_kept = jnp.take_along_axis(kept, c.core[:, None], axis=1)[:, 0]
+    ftype = dist.dtype
+
+    own = jnp.broadcast_to(c.cls[:, None], (num, p))
+    od, oi = g.core_dist[c.members], g.core_index[c.members]              # [C, P, T1]
+    if mode == "official":
+        pool = kept
+        tie = position
+        outer, opp = jax.vmap(_opponents_official)(od, oi, own)
+    else:
+        pool = jnp.where(use_all, valid, kept)
+        tie = jnp.broadcast_to(local, (num, p))
+        valid_list = jnp.isfinite(od)
+        other = valid_list & (oi != own[..., None])
+        has_opp = jnp.any(other, axis=2)
+        slot = jnp.arange(oi.shape[2], dtype=jnp.int32)
+        first_other = jnp.min(jnp.where(other, slot, oi.shape[2] - 1), axis=2)
+        near_opp = jnp.take_along_axis(oi, first_other[..., None], axis=2)[..., 0]
+    intra0 = jnp.sum(jnp.where(pool[:, None, :], finite, 0.0), axis=2)    # sums to the pool
+    size = jnp.sum(pool, axis=1).astype(jnp.int32)
+    sizef = size.astype(ftype)
+    budget = jnp.where(c.count > 0, alloc[c.cls], 0)                      # padding: nothing
+    quota = size // jnp.maximum(budget, 1)
     full_list = g.core_index.shape[1] >= num_classes  # every opponent is tracked
+    every = jnp.arange(num_classes, dtype=jnp.int32)
+    penalty = jnp.asarray(opponent_penalty).astype(ftype)
 
-    def one_class(out, args):
-        cls, mem, m, core, d = args
-        budget_i = jnp.where(m > 0, alloc[cls], 0)  # padding classes pick nothing
-        offset = offsets[cls]
-        valid = local < m
-        xc = g.features[mem]
-        own = jnp.full((p,), cls, jnp.int32)
-        od, oi = g.core_dist[mem], g.core_index[mem]
+    def rows(a, i):
+        """a[c, i[c]] for a [C, P, ...] and i int32[C]."""
+        return jnp.take_along_axis(a, i.reshape((-1,) + (1,) * (a.ndim - 1)), axis=1)[:, 0]
+
+    def tracked_scores(a, hits):
+        return jax.vmap(_paper_terms)(od, oi, own, a, hits, valid_list)
+
+    def core_one(x):
+        """[P, K] distances from one class's rows to every core."""
+        if direct:
+            chunk = _direct_chunk(num_classes, x.shape[1], chunk_size)
+            return distances.pairwise_chunked(x, g.cores, "euclidean", chunk_size=chunk,
+                                              direct=True)
+        return distances.pairwise(x, g.cores, "euclidean")
+
+    per_map = min(num, max(1, _CORE_BLOCK_ELEMENTS // (p * num_classes)))
+    cache = num * p * num_classes <= _CORE_CACHE_ELEMENTS
+    every_row = jnp.broadcast_to(every, (p, num_classes))
+    all_valid = jnp.ones((p, num_classes), bool)
+
+    def full_terms(to_cores, own_c, a_c, hits_c):
+        return _paper_terms(to_cores, every_row, own_c, a_c, hits_c, all_valid)
+
+    def full_scores(a, hits, to_cores):
+        if cache:
+            return jax.vmap(full_terms)(to_cores, own, a, hits)
+        return lax.map(lambda v: full_terms(core_one(v[0]), *v[1:]), (xc, own, a, hits),
+                       batch_size=per_map)
+
+    def scores(s):
+        """Scores of every row [C, P] and the (possibly filled) core-distance cache."""
         if mode == "official":
-            pool = d.kept
-            intra0 = d.intra_kept
-            tie = d.position
-            outer, opp = _opponents_official(od, oi, own)
-        else:
-            pool = jnp.where(use_all, valid, d.kept)
-            intra0 = jnp.where(use_all, d.intra_all, d.intra_kept)
-            tie = local
-            valid_list = jnp.isfinite(od)
-            other = valid_list & (oi != own[:, None])
-            has_opp = jnp.any(other, axis=1)
-            near_opp = jnp.take_along_axis(oi, jnp.argmax(other, axis=1)[:, None], 1)[:, 0]
-        size = jnp.sum(pool).astype(jnp.int32)
-        quota = size // jnp.maximum(budget_i, 1)
-        sizef = size.astype(ftype)
+            inner = intra0 / sizef[:, None]
+            sc = (outer * jnp.take_along_axis(s.hits, opp, axis=1) - inner) \
+                / jnp.maximum(outer, inner)
+            return jnp.where(jnp.isnan(sc), -jnp.inf, sc), s.to_cores, s.have_cores
+        remaining = jnp.sum(s.cand, axis=1).astype(ftype)
+        a = s.intra / jnp.maximum(remaining, 1.0)[:, None]
+        if full_list:
+            return tracked_scores(a, s.hits), s.to_cores, s.have_cores
+        # The tracked opponents give the exact Eq. 7 minimum while one of them is unpenalised
+        # (delta >= 1); otherwise (rare) scan every core for the whole batch.
+        hit = jax.vmap(lambda h, i: h[i])(s.hits, oi) != 1.0
+        open_opp = ~hit & valid_list & (oi != own[..., None])
+        need = jnp.any(s.cand & ~jnp.any(open_opp, axis=2)) | (opponent_penalty < 1)
+        to_cores, have = s.to_cores, s.have_cores
+        if cache:
+            to_cores = lax.cond(need & ~have,
+                                lambda: lax.map(core_one, xc, batch_size=per_map),
+                                lambda: to_cores)
+            have = have | need
+        sc = lax.cond(need, full_scores, lambda a, h, _: tracked_scores(a, h), a, s.hits,
+                      to_cores)
+        return sc, to_cores, have
 
-        def all_cores():
-            if direct:
-                chunk = _direct_chunk(num_classes, xc.shape[1], chunk_size)
-                return distances.pairwise_chunked(xc, g.cores, "euclidean", chunk_size=chunk,
-                                                  direct=True)
-            return distances.pairwise(xc, g.cores, "euclidean")
+    def round_(s):
+        active = s.t < budget
+        key = rows(dist, s.node)                                            # [C, P]
+        if mode == "paper":
+            key = jnp.where(local[None, :] == s.node[:, None], -jnp.inf, key)
+        quota_now = jnp.where(active, quota, 0)
 
-        every = jnp.broadcast_to(jnp.arange(num_classes, dtype=jnp.int32), (p, num_classes))
-        cache = mode == "paper" and not full_list and p * num_classes <= _CORE_CACHE_ELEMENTS
+        def remove(j, carry):
+            # The candidate of lowest (distance to the last pick, tie key) leaves.
+            cand, intra = carry
+            out = _first(cand & (j < quota_now)[:, None], key, tie)
+            if mode == "paper":  # Algorithm 1: d_intra over the shrinking set
+                i = jnp.min(jnp.where(out, local, p - 1), axis=1)
+                gone = jnp.where(jnp.any(out, axis=1)[:, None], rows(finite, i), 0.0)
+                intra = intra - gone
+            return cand & ~out, intra
 
-        def scores(s):
-            """Scores of all rows and the (possibly filled) distance cache."""
-            if mode == "official":
-                inner = intra0 / sizef
-                num = outer * s.hits[opp] - inner
-                return num / jnp.maximum(outer, inner), s.to_cores, s.have_cores
-            remaining = jnp.sum(s.cand).astype(ftype)
-            a = s.intra / jnp.maximum(remaining, 1.0)
-            if full_list:
-                return _paper_terms(od, oi, own, a, s.hits, valid_list), s.to_cores, s.have_cores
-            # The tracked opponents give the exact Eq. 7 minimum while one of them is
-            # unpenalised (delta >= 1); otherwise scan all cores.
-            hit = s.hits[oi] != 1.0
-            tracked_all_hit = jnp.any(s.cand & jnp.all(hit | ~valid_list | (oi == own[:, None]),
-                                                       axis=1))
-            need_full = tracked_all_hit | (opponent_penalty < 1)
-            ones = jnp.ones((p, num_classes), bool)
-            if cache:
-                to_cores = lax.cond(need_full & ~s.have_cores, lambda _: all_cores(),
-                                    lambda _: s.to_cores, None)
-                have = s.have_cores | need_full
-                sc = lax.cond(need_full,
-                              lambda _: _paper_terms(to_cores, every, own, a, s.hits, ones),
-                              lambda _: _paper_terms(od, oi, own, a, s.hits, valid_list), None)
-                return sc, to_cores, have
-            sc = lax.cond(need_full,
-                          lambda _: _paper_terms(all_cores(), every, own, a, s.hits, ones),
-                          lambda _: _paper_terms(od, oi, own, a, s.hits, valid_list), None)
-            return sc, s.to_cores, s.have_cores
-
-        def not_done(s):
-            return s.t < budget_i
-
-        def pick(s):
-            node_x = xc[s.node][None]
-            if direct:
-                dist = distances.pairwise(node_x, xc, "euclidean", direct=True)[0]
-            else:
-                dist = distances.pairwise(node_x, xc, "euclidean")[0]
-            dist = dist.at[s.node].set(0.0)
-            key = dist if mode == "official" else jnp.where(local == s.node, -jnp.inf, dist)
-            rank = _ranks(key, tie, s.cand)
-            removed = s.cand & (rank < quota)
-            cand = s.cand & ~removed
-            intra = s.intra
-            if mode == "paper":
-                # Algorithm 1: d_intra over the shrinking set; subtract the removed columns
-                # a chunk at a time (they are the first `quota` in rank order).
-                perm = jnp.zeros(p, jnp.int32).at[rank].set(local)
-
-                def sub(j, intra):
-                    cols = lax.dynamic_slice(perm, (j * _REMOVE_CHUNK,), (_REMOVE_CHUNK,))
-                    live = (j * _REMOVE_CHUNK + jnp.arange(_REMOVE_CHUNK)) < quota
-                    dc = distances.pairwise(xc, xc[cols], "euclidean", direct=direct)
-                    return intra - jnp.sum(jnp.where(live[None, :], dc, 0.0), axis=1)
-
-                steps = (quota + _REMOVE_CHUNK - 1) // _REMOVE_CHUNK
-                perm = jnp.concatenate([perm, jnp.zeros(_REMOVE_CHUNK, jnp.int32)])
-                intra = lax.fori_loop(0, steps, sub, intra)
-            hits = s.hits
-            if mode == "official":
-                # The previous pick's opponent is penalised at the start of this round.
-                hits = jnp.where(s.node != core, hits.at[opp[s.node]].multiply(opponent_penalty),
-                                 hits)
-            score, to_cores, have_cores = scores(s._replace(cand=cand, intra=intra, hits=hits))
-            if mode == "official":
-                score = jnp.where(jnp.isnan(score), -jnp.inf, score)  # numpy argmin picks NaN
-            # Lowest score; ties: nearest to the last pick, then the tie key.
-            score = jnp.where(cand, score, jnp.inf)
-            tied = cand & (score == jnp.min(score))
-            new = distances.first_argmin(jnp.where(tied, rank, jnp.iinfo(jnp.int32).max))[1]
-            if mode == "paper":
-                # The pick faces its nearest other core; later scores feel the penalty.
-                hits = jnp.where(has_opp[new], hits.at[near_opp[new]].multiply(opponent_penalty),
-                                 hits)
-            out = s.out.at[offset + s.t].set(mem[new])
-            return _PickState(out, cand, intra, hits, new, s.t + 1, to_cores, have_cores)
-
-        hits0 = jnp.ones(num_classes, ftype)
-        out = jnp.where(budget_i > 0, out.at[offset].set(mem[core]), out)
-        cache_shape = (p, num_classes) if cache else (1, 1)
-        start = _PickState(out, pool, jnp.where(pool, intra0, 0.0), hits0, core, jnp.int32(1),
-                           jnp.zeros(cache_shape, ftype), jnp.asarray(False))
-        final = lax.while_loop(not_done, pick, start)
-
-        # Boundary score before penalties, for inspection.
+        cand, intra = lax.fori_loop(0, jnp.max(quota_now), remove, (s.cand, s.intra))
+        hits = s.hits
         if mode == "official":
-            inner = intra0 / sizef
-            bs = (outer - inner) / jnp.maximum(outer, inner)
-        else:
-            a = jnp.where(pool, intra0, 0.0) / jnp.maximum(sizef, 1.0)
-            bs = _paper_terms(od, oi, own, a, hits0, valid_list)
-        bs = jnp.where(pool & jnp.isfinite(bs), bs, jnp.inf)
-        kept = pool & valid
-        return final.out, (bs, kept)
+            # The previous pick's opponent is penalised at the start of this round.
+            prev = jnp.take_along_axis(opp, s.node[:, None], axis=1)
+            hit = active & (s.node != c.core)
+            hits = jnp.where(hit[:, None] & (every[None, :] == prev), hits * penalty,
+                             hits)
+        sc, to_cores, have = scores(s._replace(cand=cand, intra=intra, hits=hits))
+        # Lowest score; ties: nearest to the last pick, then the tie key.
+        sc = jnp.where(cand, sc, jnp.inf)
+        new_hot = _first(cand, sc, key, tie)
+        new = jnp.min(jnp.where(new_hot, local, p - 1), axis=1)
+        if mode == "paper":
+            # The pick faces its nearest other core; later scores feel the penalty.
+            face = active & jnp.take_along_axis(has_opp, new[:, None], axis=1)[:, 0]
+            opp_new = jnp.take_along_axis(near_opp, new[:, None], axis=1)
+            hits = jnp.where(face[:, None] & (every[None, :] == opp_new),
+                             hits * penalty, hits)
+        slot = jnp.arange(s.picks.shape[1])[None, :] == s.t[:, None]
+        chosen = jnp.take_along_axis(c.members, new[:, None], axis=1)
+        picks = jnp.where(active[:, None] & slot, chosen, s.picks)
+        return _Pick(picks, cand, to_cores, have, intra, hits, jnp.where(active, new, s.node),
+                     s.t + active.astype(jnp.int32))
 
-    out, (bs, kept) = lax.scan(one_class, out, (classes, members, counts, core_local, den))
-    return out, bs, kept
+    first = jnp.take_along_axis(c.members, c.core[:, None], axis=1)
+    picks = jnp.zeros((num, width), jnp.int32).at[:, 0].set(first[:, 0])
+    hits0 = jnp.ones((num, num_classes), ftype)
+    cache_shape = (num, p, num_classes) if cache and mode == "paper" and not full_list \
+        else (1, 1, 1)
+    start = _Pick(picks, pool, jnp.zeros(cache_shape, ftype), jnp.asarray(False),
+                  jnp.where(pool, intra0, 0.0), hits0, c.core,
+                  jnp.ones(num, jnp.int32))
+    final = lax.while_loop(lambda s: jnp.any(s.t < budget), round_, start)
 
+    # Boundary score before penalties, for inspection.
+    if mode == "official":
+        inner = intra0 / sizef[:, None]
+        bs = (outer - inner) / jnp.maximum(outer, inner)
+    else:
+        bs = tracked_scores(jnp.where(pool, intra0, 0.0) / jnp.maximum(sizef, 1.0)[:, None],
+                            hits0)
+    bs = jnp.where(pool & jnp.isfinite(bs), bs, jnp.inf)
+    return final.picks, bs, pool & valid, core_kept
+
+
+def _bucket(g, c, use_all, alloc, ring_fraction, remove_fraction, opponent_penalty, *,
+            batch, **static):
+    """`_process_batch` over the classes of one bucket, `batch` classes at a time."""
+    def one(cb):
+        return _process_batch(g, cb, use_all, alloc, ring_fraction, remove_fraction,
+                              opponent_penalty, **static)
+
+    split = jax.tree.map(lambda v: v.reshape((-1, batch) + v.shape[1:]), c)
+    out = lax.map(one, split)
+    return jax.tree.map(lambda v: v.reshape((-1,) + v.shape[2:]), out)
+
+
+_bucket_jit = jax.jit(_bucket, static_argnames=("batch", "mode", "num_neighbors", "direct",
+                                                "chunk_size", "width"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -673,82 +704,88 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
                 "its own pseudo-class (duplicate core features?); the authors' script fails "
                 "here. Use mode='paper' or distinct cores.")
 
-    plan = _plan(labels, core, d)
-    buckets = tuple(tuple(jnp.asarray(v) for v in bucket) for bucket in plan)
     class_sizes = jnp.asarray(np.bincount(labels, minlength=num_classes).astype(np.int32))
-    res = _stages_jit(a, core_j, buckets, class_sizes, ring_fraction, remove_fraction,
-                      opponent_penalty, mode=mode, num_neighbors=num_neighbors, direct=direct,
-                      chunk_size=chunk_size, budget=budget)
-    if mode == "official" and not is_traced(res.alloc):
-        lost = int(res.core_lost)
-        if lost >= 0:
-            raise ValueError(
-                f"official mode: denoising removed core {int(core[lost])} from its own "
-                f"pseudo-class {lost} (duplicate rows around the core?); the authors' script "
-                "fails here. Use mode='paper'.")
-        zero = np.nonzero(np.asarray(res.alloc) == 0)[0]
+    alloc, use_all = _split_budget_jit(class_sizes, jnp.int32(budget), ring_fraction,
+                                       remove_fraction, mode=mode,
+                                       dtype=jnp.dtype(a.features.dtype).name)
+    concrete = not is_traced(alloc)
+    if mode == "official" and concrete:
+        zero = np.nonzero(np.asarray(alloc) == 0)[0]
         if zero.size:
             raise ValueError(
                 f"official mode: the authors' allocation gives 0 samples to "
                 f"{zero.size} pseudo-class(es) (e.g. class {int(zero[0])}, core "
                 f"{int(core[zero[0]])}); their script divides by zero there. Raise the "
                 "budget or use mode='paper'.")
-        uniq = np.unique(np.asarray(res.out)).size
+
+    g = _Global(a.features, a.features[core_j], a.core_dist, a.core_index)
+    static = dict(mode=mode, num_neighbors=num_neighbors, direct=direct, chunk_size=chunk_size)
+    calls = []
+    for bucket in _plan(labels, core, d):
+        p = bucket.members.shape[1]
+        # Picks per class: at most P, except where official mode repeats samples.
+        width = p
+        if mode == "official":
+            most = int(np.max(np.asarray(alloc)[bucket.classes])) if concrete else budget
+            width = max(p, 1 << int(np.ceil(np.log2(max(most, 1)))))
+        c = _Class(*(jnp.asarray(v) for v in bucket[:4]))
+        calls.append((c, functools.partial(
+            _bucket_jit, g, c, use_all, alloc, ring_fraction, remove_fraction,
+            opponent_penalty, batch=bucket.batch, width=width, **static)))
+    layout = [c for c, _ in calls]
+    results = [call() for _, call in calls]
+    out, score, kept, core_lost = _assemble_jit(results, layout, alloc, n=n, budget=budget)
+    if mode == "official" and concrete:
+        lost = int(core_lost)
+        if lost >= 0:
+            raise ValueError(
+                f"official mode: denoising removed core {int(core[lost])} from its own "
+                f"pseudo-class {lost} (duplicate rows around the core?); the authors' script "
+                "fails here. Use mode='paper'.")
+        uniq = np.unique(np.asarray(out)).size
         if uniq < budget:
             warnings.warn(
                 f"official mode: the authors' allocation exceeds some denoised class sizes, "
                 f"so the selection repeats samples ({uniq} unique of {budget}), as their "
                 "script does.", stacklevel=2)
-    return BilafOutput(res.out, a.labels, res.kept, res.score, res.alloc)
+    return BilafOutput(out, a.labels, kept, score, alloc.astype(jnp.int32))
 
 
-class _StagesOut(NamedTuple):
-    out: jax.Array
-    kept: jax.Array
-    score: jax.Array
-    alloc: jax.Array
-    core_lost: jax.Array  # first class whose core was denoised away (official), else -1
-
-
-def _stages(a, core_j, buckets, class_sizes, ring_fraction, remove_fraction, opponent_penalty,
-            *, mode, num_neighbors, direct, chunk_size, budget):
-    """Denoise every bucket, allocate, select every bucket: one compiled program."""
-    n = a.features.shape[0]
-    num_classes = core_j.shape[0]
-    static = dict(mode=mode, direct=direct, chunk_size=chunk_size)
-    dens = [_denoise_bucket(a.features, members, counts, core_local, ring_fraction,
-                            remove_fraction, num_neighbors=num_neighbors, **static)
-            for _, members, counts, core_local in buckets]
-    kept_sizes = jnp.zeros(num_classes, jnp.int32)
-    core_lost = jnp.int32(num_classes)
-    for (classes, _, counts, core_local), den in zip(buckets, dens, strict=True):
-        kept_sizes = kept_sizes.at[classes].add(jnp.sum(den.kept, axis=1).astype(jnp.int32))
-        core_kept = jnp.take_along_axis(den.kept, core_local[:, None], axis=1)[:, 0]
-        lost = jnp.where((counts > 0) & ~core_kept, classes, num_classes)
-        core_lost = jnp.minimum(core_lost, jnp.min(lost))
-    core_lost = jnp.where(core_lost == num_classes, -1, core_lost)
-
+def _split_budget(class_sizes, budget, ring_fraction, remove_fraction, *, mode, dtype):
+    """Budget per class from the kept sizes IDC will leave (known from the class sizes)."""
+    _, _, kept = _ring_plan(class_sizes, ring_fraction, remove_fraction, mode=mode,
+                            ftype=jnp.dtype(dtype))
     if mode == "official":
-        alloc = _allocate_official(kept_sizes, budget)
-        use_all = jnp.asarray(False)
-    else:
-        use_all = jnp.sum(kept_sizes) < budget
-        alloc = _allocate_paper(jnp.where(use_all, class_sizes, kept_sizes), budget)
+        return _allocate_official(kept, budget), jnp.asarray(False)
+    # Paper mode waives denoising if the kept samples cannot fill the budget.
+    use_all = jnp.sum(kept) < budget
+    return _allocate_paper(jnp.where(use_all, class_sizes, kept), budget), use_all
+
+
+_split_budget_jit = jax.jit(_split_budget, static_argnames=("mode", "dtype"))
+
+
+def _assemble(results, layout, alloc, *, n, budget):
+    """Class blocks in class order -> indices [B]; per-sample score and kept [n]; the first
+    class whose core was denoised away (-1: none)."""
+    num_classes = alloc.shape[0]
     offsets = jnp.cumsum(alloc) - alloc
-
-    g = _Global(a.features, a.features[core_j], a.core_dist, a.core_index, a.labels)
     out = jnp.zeros(budget, jnp.int32)
-    score = jnp.full(n, jnp.inf, a.core_dist.dtype)
+    score = jnp.full(n, jnp.inf, results[0][1].dtype)
     kept = jnp.zeros(n, bool)
-    for (classes, members, counts, core_local), den in zip(buckets, dens, strict=True):
-        out, bs_b, kept_b = _select_bucket(out, g, classes, members, counts, core_local, den,
-                                           alloc, offsets, use_all, opponent_penalty, **static)
-        valid = jnp.arange(members.shape[1])[None, :] < counts[:, None]
-        idx = jnp.where(valid, members, n).reshape(-1)
-        score = score.at[idx].set(bs_b.reshape(-1), mode="drop")
+    core_lost = jnp.int32(num_classes)
+    for (picks, bs, kept_b, core_kept), c in zip(results, layout, strict=True):
+        slot = jnp.arange(picks.shape[1])[None, :]
+        live = (slot < alloc[c.cls][:, None]) & (c.count > 0)[:, None]
+        where = jnp.where(live, offsets[c.cls][:, None] + slot, budget)
+        out = out.at[where.reshape(-1)].set(picks.reshape(-1), mode="drop")
+        valid = jnp.arange(c.members.shape[1])[None, :] < c.count[:, None]
+        idx = jnp.where(valid, c.members, n).reshape(-1)
+        score = score.at[idx].set(bs.reshape(-1), mode="drop")
         kept = kept.at[idx].set(kept_b.reshape(-1), mode="drop")
-    return _StagesOut(out, kept, score, alloc.astype(jnp.int32), core_lost)
+        lost = jnp.where((c.count > 0) & ~core_kept, c.cls, num_classes)
+        core_lost = jnp.minimum(core_lost, jnp.min(lost))
+    return out, score, kept, jnp.where(core_lost == num_classes, -1, core_lost)
 
 
-_stages_jit = jax.jit(_stages, static_argnames=("mode", "num_neighbors", "direct", "chunk_size",
-                                                "budget"))
+_assemble_jit = jax.jit(_assemble, static_argnames=("n", "budget"))

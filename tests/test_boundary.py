@@ -227,23 +227,27 @@ def test_vmap_over_hyperparameters(blobs):
 
 
 def test_no_recompile_on_second_call(blobs):
+    # New hyperparameter values and a new budget reuse the compiled class programs.
     x, cores = blobs
     x = x.astype(np.float32)
     bilaf(KEY, x, cores, 40, remove_fraction=0.1)
-    size = boundary._stages_jit._cache_size()
+    size = boundary._bucket_jit._cache_size()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         bilaf(KEY, x, cores, 40, remove_fraction=0.25, opponent_penalty=1.3)
-    assert boundary._stages_jit._cache_size() == size
+        bilaf(KEY, x, cores, 60, ring_fraction=0.3)
+    assert boundary._bucket_jit._cache_size() == size
 
 
-@pytest.mark.parametrize("tracked,cache", [(2, 1 << 23), (3, 1)], ids=["cached", "uncached"])
-def test_paper_tracked_opponents_fallback_exact(monkeypatch, tracked, cache):
+@pytest.mark.parametrize("tracked,block,cache", [(2, 1 << 22, 1 << 24), (3, 1, 1)],
+                         ids=["cached", "recomputed_per_class"])
+def test_paper_tracked_opponents_fallback_exact(monkeypatch, tracked, block, cache):
     # Few tracked opponents per sample: rounds where all are penalised scan every core.
     rng = np.random.default_rng(5)
     x = rng.normal(size=(300, 6))
     cores = rng.choice(300, 30, replace=False)
     monkeypatch.setattr(boundary, "NUM_OPPONENTS", tracked)
+    monkeypatch.setattr(boundary, "_CORE_BLOCK_ELEMENTS", block)
     monkeypatch.setattr(boundary, "_CORE_CACHE_ELEMENTS", cache)
     with jax.enable_x64(True):
         out = bilaf(KEY, x, cores, 100, opponent_penalty=1.5)
