@@ -734,7 +734,14 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
             opponent_penalty, batch=bucket.batch, width=width, **static)))
     layout = [c for c, _ in calls]
     results = [call() for _, call in calls]
-    out, score, kept, core_lost = _assemble_jit(results, layout, alloc, n=n, budget=budget)
+    if concrete and not any(map(is_traced, jax.tree.leaves(results))):
+        # Concrete results: gather on the host (no program to compile per budget).
+        host = jax.tree.map(np.asarray, (results, layout, alloc))
+        out, score, kept, core_lost = _assemble(*host, n=n, budget=budget, xp=np)
+        out, score, kept = jnp.asarray(out), jnp.asarray(score), jnp.asarray(kept)
+    else:
+        out, score, kept, core_lost = _assemble_jit(results, layout, alloc, n=n,
+                                                    budget=budget)
     if mode == "official" and concrete:
         lost = int(core_lost)
         if lost >= 0:
@@ -765,27 +772,35 @@ def _split_budget(class_sizes, budget, ring_fraction, remove_fraction, *, mode, 
 _split_budget_jit = jax.jit(_split_budget, static_argnames=("mode", "dtype"))
 
 
-def _assemble(results, layout, alloc, *, n, budget):
+def _assemble(results, layout, alloc, *, n, budget, xp=jnp):
     """Class blocks in class order -> indices [B]; per-sample score and kept [n]; the first
-    class whose core was denoised away (-1: none)."""
+    class whose core was denoised away (-1: none). `xp`: jax.numpy (traced) or numpy."""
+
+    def scatter(target, where, values):  # target[where] = values, out-of-range dropped
+        if xp is jnp:
+            return target.at[where].set(values, mode="drop")
+        keep = where < target.shape[0]
+        target[where[keep]] = values[keep]
+        return target
+
     num_classes = alloc.shape[0]
-    offsets = jnp.cumsum(alloc) - alloc
-    out = jnp.zeros(budget, jnp.int32)
-    score = jnp.full(n, jnp.inf, results[0][1].dtype)
-    kept = jnp.zeros(n, bool)
-    core_lost = jnp.int32(num_classes)
+    offsets = xp.cumsum(alloc) - alloc
+    out = xp.zeros(budget, xp.int32)
+    score = xp.full(n, xp.inf, results[0][1].dtype)
+    kept = xp.zeros(n, bool)
+    core_lost = num_classes
     for (picks, bs, kept_b, core_kept), c in zip(results, layout, strict=True):
-        slot = jnp.arange(picks.shape[1])[None, :]
+        slot = xp.arange(picks.shape[1])[None, :]
         live = (slot < alloc[c.cls][:, None]) & (c.count > 0)[:, None]
-        where = jnp.where(live, offsets[c.cls][:, None] + slot, budget)
-        out = out.at[where.reshape(-1)].set(picks.reshape(-1), mode="drop")
-        valid = jnp.arange(c.members.shape[1])[None, :] < c.count[:, None]
-        idx = jnp.where(valid, c.members, n).reshape(-1)
-        score = score.at[idx].set(bs.reshape(-1), mode="drop")
-        kept = kept.at[idx].set(kept_b.reshape(-1), mode="drop")
-        lost = jnp.where((c.count > 0) & ~core_kept, c.cls, num_classes)
-        core_lost = jnp.minimum(core_lost, jnp.min(lost))
-    return out, score, kept, jnp.where(core_lost == num_classes, -1, core_lost)
+        where = xp.where(live, offsets[c.cls][:, None] + slot, budget)
+        out = scatter(out, where.reshape(-1), picks.reshape(-1))
+        valid = xp.arange(c.members.shape[1])[None, :] < c.count[:, None]
+        idx = xp.where(valid, c.members, n).reshape(-1)
+        score = scatter(score, idx, bs.reshape(-1))
+        kept = scatter(kept, idx, kept_b.reshape(-1))
+        lost = xp.where((c.count > 0) & ~core_kept, c.cls, num_classes)
+        core_lost = xp.minimum(core_lost, xp.min(lost))
+    return out, score, kept, xp.where(core_lost == num_classes, -1, core_lost)
 
 
 _assemble_jit = jax.jit(_assemble, static_argnames=("n", "budget"))

@@ -150,6 +150,10 @@ def nearest_centre(points, centres, metric: str = "sqeuclidean", *, centre_mask=
     return Assignment(idx, dist)
 
 
+# Widest rows for which `smallest_k` extracts rather than calling top-k (float32).
+_EXTRACT_MAX = 512
+
+
 def first_argmin(values, axis: int = -1):
     """(min, first index of the min) along `axis`; values must not contain NaN.
 
@@ -173,12 +177,15 @@ def smallest_k(values, k: int):
     """The k smallest entries along the last axis, ascending (ties: lower index first).
 
     values: [..., p] -> (values [..., k], int32 indices [..., k]), k static, 0 < k <= p,
-    no NaN. k rounds of `first_argmin` extraction: for the small k used here this beats
-    XLA's CPU top-k (2-3x in float32; float64 has no top-k kernel and sorts, ~20x slower).
-    Once only +inf is left, the index returned is p - 1 or an earlier +inf entry's; callers
-    treat +inf as empty.
+    no NaN. Up to p = 512 (and always in float64, which has no XLA CPU top-k kernel and
+    sorts instead, ~20x slower) this takes k rounds of `first_argmin` extraction, 2-3x
+    faster than XLA's CPU top-k there; wider float32 rows use top-k. Once only +inf is left,
+    the index returned may repeat an earlier +inf entry's; callers treat +inf as empty.
     """
     p = values.shape[-1]
+    if p > _EXTRACT_MAX and values.dtype != jnp.float64:
+        neg, idx = lax.top_k(-values, k)
+        return -neg, idx.astype(jnp.int32)
     pos = lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
     out_v, out_i = [], []
     for _ in range(k):
@@ -241,6 +248,7 @@ def greedy_unique_match(points, centres, metric: str = "sqeuclidean", *,
     so the result equals the naive K x n greedy.
     """
     _check_metric(metric)
+    points, centres = jnp.asarray(points), jnp.asarray(centres)
     n = points.shape[0]
     num_centres = centres.shape[0]
     t = min(num_candidates, n)
@@ -254,9 +262,10 @@ def greedy_unique_match(points, centres, metric: str = "sqeuclidean", *,
         ids = offset + jnp.arange(xb.shape[0], dtype=jnp.int32)
         all_d = jnp.concatenate([best_d, dist], axis=1)
         all_i = jnp.concatenate([best_i, jnp.broadcast_to(ids, dist.shape)], axis=1)
-        # Sort by (distance, index) so that ties keep the lower index.
-        order = jnp.lexsort((all_i, all_d), axis=1)[:, :t]
-        return (jnp.take_along_axis(all_d, order, 1), jnp.take_along_axis(all_i, order, 1)), None
+        # Columns are in index order (earlier candidates hold lower indices), so ties in
+        # `smallest_k` keep the lower index, as a (distance, index) sort would.
+        best_d, order = smallest_k(all_d, t)
+        return (best_d, jnp.take_along_axis(all_i, order, 1)), None
 
     c = min(chunk_size, n)
     num_chunks = -(-n // c)

@@ -1,0 +1,84 @@
+"""`bilaf_jax.distances` against naive NumPy (ties included)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bilaf_jax import distances
+
+
+def _tied(rng, shape):
+    # Few distinct values, so that ties are everywhere.
+    return rng.integers(0, 7, size=shape).astype(np.float64)
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_first_argmin_and_argmax_match_numpy(axis):
+    x = _tied(np.random.default_rng(0), (37, 23))
+    low, i = distances.first_argmin(jnp.asarray(x, jnp.float32), axis=axis)
+    np.testing.assert_array_equal(np.asarray(i), np.argmin(x, axis=axis))
+    np.testing.assert_array_equal(np.asarray(low), np.min(x, axis=axis))
+    high, j = distances.first_argmax(jnp.asarray(x, jnp.float32), axis=axis)
+    np.testing.assert_array_equal(np.asarray(j), np.argmax(x, axis=axis))
+    np.testing.assert_array_equal(np.asarray(high), np.max(x, axis=axis))
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
+@pytest.mark.parametrize("p", [40, 700], ids=["extract", "top_k"])
+def test_smallest_k_matches_stable_sort(p, x64):
+    rng = np.random.default_rng(p)
+    x = _tied(rng, (5, 9, p))
+    x[0, 0, :] = np.inf  # a row with nothing finite
+    k = 6
+    order = np.argsort(x, axis=-1, kind="stable")[..., :k]
+    with jax.enable_x64(x64):
+        vals, idx = distances.smallest_k(jnp.asarray(x), k)
+        vals, idx = np.asarray(vals), np.asarray(idx)
+    assert idx.dtype == np.int32 and vals.shape == idx.shape == (5, 9, k)
+    np.testing.assert_array_equal(vals, np.take_along_axis(x, order, axis=-1))
+    finite = np.isfinite(vals)
+    np.testing.assert_array_equal(idx[finite], order[finite])
+
+
+@pytest.mark.parametrize("direct", [False, True])
+def test_knn_and_nearest_centre_match_numpy(direct):
+    rng = np.random.default_rng(1)
+    queries, points = rng.normal(size=(50, 4)), rng.normal(size=(30, 4))
+    points[7] = points[3]  # an exact tie: the lower index comes first
+    d = np.sqrt(((queries[:, None] - points[None]) ** 2).sum(-1))
+    order = np.argsort(d, axis=1, kind="stable")
+    with jax.enable_x64(True):
+        nb = distances.knn(queries, points, 5, "euclidean", chunk_size=16, direct=direct)
+        near = distances.nearest_centre(queries, points, "euclidean", chunk_size=16,
+                                        direct=direct)
+        np.testing.assert_array_equal(np.asarray(nb.index), order[:, :5])
+        np.testing.assert_allclose(np.asarray(nb.distance),
+                                   np.take_along_axis(d, order[:, :5], 1), rtol=1e-10)
+        np.testing.assert_array_equal(np.asarray(near.index), order[:, 0])
+        np.testing.assert_allclose(np.asarray(near.distance), d.min(1), rtol=1e-10)
+
+
+def test_knn_point_mask_pads_with_minus_one():
+    rng = np.random.default_rng(2)
+    q, pts = rng.normal(size=(6, 3)), rng.normal(size=(8, 3))
+    mask = np.zeros(8, bool)
+    mask[[1, 5]] = True
+    nb = distances.knn(q, pts, 4, point_mask=mask)
+    assert set(np.asarray(nb.index[:, :2]).ravel()) <= {1, 5}
+    assert (np.asarray(nb.index[:, 2:]) == -1).all() and np.isinf(nb.distance[:, 2:]).all()
+
+
+def test_greedy_unique_match_equals_naive_greedy():
+    rng = np.random.default_rng(3)
+    pts, cen = rng.normal(size=(200, 5)), rng.normal(size=(40, 5))
+    d = ((cen[:, None] - pts[None]) ** 2).sum(-1)
+    taken, want = np.zeros(200, bool), []
+    for j in range(40):
+        i = int(np.argmin(np.where(taken, np.inf, d[j])))
+        taken[i] = True
+        want.append(i)
+    with jax.enable_x64(True):
+        # Two candidates per centre force the exact-scan fallback for later centres.
+        got = distances.greedy_unique_match(pts, cen, num_candidates=2, chunk_size=64)
+    np.testing.assert_array_equal(np.asarray(got), want)
