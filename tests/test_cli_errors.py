@@ -233,3 +233,26 @@ def test_installed_command_prints_no_traceback(files, tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"bilaf select: error: {files / 'nan.npy'}: features contain NaN or Inf"]
     assert proc.stdout == "" and not out.exists()
+
+
+def test_compile_cache_serves_a_new_budget(files, tmp_path):
+    # A fresh process per call (JAX's cache settings are per process). The second call, on
+    # the same pool with another budget, finds every program it needs in the cache.
+    exe = shutil.which("bilaf", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
+    if exe is None:
+        pytest.skip("the bilaf command is not installed")
+    cache = tmp_path / "cache"
+
+    def select(budget):
+        out = tmp_path / f"sel{budget}.json"
+        proc = subprocess.run([exe, "select", str(files / "good.npy"), "--budget", str(budget),
+                               "--cores", "3", "--steps", "20", "--compile-cache", str(cache),
+                               "--out", str(out)], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(out.read_text()), sorted(p.name for p in cache.rglob("*") if p.is_file())
+
+    first, entries = select(8)
+    assert entries, "nothing was cached"
+    second, entries_after = select(12)
+    assert entries_after == entries
+    assert len(second) == 12 and len(set(second)) == 12 and set(first[:1]) <= set(second)

@@ -47,7 +47,7 @@ def enable_compile_cache(folder) -> str | None:
     """Point JAX's persistent compilation cache at `folder` (None: the default; 'off': none).
 
     Many selection programs have data-dependent static shapes (budgets, BiLAF's per-class
-    buckets); a later run of the same config then skips recompiling them.
+    buckets); a later run on the same pool then skips recompiling them.
     """
     import os
 
@@ -62,7 +62,7 @@ def enable_compile_cache(folder) -> str | None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     return str(path)
 
 
