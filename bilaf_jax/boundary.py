@@ -61,6 +61,8 @@ _BATCH_ELEMENTS = 1 << 24
 # most kept per batch between rounds (beyond that they are recomputed each time needed).
 _CORE_BLOCK_ELEMENTS = 1 << 22
 _CORE_CACHE_ELEMENTS = 1 << 24
+# Candidates removed per round one at a time; larger quotas are found by bisection.
+_EXTRACT_QUOTA = 24
 # Cluster members merged into the running k-NN lists per step of IDC: at least this many,
 # and about a ring (P / 10) in big classes so that a ring takes one or two merges.
 _MERGE_WIDTH = 32
@@ -183,6 +185,8 @@ def _plan(labels: np.ndarray, core_indices: np.ndarray, d: int) -> list[_Bucket]
     buckets = []
     for p in np.unique(pads):
         ids = np.nonzero(pads == p)[0]
+        # Similar sizes share a batch: its loops run as long as its largest class needs.
+        ids = ids[np.argsort(counts[ids], kind="stable")]
         c, batch = _batching(ids.size, int(p), d)
         classes = np.zeros(c, np.int32)
         members = np.zeros((c, p), np.int32)
@@ -424,6 +428,49 @@ def _first(mask, *keys):
     return mask
 
 
+def _sortable(key):
+    """Unsigned integers in the order of the float `key` (-inf < ... < +inf; no NaN)."""
+    itype, utype = (jnp.int64, jnp.uint64) if key.dtype == jnp.float64 else (jnp.int32,
+                                                                               jnp.uint32)
+    key = jnp.where(key == 0, jnp.zeros_like(key), key)  # -0.0 sorts as +0.0
+    bits = lax.bitcast_convert_type(key, itype)
+    sign = jnp.asarray(jnp.iinfo(itype).min, itype)
+    # Negative floats: flip all bits but the sign; then flip the sign for an unsigned order.
+    flipped = jnp.where(bits < 0, ~bits | sign, bits)
+    return lax.bitcast_convert_type(flipped ^ sign, utype)
+
+
+def _smallest_set(mask, key, tie, count):
+    """[C, P] mask of the `count` [C] entries of lowest (key, tie) where `mask`, per row.
+
+    The count-th smallest key comes from a bisection over its bits (32 or 64 counting passes,
+    whatever the count); entries equal to it are taken in tie order, one at a time (ties are
+    rare). `tie` must be unique within `mask`.
+    """
+    u = _sortable(key)
+    nbits = 8 * u.dtype.itemsize
+    one = jnp.asarray(1, u.dtype)
+
+    def bit(b, t):
+        trial = t | (one << (nbits - 1 - b).astype(u.dtype))
+        below = jnp.sum(mask & (u < trial[:, None]), axis=1)
+        return jnp.where(below < count, trial, t)
+
+    t = lax.fori_loop(0, nbits, bit, jnp.zeros(key.shape[0], u.dtype))  # the count-th key
+    take = mask & (u < t[:, None])
+    need = count - jnp.sum(take, axis=1)
+    equal = mask & (u == t[:, None])
+
+    def tied(state):
+        take, equal, need = state
+        first = _first(equal & (need > 0)[:, None], tie)
+        return take | first, equal & ~first, need - jnp.any(first, axis=1)
+
+    take, _, _ = lax.while_loop(lambda s: jnp.any((s[2] > 0) & jnp.any(s[1], axis=1)), tied,
+                                (take, equal, need))
+    return take
+
+
 def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponent_penalty, *,
                    mode, num_neighbors, direct, chunk_size, width):
     """Denoise and select one batch of classes (leading axis C) of padded size P.
@@ -542,7 +589,16 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
                 intra = intra - gone
             return cand & ~out, intra
 
-        cand, intra = lax.fori_loop(0, jnp.max(quota_now), remove, (s.cand, s.intra))
+        def remove_bulk(cand, intra):
+            # Large quotas (small budgets): one bisection instead of many extractions.
+            out = _smallest_set(cand, key, tie, quota_now)
+            if mode == "paper":
+                intra = intra - jnp.einsum("cij,cj->ci", finite, out.astype(ftype))
+            return cand & ~out, intra
+
+        cand, intra = lax.cond(
+            jnp.max(quota_now) > _EXTRACT_QUOTA, remove_bulk,
+            lambda *carry: lax.fori_loop(0, jnp.max(quota_now), remove, carry), s.cand, s.intra)
         hits = s.hits
         if mode == "official":
             # The previous pick's opponent is penalised at the start of this round.

@@ -2,24 +2,41 @@
 
 Usage:
   python scripts/bench_boundary.py [--n 50000] [--d 384] [--cores 250]
-      [--budgets 500,1000,2500,5000] [--modes paper,official] [--x64] [--repeats 3] [--clusters C]
-      [--authors PATH/TO/density_cluster.py]
+      [--budgets 500,1000,2500,5000] [--modes paper,official] [--x64] [--direct]
+      [--repeats 3] [--clusters C] [--authors PATH/TO/density_cluster.py] [--in-process]
 
-Prints a markdown table: mode, B, first-call seconds (compilation included; the first budget
-of each mode pays most of it, later budgets reuse the compiled bucket programs), steady-state
-seconds (best of --repeats), and the process CPU seconds of the same calls (a check on the
-wall-clock numbers when the machine is shared). With --authors, also times the authors' script functions on the
-same features (float64, scipy), run in this process from the given file.
+Each (mode, budget) runs in a fresh Python process with no persistent compilation cache, so
+its first call pays every compilation (--in-process: one process for all, where later
+budgets reuse the compiled class programs). Prints a markdown table: mode, B, first-call
+seconds, steady-state seconds (best of --repeats), and the CPU seconds of the same calls (a
+check on the wall-clock numbers when the machine is shared). With --authors, also times the
+authors' script functions on the same features (float64, scipy), loaded from the given file.
+
+Features: a single Gaussian blob (default; random cores then give very uneven pseudo-classes)
+or, with --clusters C, a mixture of C Gaussians (`_common.mixture`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
-from _common import load_authors, mixture
+from _common import cpu_name, load_authors, mixture
+
+
+def make_pool(args):
+    """(features float64 [n, d], sorted core indices [K]): deterministic in the arguments."""
+    rng = np.random.default_rng(args.seed)
+    if args.clusters:
+        feats = mixture(args.n, args.d, args.clusters, args.seed).astype(np.float64)
+    else:
+        feats = rng.normal(size=(args.n, args.d))
+    return feats, np.sort(rng.choice(args.n, args.cores, replace=False))
 
 
 def run_authors(mod, features, cores, budget):
@@ -27,6 +44,37 @@ def run_authors(mod, features, cores, budget):
     lists = mod.distance_cluster(features, class_core, len(cores))
     lists, _ = mod.density_cluster_denoise(lists, features, cores, len(cores), 10, 0.1, 0.1)
     return mod.selection(lists, class_core, features, cores, len(cores), budget, 1.1)
+
+
+def measure(args, mode, budgets):
+    """Time `bilaf` for each budget in this process: {budget: (first, first_cpu, steady,
+    steady_cpu)} or {budget: error message}."""
+    import jax
+
+    from bilaf_jax.boundary import bilaf
+
+    feats, cores = make_pool(args)
+    out = {}
+    with jax.enable_x64(args.x64):
+        f = jax.device_put(feats if args.x64 else feats.astype(np.float32))
+        key = jax.random.key(0)
+        kw = dict(mode=mode, direct=True if args.direct else None)
+        for b in budgets:
+            try:
+                t0, c0 = time.perf_counter(), time.process_time()
+                jax.block_until_ready(bilaf(key, f, cores, b, **kw))
+            except ValueError as e:  # official mode where the authors' script crashes
+                out[b] = f"ValueError: {e}"
+                continue
+            first = (time.perf_counter() - t0, time.process_time() - c0)
+            steady = []
+            for _ in range(args.repeats):
+                t0, c0 = time.perf_counter(), time.process_time()
+                jax.block_until_ready(bilaf(key, f, cores, b, **kw))
+                steady.append((time.perf_counter() - t0, time.process_time() - c0))
+            best = min(steady)
+            out[b] = (*first, *best)
+    return out
 
 
 def main(argv=None):
@@ -37,80 +85,78 @@ def main(argv=None):
     p.add_argument("--budgets", default="500,1000,2500,5000")
     p.add_argument("--modes", default="paper,official")
     p.add_argument("--x64", action="store_true", help="float64 features under jax x64")
+    p.add_argument("--direct", action="store_true",
+                   help="distances from explicit differences (the default only in official "
+                   "mode with float64)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clusters", type=int, default=0,
                    help="Gaussian-mixture features with this many clusters (0: a single Gaussian)")
     p.add_argument("--authors", default=None, help="path to the authors' density_cluster.py")
+    p.add_argument("--in-process", action="store_true",
+                   help="all budgets in this process (later first calls reuse compilations)")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "mode:budget"
     args = p.parse_args(argv)
+    budgets = [int(b) for b in args.budgets.split(",")]
+
+    if args.child:
+        mode, b = args.child.split(":")
+        print(json.dumps({str(k): v for k, v in measure(args, mode, [int(b)]).items()}))
+        return
 
     import jax
 
-    from bilaf_jax.boundary import bilaf
-
-    rng = np.random.default_rng(args.seed)
-    if args.clusters:
-        feats = mixture(args.n, args.d, args.clusters, args.seed).astype(np.float64)
-    else:  # one Gaussian blob: random cores give very uneven pseudo-classes
-        feats = rng.normal(size=(args.n, args.d))
-    cores = np.sort(rng.choice(args.n, args.cores, replace=False))
-    budgets = [int(b) for b in args.budgets.split(",")]
+    label_tail = (" x64" if args.x64 else "") + (" direct" if args.direct else "")
     rows = []
-    ctx = jax.enable_x64(True) if args.x64 else _null()
-    with ctx:
-        f = feats if args.x64 else feats.astype(np.float32)
-        f = jax.device_put(f)
-        key = jax.random.key(0)
-        for mode in args.modes.split(","):
+    for mode in args.modes.split(","):
+        if args.in_process:
+            results = measure(args, mode, budgets)
+        else:
+            results = {}
             for b in budgets:
-                label = mode + (" x64" if args.x64 else "")
-                try:
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    jax.block_until_ready(bilaf(key, f, cores, b, mode=mode))
-                except ValueError as e:  # official mode where the authors' script crashes
-                    print(f"{label} B={b}: ValueError: {e}", flush=True)
-                    rows.append((label, b, None, None))
-                    continue
-                first = (time.perf_counter() - t0, time.process_time() - c0)
-                steady = []
-                for _ in range(args.repeats):
-                    t0, c0 = time.perf_counter(), time.process_time()
-                    jax.block_until_ready(bilaf(key, f, cores, b, mode=mode))
-                    steady.append((time.perf_counter() - t0, time.process_time() - c0))
-                rows.append((label, b, first, min(steady)))
-                print(label, b, first, min(steady), flush=True)
+                cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
+                       "--child", f"{mode}:{b}"]
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode:
+                    raise SystemExit(f"benchmark child failed:\n{proc.stderr[-3000:]}")
+                results[b] = json.loads(proc.stdout.strip().splitlines()[-1])[str(b)]
+        for b in budgets:
+            r = results[b]
+            rows.append((mode + label_tail, b, r))
+            print(mode + label_tail, b, r, flush=True)
     if args.authors:
         mod = load_authors(args.authors)
+        feats, cores = make_pool(args)
         for b in budgets:
             t0, c0 = time.perf_counter(), time.process_time()
             try:
                 run_authors(mod, feats, cores, b)
             except Exception as e:  # zero allocations crash their script
-                print(f"authors B={b}: {type(e).__name__}: {e}", flush=True)
-                rows.append(("authors (numpy/scipy f64)", b, None, None))
+                rows.append(("authors (numpy/scipy f64)", b, f"{type(e).__name__}: {e}"))
                 continue
             dt = (time.perf_counter() - t0, time.process_time() - c0)
-            rows.append(("authors (numpy/scipy f64)", b, dt, dt))
+            rows.append(("authors (numpy/scipy f64)", b, (*dt, *dt)))
             print("authors", b, dt, flush=True)
-    print(f"n={args.n} d={args.d} K={args.cores} jax {jax.__version__} "
-          f"devices {jax.devices()[0].platform}")
-    print(f"load average at end: {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+
+    feats, cores = make_pool(args)
+    centres = feats[cores]
+    labels = np.argmin((centres ** 2).sum(1)[None] - 2.0 * feats @ centres.T, axis=1)
+    sizes = "/".join(str(int(v)) for v in
+                     np.percentile(np.bincount(labels, minlength=args.cores), [0, 50, 100]))
+    sizes = f"; pseudo-class sizes min/median/max = {sizes}"
+    pool = f"mixture of {args.clusters} Gaussians" if args.clusters else "one Gaussian"
+    print(f"\nn={args.n} d={args.d} K={args.cores} ({pool}{sizes}); jax {jax.__version__} on "
+          f"{cpu_name()}, {os.cpu_count()} CPUs; first calls "
+          f"{'in one process' if args.in_process else 'each in a fresh process'}; load "
+          f"average at end {os.getloadavg()[0]:.1f}")
     print("| mode | B | first call (s) | steady (s) | first call CPU (s) | steady CPU (s) |")
     print("|---|---|---|---|---|---|")
-    for mode, b, first, steady in rows:
-        if first is None:
-            print(f"| {mode} | {b} | crash / ValueError (zero allocation) | | | |")
+    for mode, b, r in rows:
+        if isinstance(r, str):
+            print(f"| {mode} | {b} | {r.split(':')[0]} (see log) | | | |")
             continue
-        print(f"| {mode} | {b} | {first[0]:.2f} | {steady[0]:.3f} | {first[1]:.2f} | "
-              f"{steady[1]:.3f} |")
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+        first, first_cpu, steady, steady_cpu = r
+        print(f"| {mode} | {b} | {first:.2f} | {steady:.3f} | {first_cpu:.2f} | {steady_cpu:.3f} |")
 
 
 if __name__ == "__main__":

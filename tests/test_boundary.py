@@ -45,6 +45,37 @@ def _check(out, ref, n):
     np.testing.assert_array_equal(np.asarray(out.indices), np.asarray(ref[0]))
 
 
+@pytest.mark.parametrize("mode,x64", [("official", True), ("paper", True), ("paper", False)],
+                         ids=["official-float64", "paper-float64", "paper-float32"])
+def test_bulk_removal_matches_reference(monkeypatch, digit_features, mode, x64):
+    # Every round removes its nearest candidates by bisection (the small-budget path).
+    monkeypatch.setattr(boundary, "_EXTRACT_QUOTA", 0)
+    x, cores = digit_features
+    ref_fn = official_reference if mode == "official" else paper_reference
+    with jax.enable_x64(x64):
+        for budget in (30, 200):
+            out = bilaf(KEY, x if x64 else x.astype(np.float32), cores, budget, mode=mode)
+            want = ref_fn(x, cores, budget)[0] if x64 else \
+                ref_fn(x.astype(np.float32).astype(np.float64), cores, budget)[0]
+            np.testing.assert_array_equal(np.asarray(out.indices), np.asarray(want))
+
+
+def test_smallest_set_matches_sort():
+    rng = np.random.default_rng(4)
+    key = rng.integers(-3, 4, size=(6, 50)).astype(np.float32)
+    key[0, :5] = -np.inf
+    key[1, 7] = -0.0
+    mask = rng.random((6, 50)) < 0.7
+    tie = np.stack([rng.permutation(50) for _ in range(6)]).astype(np.int32)
+    count = np.array([0, 1, 5, 17, 20, 3], np.int32)
+    got = np.asarray(boundary._smallest_set(jnp.asarray(mask), jnp.asarray(key),
+                                            jnp.asarray(tie), jnp.asarray(count)))
+    for r in range(6):
+        idx = np.nonzero(mask[r])[0]
+        order = idx[np.lexsort((tie[r, idx], key[r, idx]))][:count[r]]
+        np.testing.assert_array_equal(np.nonzero(got[r])[0], np.sort(order))
+
+
 @pytest.mark.parametrize("params", [{}, NON_DEFAULT], ids=["default", "non_default"])
 @pytest.mark.parametrize("mode", ["official", "paper"])
 def test_matches_reference_blobs_x64(blobs, mode, params):
