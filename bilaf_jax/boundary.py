@@ -61,6 +61,8 @@ _BATCH_ELEMENTS = 1 << 24
 # most kept per batch between rounds (beyond that they are recomputed each time needed).
 _CORE_BLOCK_ELEMENTS = 1 << 22
 _CORE_CACHE_ELEMENTS = 1 << 24
+# Rows merged at a time into the running k-NN lists of IDC.
+_ROW_BLOCK = 64
 # Candidates removed per round one at a time; larger quotas are found by bisection.
 _EXTRACT_QUOTA = 24
 # Cluster members merged into the running k-NN lists per step of IDC: at least this many,
@@ -243,7 +245,8 @@ class _RingState(NamedTuple):
     size: jax.Array        # int32 current cluster size
 
 
-def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neighbors):
+def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neighbors,
+         rows=None):
     """Inclusion positions and kept mask of one class; `dist` [P, P] is +inf off the class.
 
     Each ring appends its samples one at a time, lowest (key, local id) first, so positions
@@ -256,6 +259,9 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
     ring, target, keep = _ring_plan(m, ring_fraction, remove_fraction, mode=mode, ftype=ftype)
     k = min(num_neighbors, p)
     width = min(p, max(_MERGE_WIDTH, p // 16))
+    # Rows past `rows` (the largest class of the batch) are padding in every class of it.
+    block_rows = min(p, _ROW_BLOCK)  # divides P (see _pad_size)
+    row_blocks = p // block_rows if rows is None else (rows + block_rows - 1) // block_rows
 
     def append(s, key, count):
         def one(_, s):
@@ -273,16 +279,26 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
         """Merge cluster positions [start, s.size) into every row's running k nearest."""
 
         def merge(j, carry):
-            near_dist, near_pos = carry
             first = start + j * width
             cols = lax.dynamic_slice(s.order, (first,), (width,))
             pos = first + jnp.arange(width, dtype=jnp.int32)
-            block = jnp.where((pos < s.size)[None, :], dist[cols].T, jnp.inf)
-            # Running entries come first and hold earlier positions: ties keep the earlier.
-            both = jnp.concatenate([near_dist, block], axis=1)
-            both_pos = jnp.concatenate([near_pos, jnp.broadcast_to(pos, block.shape)], axis=1)
-            near, idx = distances.smallest_k(both, k)
-            return near, jnp.take_along_axis(both_pos, idx, axis=1)
+            new = jnp.where((pos < s.size)[:, None], dist[cols], jnp.inf)  # [W, P]
+
+            def rows_block(b, carry):
+                near_dist, near_pos = carry
+                r0 = b * block_rows
+                near = lax.dynamic_slice_in_dim(near_dist, r0, block_rows)
+                near_p = lax.dynamic_slice_in_dim(near_pos, r0, block_rows)
+                block = lax.dynamic_slice_in_dim(new, r0, block_rows, axis=1).T
+                # Running entries come first and hold earlier positions: ties keep those.
+                both = jnp.concatenate([near, block], axis=1)
+                both_pos = jnp.concatenate([near_p, jnp.broadcast_to(pos, block.shape)], 1)
+                near, idx = distances.smallest_k(both, k)
+                near_p = jnp.take_along_axis(both_pos, idx, axis=1)
+                return (lax.dynamic_update_slice_in_dim(near_dist, near, r0, 0),
+                        lax.dynamic_update_slice_in_dim(near_pos, near_p, r0, 0))
+
+            return lax.fori_loop(0, row_blocks, rows_block, carry)
 
         steps = (s.size - start + width - 1) // width
         near = lax.fori_loop(0, steps, merge, (s.near_dist, s.near_pos))
@@ -488,7 +504,7 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
         dist = jax.vmap(_class_distances, (0, 0, None, None))(xc, valid, False, chunk_size)
     position, kept = jax.vmap(functools.partial(
         _idc, ring_fraction=ring_fraction, remove_fraction=remove_fraction, mode=mode,
-        num_neighbors=num_neighbors))(dist, valid, c.count, c.core)
+        num_neighbors=num_neighbors, rows=jnp.max(c.count)))(dist, valid, c.count, c.core)
     finite = jnp.where(jnp.isfinite(dist), dist, 0.0)
     core_kept = jnp.take_along_axis(kept, c.core[:, None], axis=1)[:, 0]
     ftype = dist.dtype
