@@ -11,16 +11,27 @@ Two modes:
               float64 features under `jax.enable_x64(True)` the selected list is identical,
               index for index, on tie-free features.
 
-Layout: pseudo-classes have different sizes, so each class is processed padded to a static
-size P (a power of two >= its size) and classes are grouped into buckets of equal P; every
-bucket is one jitted `lax.map`/`lax.scan` over its classes. Work and memory per class are
-O(P^2) (its distance matrix); nothing of size [n, n] or [n, K] is ever built. The bucket plan
-is made on the host from the pseudo-labels, so `bilaf` itself is not jittable, but its float
-hyperparameters (`remove_fraction`, `ring_fraction`, `opponent_penalty`) stay traceable in both
-modes: `jax.vmap(lambda p: bilaf(key, f, c, B, remove_fraction=p).indices)(ps)` works.
+Layout: pseudo-classes have different sizes, so each class is padded to a static size P
+(powers of two, then quarter-octave steps) and classes of equal P form a bucket. The budget
+split comes first (IDC's kept sizes follow from the class sizes alone); then one jitted
+program per bucket takes its classes a batch at a time (similar sizes together): it builds
+each class's [P, P] distance matrix once, runs IDC for the whole batch in lockstep (vmap), and
+runs the selection rounds of the whole batch together, so one class's long loop does not
+serialise the others. Work and memory per class are O(P^2); nothing of size [n, n] or [n, K]
+is ever built. The budget is not a compile-time constant of these programs: a new budget on
+the same pool recompiles nothing heavy. The bucket plan is made on the host from the
+pseudo-labels, so `bilaf` itself is not jittable, but its float hyperparameters
+(`remove_fraction`, `ring_fraction`, `opponent_penalty`) stay traceable in both modes:
+`jax.vmap(lambda p: bilaf(key, f, c, B, remove_fraction=p).indices)(ps)` works.
+
+On CPU, XLA's sort, top-k and argmin are slow (a sort costs ~100 ns per element), so every
+ordering here is a chain of plain min-reductions: ring members and removed candidates are
+taken one at a time as (value, tie-key) minima, many at once by a bisection over the bits of
+the key (`_smallest_set`), and the running k nearest cluster members by k-fold extraction
+(`distances.smallest_k`).
 
 Dimension glossary: see `bilaf_jax.distances`. Here also P (padded class size), C (classes in
-a bucket), T (opponent cores kept per sample).
+a batch), T (opponent cores kept per sample), S (picks kept per class).
 """
 
 from __future__ import annotations
@@ -220,6 +231,25 @@ def _class_distances(xc, valid, direct, chunk_size):
     upper = jnp.arange(p)[:, None] < jnp.arange(p)[None, :]
     dist = jnp.where(upper, dist, jnp.where(upper.T, dist.T, 0.0))
     return jnp.where(valid[:, None] & valid[None, :], dist, jnp.inf)
+
+
+def _batch_distances(xc, valid, rows):
+    """`_class_distances` (Gram form) of a batch [C, P, d], computing only its first `rows`
+    rows (in blocks of _ROW_BLOCK; the rest are padding in every class)."""
+    num, p, _ = xc.shape
+    block = min(p, _ROW_BLOCK)  # divides P (see _pad_size)
+
+    def fill(b, dist):
+        xb = lax.dynamic_slice_in_dim(xc, b * block, block, axis=1)
+        part = jax.vmap(lambda u, v: distances.pairwise(u, v, "euclidean"))(xb, xc)
+        return lax.dynamic_update_slice_in_dim(dist, part, b * block, axis=1)
+
+    dist = lax.fori_loop(0, (rows + block - 1) // block, fill,
+                         jnp.full((num, p, p), jnp.inf, xc.dtype))
+    upper = jnp.arange(p)[:, None] < jnp.arange(p)[None, :]
+    # Exactly symmetric, 0 on the diagonal, +inf off the class (as _class_distances).
+    dist = jnp.where(upper, dist, jnp.where(upper.T, jnp.swapaxes(dist, 1, 2), 0.0))
+    return jnp.where(valid[:, :, None] & valid[:, None, :], dist, jnp.inf)
 
 
 def _ring_plan(m, ring_fraction, remove_fraction, *, mode, ftype):
@@ -498,13 +528,14 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
     local = jnp.arange(p, dtype=jnp.int32)
     valid = local[None, :] < c.count[:, None]
     xc = g.features[c.members]                                             # [C, P, d]
+    rows = jnp.max(c.count)  # rows past the batch's largest class are padding in all
     if direct:  # explicit differences: one class at a time bounds the [c, P, d] blocks
         dist = lax.map(lambda a: _class_distances(*a, True, chunk_size), (xc, valid))
     else:
-        dist = jax.vmap(_class_distances, (0, 0, None, None))(xc, valid, False, chunk_size)
+        dist = _batch_distances(xc, valid, rows)
     position, kept = jax.vmap(functools.partial(
         _idc, ring_fraction=ring_fraction, remove_fraction=remove_fraction, mode=mode,
-        num_neighbors=num_neighbors, rows=jnp.max(c.count)))(dist, valid, c.count, c.core)
+        num_neighbors=num_neighbors, rows=rows))(dist, valid, c.count, c.core)
     finite = jnp.where(jnp.isfinite(dist), dist, 0.0)
     core_kept = jnp.take_along_axis(kept, c.core[:, None], axis=1)[:, 0]
     ftype = dist.dtype
@@ -692,7 +723,8 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
         L2-normalised rows with `normalize=True` (the paper's text; the script does not).
       core_indices: [K] distinct pool indices of the core samples (stage 1). They are sorted
         ascending first; that order defines the pseudo-class ids.
-      budget: B, with K <= B <= n (static).
+      budget: B, with K <= B <= n (a Python int: it fixes the output shape; the class
+        programs do not depend on it).
       mode: "paper" or "official" (static).
       num_neighbors: k of the IDC density (Eq. 3) (static).
       ring_fraction: P_in, ring size max(1, floor(m P_in)) (traceable).
