@@ -67,7 +67,7 @@ _MIN_PAD = 16
 _COMPILE_SECONDS = 1.0
 _ELEMENT_SECONDS = 6e-11
 # Classes processed together: at most this many elements in their [C, P, max(P, d)] arrays.
-_BATCH_ELEMENTS = 1 << 24
+_BATCH_ELEMENTS = 1 << 23
 # Elements of the [c, P, K] distances to all cores in a paper-mode full Eq. 7 scan, and the
 # most kept per batch between rounds (beyond that they are recomputed each time needed).
 _CORE_BLOCK_ELEMENTS = 1 << 22
