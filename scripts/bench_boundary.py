@@ -2,7 +2,7 @@
 
 Usage:
   python scripts/bench_boundary.py [--n 50000] [--d 384] [--cores 250]
-      [--budgets 500,1000,2500,5000] [--modes paper,official] [--x64] [--direct]
+      [--budgets 500,1000,2500,5000] [--modes paper,official] [--x64] [--distances auto]
       [--repeats 3] [--clusters C] [--authors PATH/TO/density_cluster.py] [--in-process]
 
 Each (mode, budget) runs in a fresh Python process with no persistent compilation cache, so
@@ -58,7 +58,7 @@ def measure(args, mode, budgets):
     with jax.enable_x64(args.x64):
         f = jax.device_put(feats if args.x64 else feats.astype(np.float32))
         key = jax.random.key(0)
-        kw = dict(mode=mode, direct=True if args.direct else None)
+        kw = dict(mode=mode, direct={"auto": None, "direct": True, "gram": False}[args.distances])
         for b in budgets:
             try:
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -85,8 +85,8 @@ def main(argv=None):
     p.add_argument("--budgets", default="500,1000,2500,5000")
     p.add_argument("--modes", default="paper,official")
     p.add_argument("--x64", action="store_true", help="float64 features under jax x64")
-    p.add_argument("--direct", action="store_true",
-                   help="distances from explicit differences (the default only in official "
+    p.add_argument("--distances", default="auto", choices=["auto", "direct", "gram"],
+                   help="explicit differences or the Gram form (auto: direct only in official "
                    "mode with float64)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -106,7 +106,8 @@ def main(argv=None):
 
     import jax
 
-    label_tail = (" x64" if args.x64 else "") + (" direct" if args.direct else "")
+    label_tail = (" x64" if args.x64 else "") + \
+        ("" if args.distances == "auto" else f" {args.distances}")
     rows = []
     for mode in args.modes.split(","):
         if args.in_process:
