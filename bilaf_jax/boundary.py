@@ -218,24 +218,36 @@ def _plan(labels: np.ndarray, core_indices: np.ndarray, d: int) -> list[_Bucket]
 # Stage B: IDC denoising (Eq. 3), one pseudo-class at a time (vmapped over a batch of classes).
 
 
-def _class_distances(xc, valid, direct, chunk_size):
-    """[P, P] distances within one padded class: 0 on the diagonal, +inf off the class,
-    exactly symmetric (so that rows, which are contiguous, can stand in for columns)."""
-    if direct:
-        chunk = _direct_chunk(xc.shape[0], xc.shape[1], chunk_size)
-        dist = distances.pairwise_chunked(xc, xc, "euclidean", chunk_size=chunk, direct=True)
-    else:
-        dist = distances.pairwise(xc, xc, "euclidean")
-    # The Gram form leaves sqrt(rounding) ~ 1e-4..1e-8 on the diagonal; a sample is at 0.
+def _direct_distances(xc, valid, m):
+    """[P, P] distances within one padded class (its first m rows are members; +inf off
+    the class) from explicit differences, as scipy's cdist: [_ROW_BLOCK, _ROW_BLOCK] blocks
+    over the first m rows and columns only, each block above the diagonal mirrored below
+    ((a - b)^2 == (b - a)^2, so the matrix is exactly symmetric with 0 on the diagonal)."""
     p = xc.shape[0]
-    upper = jnp.arange(p)[:, None] < jnp.arange(p)[None, :]
-    dist = jnp.where(upper, dist, jnp.where(upper.T, dist.T, 0.0))
+    block = min(p, _ROW_BLOCK)  # divides P (see _pad_size)
+    nb = (m + block - 1) // block
+
+    def fill(t, dist):
+        bi, bj = t // nb, t % nb
+
+        def write(dist):
+            xi = lax.dynamic_slice_in_dim(xc, bi * block, block)
+            xj = lax.dynamic_slice_in_dim(xc, bj * block, block)
+            part = distances.pairwise(xi, xj, "euclidean", direct=True)
+            dist = lax.dynamic_update_slice(dist, part, (bi * block, bj * block))
+            return lax.dynamic_update_slice(dist, part.T, (bj * block, bi * block))
+
+        return lax.cond(bi <= bj, write, lambda dist: dist, dist)
+
+    dist = lax.fori_loop(0, nb * nb, fill, jnp.full((p, p), jnp.inf, xc.dtype))
     return jnp.where(valid[:, None] & valid[None, :], dist, jnp.inf)
 
 
 def _batch_distances(xc, valid, rows):
-    """`_class_distances` (Gram form) of a batch [C, P, d], computing only its first `rows`
-    rows (in blocks of _ROW_BLOCK; the rest are padding in every class)."""
+    """[C, P, P] distances within each class of a batch [C, P, d] (Gram form): exactly
+    symmetric (so rows can stand in for columns, and rows are contiguous), 0 on the diagonal,
+    +inf off the class. Only the first `rows` rows are computed, in blocks of _ROW_BLOCK: the
+    rest are padding in every class of the batch."""
     num, p, _ = xc.shape
     block = min(p, _ROW_BLOCK)  # divides P (see _pad_size)
 
@@ -247,7 +259,7 @@ def _batch_distances(xc, valid, rows):
     dist = lax.fori_loop(0, (rows + block - 1) // block, fill,
                          jnp.full((num, p, p), jnp.inf, xc.dtype))
     upper = jnp.arange(p)[:, None] < jnp.arange(p)[None, :]
-    # Exactly symmetric, 0 on the diagonal, +inf off the class (as _class_distances).
+    # The Gram form leaves sqrt(rounding) ~ 1e-4..1e-8 on the diagonal; a sample is at 0.
     dist = jnp.where(upper, dist, jnp.where(upper.T, jnp.swapaxes(dist, 1, 2), 0.0))
     return jnp.where(valid[:, :, None] & valid[:, None, :], dist, jnp.inf)
 
@@ -529,8 +541,8 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
     valid = local[None, :] < c.count[:, None]
     xc = g.features[c.members]                                             # [C, P, d]
     rows = jnp.max(c.count)  # rows past the batch's largest class are padding in all
-    if direct:  # explicit differences: one class at a time bounds the [c, P, d] blocks
-        dist = lax.map(lambda a: _class_distances(*a, True, chunk_size), (xc, valid))
+    if direct:  # explicit differences: one class at a time bounds the blocks in flight
+        dist = lax.map(lambda a: _direct_distances(*a), (xc, valid, c.count))
     else:
         dist = _batch_distances(xc, valid, rows)
     position, kept = jax.vmap(functools.partial(
