@@ -283,3 +283,21 @@ def test_paper_tracked_opponents_fallback_exact(monkeypatch, tracked, block, cac
     with jax.enable_x64(True):
         out = bilaf(KEY, x, cores, 100, opponent_penalty=1.5)
     _check(out, paper_reference(x, cores, 100, opponent_penalty=1.5), 300)
+
+
+def test_official_allocation_beyond_padded_class_size():
+    # A large remove fraction shrinks the kept sizes, so the script's allocation exceeds the
+    # padded size P of a class's bucket: its picks repeat past P and must all be kept.
+    rng = np.random.default_rng(111)
+    n, k = int(rng.integers(60, 300)), int(rng.integers(2, 30))
+    x = rng.normal(size=(n, 4)) * rng.uniform(0.2, 3)
+    cores = rng.choice(n, k, replace=False)
+    budget = int(rng.integers(n // 2, n + 1))
+    with jax.enable_x64(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = bilaf(KEY, x, cores, budget, mode="official", remove_fraction=0.95)
+        ref = official_reference(x, cores, budget, remove_fraction=0.95)
+    alloc = np.asarray(out.allocation)
+    plan = boundary._plan(np.asarray(out.pseudo_labels), np.sort(cores), x.shape[1])
+    assert any((alloc[b.classes[b.counts > 0]] > b.members.shape[1]).any() for b in plan)
+    np.testing.assert_array_equal(np.asarray(out.indices), np.asarray(ref[0]))
