@@ -36,11 +36,16 @@ def register(subparsers) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="validate the config and print the plan; compute nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--compile-cache", default=None,
-                   help="folder for JAX's persistent compilation cache, reused by later runs "
-                   "(default: $BILAF_COMPILE_CACHE or ~/.cache/bilaf_jax/jax_compile; 'off' "
-                   "disables it)")
+    add_compile_cache_option(p, "reused by later runs")
     p.set_defaults(func=run)
+
+
+def add_compile_cache_option(parser, reuse: str) -> None:
+    """--compile-cache FOLDER|off for commands that call `enable_compile_cache`."""
+    parser.add_argument("--compile-cache", default=None,
+                        help=f"folder for JAX's persistent compilation cache, {reuse} (default: "
+                        "$BILAF_COMPILE_CACHE or ~/.cache/bilaf_jax/jax_compile; 'off' disables "
+                        "it)")
 
 
 def enable_compile_cache(folder) -> str | None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from bilaf_jax.cli import UsageError
+from bilaf_jax.cli.cmd_run import add_compile_cache_option, enable_compile_cache
 
 METHODS = ("bilaf", "activeft", "kcenter", "kmeans", "random")
 SELECTION_KEYS = ("method", "core_method", "mode", "budget", "num_cores", "seed", "label_column",
@@ -57,10 +58,8 @@ def register(sub) -> None:
     g.add_argument("--normalize", action="store_true", help="L2-normalise features in the boundary stage")
     p.add_argument("--out", help="where to write the JSON list of indices")
     p.add_argument("--verify", metavar="SELECTION", help="re-run the selection recorded beside SELECTION and compare")
-    p.add_argument("--compile-cache", default=None,
-                   help="folder for JAX's persistent compilation cache, so that a later call on "
-                   "the same pool (any budget) skips compiling (default: $BILAF_COMPILE_CACHE or "
-                   "~/.cache/bilaf_jax/jax_compile; 'off' disables it)")
+    add_compile_cache_option(p, "so that a later call on the same pool (any budget) skips "
+                             "compiling")
     p.set_defaults(func=run)
 
 
@@ -163,8 +162,6 @@ def run_selection(features, settings: dict, labeled=None):
 
 
 def run(a) -> int:
-    from bilaf_jax.cli.cmd_run import enable_compile_cache
-
     enable_compile_cache(a.compile_cache)
     if a.verify:
         return verify(a.verify)
