@@ -293,7 +293,8 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
 
     Each ring appends its samples one at a time, lowest (key, local id) first, so positions
     follow the script's tuple sort; the running k nearest cluster members of every row are
-    then updated with the new ring only.
+    then updated with the new ring only. `rows`: only rows below it are updated (a scalar
+    bound shared by a vmapped batch: its largest class size); None: all P.
     """
     p = dist.shape[0]
     local = jnp.arange(p, dtype=jnp.int32)
@@ -540,14 +541,14 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
     local = jnp.arange(p, dtype=jnp.int32)
     valid = local[None, :] < c.count[:, None]
     xc = g.features[c.members]                                             # [C, P, d]
-    rows = jnp.max(c.count)  # rows past the batch's largest class are padding in all
+    row_limit = jnp.max(c.count)  # rows past the batch's largest class: padding in all
     if direct:  # explicit differences: one class at a time bounds the blocks in flight
         dist = lax.map(lambda a: _direct_distances(*a), (xc, valid, c.count))
     else:
-        dist = _batch_distances(xc, valid, rows)
+        dist = _batch_distances(xc, valid, row_limit)
     position, kept = jax.vmap(functools.partial(
         _idc, ring_fraction=ring_fraction, remove_fraction=remove_fraction, mode=mode,
-        num_neighbors=num_neighbors, rows=rows))(dist, valid, c.count, c.core)
+        num_neighbors=num_neighbors, rows=row_limit))(dist, valid, c.count, c.core)
     finite = jnp.where(jnp.isfinite(dist), dist, 0.0)
     core_kept = jnp.take_along_axis(kept, c.core[:, None], axis=1)[:, 0]
     ftype = dist.dtype
