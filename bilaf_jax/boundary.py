@@ -62,8 +62,9 @@ NUM_OPPONENTS = 16
 # The official script masks the own core with this value before taking the min.
 _OWN_CORE_DISTANCE = 1e9 + 7
 _MIN_PAD = 16
-# Bucket planning heuristic (see _group_pads): rough seconds to compile one bucket program,
-# and seconds per padded distance-matrix element per feature dimension.
+# Bucket planning heuristic (see _group_pads): a weight for compiling one more bucket program
+# (it takes 1.3-1.9 s on a 2-core CPU; a lower weight leans towards less padding and a faster
+# steady state), and seconds per padded distance-matrix element per feature dimension.
 _COMPILE_SECONDS = 1.0
 _ELEMENT_SECONDS = 6e-11
 # Classes processed together: at most this many elements in their [C, P, max(P, d)] arrays.
@@ -72,7 +73,8 @@ _BATCH_ELEMENTS = 1 << 23
 # most kept per batch between rounds (beyond that they are recomputed each time needed).
 _CORE_BLOCK_ELEMENTS = 1 << 22
 _CORE_CACHE_ELEMENTS = 1 << 24
-# Rows merged at a time into the running k-NN lists of IDC.
+# Rows per block of the within-class distances and of IDC's k-NN merges (blocks past a
+# batch's largest class are skipped).
 _ROW_BLOCK = 64
 # Candidates removed per round one at a time; larger quotas are found by bisection.
 _EXTRACT_QUOTA = 24
