@@ -289,14 +289,13 @@ class _RingState(NamedTuple):
     size: jax.Array        # int32 current cluster size
 
 
-def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neighbors,
-         rows=None):
+def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neighbors, rows):
     """Inclusion positions and kept mask of one class; `dist` [P, P] is +inf off the class.
 
     Each ring appends its samples one at a time, lowest (key, local id) first, so positions
     follow the script's tuple sort; the running k nearest cluster members of every row are
-    then updated with the new ring only. `rows`: only rows below it are updated (a scalar
-    bound shared by a vmapped batch: its largest class size); None: all P.
+    then updated with the new ring only, and only for rows below `rows` (a scalar bound
+    shared by a vmapped batch: its largest class size; later rows are padding in all).
     """
     p = dist.shape[0]
     local = jnp.arange(p, dtype=jnp.int32)
@@ -306,7 +305,7 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
     width = min(p, max(_MERGE_WIDTH, p // 16))
     # Rows past `rows` (the largest class of the batch) are padding in every class of it.
     block_rows = min(p, _ROW_BLOCK)  # divides P (see _pad_size)
-    row_blocks = p // block_rows if rows is None else (rows + block_rows - 1) // block_rows
+    row_blocks = (rows + block_rows - 1) // block_rows
 
     def append(s, key, count):
         def one(_, s):
@@ -828,8 +827,9 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
                                        remove_fraction, mode=mode,
                                        dtype=jnp.dtype(a.features.dtype).name)
     concrete = not is_traced(alloc)
+    alloc_host = np.asarray(alloc) if concrete else None
     if mode == "official" and concrete:
-        zero = np.nonzero(np.asarray(alloc) == 0)[0]
+        zero = np.nonzero(alloc_host == 0)[0]
         if zero.size:
             raise ValueError(
                 f"official mode: the authors' allocation gives 0 samples to "
@@ -839,24 +839,22 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
 
     g = _Global(a.features, a.features[core_j], a.core_dist, a.core_index)
     static = dict(mode=mode, num_neighbors=num_neighbors, direct=direct, chunk_size=chunk_size)
-    calls = []
+    results, layout = [], []
     for bucket in _plan(labels, core, d):
         p = bucket.members.shape[1]
         # Picks per class: at most P, except where official mode repeats samples.
         width = p
         if mode == "official":
-            most = int(np.max(np.asarray(alloc)[bucket.classes])) if concrete else budget
+            most = int(np.max(alloc_host[bucket.classes])) if concrete else budget
             width = max(p, 1 << int(np.ceil(np.log2(max(most, 1)))))
         c = _Class(*(jnp.asarray(v) for v in bucket[:4]))
-        calls.append((c, functools.partial(
-            _bucket_jit, g, c, use_all, alloc, ring_fraction, remove_fraction,
-            opponent_penalty, batch=bucket.batch, width=width, **static)))
-    layout = [c for c, _ in calls]
-    results = [call() for _, call in calls]
+        results.append(_bucket_jit(g, c, use_all, alloc, ring_fraction, remove_fraction,
+                                   opponent_penalty, batch=bucket.batch, width=width, **static))
+        layout.append(c)
     if concrete and not any(map(is_traced, jax.tree.leaves(results))):
         # Concrete results: gather on the host (no program to compile per budget).
-        host = jax.tree.map(np.asarray, (results, layout, alloc))
-        out, score, kept, core_lost = _assemble(*host, n=n, budget=budget, xp=np)
+        host = jax.tree.map(np.asarray, (results, layout))
+        out, score, kept, core_lost = _assemble(*host, alloc_host, n=n, budget=budget, xp=np)
         out, score, kept = jnp.asarray(out), jnp.asarray(score), jnp.asarray(kept)
     else:
         out, score, kept, core_lost = _assemble_jit(results, layout, alloc, n=n,
