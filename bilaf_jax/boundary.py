@@ -24,11 +24,11 @@ pseudo-labels, so `bilaf` itself is not jittable, but its float hyperparameters
 (`remove_fraction`, `ring_fraction`, `opponent_penalty`) stay traceable in both modes:
 `jax.vmap(lambda p: bilaf(key, f, c, B, remove_fraction=p).indices)(ps)` works.
 
-On CPU, XLA's sort, top-k and argmin are slow (a sort costs ~100 ns per element), so every
-ordering here is a chain of plain min-reductions: ring members and removed candidates are
-taken one at a time as (value, tie-key) minima, many at once by a bisection over the bits of
-the key (`_smallest_set`), and the running k nearest cluster members by k-fold extraction
-(`distances.smallest_k`).
+On CPU, XLA's sort, top-k and argmin are slow (a sort costs ~90 ns per element; see
+`scripts/bench_reductions.py`), so every ordering here is a chain of plain min-reductions:
+ring members and removed candidates are taken one at a time as (value, tie-key) minima, many
+at once by a bisection over the bits of the key (`_smallest_set`), and the running k nearest
+cluster members by k-fold extraction (`distances.smallest_k`).
 
 Dimension glossary: see `bilaf_jax.distances`. Here also P (padded class size), C (classes in
 a batch), T (opponent cores kept per sample), S (picks kept per class).
