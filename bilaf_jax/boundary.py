@@ -63,8 +63,9 @@ NUM_OPPONENTS = 16
 _OWN_CORE_DISTANCE = 1e9 + 7
 _MIN_PAD = 16
 # Bucket planning heuristic (see _group_pads): a weight for compiling one more bucket program
-# (it takes 1.3-1.9 s on a 2-core CPU; a lower weight leans towards less padding and a faster
-# steady state), and seconds per padded distance-matrix element per feature dimension.
+# (1.6-2.0 s each for the 50,000-sample benchmark on a 2-core CPU, `scripts/bench_boundary.py
+# --profile`; a lower weight leans towards less padding and a faster steady state), and
+# seconds per padded distance-matrix element per feature dimension.
 _COMPILE_SECONDS = 1.0
 _ELEMENT_SECONDS = 6e-11
 # Classes processed together: at most this many elements in their [C, P, max(P, d)] arrays.

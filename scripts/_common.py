@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import platform
 import sys
+import time
 import types
 
 import numpy as np
@@ -45,3 +46,35 @@ def load_authors(path):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
+
+
+class PhaseTimer:
+    """Wraps the boundary stage's module-level steps (`_plan` and every `*_jit` function) with
+    blocking timers (for --profile); phases are named after those functions."""
+
+    def __init__(self, module):
+        import jax
+
+        self.module, self.jax, self.totals, self.saved = module, jax, {}, {}
+        for attr in sorted(vars(module)):
+            fn = getattr(module, attr)
+            if not callable(fn) or not (attr == "_plan" or attr.endswith("_jit")):
+                continue
+            self.saved[attr] = fn
+            setattr(module, attr, self._wrap(fn, attr.strip("_").removesuffix("_jit")))
+
+    def _wrap(self, fn, phase):
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            out = self.jax.block_until_ready(fn(*args, **kwargs))
+            self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - t0
+            return out
+
+        return timed
+
+    def reset(self):
+        self.totals = {}
+
+    def restore(self):
+        for attr, fn in self.saved.items():
+            setattr(self.module, attr, fn)

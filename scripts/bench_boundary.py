@@ -4,6 +4,7 @@ Usage:
   python scripts/bench_boundary.py [--n 50000] [--d 384] [--cores 250]
       [--budgets 500,1000,2500,5000] [--modes paper,official] [--x64] [--distances auto]
       [--repeats 3] [--clusters C] [--authors PATH/TO/density_cluster.py] [--in-process]
+      [--profile]
 
 Each (mode, budget) runs in a fresh Python process with no persistent compilation cache, so
 its first call pays every compilation (--in-process: one process for all, where later
@@ -26,7 +27,7 @@ import sys
 import time
 
 import numpy as np
-from _common import cpu_name, load_authors, mixture
+from _common import PhaseTimer, cpu_name, load_authors, mixture
 
 
 def make_pool(args):
@@ -48,10 +49,13 @@ def run_authors(mod, features, cores, budget):
 
 def measure(args, mode, budgets):
     """Time `bilaf` for each budget in this process: {budget: (first, first_cpu, steady,
-    steady_cpu)} or {budget: error message}."""
+    steady_cpu[, first-call phases, steady phases])} or {budget: error message}."""
     import jax
 
+    from bilaf_jax import boundary
     from bilaf_jax.boundary import bilaf
+
+    timer = PhaseTimer(boundary) if args.profile else None
 
     feats, cores = make_pool(args)
     out = {}
@@ -60,6 +64,8 @@ def measure(args, mode, budgets):
         key = jax.random.key(0)
         kw = dict(mode=mode, direct={"auto": None, "direct": True, "gram": False}[args.distances])
         for b in budgets:
+            if timer:
+                timer.reset()
             try:
                 t0, c0 = time.perf_counter(), time.process_time()
                 jax.block_until_ready(bilaf(key, f, cores, b, **kw))
@@ -67,13 +73,17 @@ def measure(args, mode, budgets):
                 out[b] = f"ValueError: {e}"
                 continue
             first = (time.perf_counter() - t0, time.process_time() - c0)
+            first_phases = dict(timer.totals) if timer else None
             steady = []
             for _ in range(args.repeats):
+                if timer:
+                    timer.reset()
                 t0, c0 = time.perf_counter(), time.process_time()
                 jax.block_until_ready(bilaf(key, f, cores, b, **kw))
-                steady.append((time.perf_counter() - t0, time.process_time() - c0))
-            best = min(steady)
-            out[b] = (*first, *best)
+                steady.append((time.perf_counter() - t0, time.process_time() - c0,
+                               dict(timer.totals) if timer else None))
+            best = min(steady, key=lambda r: r[0])
+            out[b] = (*first, *best[:2]) + ((first_phases, best[2]) if timer else ())
     return out
 
 
@@ -95,6 +105,10 @@ def main(argv=None):
     p.add_argument("--authors", default=None, help="path to the authors' density_cluster.py")
     p.add_argument("--in-process", action="store_true",
                    help="all budgets in this process (later first calls reuse compilations)")
+    p.add_argument("--profile", action="store_true",
+                   help="also print seconds per phase (assignment, budget split, plan, the "
+                   "class programs of all buckets together) of the first and the best steady "
+                   "call; the phases then block one after the other")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "mode:budget"
     args = p.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]
@@ -156,8 +170,14 @@ def main(argv=None):
         if isinstance(r, str):
             print(f"| {mode} | {b} | {r.split(':')[0]} (see log) | | | |")
             continue
-        first, first_cpu, steady, steady_cpu = r
+        first, first_cpu, steady, steady_cpu = r[:4]
         print(f"| {mode} | {b} | {first:.2f} | {steady:.3f} | {first_cpu:.2f} | {steady_cpu:.3f} |")
+    profiled = [(mode, b, r[4:]) for mode, b, r in rows if not isinstance(r, str) and len(r) > 4]
+    if profiled:
+        print("\nphases (s), first call / steady:")
+        for mode, b, (first, steady) in profiled:
+            phases = ", ".join(f"{k} {first[k]:.2f} / {steady.get(k, 0.0):.3f}" for k in first)
+            print(f"- {mode} B={b}: {phases}")
 
 
 if __name__ == "__main__":

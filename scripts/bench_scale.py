@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import cpu_name, mixture
+from _common import PhaseTimer, cpu_name, mixture
 
 GIB = 1 << 30
 
@@ -53,38 +53,6 @@ def device_peak_gib(dev):
         return None
     peak = stats.get("peak_bytes_in_use")
     return None if peak is None else peak / GIB
-
-
-class PhaseTimer:
-    """Wraps the boundary stage's module-level steps (`_plan` and every `*_jit` function) with
-    blocking timers (for --profile); phases are named after those functions."""
-
-    def __init__(self, module):
-        import jax
-
-        self.module, self.jax, self.totals, self.saved = module, jax, {}, {}
-        for attr in sorted(vars(module)):
-            fn = getattr(module, attr)
-            if not callable(fn) or not (attr == "_plan" or attr.endswith("_jit")):
-                continue
-            self.saved[attr] = fn
-            setattr(module, attr, self._wrap(fn, attr.strip("_").removesuffix("_jit")))
-
-    def _wrap(self, fn, phase):
-        def timed(*args, **kwargs):
-            t0 = time.perf_counter()
-            out = self.jax.block_until_ready(fn(*args, **kwargs))
-            self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - t0
-            return out
-
-        return timed
-
-    def reset(self):
-        self.totals = {}
-
-    def restore(self):
-        for attr, fn in self.saved.items():
-            setattr(self.module, attr, fn)
 
 
 def check_selection(indices, cores, budget, mode):
