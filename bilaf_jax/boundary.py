@@ -221,50 +221,45 @@ def _plan(labels: np.ndarray, core_indices: np.ndarray, d: int) -> list[_Bucket]
 # Stage B: IDC denoising (Eq. 3), one pseudo-class at a time (vmapped over a batch of classes).
 
 
-def _direct_distances(xc, valid, m):
-    """[P, P] distances within one padded class (its first m rows are members; +inf off
-    the class) from explicit differences, as scipy's cdist: [_ROW_BLOCK, _ROW_BLOCK] blocks
-    over the first m rows and columns only, each block above the diagonal mirrored below
-    ((a - b)^2 == (b - a)^2, so the matrix is exactly symmetric with 0 on the diagonal)."""
-    p = xc.shape[0]
-    block = min(p, _ROW_BLOCK)  # divides P (see _pad_size)
-    nb = (m + block - 1) // block
+def _class_distances(xc, valid, rows, *, direct):
+    """[C, P, P] Euclidean distances within each padded class of a batch `xc` [C, P, d]:
+    exactly symmetric (rows can stand in for columns), 0 on the diagonal, +inf off the class.
 
-    def fill(t, dist):
-        bi, bj = t // nb, t % nb
-
-        def write(dist):
-            xi = lax.dynamic_slice_in_dim(xc, bi * block, block)
-            xj = lax.dynamic_slice_in_dim(xc, bj * block, block)
-            part = distances.pairwise(xi, xj, "euclidean", direct=True)
-            dist = lax.dynamic_update_slice(dist, part, (bi * block, bj * block))
-            return lax.dynamic_update_slice(dist, part.T, (bj * block, bi * block))
-
-        return lax.cond(bi <= bj, write, lambda dist: dist, dist)
-
-    dist = lax.fori_loop(0, nb * nb, fill, jnp.full((p, p), jnp.inf, xc.dtype))
-    return jnp.where(valid[:, None] & valid[None, :], dist, jnp.inf)
-
-
-def _batch_distances(xc, valid, rows):
-    """[C, P, P] distances within each class of a batch [C, P, d] (Gram form): exactly
-    symmetric (so rows can stand in for columns, and rows are contiguous), 0 on the diagonal,
-    +inf off the class. Only the first `rows` rows are computed, in blocks of _ROW_BLOCK: the
-    rest are padding in every class of the batch."""
+    Only [_ROW_BLOCK, _ROW_BLOCK] blocks on or above the diagonal and inside the first `rows`
+    rows (the batch's largest class; the rest is padding in every class) are computed; each
+    is mirrored below. direct=True: from explicit differences as scipy's cdist, one class at a
+    time ((a - b)^2 == (b - a)^2, so the mirror is what cdist gives); else the Gram form.
+    """
     num, p, _ = xc.shape
     block = min(p, _ROW_BLOCK)  # divides P (see _pad_size)
+    # Block pairs (i <= j) ordered by j: those inside the first nb blocks come first.
+    pairs = np.array([(i, j) for j in range(p // block) for i in range(j + 1)], np.int32)
+    pair_i, pair_j = jnp.asarray(pairs[:, 0]), jnp.asarray(pairs[:, 1])
+    nb = (rows + block - 1) // block
+    tri = jnp.arange(block)[:, None] < jnp.arange(block)[None, :]
 
-    def fill(b, dist):
-        xb = lax.dynamic_slice_in_dim(xc, b * block, block, axis=1)
-        part = jax.vmap(lambda u, v: distances.pairwise(u, v, "euclidean"))(xb, xc)
-        return lax.dynamic_update_slice_in_dim(dist, part, b * block, axis=1)
+    def pair_distances(xi, xj):
+        if direct:  # one class at a time bounds the [block, block, d] differences in flight
+            return lax.map(lambda ab: distances.pairwise(*ab, "euclidean", direct=True),
+                           (xi, xj))
+        return jax.vmap(lambda u, v: distances.pairwise(u, v, "euclidean"))(xi, xj)
 
-    dist = lax.fori_loop(0, (rows + block - 1) // block, fill,
-                         jnp.full((num, p, p), jnp.inf, xc.dtype))
-    upper = jnp.arange(p)[:, None] < jnp.arange(p)[None, :]
-    # The Gram form leaves sqrt(rounding) ~ 1e-4..1e-8 on the diagonal; a sample is at 0.
-    dist = jnp.where(upper, dist, jnp.where(upper.T, jnp.swapaxes(dist, 1, 2), 0.0))
-    return jnp.where(valid[:, :, None] & valid[:, None, :], dist, jnp.inf)
+    def fill(t, dist):
+        bi, bj = pair_i[t] * block, pair_j[t] * block
+        part = pair_distances(lax.dynamic_slice_in_dim(xc, bi, block, axis=1),
+                              lax.dynamic_slice_in_dim(xc, bj, block, axis=1))
+        # A diagonal block keeps its upper triangle (the Gram form is not exactly symmetric
+        # and leaves sqrt(rounding) on the diagonal; a sample is at 0 from itself).
+        sym = jnp.where(tri, part, jnp.where(tri.T, jnp.swapaxes(part, 1, 2), 0.0))
+        part = jnp.where(bi == bj, sym, part)
+        vi = lax.dynamic_slice_in_dim(valid, bi, block, axis=1)
+        vj = lax.dynamic_slice_in_dim(valid, bj, block, axis=1)
+        part = jnp.where(vi[:, :, None] & vj[:, None, :], part, jnp.inf)
+        zero = jnp.zeros((), bi.dtype)
+        dist = lax.dynamic_update_slice(dist, part, (zero, bi, bj))
+        return lax.dynamic_update_slice(dist, jnp.swapaxes(part, 1, 2), (zero, bj, bi))
+
+    return lax.fori_loop(0, nb * (nb + 1) // 2, fill, jnp.full((num, p, p), jnp.inf, xc.dtype))
 
 
 def _ring_plan(m, ring_fraction, remove_fraction, *, mode, ftype):
@@ -281,12 +276,30 @@ def _ring_plan(m, ring_fraction, remove_fraction, *, mode, ftype):
     return ring, target, jnp.where(m > 0, jnp.maximum(keep, 1), 0)
 
 
+def _merge_smallest(values, pos, k):
+    """The k smallest of each column of `values` [k + W, R], ascending, ties to the lower
+    `pos` (unique among finite entries): (values [k, R], pos [k, R]).
+
+    Columns are the rows of the class being merged: the reductions run over the leading axis
+    with the rows as vector lanes (XLA on CPU is several times slower reducing short rows).
+    """
+    big = jnp.iinfo(pos.dtype).max
+    out_v, out_p = [], []
+    for _ in range(k):
+        low = jnp.min(values, axis=0)
+        at = jnp.min(jnp.where(values == low, pos, big), axis=0)
+        out_v.append(low)
+        out_p.append(at)
+        values = jnp.where(pos == at, jnp.inf, values)
+    return jnp.stack(out_v), jnp.stack(out_p)
+
+
 class _RingState(NamedTuple):
     in_cluster: jax.Array  # bool[P]
     position: jax.Array    # int32[P] inclusion position; P for samples never included
     order: jax.Array       # int32[P + W] local id at each inclusion position (padded)
-    near_dist: jax.Array   # [P, k] distances to the k nearest cluster members, ascending
-    near_pos: jax.Array    # int32[P, k] their inclusion positions
+    near_dist: jax.Array   # [k, P] distances to the k nearest cluster members, ascending
+    near_pos: jax.Array    # int32[k, P] their inclusion positions
     size: jax.Array        # int32 current cluster size
 
 
@@ -327,21 +340,19 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
             first = start + j * width
             cols = lax.dynamic_slice(s.order, (first,), (width,))
             pos = first + jnp.arange(width, dtype=jnp.int32)
-            new = jnp.where((pos < s.size)[:, None], dist[cols], jnp.inf)  # [W, P]
+            new = jnp.where((pos < s.size)[:, None], dist[cols], jnp.inf)  # [W, P]: rows
 
             def rows_block(b, carry):
-                near_dist, near_pos = carry
                 r0 = b * block_rows
-                near = lax.dynamic_slice_in_dim(near_dist, r0, block_rows)
-                near_p = lax.dynamic_slice_in_dim(near_pos, r0, block_rows)
-                block = lax.dynamic_slice_in_dim(new, r0, block_rows, axis=1).T
-                # Running entries come first and hold earlier positions: ties keep those.
-                both = jnp.concatenate([near, block], axis=1)
-                both_pos = jnp.concatenate([near_p, jnp.broadcast_to(pos, block.shape)], 1)
-                near, idx = distances.smallest_k(both, k)
-                near_p = jnp.take_along_axis(both_pos, idx, axis=1)
-                return (lax.dynamic_update_slice_in_dim(near_dist, near, r0, 0),
-                        lax.dynamic_update_slice_in_dim(near_pos, near_p, r0, 0))
+                both = jnp.concatenate([
+                    lax.dynamic_slice_in_dim(carry[0], r0, block_rows, axis=1),
+                    lax.dynamic_slice_in_dim(new, r0, block_rows, axis=1)])
+                both_pos = jnp.concatenate([
+                    lax.dynamic_slice_in_dim(carry[1], r0, block_rows, axis=1),
+                    jnp.broadcast_to(pos[:, None], (width, block_rows))])
+                near, near_p = _merge_smallest(both, both_pos, k)
+                return (lax.dynamic_update_slice_in_dim(carry[0], near, r0, 1),
+                        lax.dynamic_update_slice_in_dim(carry[1], near_p, r0, 1))
 
             return lax.fori_loop(0, row_blocks, rows_block, carry)
 
@@ -350,8 +361,8 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
         return s._replace(near_dist=near[0], near_pos=near[1])
 
     state = _RingState(jnp.zeros(p, bool), jnp.full(p, p, jnp.int32),
-                       jnp.zeros(p + width, jnp.int32), jnp.full((p, k), jnp.inf, ftype),
-                       jnp.zeros((p, k), jnp.int32), jnp.int32(0))
+                       jnp.zeros(p + width, jnp.int32), jnp.full((k, p), jnp.inf, ftype),
+                       jnp.zeros((k, p), jnp.int32), jnp.int32(0))
     first_key = dist[core]
     if mode == "paper":
         first_key = jnp.where(local == core, -jnp.inf, first_key)
@@ -362,11 +373,11 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
         use = jnp.arange(k) < count
         if mode == "official":
             # The script averages distances to the class samples whose local ids equal the
-            # positions of the nearest cluster members.
-            vals = jnp.take_along_axis(dist, s.near_pos, axis=1)
+            # positions of the nearest cluster members (dist is symmetric: rows for columns).
+            vals = jnp.take_along_axis(dist, s.near_pos, axis=0)
         else:
             vals = s.near_dist
-        density = jnp.sum(jnp.where(use[None, :], vals, 0.0), axis=1) / count.astype(ftype)
+        density = jnp.sum(jnp.where(use[:, None], vals, 0.0), axis=0) / count.astype(ftype)
         return absorb(append(s, density, jnp.minimum(ring, target - s.size)), s.size)
 
     state = lax.while_loop(lambda s: s.size < target, add_ring, state)
@@ -544,10 +555,7 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
     valid = local[None, :] < c.count[:, None]
     xc = g.features[c.members]                                             # [C, P, d]
     row_limit = jnp.max(c.count)  # rows past the batch's largest class: padding in all
-    if direct:  # explicit differences: one class at a time bounds the blocks in flight
-        dist = lax.map(lambda a: _direct_distances(*a), (xc, valid, c.count))
-    else:
-        dist = _batch_distances(xc, valid, row_limit)
+    dist = _class_distances(xc, valid, row_limit, direct=direct)
     position, kept = jax.vmap(functools.partial(
         _idc, ring_fraction=ring_fraction, remove_fraction=remove_fraction, mode=mode,
         num_neighbors=num_neighbors, rows=row_limit))(dist, valid, c.count, c.core)
