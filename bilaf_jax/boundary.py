@@ -284,14 +284,19 @@ def _merge_smallest(values, pos, k):
     with the rows as vector lanes (XLA on CPU is several times slower reducing short rows).
     """
     big = jnp.iinfo(pos.dtype).max
-    out_v, out_p = [], []
-    for _ in range(k):
+
+    def extract(j, carry):  # a loop, not unrolled: k copies would only add compile time
+        values, out_v, out_p = carry
         low = jnp.min(values, axis=0)
         at = jnp.min(jnp.where(values == low, pos, big), axis=0)
-        out_v.append(low)
-        out_p.append(at)
-        values = jnp.where(pos == at, jnp.inf, values)
-    return jnp.stack(out_v), jnp.stack(out_p)
+        return (jnp.where(pos == at, jnp.inf, values),
+                lax.dynamic_update_index_in_dim(out_v, low, j, 0),
+                lax.dynamic_update_index_in_dim(out_p, at, j, 0))
+
+    shape = (k,) + values.shape[1:]
+    _, out_v, out_p = lax.fori_loop(0, k, extract, (values, jnp.zeros(shape, values.dtype),
+                                                    jnp.zeros(shape, pos.dtype)))
+    return out_v, out_p
 
 
 class _RingState(NamedTuple):
@@ -333,7 +338,7 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
 
         return lax.fori_loop(0, count, one, s)
 
-    def absorb(s, start):
+    def absorb(s, start, needed):
         """Merge cluster positions [start, s.size) into every row's running k nearest."""
 
         def merge(j, carry):
@@ -356,7 +361,7 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
 
             return lax.fori_loop(0, row_blocks, rows_block, carry)
 
-        steps = (s.size - start + width - 1) // width
+        steps = jnp.where(needed, (s.size - start + width - 1) // width, 0)
         near = lax.fori_loop(0, steps, merge, (s.near_dist, s.near_pos))
         return s._replace(near_dist=near[0], near_pos=near[1])
 
@@ -366,10 +371,10 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
     first_key = dist[core]
     if mode == "paper":
         first_key = jnp.where(local == core, -jnp.inf, first_key)
-    state = absorb(append(state, first_key, jnp.minimum(ring, target)), 0)
 
     def add_ring(s):
-        count = jnp.minimum(k, s.size)
+        """The first ring: nearest to the core; later rings: lowest density (Eq. 3)."""
+        count = jnp.clip(s.size, 1, k)
         use = jnp.arange(k) < count
         if mode == "official":
             # The script averages distances to the class samples whose local ids equal the
@@ -378,7 +383,10 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
         else:
             vals = s.near_dist
         density = jnp.sum(jnp.where(use[:, None], vals, 0.0), axis=0) / count.astype(ftype)
-        return absorb(append(s, density, jnp.minimum(ring, target - s.size)), s.size)
+        key = jnp.where(s.size == 0, first_key, density)
+        grown = append(s, key, jnp.minimum(ring, target - s.size))
+        # After the last ring no density is read again: skip its merge.
+        return absorb(grown, s.size, grown.size < target)
 
     state = lax.while_loop(lambda s: s.size < target, add_ring, state)
     kept = state.in_cluster & (state.position < keep)
