@@ -223,7 +223,8 @@ def _plan(labels: np.ndarray, core_indices: np.ndarray, d: int) -> list[_Bucket]
 
 def _class_distances(xc, valid, rows, *, direct):
     """[C, P, P] Euclidean distances within each padded class of a batch `xc` [C, P, d]:
-    exactly symmetric (rows can stand in for columns), 0 on the diagonal, +inf off the class.
+    exactly symmetric (rows can stand in for columns), 0 on the diagonal and off the class
+    (every reader masks padding; zeros there let sums run over whole rows).
 
     Only [_ROW_BLOCK, _ROW_BLOCK] blocks on or above the diagonal and inside the first `rows`
     rows (the batch's largest class; the rest is padding in every class) are computed; each
@@ -254,12 +255,12 @@ def _class_distances(xc, valid, rows, *, direct):
         part = jnp.where(bi == bj, sym, part)
         vi = lax.dynamic_slice_in_dim(valid, bi, block, axis=1)
         vj = lax.dynamic_slice_in_dim(valid, bj, block, axis=1)
-        part = jnp.where(vi[:, :, None] & vj[:, None, :], part, jnp.inf)
+        part = jnp.where(vi[:, :, None] & vj[:, None, :], part, 0.0)
         zero = jnp.zeros((), bi.dtype)
         dist = lax.dynamic_update_slice(dist, part, (zero, bi, bj))
         return lax.dynamic_update_slice(dist, jnp.swapaxes(part, 1, 2), (zero, bj, bi))
 
-    return lax.fori_loop(0, nb * (nb + 1) // 2, fill, jnp.full((num, p, p), jnp.inf, xc.dtype))
+    return lax.fori_loop(0, nb * (nb + 1) // 2, fill, jnp.zeros((num, p, p), xc.dtype))
 
 
 def _ring_plan(m, ring_fraction, remove_fraction, *, mode, ftype):
@@ -309,7 +310,7 @@ class _RingState(NamedTuple):
 
 
 def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neighbors, rows):
-    """Inclusion positions and kept mask of one class; `dist` [P, P] is +inf off the class.
+    """Inclusion positions and kept mask of one class; `dist` [P, P] (padding never read).
 
     Each ring appends its samples one at a time, lowest (key, local id) first, so positions
     follow the script's tuple sort; the running k nearest cluster members of every row are
@@ -567,7 +568,6 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
     position, kept = jax.vmap(functools.partial(
         _idc, ring_fraction=ring_fraction, remove_fraction=remove_fraction, mode=mode,
         num_neighbors=num_neighbors, rows=row_limit))(dist, valid, c.count, c.core)
-    finite = jnp.where(jnp.isfinite(dist), dist, 0.0)
     core_kept = jnp.take_along_axis(kept, c.core[:, None], axis=1)[:, 0]
     ftype = dist.dtype
 
@@ -586,7 +586,7 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
         slot = jnp.arange(oi.shape[2], dtype=jnp.int32)
         first_other = jnp.min(jnp.where(other, slot, oi.shape[2] - 1), axis=2)
         near_opp = jnp.take_along_axis(oi, first_other[..., None], axis=2)[..., 0]
-    intra0 = jnp.sum(jnp.where(pool[:, None, :], finite, 0.0), axis=2)    # sums to the pool
+    intra0 = jnp.einsum("cij,cj->ci", dist, pool.astype(ftype))        # sums to the pool
     size = jnp.sum(pool, axis=1).astype(jnp.int32)
     sizef = size.astype(ftype)
     budget = jnp.where(c.count > 0, alloc[c.cls], 0)                      # padding: nothing
@@ -663,7 +663,7 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
             out = _first(cand & (j < quota_now)[:, None], key, tie)
             if mode == "paper":  # Algorithm 1: d_intra over the shrinking set
                 i = jnp.min(jnp.where(out, local, p - 1), axis=1)
-                gone = jnp.where(jnp.any(out, axis=1)[:, None], rows(finite, i), 0.0)
+                gone = jnp.where(jnp.any(out, axis=1)[:, None], rows(dist, i), 0.0)
                 intra = intra - gone
             return cand & ~out, intra
 
@@ -671,7 +671,7 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
             # Large quotas (small budgets): one bisection instead of many extractions.
             out = _smallest_set(cand, key, tie, quota_now)
             if mode == "paper":
-                intra = intra - jnp.einsum("cij,cj->ci", finite, out.astype(ftype))
+                intra = intra - jnp.einsum("cij,cj->ci", dist, out.astype(ftype))
             return cand & ~out, intra
 
         cand, intra = lax.cond(
