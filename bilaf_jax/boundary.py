@@ -28,7 +28,9 @@ On CPU, XLA's sort, top-k and argmin are slow (a sort costs ~90 ns per element; 
 `scripts/bench_reductions.py`), so every ordering here is a chain of plain min-reductions:
 ring members and removed candidates are taken one at a time as (value, tie-key) minima, many
 at once by a bisection over the bits of the key (`_smallest_set`), and the running k nearest
-cluster members by k-fold extraction (`distances.smallest_k`).
+cluster members by k-fold extraction (`_merge_smallest`). Short reductions run over a leading
+axis with the rows as vector lanes: XLA on CPU reduces a short minor axis slower (the k-NN
+merge of 42 entries per row: 1.8-2.4x faster that way, `scripts/bench_reductions.py`).
 
 Dimension glossary: see `bilaf_jax.distances`. Here also P (padded class size), C (classes in
 a batch), T (opponent cores kept per sample), S (picks kept per class).
@@ -74,8 +76,8 @@ _BATCH_ELEMENTS = 1 << 23
 # most kept per batch between rounds (beyond that they are recomputed each time needed).
 _CORE_BLOCK_ELEMENTS = 1 << 22
 _CORE_CACHE_ELEMENTS = 1 << 24
-# Rows per block of the within-class distances and of IDC's k-NN merges (blocks past a
-# batch's largest class are skipped).
+# Rows (and columns) per block of the within-class distances, rows per block of IDC's k-NN
+# merges (blocks past a batch's largest class are skipped).
 _ROW_BLOCK = 64
 # Candidates removed per round one at a time; larger quotas are found by bisection.
 _EXTRACT_QUOTA = 24
