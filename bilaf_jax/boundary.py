@@ -598,8 +598,8 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
     penalty = jnp.asarray(opponent_penalty).astype(ftype)
 
     def rows(a, i):
-        """a[c, i[c]] for a [C, P, ...] and i int32[C]."""
-        return jnp.take_along_axis(a, i.reshape((-1,) + (1,) * (a.ndim - 1)), axis=1)[:, 0]
+        """a[c, i[c]] for a [C, P, ...] and i int32[C] (whole rows gathered at once)."""
+        return a[jnp.arange(a.shape[0]), i]
 
     def tracked_scores(a, hits):
         return jax.vmap(_paper_terms)(od, oi, own, a, hits, valid_list)
@@ -662,12 +662,15 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
         def remove(j, carry):
             # The candidate of lowest (distance to the last pick, tie key) leaves.
             cand, intra = carry
-            out = _first(cand & (j < quota_now)[:, None], key, tie)
-            if mode == "paper":  # Algorithm 1: d_intra over the shrinking set
-                i = jnp.min(jnp.where(out, local, p - 1), axis=1)
-                gone = jnp.where(jnp.any(out, axis=1)[:, None], rows(dist, i), 0.0)
-                intra = intra - gone
-            return cand & ~out, intra
+            mask = cand & (j < quota_now)[:, None]
+            if mode == "official":
+                return cand & ~_first(mask, key, tie), intra
+            # Paper: the tie key is the local id, so the (key, id) minimum is found as an id.
+            low = jnp.min(jnp.where(mask, key, jnp.inf), axis=1, keepdims=True)
+            i = jnp.min(jnp.where(mask & (key == low), local, p), axis=1)  # p: none left
+            gone = jnp.where((i < p)[:, None], rows(dist, jnp.minimum(i, p - 1)), 0.0)
+            # Algorithm 1: d_intra over the shrinking set.
+            return cand & (local[None, :] != i[:, None]), intra - gone
 
         def remove_bulk(cand, intra):
             # Large quotas (small budgets): one bisection instead of many extractions.
