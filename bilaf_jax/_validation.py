@@ -20,6 +20,10 @@ def is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
+# One small program rather than two eager ops (each eager op compiles on its first use).
+_all_finite = jax.jit(lambda x: jnp.isfinite(x).all())
+
+
 def check_features(features, name: str = "features"):
     """Return `features` as a floating JAX/NumPy array of shape [n, d], or raise ValueError.
 
@@ -51,11 +55,12 @@ def check_features(features, name: str = "features"):
     if np.issubdtype(dtype, np.integer):
         features = features.astype(np.float32)
     if not is_traced(features):
-        finite = (
-            bool(np.isfinite(features).all())
-            if isinstance(features, np.ndarray)
-            else bool(jnp.isfinite(features).all())
-        )
+        on_host = isinstance(features, np.ndarray) or (
+            features.is_fully_addressable
+            and all(dev.platform == "cpu" for dev in features.devices()))
+        # Host memory: NumPy reads it in place (no program to compile on a first call).
+        finite = bool(np.isfinite(np.asarray(features)).all() if on_host
+                      else _all_finite(features))
         if not finite:
             raise ValueError(f"{name} contains NaN or Inf values")
     return features

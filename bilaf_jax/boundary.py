@@ -109,14 +109,18 @@ class BilafOutput(NamedTuple):
 
 
 # --------------------------------------------------------------------------------------------
-# Stage A: assignment to the nearest core and the nearest opponent cores.
+# Stage A: assignment to the nearest core and the nearest opponent cores, and the budget split
+# (one program: it needs only the class sizes).
 
 
 class _Assignment(NamedTuple):
     features: jax.Array       # [n, d], normalised when asked
+    cores: jax.Array          # [K, d] core features
     labels: jax.Array         # int32[n]
     core_dist: jax.Array      # [n, T1] distances to the T1 nearest cores, ascending
     core_index: jax.Array     # int32[n, T1] their positions
+    allocation: jax.Array     # int32[K] budget per class
+    use_all: jax.Array        # bool, paper mode: denoising waived (too few kept samples)
 
 
 def _direct_chunk(rows: int, d: int, chunk_size: int) -> int:
@@ -124,7 +128,8 @@ def _direct_chunk(rows: int, d: int, chunk_size: int) -> int:
     return max(1, min(chunk_size, (1 << 24) // max(1, rows * d)))
 
 
-def _assign(features, core_indices, *, num_nearest, normalize, direct, chunk_size, mode):
+def _assign(features, core_indices, budget, ring_fraction, remove_fraction, *, num_nearest,
+            normalize, direct, chunk_size, mode):
     x = distances.normalize(features) if normalize else features
     cores = x[core_indices]
     chunk = _direct_chunk(cores.shape[0], x.shape[1], chunk_size) if direct else chunk_size
@@ -132,7 +137,10 @@ def _assign(features, core_indices, *, num_nearest, normalize, direct, chunk_siz
     labels = nb.index[:, 0]
     if mode == "paper":  # a core always belongs to its own pseudo-class
         labels = labels.at[core_indices].set(jnp.arange(core_indices.shape[0], dtype=jnp.int32))
-    return _Assignment(x, labels, nb.distance, nb.index)
+    sizes = jnp.bincount(labels, length=core_indices.shape[0]).astype(jnp.int32)
+    alloc, use_all = _split_budget(sizes, budget, ring_fraction, remove_fraction, mode=mode,
+                                   dtype=x.dtype)
+    return _Assignment(x, cores, labels, nb.distance, nb.index, alloc, use_all)
 
 
 _assign_jit = jax.jit(_assign, static_argnames=("num_nearest", "normalize", "direct",
@@ -834,8 +842,9 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
 
     num_nearest = min(num_classes, 2 if mode == "official" else NUM_OPPONENTS + 1)
     core_j = jnp.asarray(core, jnp.int32)
-    a = _assign_jit(features, core_j, num_nearest=num_nearest, normalize=normalize,
-                    direct=direct, chunk_size=chunk_size, mode=mode)
+    a = _assign_jit(features, core_j, jnp.int32(budget), ring_fraction, remove_fraction,
+                    num_nearest=num_nearest, normalize=normalize, direct=direct,
+                    chunk_size=chunk_size, mode=mode)
     labels = np.asarray(a.labels)
     if mode == "official":
         wrong = np.nonzero(labels[core] != np.arange(num_classes))[0]
@@ -847,10 +856,7 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
                 "its own pseudo-class (duplicate core features?); the authors' script fails "
                 "here. Use mode='paper' or distinct cores.")
 
-    class_sizes = jnp.asarray(np.bincount(labels, minlength=num_classes).astype(np.int32))
-    alloc, use_all = _split_budget_jit(class_sizes, jnp.int32(budget), ring_fraction,
-                                       remove_fraction, mode=mode,
-                                       dtype=jnp.dtype(a.features.dtype).name)
+    alloc, use_all = a.allocation, a.use_all
     concrete = not is_traced(alloc)
     alloc_host = np.asarray(alloc) if concrete else None
     if mode == "official" and concrete:
@@ -862,7 +868,7 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
                 f"{int(core[zero[0]])}); their script divides by zero there. Raise the "
                 "budget or use mode='paper'.")
 
-    g = _Global(a.features, a.features[core_j], a.core_dist, a.core_index)
+    g = _Global(a.features, a.cores, a.core_dist, a.core_index)
     static = dict(mode=mode, num_neighbors=num_neighbors, direct=direct, chunk_size=chunk_size)
     results, layout = [], []
     for bucket in _plan(labels, core, d):
@@ -902,16 +908,13 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
 
 def _split_budget(class_sizes, budget, ring_fraction, remove_fraction, *, mode, dtype):
     """Budget per class from the kept sizes IDC will leave (known from the class sizes)."""
-    _, _, kept = _ring_plan(class_sizes, ring_fraction, remove_fraction, mode=mode,
-                            ftype=jnp.dtype(dtype))
+    _, _, kept = _ring_plan(class_sizes, ring_fraction, remove_fraction, mode=mode, ftype=dtype)
     if mode == "official":
         return _allocate_official(kept, budget), jnp.asarray(False)
     # Paper mode waives denoising if the kept samples cannot fill the budget.
     use_all = jnp.sum(kept) < budget
     return _allocate_paper(jnp.where(use_all, class_sizes, kept), budget), use_all
 
-
-_split_budget_jit = jax.jit(_split_budget, static_argnames=("mode", "dtype"))
 
 
 def _assemble(results, layout, alloc, *, n, budget, xp=jnp):
