@@ -292,24 +292,28 @@ def _ring_plan(m, ring_fraction, remove_fraction, *, mode, ftype):
 
 def _merge_smallest(values, pos, k):
     """The k smallest of each column of `values` [k + W, R], ascending, ties to the lower
-    `pos` (unique among finite entries): (values [k, R], pos [k, R]).
+    `pos` (unique among finite entries): (values [k, R], pos [k, R]). With pos=None only the
+    values are wanted: ties go to the lower entry and (values [k, R], None) comes back.
 
     Columns are the rows of the class being merged: the reductions run over the leading axis
-    with the rows as vector lanes (XLA on CPU is several times slower reducing short rows).
+    with the rows as vector lanes (XLA on CPU is slower reducing short rows).
     """
-    big = jnp.iinfo(pos.dtype).max
+    tie = lax.broadcasted_iota(jnp.int32, values.shape, 0) if pos is None else pos
+    big = jnp.iinfo(tie.dtype).max
+    shape = (k,) + values.shape[1:]
 
     def extract(j, carry):  # a loop, not unrolled: k copies would only add compile time
         values, out_v, out_p = carry
         low = jnp.min(values, axis=0)
-        at = jnp.min(jnp.where(values == low, pos, big), axis=0)
-        return (jnp.where(pos == at, jnp.inf, values),
-                lax.dynamic_update_index_in_dim(out_v, low, j, 0),
-                lax.dynamic_update_index_in_dim(out_p, at, j, 0))
+        at = jnp.min(jnp.where(values == low, tie, big), axis=0)
+        out_v = lax.dynamic_update_index_in_dim(out_v, low, j, 0)
+        if pos is not None:
+            out_p = lax.dynamic_update_index_in_dim(out_p, at, j, 0)
+        return jnp.where(tie == at, jnp.inf, values), out_v, out_p
 
-    shape = (k,) + values.shape[1:]
-    _, out_v, out_p = lax.fori_loop(0, k, extract, (values, jnp.zeros(shape, values.dtype),
-                                                    jnp.zeros(shape, pos.dtype)))
+    out_p = None if pos is None else jnp.zeros(shape, pos.dtype)
+    _, out_v, out_p = lax.fori_loop(0, k, extract,
+                                    (values, jnp.zeros(shape, values.dtype), out_p))
     return out_v, out_p
 
 
@@ -366,6 +370,9 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
                 both = jnp.concatenate([
                     lax.dynamic_slice_in_dim(carry[0], r0, block_rows, axis=1),
                     lax.dynamic_slice_in_dim(new, r0, block_rows, axis=1)])
+                if mode == "paper":  # Eq. 3 reads the distances only
+                    near, _ = _merge_smallest(both, None, k)
+                    return (lax.dynamic_update_slice_in_dim(carry[0], near, r0, 1), carry[1])
                 both_pos = jnp.concatenate([
                     lax.dynamic_slice_in_dim(carry[1], r0, block_rows, axis=1),
                     jnp.broadcast_to(pos[:, None], (width, block_rows))])
