@@ -493,6 +493,8 @@ class _Pick(NamedTuple):
     have_cores: jax.Array  # bool, to_cores filled
     intra: jax.Array      # [C, P] sum of distances to the remaining candidates (paper)
     hits: jax.Array       # [C, K] penalty factor per opponent class
+    factor: jax.Array     # [C, T1, P] paper: hits of each sample's tracked opponents, kept
+                          # alongside (no gather per round); official: [1, 1, 1] placeholder
     node: jax.Array       # int32[C] local id of the last pick
     t: jax.Array          # int32[C] picks made
 
@@ -606,6 +608,9 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
         slot = jnp.arange(oi.shape[2], dtype=jnp.int32)
         first_other = jnp.min(jnp.where(other, slot, oi.shape[2] - 1), axis=2)
         near_opp = jnp.take_along_axis(oi, first_other[..., None], axis=2)[..., 0]
+        # Tracked opponents laid out [C, T1, P]: the min over them runs across the leading
+        # axis with the samples as vector lanes.
+        od_t, oi_t, other_t = (jnp.swapaxes(v, 1, 2) for v in (od, oi, other))
     intra0 = jnp.einsum("cij,cj->ci", dist, pool.astype(ftype))        # sums to the pool
     size = jnp.sum(pool, axis=1).astype(jnp.int32)
     sizef = size.astype(ftype)
@@ -619,8 +624,13 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
         """a[c, i[c]] for a [C, P, ...] and i int32[C] (whole rows gathered at once)."""
         return a[jnp.arange(a.shape[0]), i]
 
-    def tracked_scores(a, hits):
-        return jax.vmap(_paper_terms)(od, oi, own, a, hits, valid_list)
+    def tracked_scores(a, factor):
+        """Eq. 7 over the tracked opponents (as `_paper_terms`, laid out [C, T1, P])."""
+        a = a[:, None, :]
+        num = od_t * factor - a
+        den = jnp.maximum(od_t, a)
+        f = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+        return jnp.min(jnp.where(other_t, f, jnp.inf), axis=1)
 
     def core_one(x):
         """[P, K] distances from one class's rows to every core."""
@@ -654,20 +664,19 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
         remaining = jnp.sum(s.cand, axis=1).astype(ftype)
         a = s.intra / jnp.maximum(remaining, 1.0)[:, None]
         if full_list:
-            return tracked_scores(a, s.hits), s.to_cores, s.have_cores
+            return tracked_scores(a, s.factor), s.to_cores, s.have_cores
         # The tracked opponents give the exact Eq. 7 minimum while one of them is unpenalised
         # (delta >= 1); otherwise (rare) scan every core for the whole batch.
-        hit = jax.vmap(lambda h, i: h[i])(s.hits, oi) != 1.0
-        open_opp = ~hit & valid_list & (oi != own[..., None])
-        need = jnp.any(s.cand & ~jnp.any(open_opp, axis=2)) | (opponent_penalty < 1)
+        open_opp = (s.factor == 1.0) & other_t
+        need = jnp.any(s.cand & ~jnp.any(open_opp, axis=1)) | (opponent_penalty < 1)
         to_cores, have = s.to_cores, s.have_cores
         if cache:
             to_cores = lax.cond(need & ~have,
                                 lambda: lax.map(core_one, xc, batch_size=per_map),
                                 lambda: to_cores)
             have = have | need
-        sc = lax.cond(need, full_scores, lambda a, h, _: tracked_scores(a, h), a, s.hits,
-                      to_cores)
+        sc = lax.cond(need, full_scores, lambda a, _, __: tracked_scores(a, s.factor), a,
+                      s.hits, to_cores)
         return sc, to_cores, have
 
     def round_(s):
@@ -700,7 +709,7 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
         cand, intra = lax.cond(
             jnp.max(quota_now) > _EXTRACT_QUOTA, remove_bulk,
             lambda *carry: lax.fori_loop(0, jnp.max(quota_now), remove, carry), s.cand, s.intra)
-        hits = s.hits
+        hits, factor = s.hits, s.factor
         if mode == "official":
             # The previous pick's opponent is penalised at the start of this round.
             prev = jnp.take_along_axis(opp, s.node[:, None], axis=1)
@@ -718,19 +727,22 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
             opp_new = jnp.take_along_axis(near_opp, new[:, None], axis=1)
             hits = jnp.where(face[:, None] & (every[None, :] == opp_new),
                              hits * penalty, hits)
+            factor = jnp.where(face[:, None, None] & (oi_t == opp_new[:, :, None]),
+                               factor * penalty, factor)
         slot = jnp.arange(s.picks.shape[1])[None, :] == s.t[:, None]
         chosen = jnp.take_along_axis(c.members, new[:, None], axis=1)
         picks = jnp.where(active[:, None] & slot, chosen, s.picks)
-        return _Pick(picks, cand, to_cores, have, intra, hits, jnp.where(active, new, s.node),
-                     s.t + active.astype(jnp.int32))
+        return _Pick(picks, cand, to_cores, have, intra, hits, factor,
+                     jnp.where(active, new, s.node), s.t + active.astype(jnp.int32))
 
     first = jnp.take_along_axis(c.members, c.core[:, None], axis=1)
     picks = jnp.zeros((num, width), jnp.int32).at[:, 0].set(first[:, 0])
     hits0 = jnp.ones((num, num_classes), ftype)
     cache_shape = (num, p, num_classes) if cache and mode == "paper" and not full_list \
         else (1, 1, 1)
+    factor0 = jnp.ones(od_t.shape if mode == "paper" else (1, 1, 1), ftype)
     start = _Pick(picks, pool, jnp.zeros(cache_shape, ftype), jnp.asarray(False),
-                  jnp.where(pool, intra0, 0.0), hits0, c.core,
+                  jnp.where(pool, intra0, 0.0), hits0, factor0, c.core,
                   jnp.ones(num, jnp.int32))
     final = lax.while_loop(lambda s: jnp.any(s.t < budget), round_, start)
 
@@ -740,7 +752,7 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
         bs = (outer - inner) / jnp.maximum(outer, inner)
     else:
         bs = tracked_scores(jnp.where(pool, intra0, 0.0) / jnp.maximum(sizef, 1.0)[:, None],
-                            hits0)
+                            factor0)
     bs = jnp.where(pool & jnp.isfinite(bs), bs, jnp.inf)
     return final.picks, bs, pool & valid, core_kept
 
