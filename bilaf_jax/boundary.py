@@ -663,20 +663,24 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
             return jnp.where(jnp.isnan(sc), -jnp.inf, sc), s.to_cores, s.have_cores
         remaining = jnp.sum(s.cand, axis=1).astype(ftype)
         a = s.intra / jnp.maximum(remaining, 1.0)[:, None]
+        tracked = tracked_scores(a, s.factor)
         if full_list:
-            return tracked_scores(a, s.factor), s.to_cores, s.have_cores
-        # The tracked opponents give the exact Eq. 7 minimum while one of them is unpenalised
-        # (delta >= 1); otherwise (rare) scan every core for the whole batch.
-        open_opp = (s.factor == 1.0) & other_t
-        need = jnp.any(s.cand & ~jnp.any(open_opp, axis=1)) | (opponent_penalty < 1)
+            return tracked, s.to_cores, s.have_cores
+        # Each term grows with D_l (for delta >= 1), and every untracked core is at least as
+        # far as the farthest tracked one, D_T1: where the tracked minimum is at most the
+        # unpenalised term at D_T1, it is the exact Eq. 7 minimum. Otherwise (rare) scan
+        # every core for the whole batch.
+        bound = od_t[:, -1, :]
+        den = jnp.maximum(bound, a)
+        floor = jnp.where(den > 0, (bound - a) / jnp.where(den > 0, den, 1.0), 0.0)
+        need = jnp.any(s.cand & (tracked > floor)) | (opponent_penalty < 1)
         to_cores, have = s.to_cores, s.have_cores
         if cache:
             to_cores = lax.cond(need & ~have,
                                 lambda: lax.map(core_one, xc, batch_size=per_map),
                                 lambda: to_cores)
             have = have | need
-        sc = lax.cond(need, full_scores, lambda a, _, __: tracked_scores(a, s.factor), a,
-                      s.hits, to_cores)
+        sc = lax.cond(need, full_scores, lambda *_: tracked, a, s.hits, to_cores)
         return sc, to_cores, have
 
     def round_(s):
