@@ -30,7 +30,8 @@ ring members and removed candidates are taken one at a time as (value, tie-key) 
 at once by a bisection over the bits of the key (`_smallest_set`), and the running k nearest
 cluster members by k-fold extraction (`_merge_smallest`). Short reductions run over a leading
 axis with the rows as vector lanes: XLA on CPU reduces a short minor axis slower (the k-NN
-merge of 42 entries per row: 1.8-2.4x faster that way, `scripts/bench_reductions.py`).
+merge of 42 entries per row: about 2x faster that way in float32, no slower in float64;
+`scripts/bench_reductions.py`).
 
 Dimension glossary: see `bilaf_jax.distances`. Here also P (padded class size), C (classes in
 a batch), T (opponent cores kept per sample), S (picks kept per class).
@@ -65,9 +66,12 @@ NUM_OPPONENTS = 16
 _OWN_CORE_DISTANCE = 1e9 + 7
 _MIN_PAD = 16
 # Bucket planning heuristic (see _group_pads): a weight for compiling one more bucket program
-# (1.6-2.0 s each for the 50,000-sample benchmark on a 2-core CPU, `scripts/bench_boundary.py
-# --profile`; a lower weight leans towards less padding and a faster steady state), and
-# seconds per padded distance-matrix element per feature dimension.
+# and one per padded distance-matrix element per feature dimension. These are weights, not
+# measured costs: a bucket program takes 1.3-1.7 s to compile for the 50,000-sample benchmark
+# on a 2-core CPU (`scripts/bench_boundary.py --profile`), and padding costs less than its
+# weight, but padding is paid on every call and compilation once per process (or once per
+# machine with the compilation cache). A lower compile weight leans towards less padding and
+# a faster steady state, a higher one towards fewer programs and a faster first call.
 _COMPILE_SECONDS = 1.0
 _ELEMENT_SECONDS = 6e-11
 # Classes processed together: at most this many elements in their [C, P, max(P, d)] arrays.
