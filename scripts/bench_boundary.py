@@ -4,7 +4,7 @@ Usage:
   python scripts/bench_boundary.py [--n 50000] [--d 384] [--cores 250]
       [--budgets 500,1000,2500,5000] [--modes paper,official] [--x64] [--distances auto]
       [--repeats 3] [--clusters C] [--authors PATH/TO/density_cluster.py] [--in-process]
-      [--profile]
+      [--profile] [--compile-weight W]
 
 Each (mode, budget) runs in a fresh Python process with no persistent compilation cache, so
 its first call pays every compilation (--in-process: one process for all, where later
@@ -56,6 +56,8 @@ def measure(args, mode, budgets):
     from bilaf_jax.boundary import bilaf
 
     timer = PhaseTimer(boundary) if args.profile else None
+    if args.compile_weight is not None:  # the bucket planner's trade-off (see boundary.py)
+        boundary._COMPILE_SECONDS = args.compile_weight
 
     feats, cores = make_pool(args)
     out = {}
@@ -106,9 +108,12 @@ def main(argv=None):
     p.add_argument("--in-process", action="store_true",
                    help="all budgets in this process (later first calls reuse compilations)")
     p.add_argument("--profile", action="store_true",
-                   help="also print seconds per phase (assignment, budget split, plan, the "
+                   help="also print seconds per phase (assignment with the budget split, plan, the "
                    "class programs of all buckets together) of the first and the best steady "
                    "call; the phases then block one after the other")
+    p.add_argument("--compile-weight", type=float, default=None,
+                   help="override the bucket planner's weight for one more class program "
+                   "(boundary._COMPILE_SECONDS; higher: fewer programs, more padding)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "mode:budget"
     args = p.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]

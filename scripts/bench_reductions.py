@@ -63,7 +63,7 @@ def main(argv=None):
             rows.append((f"smallest_k [4096, 42] k=10 {name}",
                          ms(lambda v: distances.smallest_k(v, 10), x),
                          "_merge_smallest [42, 4096]",
-                         ms(lambda v: boundary._merge_smallest(v, pos, 10), x.T)))
+                         ms(lambda v, pos=pos: boundary._merge_smallest(v, pos, 10), x.T)))
         x = jnp.asarray(rng.normal(size=(200, 256)), jnp.float32)
         sort_ms = ms(lambda v: jnp.sort(v, axis=1), x)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({cpu_name()}, "
