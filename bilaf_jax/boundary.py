@@ -515,12 +515,16 @@ def _opponents_official(core_dist, core_index, own):
     return outer, opp
 
 
+def _eq7_term(d_inter, factor, d_intra):
+    """One term of Eq. 7, (D_l delta^{t_l} - a) / max(D_l, a), with `factor` = delta^{t_l};
+    0 where both distances are 0."""
+    den = jnp.maximum(d_inter, d_intra)
+    return jnp.where(den > 0, (d_inter * factor - d_intra) / jnp.where(den > 0, den, 1.0), 0.0)
+
+
 def _paper_terms(od, oi, own, intra_mean, hits, valid_list):
     """Eq. 7 over the given opponents: min_l (D_l delta^{t_l} - a) / max(D_l, a)."""
-    a = intra_mean[:, None]
-    num = od * hits[oi] - a
-    den = jnp.maximum(od, a)
-    f = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+    f = _eq7_term(od, hits[oi], intra_mean[:, None])
     f = jnp.where(valid_list & (oi != own[:, None]), f, jnp.inf)
     return jnp.min(f, axis=1)
 
@@ -630,10 +634,7 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
 
     def tracked_scores(a, factor):
         """Eq. 7 over the tracked opponents (as `_paper_terms`, laid out [C, T1, P])."""
-        a = a[:, None, :]
-        num = od_t * factor - a
-        den = jnp.maximum(od_t, a)
-        f = jnp.where(den > 0, num / jnp.where(den > 0, den, 1.0), 0.0)
+        f = _eq7_term(od_t, factor, a[:, None, :])
         return jnp.min(jnp.where(other_t, f, jnp.inf), axis=1)
 
     def core_one(x):
@@ -670,13 +671,11 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
         tracked = tracked_scores(a, s.factor)
         if full_list:
             return tracked, s.to_cores, s.have_cores
-        # Each term grows with D_l (for delta >= 1), and every untracked core is at least as
-        # far as the farthest tracked one, D_T1: where the tracked minimum is at most the
-        # unpenalised term at D_T1, it is the exact Eq. 7 minimum. Otherwise (rare) scan
-        # every core for the whole batch.
-        bound = od_t[:, -1, :]
-        den = jnp.maximum(bound, a)
-        floor = jnp.where(den > 0, (bound - a) / jnp.where(den > 0, den, 1.0), 0.0)
+        # Each term grows with D_l and with its factor (delta >= 1), and every untracked
+        # core is at least as far as the farthest tracked one, D_T1: where the tracked
+        # minimum is at most the unpenalised term at D_T1, it is the exact Eq. 7 minimum.
+        # Otherwise scan every core for the whole batch (late rounds of long selections).
+        floor = _eq7_term(od_t[:, -1, :], 1.0, a)
         need = jnp.any(s.cand & (tracked > floor)) | (opponent_penalty < 1)
         to_cores, have = s.to_cores, s.have_cores
         if cache:
