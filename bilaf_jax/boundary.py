@@ -59,8 +59,9 @@ from bilaf_jax._validation import (
 )
 
 MODES = ("paper", "official")
-# Opponent cores tracked per sample in paper mode (Eq. 7 min); an exact full scan over all K
-# cores runs only in rounds where every tracked opponent of some candidate is penalised.
+# Opponent cores tracked per sample in paper mode (Eq. 7 min); an exact scan over all K cores
+# runs only in rounds where the tracked minimum of some candidate could be beaten by an
+# untracked core (see `scores` in `_process_batch`).
 NUM_OPPONENTS = 16
 # The official script masks the own core with this value before taking the min.
 _OWN_CORE_DISTANCE = 1e9 + 7
@@ -89,7 +90,7 @@ _ROW_BLOCK = 64
 # Candidates removed per round one at a time; larger quotas are found by bisection.
 _EXTRACT_QUOTA = 24
 # Cluster members merged into the running k-NN lists per step of IDC: at least this many,
-# and about a ring (P / 10) in big classes so that a ring takes one or two merges.
+# and P / 16 in big classes so that a ring (about P / 10) takes one or two merges.
 _MERGE_WIDTH = 32
 
 
@@ -185,7 +186,8 @@ def _group_pads(counts: np.ndarray, d: int) -> np.ndarray:
     bucket where the extra padded work costs less than compiling another bucket program.
 
     Optimal contiguous grouping of the size grid by dynamic programming over
-    cost(group) = _COMPILE_SECONDS + sum(classes x P_group^2) x per-element seconds.
+    cost(group) = _COMPILE_SECONDS + sum(classes x P_group^2) x per-element weight
+    (weights, not measured seconds: see the constants).
     """
     pads = np.array([_pad_size(int(m)) for m in counts])
     grid = np.unique(pads)
@@ -326,7 +328,8 @@ class _RingState(NamedTuple):
     position: jax.Array    # int32[P] inclusion position; P for samples never included
     order: jax.Array       # int32[P + W] local id at each inclusion position (padded)
     near_dist: jax.Array   # [k, P] distances to the k nearest cluster members, ascending
-    near_pos: jax.Array    # int32[k, P] their inclusion positions
+    near_pos: jax.Array    # int32[k, P] their inclusion positions (official mode only; paper
+                           # mode carries it unchanged)
     size: jax.Array        # int32 current cluster size
 
 
