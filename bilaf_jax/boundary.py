@@ -76,9 +76,9 @@ _MIN_PAD = 16
 _COMPILE_SECONDS = 1.0
 _ELEMENT_SECONDS = 6e-11
 # Classes processed together: at most this many elements in their [C, P, max(P, d)] arrays.
-# Small batches keep a batch's matrices in cache: on the 50,000-sample mixture of
-# `scripts/bench_boundary.py --clusters 100` (run with this constant changed), 2^21 was about
-# 18% faster in steady state than 2^23 and 10% faster than 2^20.
+# Small batches keep a batch's matrices in cache: on the 50,000-sample mixture
+# (`scripts/bench_boundary.py --clusters 100 --budgets 2500 --batch-elements N`) 2^21 ran
+# 0.376 / 0.421 s steady (official / paper), 2^20 0.401 / 0.449 s, 2^23 0.686 / 0.771 s.
 _BATCH_ELEMENTS = 1 << 21
 # Elements of the [c, P, K] distances to all cores in a paper-mode full Eq. 7 scan, and the
 # most kept per batch between rounds (beyond that they are recomputed each time needed).

@@ -4,7 +4,7 @@ Usage:
   python scripts/bench_boundary.py [--n 50000] [--d 384] [--cores 250]
       [--budgets 500,1000,2500,5000] [--modes paper,official] [--x64] [--distances auto]
       [--repeats 3] [--clusters C] [--authors PATH/TO/density_cluster.py] [--in-process]
-      [--profile] [--compile-weight W]
+      [--profile] [--compile-weight W] [--batch-elements N]
 
 Each (mode, budget) runs in a fresh Python process with no persistent compilation cache, so
 its first call pays every compilation (--in-process: one process for all, where later
@@ -58,6 +58,8 @@ def measure(args, mode, budgets):
     timer = PhaseTimer(boundary) if args.profile else None
     if args.compile_weight is not None:  # the bucket planner's trade-off (see boundary.py)
         boundary._COMPILE_SECONDS = args.compile_weight
+    if args.batch_elements is not None:  # class batch size (see boundary._BATCH_ELEMENTS)
+        boundary._BATCH_ELEMENTS = args.batch_elements
 
     feats, cores = make_pool(args)
     out = {}
@@ -114,6 +116,8 @@ def main(argv=None):
     p.add_argument("--compile-weight", type=float, default=None,
                    help="override the bucket planner's weight for one more class program "
                    "(boundary._COMPILE_SECONDS; higher: fewer programs, more padding)")
+    p.add_argument("--batch-elements", type=int, default=None,
+                   help="override boundary._BATCH_ELEMENTS (elements per class batch array)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "mode:budget"
     args = p.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]
