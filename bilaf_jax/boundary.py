@@ -27,11 +27,9 @@ pseudo-labels, so `bilaf` itself is not jittable, but its float hyperparameters
 On CPU, XLA's sort, top-k and argmin are slow (a sort costs ~90 ns per element; see
 `scripts/bench_reductions.py`), so every ordering here is a chain of plain min-reductions:
 ring members and removed candidates are taken one at a time as (value, tie-key) minima, many
-at once by a bisection over the bits of the key (`_smallest_set`), and the running k nearest
-cluster members by k-fold extraction (`_merge_smallest`). Short reductions run over a leading
-axis with the rows as vector lanes: XLA on CPU reduces a short minor axis slower (the k-NN
-merge of 42 entries per row: about 2x faster that way in float32, no slower in float64;
-`scripts/bench_reductions.py`).
+at once by a bisection over the bits of the key (`_smallest_set`), and each new cluster
+member's distances are inserted into every row's sorted list of its k nearest members
+(`_insert`), k entries per row laid over a leading axis with the rows as vector lanes.
 
 Dimension glossary: see `bilaf_jax.distances`. Here also P (padded class size), C (classes in
 a batch), T (opponent cores kept per sample), S (picks kept per class).
@@ -39,7 +37,6 @@ a batch), T (opponent cores kept per sample), S (picks kept per class).
 
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import NamedTuple
 
@@ -84,14 +81,11 @@ _BATCH_ELEMENTS = 1 << 21
 # most kept per batch between rounds (beyond that they are recomputed each time needed).
 _CORE_BLOCK_ELEMENTS = 1 << 22
 _CORE_CACHE_ELEMENTS = 1 << 24
-# Rows (and columns) per block of the within-class distances, rows per block of IDC's k-NN
-# merges (blocks past a batch's largest class are skipped).
+# Rows (and columns) per block of the within-class distances (blocks past a batch's largest
+# class are skipped).
 _ROW_BLOCK = 64
 # Candidates removed per round one at a time; larger quotas are found by bisection.
 _EXTRACT_QUOTA = 24
-# Cluster members merged into the running k-NN lists per step of IDC: at least this many,
-# and P / 16 in big classes so that a ring (about P / 10) takes one or two merges.
-_MERGE_WIDTH = 32
 
 
 class BilafOutput(NamedTuple):
@@ -296,131 +290,98 @@ def _ring_plan(m, ring_fraction, remove_fraction, *, mode, ftype):
     return ring, target, jnp.where(m > 0, jnp.maximum(keep, 1), 0)
 
 
-def _merge_smallest(values, pos, k):
-    """The k smallest of each column of `values` [k + W, R], ascending, ties to the lower
-    `pos` (unique among finite entries): (values [k, R], pos [k, R]). With pos=None only the
-    values are wanted: ties go to the lower entry and (values [k, R], None) comes back.
-
-    Columns are the rows of the class being merged: the reductions run over the leading axis
-    with the rows as vector lanes (XLA on CPU is slower reducing short rows).
-    """
-    tie = lax.broadcasted_iota(jnp.int32, values.shape, 0) if pos is None else pos
-    big = jnp.iinfo(tie.dtype).max
-    shape = (k,) + values.shape[1:]
-
-    def extract(j, carry):  # a loop, not unrolled: k copies would only add compile time
-        values, out_v, out_p = carry
-        low = jnp.min(values, axis=0)
-        at = jnp.min(jnp.where(values == low, tie, big), axis=0)
-        out_v = lax.dynamic_update_index_in_dim(out_v, low, j, 0)
-        if pos is not None:
-            out_p = lax.dynamic_update_index_in_dim(out_p, at, j, 0)
-        return jnp.where(tie == at, jnp.inf, values), out_v, out_p
-
-    out_p = None if pos is None else jnp.zeros(shape, pos.dtype)
-    _, out_v, out_p = lax.fori_loop(0, k, extract,
-                                    (values, jnp.zeros(shape, values.dtype), out_p))
-    return out_v, out_p
-
-
 class _RingState(NamedTuple):
-    in_cluster: jax.Array  # bool[P]
-    position: jax.Array    # int32[P] inclusion position; P for samples never included
-    order: jax.Array       # int32[P + W] local id at each inclusion position (padded)
-    near_dist: jax.Array   # [k, P] distances to the k nearest cluster members, ascending
-    near_pos: jax.Array    # int32[k, P] their inclusion positions (official mode only; paper
-                           # mode carries it unchanged)
-    size: jax.Array        # int32 current cluster size
+    """IDC state of a batch of classes (leading axis C)."""
+
+    in_cluster: jax.Array  # bool[C, P]
+    position: jax.Array    # int32[C, P] inclusion position; P for samples never included
+    near: jax.Array        # [C, V, k, P] the k nearest cluster members of each row,
+                           # ascending: distance, and (official mode, V = 2) the value the
+                           # script averages for it (see `_idc`)
+    size: jax.Array        # int32[C] current cluster sizes
 
 
-def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neighbors, rows):
-    """Inclusion positions and kept mask of one class; `dist` [P, P] (padding never read).
+def _insert(near, new):
+    """Insert `new` [C, V, R] into each column of `near` [C, V, k, R], ascending in its
+    first value (+inf padded), after the entries equal to it (+inf: no change); the other
+    V - 1 values move along."""
+    new = new[:, :, None]
+    prev = jnp.concatenate([near[:, :, :1], near[:, :, :-1]], axis=2)
+    if near.shape[1] == 1:  # values only: a clamp
+        return jnp.minimum(near, jnp.maximum(prev.at[:, :, 0].set(-jnp.inf), new))
+    # The new entry's slot (entries <= it stay), then one select: entry j keeps its value
+    # before the slot, takes the new one at it, and its predecessor's after it.
+    slot = jnp.sum(near[:, :1] <= new[:, :1], axis=2, keepdims=True)
+    j = lax.broadcasted_iota(jnp.int32, near.shape, 2)
+    return jnp.where(j < slot, near, jnp.where(j == slot, new, prev))
+
+
+def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neighbors):
+    """Inclusion positions [C, P] and kept mask [C, P] of a batch of classes (Eq. 3);
+    `dist` [C, P, P] (padding never read), `m` [C] class sizes, `core` [C] local core ids.
 
     Each ring appends its samples one at a time, lowest (key, local id) first, so positions
-    follow the script's tuple sort; the running k nearest cluster members of every row are
-    then updated with the new ring only, and only for rows below `rows` (a scalar bound
-    shared by a vmapped batch: its largest class size; later rows are padding in all).
+    follow the script's tuple sort; each appended sample's distances go at once into every
+    row's running k nearest cluster members (after equal entries: the lower position wins
+    a tie, as in the script's stable sort). The last ring inserts nothing: no density is
+    read after it. Classes run in lockstep; loop bounds are the batch's largest.
     """
-    p = dist.shape[0]
+    num, p, _ = dist.shape
     local = jnp.arange(p, dtype=jnp.int32)
+    batch = jnp.arange(num)
     ftype = dist.dtype
     ring, target, keep = _ring_plan(m, ring_fraction, remove_fraction, mode=mode, ftype=ftype)
     k = min(num_neighbors, p)
-    width = min(p, max(_MERGE_WIDTH, p // 16))
-    # Rows past `rows` (the largest class of the batch) are padding in every class of it.
-    block_rows = min(p, _ROW_BLOCK)  # divides P (see _pad_size)
-    row_blocks = (rows + block_rows - 1) // block_rows
 
-    def append(s, key, count):
-        def one(_, s):
+    def append(s, key, count, *, insert):
+        def one(j, s):
+            go = j < count                                                   # [C]
             free = valid & ~s.in_cluster
-            low = jnp.min(jnp.where(free, key, jnp.inf))
-            i = jnp.min(jnp.where(free & (key == low), local, p))
-            hit = local == i
-            return s._replace(in_cluster=s.in_cluster | hit,
-                              position=jnp.where(hit, s.size, s.position),
-                              order=s.order.at[s.size].set(i, mode="drop"), size=s.size + 1)
+            low = jnp.min(jnp.where(free, key, jnp.inf), axis=1, keepdims=True)
+            i = jnp.min(jnp.where(free & (key == low), local, p), axis=1)
+            hit = (local[None, :] == i[:, None]) & go[:, None]
+            near = s.near
+            if insert:
+                new = jnp.where(go[:, None], dist[batch, jnp.minimum(i, p - 1)], jnp.inf)
+                if mode == "official":
+                    # The script averages the distance to the sample whose local id equals
+                    # the member's position (rows for columns: dist is symmetric).
+                    new = jnp.stack([new, dist[batch, jnp.minimum(s.size, p - 1)]], axis=1)
+                near = _insert(s.near, new.reshape(num, -1, p))
+            return _RingState(s.in_cluster | hit,
+                              jnp.where(hit, s.size[:, None], s.position),
+                              near, s.size + go.astype(jnp.int32))
 
-        return lax.fori_loop(0, count, one, s)
+        return lax.fori_loop(0, jnp.max(count), one, s)
 
-    def absorb(s, start, needed):
-        """Merge cluster positions [start, s.size) into every row's running k nearest."""
-
-        def merge(j, carry):
-            first = start + j * width
-            cols = lax.dynamic_slice(s.order, (first,), (width,))
-            pos = first + jnp.arange(width, dtype=jnp.int32)
-            new = jnp.where((pos < s.size)[:, None], dist[cols], jnp.inf)  # [W, P]: rows
-
-            def rows_block(b, carry):
-                r0 = b * block_rows
-                both = jnp.concatenate([
-                    lax.dynamic_slice_in_dim(carry[0], r0, block_rows, axis=1),
-                    lax.dynamic_slice_in_dim(new, r0, block_rows, axis=1)])
-                if mode == "paper":  # Eq. 3 reads the distances only
-                    near, _ = _merge_smallest(both, None, k)
-                    return (lax.dynamic_update_slice_in_dim(carry[0], near, r0, 1), carry[1])
-                both_pos = jnp.concatenate([
-                    lax.dynamic_slice_in_dim(carry[1], r0, block_rows, axis=1),
-                    jnp.broadcast_to(pos[:, None], (width, block_rows))])
-                near, near_p = _merge_smallest(both, both_pos, k)
-                return (lax.dynamic_update_slice_in_dim(carry[0], near, r0, 1),
-                        lax.dynamic_update_slice_in_dim(carry[1], near_p, r0, 1))
-
-            return lax.fori_loop(0, row_blocks, rows_block, carry)
-
-        steps = jnp.where(needed, (s.size - start + width - 1) // width, 0)
-        near = lax.fori_loop(0, steps, merge, (s.near_dist, s.near_pos))
-        return s._replace(near_dist=near[0], near_pos=near[1])
-
-    state = _RingState(jnp.zeros(p, bool), jnp.full(p, p, jnp.int32),
-                       jnp.zeros(p + width, jnp.int32), jnp.full((k, p), jnp.inf, ftype),
-                       jnp.zeros((k, p), jnp.int32), jnp.int32(0))
-    first_key = dist[core]
+    values = 2 if mode == "official" else 1
+    state = _RingState(jnp.zeros((num, p), bool), jnp.full((num, p), p, jnp.int32),
+                       jnp.full((num, values, k, p), jnp.inf, ftype), jnp.zeros(num, jnp.int32))
+    first_key = dist[batch, core]
     if mode == "paper":
-        first_key = jnp.where(local == core, -jnp.inf, first_key)
+        first_key = jnp.where(local[None, :] == core[:, None], -jnp.inf, first_key)
 
-    def add_ring(s):
+    def ring_key(s):
         """The first ring: nearest to the core; later rings: lowest density (Eq. 3)."""
         count = jnp.clip(s.size, 1, k)
-        use = jnp.arange(k) < count
-        if mode == "official":
-            # The script averages distances to the class samples whose local ids equal the
-            # positions of the nearest cluster members (dist is symmetric: rows for columns).
-            vals = jnp.take_along_axis(dist, s.near_pos, axis=0)
-        else:
-            vals = s.near_dist
-        density = jnp.sum(jnp.where(use[:, None], vals, 0.0), axis=0) / count.astype(ftype)
-        key = jnp.where(s.size == 0, first_key, density)
-        grown = append(s, key, jnp.minimum(ring, target - s.size))
-        # After the last ring no density is read again: skip its merge.
-        return absorb(grown, s.size, grown.size < target)
+        use = jnp.arange(k)[None, :, None] < count[:, None, None]
+        vals = s.near[:, -1]  # official: the script's values; paper: the distances
+        density = jnp.sum(jnp.where(use, vals, 0.0), axis=1) / count.astype(ftype)[:, None]
+        return jnp.where((s.size == 0)[:, None], first_key, density)
 
-    state = lax.while_loop(lambda s: s.size < target, add_ring, state)
-    kept = state.in_cluster & (state.position < keep)
+    # Every ring but a class's last inserts its samples into the k-NN lists; then the last
+    # rings of all classes only append.
+    def more(s):
+        return s.size + ring < target
+
+    state = lax.while_loop(
+        lambda s: jnp.any(more(s)),
+        lambda s: append(s, ring_key(s), jnp.where(more(s), ring, 0), insert=True), state)
+    state = append(state, ring_key(state), target - state.size, insert=False)
+    kept = state.in_cluster & (state.position < keep[:, None])
     if mode == "paper":
         return state.position, kept
-    skip = m < 10  # the script leaves small classes untouched
+    skip = (m < 10)[:, None]  # the script leaves small classes untouched
     kept = jnp.where(skip, valid, kept)
     position = jnp.where(skip, jnp.where(valid, local, p), state.position)
     return position, kept
@@ -598,9 +559,8 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
     xc = g.features[c.members]                                             # [C, P, d]
     row_limit = jnp.max(c.count)  # rows past the batch's largest class: padding in all
     dist = _class_distances(xc, valid, row_limit, direct=direct)
-    position, kept = jax.vmap(functools.partial(
-        _idc, ring_fraction=ring_fraction, remove_fraction=remove_fraction, mode=mode,
-        num_neighbors=num_neighbors, rows=row_limit))(dist, valid, c.count, c.core)
+    position, kept = _idc(dist, valid, c.count, c.core, ring_fraction, remove_fraction,
+                          mode=mode, num_neighbors=num_neighbors)
     core_kept = jnp.take_along_axis(kept, c.core[:, None], axis=1)[:, 0]
     ftype = dist.dtype
 

@@ -5,9 +5,8 @@ Usage:
 
 Prints a markdown table of milliseconds per call for: XLA's argmin against
 `distances.first_argmin` (two plain reductions), `lax.top_k` against `distances.smallest_k`
-(k-fold extraction) in float32 and float64 at the widths the boundary stage uses, the same
-extraction over a short minor axis against a leading axis (`boundary._merge_smallest`, IDC's
-k-NN merge), and a full sort (ns per element). These back the statements in `bilaf_jax/distances.py`,
+(k-fold extraction) in float32 and float64 at the widths the boundary stage uses, and a full
+sort (ns per element). These back the statements in `bilaf_jax/distances.py`,
 `bilaf_jax/boundary.py` and BENCHMARKS.md.
 """
 
@@ -30,7 +29,7 @@ def main(argv=None):
     import jax.numpy as jnp
     from jax import lax
 
-    from bilaf_jax import boundary, distances
+    from bilaf_jax import distances
 
     def ms(fn, x):
         fn = jax.jit(fn)
@@ -56,14 +55,6 @@ def main(argv=None):
                 rows.append((f"top_k [4096, {width}] k={k} {name}",
                              ms(lambda v, k=k: lax.top_k(-v, k), x),
                              "smallest_k", ms(lambda v, k=k: distances.smallest_k(v, k), x)))
-            # IDC's k-NN merge: the same extraction over the minor axis of [rows, k + W]
-            # against the leading axis of [k + W, rows] (rows as vector lanes).
-            x = jnp.asarray(rng.normal(size=(4096, 42)), dtype)
-            pos = jnp.broadcast_to(jnp.arange(42, dtype=jnp.int32)[:, None], (42, 4096))
-            rows.append((f"smallest_k [4096, 42] k=10 {name}",
-                         ms(lambda v: distances.smallest_k(v, 10), x),
-                         "_merge_smallest [42, 4096]",
-                         ms(lambda v, pos=pos: boundary._merge_smallest(v, pos, 10), x.T)))
         x = jnp.asarray(rng.normal(size=(200, 256)), jnp.float32)
         sort_ms = ms(lambda v: jnp.sort(v, axis=1), x)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({cpu_name()}, "

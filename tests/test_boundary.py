@@ -76,6 +76,27 @@ def test_smallest_set_matches_sort():
         np.testing.assert_array_equal(np.nonzero(got[r])[0], np.sort(order))
 
 
+
+@pytest.mark.parametrize("values", [1, 2])
+def test_insert_keeps_k_smallest_in_stable_order(values):
+    # Sequential insertion of many entries with ties must equal a stable sort of all of them
+    # (earlier entries first among equals), truncated to k; +inf inserts change nothing.
+    rng = np.random.default_rng(7)
+    c, k, r, steps = 3, 4, 9, 12
+    entries = rng.integers(0, 5, size=(steps, c, r)).astype(np.float32)
+    entries[3] = np.inf
+    near = jnp.full((c, values, k, r), jnp.inf, jnp.float32)
+    for t in range(steps):
+        new = np.stack([entries[t], np.full((c, r), t, np.float32)][:values], axis=1)
+        near = boundary._insert(near, jnp.asarray(new))
+    order = np.argsort(entries, axis=0, kind="stable")[:k]               # [k, c, r]
+    want = np.take_along_axis(entries, order, axis=0)
+    got = np.asarray(near)
+    np.testing.assert_array_equal(got[:, 0], want.transpose(1, 0, 2))
+    if values == 2:  # the second value follows its entry (inf entries left as inf)
+        want_t = np.where(np.isfinite(want), order, np.inf).astype(np.float32)
+        np.testing.assert_array_equal(got[:, 1], want_t.transpose(1, 0, 2))
+
 @pytest.mark.parametrize("params", [{}, NON_DEFAULT], ids=["default", "non_default"])
 @pytest.mark.parametrize("mode", ["official", "paper"])
 def test_matches_reference_blobs_x64(blobs, mode, params):
