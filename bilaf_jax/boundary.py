@@ -15,10 +15,12 @@ Layout: pseudo-classes have different sizes, so each class is padded to a static
 (powers of two, then quarter-octave steps) and classes of equal P form a bucket. The budget
 split comes first (IDC's kept sizes follow from the class sizes alone); then one jitted
 program per bucket takes its classes a batch at a time (similar sizes together): it builds
-each class's [P, P] distance matrix once, runs IDC for the whole batch in lockstep (vmap), and
-runs the selection rounds of the whole batch together, so one class's long loop does not
-serialise the others. Work and memory per class are O(P^2); nothing of size [n, n] or [n, K]
-is ever built. The budget is not a compile-time constant of these programs: a new budget on
+each class's [P, P] distance matrix once, runs IDC for the whole batch in lockstep, and runs
+the selection rounds of the whole batch together, so one class's long loop does not
+serialise the others. On a CPU device the batches of a bucket are dealt over one part per
+core and the parts run in threads: XLA runs a program's loops on one thread, programs called
+from several threads side by side. Work and memory per class are O(P^2); nothing of size
+[n, n] or [n, K] is ever built. The budget is not a compile-time constant of these programs: a new budget on
 the same pool recompiles nothing heavy. The bucket plan is made on the host from the
 pseudo-labels, so `bilaf` itself is not jittable, but its float hyperparameters
 (`remove_fraction`, `ring_fraction`, `opponent_penalty`) stay traceable in both modes:
@@ -37,6 +39,8 @@ a batch), T (opponent cores kept per sample), S (picks kept per class).
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import warnings
 from typing import NamedTuple
 
@@ -77,6 +81,12 @@ _ELEMENT_SECONDS = 6e-11
 # (`scripts/bench_boundary.py --clusters 100 --budgets 2500 --batch-elements N`) 2^21 ran
 # 0.376 / 0.421 s steady (official / paper), 2^20 0.401 / 0.449 s, 2^23 0.686 / 0.771 s.
 _BATCH_ELEMENTS = 1 << 21
+# Bucket parts run at once on a CPU device (None: the CPU cores this process may use; 0:
+# plain jitted calls, as on other devices; see `_num_parts`).
+_CPU_PARTS = None
+# XLA options for the class programs on CPU: XLA's older fusion code generator compiles
+# them faster (see BENCHMARKS.md; on a first call compilation dominates).
+_CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 # Elements of the [c, P, K] distances to all cores in a paper-mode full Eq. 7 scan, and the
 # most kept per batch between rounds (beyond that they are recomputed each time needed).
 _CORE_BLOCK_ELEMENTS = 1 << 22
@@ -203,6 +213,37 @@ def _group_pads(counts: np.ndarray, d: int) -> np.ndarray:
         target[lo:hi] = grid[hi - 1]
         hi = lo
     return target[np.searchsorted(grid, pads)]
+
+
+def _parts(bucket: _Bucket, num: int) -> list[_Bucket]:
+    """The bucket's batches dealt over `num` parts of equal shape (so one program serves
+    them all; the last batches of a part may be empty classes). Batches go round-robin:
+    sizes ascend along the bucket, so the parts get similar work."""
+    batches = bucket.classes.shape[0] // bucket.batch
+    num = max(1, min(num, batches))
+    if num == 1:
+        return [bucket]
+    per = -(-batches // num)
+    out = []
+    for part in range(num):
+        ids = np.arange(part, batches, num)
+        rows = (ids[:, None] * bucket.batch + np.arange(bucket.batch)).reshape(-1)
+        pad = (per - ids.size) * bucket.batch
+        out.append(_Bucket(*(np.concatenate([v[rows], np.zeros((pad,) + v.shape[1:], v.dtype)])
+                             for v in bucket[:4]), bucket.batch))
+    return out
+
+
+def _num_parts(x: jax.Array) -> int:
+    """Bucket parts to run at once: the CPU cores when `x` lives on one CPU device (XLA runs
+    one program's loops on one thread; programs called from several threads run side by
+    side), else 0 (plain jitted calls)."""
+    devices = x.devices()
+    if len(devices) != 1 or next(iter(devices)).platform != "cpu":
+        return 0
+    if _CPU_PARTS is not None:
+        return _CPU_PARTS
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 def _plan(labels: np.ndarray, core_indices: np.ndarray, d: int) -> list[_Bucket]:
@@ -743,6 +784,57 @@ _bucket_jit = jax.jit(_bucket, static_argnames=("batch", "mode", "num_neighbors"
                                                 "chunk_size", "width"))
 
 
+def _compile(lowered):
+    """Compile a class program for the CPU with _CPU_COMPILER_OPTIONS (where this XLA
+    version knows them; otherwise with its defaults)."""
+    if _CPU_COMPILER_OPTIONS:
+        try:
+            return lowered.compile(compiler_options=_CPU_COMPILER_OPTIONS)
+        except Exception:  # an XLA without these options: compile as usual
+            pass
+    return lowered.compile()
+
+
+def _run_buckets(g, buckets, args, most, static):
+    """Run every bucket: (results, layout), one (picks, score, kept, core kept) tuple and one
+    _Class per program call. `args`: the traceable arguments after the class layout; `most`:
+    official mode's largest allocation (int[K] per class, or an int bound), else None.
+
+    On one CPU device each bucket is compiled once (`_compile`) and its parts run in threads
+    side by side (`_parts`); traced arguments (e.g. vmap over a hyperparameter) or other
+    devices take one jitted call per bucket.
+    """
+    traced = any(map(is_traced, jax.tree.leaves((g, args))))
+    num_parts = 0 if traced else _num_parts(g.features)  # 0: plain jitted calls
+    if num_parts:  # arrays, not Python scalars: threads do not see this one's x64 setting
+        args = jax.tree.map(jnp.asarray, args)
+
+    def run(program, c):
+        return jax.block_until_ready(program(g, c, *args))
+
+    results, layout = [], []
+    with concurrent.futures.ThreadPoolExecutor(max(num_parts, 1)) as pool:
+        for bucket in buckets:
+            p = bucket.members.shape[1]
+            # Picks per class: at most P, except where official mode repeats samples.
+            width = p
+            if most is not None:
+                top = most if np.ndim(most) == 0 else int(np.max(most[bucket.classes]))
+                width = max(p, 1 << int(np.ceil(np.log2(max(top, 1)))))
+            parts = [_Class(*(jnp.asarray(v) for v in part[:4]))
+                     for part in _parts(bucket, max(num_parts, 1))]
+            kw = dict(batch=bucket.batch, width=width, **static)
+            if num_parts:  # compile here (once), then run the parts side by side
+                program = _compile(_bucket_jit.lower(g, parts[0], *args, **kw))
+                results += [pool.submit(run, program, c) for c in parts]
+            else:
+                results.append(_bucket_jit(g, parts[0], *args, **kw))
+            layout += parts
+        results = [r.result() if isinstance(r, concurrent.futures.Future) else r
+                   for r in results]
+    return results, layout
+
+
 # --------------------------------------------------------------------------------------------
 # Public entry point.
 
@@ -859,18 +951,11 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
 
     g = _Global(a.features, a.cores, a.core_dist, a.core_index)
     static = dict(mode=mode, num_neighbors=num_neighbors, direct=direct, chunk_size=chunk_size)
-    results, layout = [], []
-    for bucket in _plan(labels, core, d):
-        p = bucket.members.shape[1]
-        # Picks per class: at most P, except where official mode repeats samples.
-        width = p
-        if mode == "official":
-            most = int(np.max(alloc_host[bucket.classes])) if concrete else budget
-            width = max(p, 1 << int(np.ceil(np.log2(max(most, 1)))))
-        c = _Class(*(jnp.asarray(v) for v in bucket[:4]))
-        results.append(_bucket_jit(g, c, use_all, alloc, ring_fraction, remove_fraction,
-                                   opponent_penalty, batch=bucket.batch, width=width, **static))
-        layout.append(c)
+    args = (use_all, alloc, ring_fraction, remove_fraction, opponent_penalty)
+    most = None  # official mode: room for the picks where the script repeats samples
+    if mode == "official":
+        most = alloc_host if concrete else budget
+    results, layout = _run_buckets(g, _plan(labels, core, d), args, most, static)
     if concrete and not any(map(is_traced, jax.tree.leaves(results))):
         # Concrete results: gather on the host (no program to compile per budget).
         host = jax.tree.map(np.asarray, (results, layout))

@@ -49,19 +49,20 @@ def load_authors(path):
 
 
 class PhaseTimer:
-    """Wraps the boundary stage's module-level steps (`_plan` and every `*_jit` function) with
-    blocking timers (for --profile); phases are named after those functions."""
+    """Wraps the boundary stage's steps (`_assign_jit`, `_plan`, `_run_buckets`, which compiles
+    and runs the class programs, and `_assemble_jit`) with blocking timers (for --profile)."""
+
+    PHASES = {"_assign_jit": "assign", "_plan": "plan", "_run_buckets": "bucket",
+              "_assemble_jit": "assemble"}
 
     def __init__(self, module):
         import jax
 
         self.module, self.jax, self.totals, self.saved = module, jax, {}, {}
-        for attr in sorted(vars(module)):
+        for attr, phase in self.PHASES.items():
             fn = getattr(module, attr)
-            if not callable(fn) or not (attr == "_plan" or attr.endswith("_jit")):
-                continue
             self.saved[attr] = fn
-            setattr(module, attr, self._wrap(fn, attr.strip("_").removesuffix("_jit")))
+            setattr(module, attr, self._wrap(fn, phase))
 
     def _wrap(self, fn, phase):
         def timed(*args, **kwargs):

@@ -4,7 +4,8 @@ Usage:
   python scripts/bench_boundary.py [--n 50000] [--d 384] [--cores 250]
       [--budgets 500,1000,2500,5000] [--modes paper,official] [--x64] [--distances auto]
       [--repeats 3] [--clusters C] [--authors PATH/TO/density_cluster.py] [--in-process]
-      [--profile] [--compile-weight W] [--batch-elements N]
+      [--profile] [--compile-weight W] [--batch-elements N] [--parts N]
+      [--compiler-options JSON]
 
 Each (mode, budget) runs in a fresh Python process with no persistent compilation cache, so
 its first call pays every compilation (--in-process: one process for all, where later
@@ -60,6 +61,10 @@ def measure(args, mode, budgets):
         boundary._COMPILE_SECONDS = args.compile_weight
     if args.batch_elements is not None:  # class batch size (see boundary._BATCH_ELEMENTS)
         boundary._BATCH_ELEMENTS = args.batch_elements
+    if args.parts is not None:  # bucket parts run side by side (see boundary._CPU_PARTS)
+        boundary._CPU_PARTS = args.parts
+    if args.compiler_options is not None:  # see boundary._CPU_COMPILER_OPTIONS
+        boundary._CPU_COMPILER_OPTIONS = json.loads(args.compiler_options)
 
     feats, cores = make_pool(args)
     out = {}
@@ -118,6 +123,12 @@ def main(argv=None):
                    "(boundary._COMPILE_SECONDS; higher: fewer programs, more padding)")
     p.add_argument("--batch-elements", type=int, default=None,
                    help="override boundary._BATCH_ELEMENTS (elements per class batch array)")
+    p.add_argument("--parts", type=int, default=None,
+                   help="override boundary._CPU_PARTS (bucket parts run side by side in "
+                   "threads; default: the CPU cores)")
+    p.add_argument("--compiler-options", default=None,
+                   help="override boundary._CPU_COMPILER_OPTIONS, XLA options of the class "
+                   "programs as JSON ('{}': XLA's defaults)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "mode:budget"
     args = p.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]

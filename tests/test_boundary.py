@@ -278,17 +278,64 @@ def test_vmap_over_hyperparameters(blobs):
             np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(s))
 
 
-def test_no_recompile_on_second_call(blobs):
+def _bucket_compiles(caplog, fn):
+    """Class-program compilations (jax's compile log) while running fn()."""
+    caplog.clear()
+    with jax.log_compiles(True), caplog.at_level("WARNING"):
+        fn()
+    return [r.getMessage() for r in caplog.records
+            if r.getMessage().startswith("Compiling jit(_bucket)")]
+
+
+def test_no_recompile_on_second_call(blobs, caplog):
     # New hyperparameter values and a new budget reuse the compiled class programs.
     x, cores = blobs
     x = x.astype(np.float32)
-    bilaf(KEY, x, cores, 40, remove_fraction=0.1)
-    size = boundary._bucket_jit._cache_size()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        bilaf(KEY, x, cores, 40, remove_fraction=0.25, opponent_penalty=1.3)
-        bilaf(KEY, x, cores, 60, ring_fraction=0.3)
-    assert boundary._bucket_jit._cache_size() == size
+    jax.clear_caches()  # earlier tests may have compiled these programs already
+    first = _bucket_compiles(caplog, lambda: bilaf(KEY, x, cores, 40, remove_fraction=0.1))
+    assert first  # the log does show this program's compilations
+
+    def again():
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            bilaf(KEY, x, cores, 40, remove_fraction=0.25, opponent_penalty=1.3)
+            bilaf(KEY, x, cores, 60, ring_fraction=0.3)
+
+    assert _bucket_compiles(caplog, again) == []
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_parts_in_threads_match_one_call(monkeypatch, parts):
+    # Buckets dealt over threads (padded with empty batches) give what one call per bucket
+    # gives; several buckets and several batches per bucket.
+    monkeypatch.setattr(boundary, "_BATCH_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(boundary, "_COMPILE_SECONDS", 0.0)  # a bucket per padded size
+    x, cores = _blobs(seed=3, n=600, d=6, k=20)
+    x = x.astype(np.float32)
+    want = {}
+    for mode in ("paper", "official"):
+        monkeypatch.setattr(boundary, "_CPU_PARTS", 0)  # plain jitted calls
+        want[mode] = bilaf(KEY, x, cores, 120, mode=mode)
+    monkeypatch.setattr(boundary, "_CPU_PARTS", parts)
+    plan = boundary._plan(np.asarray(want["paper"].pseudo_labels), np.sort(cores), x.shape[1])
+    assert len(plan) > 1 and any(b.classes.shape[0] > 2 * b.batch for b in plan)
+    for mode in ("paper", "official"):
+        got = bilaf(KEY, x, cores, 120, mode=mode)
+        for a, b in zip(got, want[mode], strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_parts_deal_batches_round_robin():
+    c, p, batch = 10, 4, 2
+    bucket = boundary._Bucket(np.arange(c, dtype=np.int32) + 1,
+                              np.arange(c * p, dtype=np.int32).reshape(c, p),
+                              np.full(c, 3, np.int32), np.arange(c, dtype=np.int32), batch)
+    parts = boundary._parts(bucket, 3)  # 5 batches over 3 parts: 2, 2, 1 (+ 1 empty)
+    assert [q.classes.tolist() for q in parts] == [[1, 2, 7, 8], [3, 4, 9, 10], [5, 6, 0, 0]]
+    assert all(q.members.shape == (4, p) and q.batch == batch for q in parts)
+    assert parts[2].counts.tolist() == [3, 3, 0, 0]
+    assert boundary._parts(bucket, 1) == [bucket]
+    assert len(boundary._parts(bucket, 9)) == 5
 
 
 @pytest.mark.parametrize("tracked,block,cache", [(2, 1 << 22, 1 << 24), (1, 1, 1)],
