@@ -527,11 +527,12 @@ def _eq7_term(d_inter, factor, d_intra):
     return jnp.where(den > 0, (d_inter * factor - d_intra) / jnp.where(den > 0, den, 1.0), 0.0)
 
 
-def _paper_terms(od, oi, own, intra_mean, hits, valid_list):
-    """Eq. 7 over the given opponents: min_l (D_l delta^{t_l} - a) / max(D_l, a)."""
-    f = _eq7_term(od, hits[oi], intra_mean[:, None])
-    f = jnp.where(valid_list & (oi != own[:, None]), f, jnp.inf)
-    return jnp.min(f, axis=1)
+def _all_core_terms(to_cores, own, intra_mean, hits):
+    """Eq. 7 over every core but the own, min_l (D_l delta^{t_l} - a) / max(D_l, a):
+    to_cores [P, K], own int32[P], intra_mean [P], hits [K] (delta^{t_l}) -> [P]."""
+    f = _eq7_term(to_cores, hits[None, :], intra_mean[:, None])
+    other = jnp.arange(hits.shape[0], dtype=own.dtype)[None, :] != own[:, None]
+    return jnp.min(jnp.where(other, f, jnp.inf), axis=1)
 
 
 def _first(mask, *keys):
@@ -637,7 +638,7 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
         return a[jnp.arange(a.shape[0]), i]
 
     def tracked_scores(a, factor):
-        """Eq. 7 over the tracked opponents (as `_paper_terms`, laid out [C, T1, P])."""
+        """Eq. 7 over the tracked opponents (as `_all_core_terms`, laid out [C, T1, P])."""
         f = _eq7_term(od_t, factor, a[:, None, :])
         return jnp.min(jnp.where(other_t, f, jnp.inf), axis=1)
 
@@ -651,16 +652,10 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
 
     per_map = min(num, max(1, _CORE_BLOCK_ELEMENTS // (p * num_classes)))
     cache = num * p * num_classes <= _CORE_CACHE_ELEMENTS
-    every_row = jnp.broadcast_to(every, (p, num_classes))
-    all_valid = jnp.ones((p, num_classes), bool)
-
-    def full_terms(to_cores, own_c, a_c, hits_c):
-        return _paper_terms(to_cores, every_row, own_c, a_c, hits_c, all_valid)
-
     def full_scores(a, hits, to_cores):
         if cache:
-            return jax.vmap(full_terms)(to_cores, own, a, hits)
-        return lax.map(lambda v: full_terms(core_one(v[0]), *v[1:]), (xc, own, a, hits),
+            return jax.vmap(_all_core_terms)(to_cores, own, a, hits)
+        return lax.map(lambda v: _all_core_terms(core_one(v[0]), *v[1:]), (xc, own, a, hits),
                        batch_size=per_map)
 
     def scores(s):
