@@ -20,10 +20,11 @@ the selection rounds of the whole batch together, so one class's long loop does 
 serialise the others. On a CPU device the batches of a bucket are dealt over one part per
 core and the parts run in threads: XLA runs a program's loops on one thread, programs called
 from several threads side by side. Work and memory per class are O(P^2); nothing of size
-[n, n] or [n, K] is ever built. The budget is not a compile-time constant of these programs: a new budget on
-the same pool recompiles nothing heavy. The bucket plan is made on the host from the
-pseudo-labels, so `bilaf` itself is not jittable, but its float hyperparameters
-(`remove_fraction`, `ring_fraction`, `opponent_penalty`) stay traceable in both modes:
+[n, n] or [n, K] is ever built. The budget is not a compile-time constant of these
+programs: a new budget on the same pool recompiles nothing heavy. The bucket plan is made on
+the host from the pseudo-labels, so `bilaf` itself is not jittable, but its float
+hyperparameters (`remove_fraction`, `ring_fraction`, `opponent_penalty`) stay traceable in
+both modes:
 `jax.vmap(lambda p: bilaf(key, f, c, B, remove_fraction=p).indices)(ps)` works.
 
 On CPU, XLA's sort, top-k and argmin are slow (a sort costs ~90 ns per element; see
@@ -69,17 +70,19 @@ _OWN_CORE_DISTANCE = 1e9 + 7
 _MIN_PAD = 16
 # Bucket planning heuristic (see _group_pads): a weight for compiling one more bucket program
 # and one per padded distance-matrix element per feature dimension. These are weights, not
-# measured costs: a bucket program takes 1.3-1.7 s to compile for the 50,000-sample benchmark
-# on a 2-core CPU (`scripts/bench_boundary.py --profile`), and padding costs less than its
-# weight, but padding is paid on every call and compilation once per process (or once per
-# machine with the compilation cache). A lower compile weight leans towards less padding and
-# a faster steady state, a higher one towards fewer programs and a faster first call.
+# measured costs: a bucket program takes about 0.7-0.9 s to compile for the 50,000-sample
+# benchmark on a 2-core CPU (`scripts/bench_boundary.py --profile`), and padding costs less
+# than its weight, but padding is paid on every call and compilation once per process (or
+# once per machine with the compilation cache). A lower compile weight leans towards less
+# padding and a faster steady state, a higher one towards fewer programs and a faster first
+# call.
 _COMPILE_SECONDS = 1.0
 _ELEMENT_SECONDS = 6e-11
 # Classes processed together: at most this many elements in their [C, P, max(P, d)] arrays.
 # Small batches keep a batch's matrices in cache: on the 50,000-sample mixture
-# (`scripts/bench_boundary.py --clusters 100 --budgets 2500 --batch-elements N`) 2^21 ran
-# 0.376 / 0.421 s steady (official / paper), 2^20 0.401 / 0.449 s, 2^23 0.686 / 0.771 s.
+# (`scripts/bench_boundary.py --clusters 100 --budgets 2500 --in-process --batch-elements N`)
+# 2^21 ran 0.276 / 0.357 s steady (official / paper), 2^20 0.276 / 0.393 s, 2^22 0.328 /
+# 0.441 s.
 _BATCH_ELEMENTS = 1 << 21
 # Bucket parts run at once on a CPU device (None: the CPU cores this process may use; 0:
 # plain jitted calls, as on other devices; see `_num_parts`).
