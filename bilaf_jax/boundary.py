@@ -126,7 +126,8 @@ class BilafOutput(NamedTuple):
 
 
 class _Assignment(NamedTuple):
-    features: jax.Array       # [n, d], normalised when asked
+    features: jax.Array       # [n, d] normalised, or None without normalisation (returning
+                              # the input would copy it: the caller keeps its own)
     cores: jax.Array          # [K, d] core features
     labels: jax.Array         # int32[n]
     core_dist: jax.Array      # [n, T1] distances to the T1 nearest cores, ascending
@@ -152,7 +153,8 @@ def _assign(features, core_indices, budget, ring_fraction, remove_fraction, *, n
     sizes = jnp.bincount(labels, length=core_indices.shape[0]).astype(jnp.int32)
     alloc, use_all = _split_budget(sizes, budget, ring_fraction, remove_fraction, mode=mode,
                                    dtype=x.dtype)
-    return _Assignment(x, cores, labels, nb.distance, nb.index, alloc, use_all)
+    return _Assignment(x if normalize else None, cores, labels, nb.distance, nb.index, alloc,
+                       use_all)
 
 
 _assign_jit = jax.jit(_assign, static_argnames=("num_nearest", "normalize", "direct",
@@ -947,7 +949,8 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
                 f"{int(core[zero[0]])}); their script divides by zero there. Raise the "
                 "budget or use mode='paper'.")
 
-    g = _Global(a.features, a.cores, a.core_dist, a.core_index)
+    g = _Global(features if a.features is None else a.features, a.cores, a.core_dist,
+                a.core_index)
     static = dict(mode=mode, num_neighbors=num_neighbors, direct=direct, chunk_size=chunk_size)
     args = (use_all, alloc, ring_fraction, remove_fraction, opponent_penalty)
     most = None  # official mode: room for the picks where the script repeats samples
