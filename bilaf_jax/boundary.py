@@ -84,9 +84,10 @@ _ELEMENT_SECONDS = 6e-11
 # 2^21 ran 0.276 / 0.357 s steady (official / paper), 2^20 0.276 / 0.393 s, 2^22 0.328 /
 # 0.441 s.
 _BATCH_ELEMENTS = 1 << 21
-# Bucket parts run at once on a CPU device (None: the CPU cores this process may use; 0:
-# plain jitted calls, as on other devices; see `_num_parts`).
+# Bucket parts run at once on a CPU device (None: the CPU cores this process may use, at most
+# _MAX_CPU_PARTS; 0: plain jitted calls, as on other devices; see `_num_parts`).
 _CPU_PARTS = None
+_MAX_CPU_PARTS = 16
 # XLA options for the class programs on CPU: XLA's older fusion code generator compiles
 # them faster (see BENCHMARKS.md; on a first call compilation dominates).
 _CPU_COMPILER_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
@@ -248,7 +249,10 @@ def _num_parts(x: jax.Array) -> int:
         return 0
     if _CPU_PARTS is not None:
         return _CPU_PARTS
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    # Each part holds one batch's arrays while it runs (in paper mode up to about 100 MB in
+    # float32, 150 MB in float64: the cached distances to every core).
+    return max(1, min(cores or 1, _MAX_CPU_PARTS))
 
 
 def _plan(labels: np.ndarray, core_indices: np.ndarray, d: int) -> list[_Bucket]:

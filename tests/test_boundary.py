@@ -325,6 +325,16 @@ def test_parts_in_threads_match_one_call(monkeypatch, parts):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_num_parts_follows_cores_with_a_cap(monkeypatch):
+    x = jnp.zeros((4, 2))  # on the default (CPU) device here
+    monkeypatch.setattr(boundary.os, "sched_getaffinity", lambda _: set(range(3)), raising=False)
+    assert boundary._num_parts(x) == 3
+    monkeypatch.setattr(boundary.os, "sched_getaffinity", lambda _: set(range(64)), raising=False)
+    assert boundary._num_parts(x) == boundary._MAX_CPU_PARTS
+    monkeypatch.setattr(boundary, "_CPU_PARTS", 0)
+    assert boundary._num_parts(x) == 0
+
+
 def test_parts_deal_batches_round_robin():
     c, p, batch = 10, 4, 2
     bucket = boundary._Bucket(np.arange(c, dtype=np.int32) + 1,
