@@ -174,31 +174,27 @@ def first_argmax(values, axis: int = -1):
     return -high, idx
 
 
-def smallest_k(values, k: int, axis: int = -1):
-    """The k smallest entries along `axis`, ascending (ties: lower index first).
+def smallest_k(values, k: int):
+    """The k smallest entries along the last axis, ascending (ties: lower index first).
 
     values: [..., p] -> (values [..., k], int32 indices [..., k]), k static, 0 < k <= p,
-    no NaN; with another `axis`, that axis is reduced and the k entries form a new last axis
-    ([p, c] with axis=0 -> [c, k]). Up to p = 512, and always in float64, this takes k rounds
-    of `first_argmin` extraction; wider float32 rows use top-k. On this project's CPU
-    extraction measured 1.3-2.3x faster than XLA's top-k in float32 at p = 42-250 and 7-18x
-    faster in float64, where XLA has no top-k kernel (`scripts/bench_reductions.py`; there
-    also the same extraction over a leading axis). Once only +inf is left,
+    no NaN. Up to p = 512, and always in float64, this takes k rounds of `first_argmin`
+    extraction; wider float32 rows use top-k. On this project's CPU extraction measured
+    1.3-2.3x faster than XLA's top-k in float32 at p = 42-250 and 7-18x faster in float64,
+    where XLA has no top-k kernel (`scripts/bench_reductions.py`). Once only +inf is left,
     the index returned may repeat an earlier +inf entry's; callers treat +inf as empty.
     """
-    axis = axis % values.ndim
-    p = values.shape[axis]
+    p = values.shape[-1]
     if p > _EXTRACT_MAX and values.dtype != jnp.float64:
-        neg, idx = lax.top_k(-jnp.moveaxis(values, axis, -1), k)
+        neg, idx = lax.top_k(-values, k)
         return -neg, idx.astype(jnp.int32)
-    pos = lax.broadcasted_iota(jnp.int32, values.shape, axis)
+    pos = lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
     out_v, out_i = [], []
     for _ in range(k):
-        low = jnp.min(values, axis=axis, keepdims=True)
-        i = jnp.minimum(jnp.min(jnp.where(values == low, pos, p), axis=axis, keepdims=True),
-                        p - 1)
-        out_v.append(jnp.squeeze(low, axis))
-        out_i.append(jnp.squeeze(i, axis))
+        low = jnp.min(values, axis=-1, keepdims=True)
+        i = jnp.minimum(jnp.min(jnp.where(values == low, pos, p), axis=-1, keepdims=True), p - 1)
+        out_v.append(low[..., 0])
+        out_i.append(i[..., 0])
         values = jnp.where(pos == i, jnp.inf, values)
     return jnp.stack(out_v, axis=-1), jnp.stack(out_i, axis=-1)
 
@@ -227,22 +223,11 @@ def knn(queries, points, k: int, metric: str = "sqeuclidean", *, point_mask=None
     if not 0 < k <= p:
         raise ValueError(f"k must be in [1, {p}], got {k}")
 
-    # Where `smallest_k` extracts in float32, the block is laid out [p, c]: its reductions
-    # then run over the leading axis with the queries as vector lanes, faster on this CPU (in
-    # float64 slower; `scripts/bench_reductions.py`).
-    lead = p <= _EXTRACT_MAX and jnp.result_type(queries, points) != jnp.float64
-
     def block(qb):
-        if lead:
-            dist = pairwise(points, qb, metric, direct=direct)
-            if point_mask is not None:
-                dist = jnp.where(point_mask[:, None], dist, jnp.inf)
-            dist_k, idx = smallest_k(dist, k, axis=0)  # ties: lower index first
-        else:
-            dist = pairwise(qb, points, metric, direct=direct)
-            if point_mask is not None:
-                dist = jnp.where(point_mask[None, :], dist, jnp.inf)
-            dist_k, idx = smallest_k(dist, k)
+        dist = pairwise(qb, points, metric, direct=direct)
+        if point_mask is not None:
+            dist = jnp.where(point_mask[None, :], dist, jnp.inf)
+        dist_k, idx = smallest_k(dist, k)  # ties: lower index first
         idx = jnp.where(jnp.isinf(dist_k), -1, idx)
         return dist_k, idx
 

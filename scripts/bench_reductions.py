@@ -5,10 +5,9 @@ Usage:
 
 Prints a markdown table of milliseconds per call for: XLA's argmin against
 `distances.first_argmin` (two plain reductions), `lax.top_k` against `distances.smallest_k`
-(k-fold extraction) in float32 and float64 at the widths the boundary stage uses, the same
-extraction over a leading axis (`knn`'s float32 layout), and a full sort (ns per element).
-These back the statements in `bilaf_jax/distances.py`, `bilaf_jax/boundary.py` and
-BENCHMARKS.md.
+(k-fold extraction) in float32 and float64 at the widths the boundary stage uses, and a full
+sort (ns per element). These back the statements in `bilaf_jax/distances.py`,
+`bilaf_jax/boundary.py` and BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -56,12 +55,6 @@ def main(argv=None):
                 rows.append((f"top_k [4096, {width}] k={k} {name}",
                              ms(lambda v, k=k: lax.top_k(-v, k), x),
                              "smallest_k", ms(lambda v, k=k: distances.smallest_k(v, k), x)))
-            # `knn`'s layout: the same extraction over the leading axis of [250, 4096].
-            x = jnp.asarray(rng.normal(size=(4096, 250)), dtype)
-            rows.append((f"smallest_k [4096, 250] k=17 {name}",
-                         ms(lambda v: distances.smallest_k(v, 17), x),
-                         "smallest_k axis=0 [250, 4096]",
-                         ms(lambda v: distances.smallest_k(v, 17, axis=0), x.T)))
         x = jnp.asarray(rng.normal(size=(200, 256)), jnp.float32)
         sort_ms = ms(lambda v: jnp.sort(v, axis=1), x)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform} ({cpu_name()}, "
