@@ -789,13 +789,14 @@ _bucket_jit = jax.jit(_bucket, static_argnames=("batch", "mode", "num_neighbors"
 
 
 def _compile(lowered):
-    """Compile a class program for the CPU with _CPU_COMPILER_OPTIONS (where this XLA
-    version knows them; otherwise with its defaults)."""
+    """Compile a class program for the CPU with _CPU_COMPILER_OPTIONS, or with XLA's
+    defaults where this XLA does not know an option (any other error is raised)."""
     if _CPU_COMPILER_OPTIONS:
         try:
             return lowered.compile(compiler_options=_CPU_COMPILER_OPTIONS)
-        except Exception:  # an XLA without these options: compile as usual
-            pass
+        except RuntimeError as e:  # jax's XLA runtime error
+            if "No such compile option" not in str(e):
+                raise
     return lowered.compile()
 
 

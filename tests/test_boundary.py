@@ -325,6 +325,17 @@ def test_parts_in_threads_match_one_call(monkeypatch, parts):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_unknown_compiler_option_falls_back_to_defaults(monkeypatch, blobs):
+    # An XLA that lacks an option in _CPU_COMPILER_OPTIONS compiles with its defaults.
+    x, cores = blobs
+    want = bilaf(KEY, x.astype(np.float32), cores, 40)
+    monkeypatch.setattr(boundary, "_CPU_COMPILER_OPTIONS", {"xla_no_such_option": True})
+    monkeypatch.setattr(boundary, "_CPU_PARTS", 2)
+    jax.clear_caches()
+    got = bilaf(KEY, x.astype(np.float32), cores, 40)
+    np.testing.assert_array_equal(np.asarray(got.indices), np.asarray(want.indices))
+
+
 def test_num_parts_follows_cores_with_a_cap(monkeypatch):
     x = jnp.zeros((4, 2))  # on the default (CPU) device here
     monkeypatch.setattr(boundary.os, "sched_getaffinity", lambda _: set(range(3)), raising=False)
