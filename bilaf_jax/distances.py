@@ -158,7 +158,7 @@ def first_argmin(values, axis: int = -1):
     """(min, first index of the min) along `axis`; values must not contain NaN.
 
     Same result as `jnp.min` + `jnp.argmin`, but as two plain reductions: XLA's CPU argmin
-    is a variadic (value, index) reduction, 2-14x slower than these two on this project's CPU
+    is a variadic (value, index) reduction, 3-11x slower than these two on this project's CPU
     (`scripts/bench_reductions.py`).
     """
     n = values.shape[axis]
@@ -180,7 +180,7 @@ def smallest_k(values, k: int):
     values: [..., p] -> (values [..., k], int32 indices [..., k]), k static, 0 < k <= p,
     no NaN. Up to p = 512, and always in float64, this takes k rounds of `first_argmin`
     extraction; wider float32 rows use top-k. On this project's CPU extraction measured
-    1.3-2.3x faster than XLA's top-k in float32 at p = 42-250 and 7-18x faster in float64,
+    1.3-2.0x faster than XLA's top-k in float32 at p = 42-250 and 7-18x faster in float64,
     where XLA has no top-k kernel (`scripts/bench_reductions.py`). Once only +inf is left,
     the index returned may repeat an earlier +inf entry's; callers treat +inf as empty.
     """
