@@ -251,8 +251,16 @@ def test_compile_cache_serves_a_new_budget(files, tmp_path):
         assert proc.returncode == 0, proc.stderr
         return json.loads(out.read_text()), sorted(p.name for p in cache.rglob("*") if p.is_file())
 
+    def program(entry):  # "jit__bucket-<hash>-cache" -> "jit__bucket"
+        return entry.rsplit("-", 2)[0]
+
     first, entries = select(8)
-    assert entries, "nothing was cached"
+    assert any(program(e) == "jit__bucket" for e in entries), entries  # the class programs
     second, entries_after = select(12)
-    assert entries_after == entries
+    # Nothing cached by the first run is compiled again (a new hash under a cached name).
+    # The cache keeps programs that compiled in over 0.2 s; one that took about that long
+    # may be kept by one run and not the other, so a new name alone is not a recompilation.
+    added = set(entries_after) - set(entries)
+    assert not {program(e) for e in added} & {program(e) for e in entries}, added
+    assert set(entries) <= set(entries_after)
     assert len(second) == 12 and len(set(second)) == 12 and set(first[:1]) <= set(second)
