@@ -7,7 +7,7 @@ import gzip
 import numpy as np
 import pytest
 
-from bilaf_jax.data import DATASETS, ImageArrays, data_source, load_arrays
+from bilaf_jax.data import DATASETS, ImageArrays, data_source, eval_split, load_arrays, load_rows
 from bilaf_jax.data.idx import read_idx, write_idx
 from bilaf_jax.io import InputError
 
@@ -160,3 +160,40 @@ def test_image_folder(tmp_path):
         load_arrays("image_folder", "train", data_dir=tmp_path, image_size=8)
     with pytest.raises(InputError, match="needs a folder"):
         load_arrays("image_folder", "train")
+
+
+def test_eval_split():
+    assert eval_split("imagenet2012") == "validation"  # TFDS' "test" split has no labels
+    assert {eval_split(n) for n in ("fashion_mnist", "cifar10", "cifar100", "image_folder")} == {"test"}
+    with pytest.raises(InputError, match="unknown dataset"):
+        eval_split("mnist")
+
+
+def test_load_rows_reads_only_the_rows_asked_for(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    (tmp_path / "train" / "b").mkdir(parents=True)
+    for i in range(5):  # sizes differ; image 3 is grey
+        shape = (9 + i, 11) if i == 3 else (9 + i, 11, 3)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(
+            tmp_path / "train" / ("a" if i < 2 else "b") / f"{i}.png")
+    src = data_source("image_folder", "train", data_dir=tmp_path)
+    asked = []
+    getitems = src._getitems
+    src._getitems = lambda rows: asked.append(list(rows)) or getitems(rows)
+    rows = [4, 0, 3]
+    got = load_rows(src, rows, image_size=8, chunk=2)  # chunks [4, 0] (RGB) and [3] (grey)
+    assert asked == [[4, 0], [3]]
+    assert got.images.shape == (3, 8, 8, 3) and got.images.dtype == np.uint8
+    np.testing.assert_array_equal(got.labels, [1, 0, 1])
+    whole = load_arrays("image_folder", "train", data_dir=tmp_path, image_size=8)
+    np.testing.assert_array_equal(got.images[:2], whole.images[[4, 0]])
+    np.testing.assert_array_equal(got.images[2], np.repeat(whole.images[3][..., :1], 3, -1))
+    with pytest.raises(InputError, match="differ in size"):
+        load_rows(src, rows)
+    with pytest.raises(InputError, match="no rows"):
+        load_rows(src, [], image_size=8)
+    with pytest.raises(IndexError):
+        load_rows(src, [5], image_size=8)

@@ -5,7 +5,11 @@ Two ways in:
 - `load_arrays(name, split)` -> `ImageArrays(images uint8 [n, h, w, c], labels int32 [n])` for
   datasets that fit in memory (Fashion-MNIST: c = 1, 28x28). Row i is pool row id i.
 - `data_source(name, split)` -> `ImageSource`, random access (`len`, `src[i]`,
-  `src.get_batch(indices)`) for large ones (ImageNet), read lazily from array_record.
+  `src.get_batch(indices)`) for large ones (ImageNet), read lazily from array_record;
+  `load_rows(src, rows)` brings only the rows asked for into memory, in chunks.
+
+`eval_split(name)` is the split results are reported on: "validation" for ImageNet-2012 (TFDS'
+"test" split there has no labels), else "test".
 
 Fashion-MNIST goes through a local TFDS builder (`BilafFashionMnist`) reading the IDX gzip files of
 the Debian package `dataset-fashion-mnist` (or a folder given by `data_dir` /
@@ -45,8 +49,10 @@ __all__ = [
     "ImageSource",
     "cache_dir_default",
     "data_source",
+    "eval_split",
     "fashion_mnist_dir",
     "load_arrays",
+    "load_rows",
 ]
 
 
@@ -313,6 +319,34 @@ def data_source(name: str, split: str, *, data_dir=None, cache_dir=None) -> Imag
     if name == "image_folder":
         return _image_folder_source(split, data_dir)
     return _tfds_own_source(name, split, data_dir, cache_dir)
+
+
+def eval_split(name: str) -> str:
+    """The labelled held-out split accuracy is measured on: ImageNet-2012's is "validation"."""
+    return "validation" if _check_name(name) == "imagenet2012" else "test"
+
+
+def load_rows(src: ImageSource, rows, *, image_size: int | None = None,
+              resample: str = "bilinear", chunk: int = 1024) -> ImageArrays:
+    """These rows of a source in memory, in the order given, read `chunk` rows at a time.
+
+    rows: int [m]. Returns ImageArrays(uint8 [m, h, w, c], int32 [m]). Where the source's
+    images differ in size (ImageNet, image folders) each is resized to `image_size` square on
+    the host; fixed-size images are kept as they are (backbones resize them on the device).
+    Only these m images are ever held, not the whole split.
+    """
+    rows = np.asarray(rows, np.int64).reshape(-1)
+    if rows.size == 0:
+        raise InputError(f"{src.name} split '{src.split}': no rows asked for")
+    size = None if src.image_shape is not None else image_size
+    if size is None and src.image_shape is None:
+        raise InputError(f"{src.name}: images differ in size; pass an image size")
+    parts = [src.get_batch(rows[i: i + chunk], image_size=size, resample=resample)
+             for i in range(0, rows.size, chunk)]
+    images = [p.images for p in parts]
+    if len({im.shape[-1] for im in images}) > 1:  # one chunk all grey, another RGB
+        images = [np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images]
+    return ImageArrays(np.concatenate(images), np.concatenate([p.labels for p in parts]))
 
 
 def load_arrays(name: str, split: str, *, data_dir=None, limit=None, cache_dir=None,
