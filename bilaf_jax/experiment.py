@@ -269,13 +269,14 @@ def project(features: np.ndarray, rank: int) -> tuple[np.ndarray, float]:
 def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True, counter=None,
                              backbone=None) -> Features:
     """Embed (or reuse) the pool and test images; returns Features."""
+    from bilaf_jax import data
     from bilaf_jax.extract import extract_to_file, read_meta
 
     folder = workdir / "features"
     folder.mkdir(exist_ok=True)
     paths = {"pool": folder / "pool.npz", "test": folder / "test.npz"}
     limits = {"pool": config.pool_size, "test": config.test_size}
-    splits = {"pool": "train", "test": "test"}
+    splits = {"pool": "train", "test": data.eval_split(config.dataset)}
     if not all(p.exists() for p in paths.values()):
         from bilaf_jax import backbones
 

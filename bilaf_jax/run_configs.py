@@ -98,7 +98,8 @@ def paper_cifar100() -> RunConfig:
 
 def paper_imagenet() -> RunConfig:
     """The paper's ImageNet columns (B = 1 / 2 / 5%, K = 6,405; ActiveFT on batches of 100,000
-    rows for 100 steps; P_rm = 0.2). Not runnable end to end yet: see configs/imagenet.py."""
+    rows for 100 steps; P_rm = 0.2); results on the validation split. Host memory for full
+    finetuning: see configs/imagenet.py."""
     return _paper("imagenet2012", "imagenet", (0.01, 0.02, 0.05), 6405,
                   activeft_steps=100, activeft_batch_size=100_000, remove_fraction=0.2)
 

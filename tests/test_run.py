@@ -254,3 +254,24 @@ def test_verdict_uses_a_paired_t_test():
     worse = base + recs("bilaf-paper", [0.40, 0.41, 0.39, 0.42, 0.40])
     assert "loses to random" in experiment.verdict(worse, "bilaf-paper", "random", 10, "knn")
     assert "no comparable" in experiment.verdict(base, "bilaf-paper", "random", 10, "knn")
+
+
+@pytest.mark.parametrize("name,test_split", [("paper_imagenet", "validation"),
+                                             ("paper_cifar10", "test"), ("default", "test")])
+def test_features_come_from_the_labelled_held_out_split(name, test_split, tmp_path, monkeypatch):
+    """ImageNet's results are on its validation split: TFDS' imagenet2012 "test" has no labels."""
+    import bilaf_jax.extract as ex
+
+    calls = []
+
+    def record(path, *, dataset, split, **kwargs):
+        calls.append((path.name, dataset, split))
+        x, y = _blobs(12, 3, 5, len(calls))
+        np.savez(path, features=x, labels=y, indices=np.arange(12),
+                 meta=np.asarray(json.dumps({"backbone": "injected", "dim": 5})))
+
+    monkeypatch.setattr(ex, "extract_to_file", record)
+    config = run_configs.get(name)._replace(selection_dim=None)
+    experiment.load_or_extract_features(config, tmp_path, progress=False, backbone=object())
+    dataset = config.dataset
+    assert calls == [("pool.npz", dataset, "train"), ("test.npz", dataset, test_split)]

@@ -181,3 +181,33 @@ def test_sigkill_then_rerun_matches_uninterrupted_run(tmp_path):
     assert s_killed["final_accuracy"] == s_ref["final_accuracy"]
     assert s_killed["params_digest"] == s_ref["params_digest"]
     assert (workdir / "metrics.jsonl").read_text() == (tmp_path / "ref" / "metrics.jsonl").read_text()
+
+
+def test_full_mode_reads_only_labelled_pool_rows_and_imagenet_validation(tmp_path, monkeypatch):
+    """ImageNet's pool never fits in memory: full mode reads the selected rows of the train split
+    and the test rows of the labelled held-out split (ImageNet: validation), nothing else."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from bilaf_jax import data
+
+    real, read = data.data_source, {}
+
+    def recording(name, split, **kwargs):
+        src = real(name, split, **kwargs)
+        getitems = src._getitems
+
+        def spy(rows):
+            read.setdefault(split, []).extend(int(r) for r in rows)
+            return getitems(rows)
+        src._getitems = spy
+        return src
+
+    monkeypatch.setattr(data, "data_source", recording)
+    sel = _selection(tmp_path, [5, 1, 7])
+    with tfds.testing.mock_data(num_examples=10):  # ImageNet images of varying sizes
+        config = make_config(dataset="imagenet2012", data_dir=str(tmp_path / "tfds"),
+                             selection=sel, image_size=16, steps=3, batch_size=2,
+                             checkpoint_every=3, log_every=1, test_size=4)
+        summary = train_and_evaluate(config, tmp_path / "run", backbone=TinyBackbone())
+    assert sorted(read) == ["train", "validation"]
+    assert read["train"] == [5, 1, 7] and read["validation"] == [0, 1, 2, 3]
+    assert summary["num_classes"] == 1000 and summary["num_test"] == 4 and summary["step"] == 3

@@ -60,7 +60,7 @@ class Config:
     test_size: int | None = None  # evaluate on the first test_size test images (None: all)
     features: str | None = None  # linear/knn: pool features .npz (features, labels)
     test_features: str | None = None  # linear/knn: test features .npz (features, labels)
-    num_classes: int | None = None  # None: 1 + the largest label seen
+    num_classes: int | None = None  # None: the data set's (full mode), else 1 + the largest label
     seed: int = 0
     # Backbone (full mode).
     backbone: str = "efficientnet_lite0"
@@ -499,13 +499,21 @@ def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
 def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> dict:
     from bilaf_jax import data
 
-    pool = data.load_arrays(config.dataset, "train", data_dir=config.data_dir,
-                            limit=config.pool_size)
-    sel = np.asarray(load_index_list(config.selection, n=len(pool.labels)), np.int64)
+    # Only the labelled rows of the pool and the test rows are read into memory (an ImageNet
+    # pool does not fit); images that differ in size are resized to image_size on the host.
+    pool = data.data_source(config.dataset, "train", data_dir=config.data_dir)
+    n_pool = len(pool) if config.pool_size is None else min(config.pool_size, len(pool))
+    sel = np.asarray(load_index_list(config.selection, n=n_pool), np.int64)
     identity = _identity(config)
     _check_workdir(workdir, identity)
-    test = data.load_arrays(config.dataset, "test", data_dir=config.data_dir,
-                            limit=config.test_size)
+    test_src = data.data_source(config.dataset, data.eval_split(config.dataset),
+                                data_dir=config.data_dir)
+    n_test = len(test_src) if config.test_size is None else min(config.test_size, len(test_src))
+    bb = backbone if backbone is not None else _load_backbone(config)
+    s = config.image_size
+    resample = getattr(bb, "resize_method", "bilinear")
+    labelled = data.load_rows(pool, sel, image_size=s, resample=resample)
+    test = data.load_rows(test_src, np.arange(n_test), image_size=s, resample=resample)
 
     import jax
     import jax.numpy as jnp
@@ -513,11 +521,10 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
 
     from train.input_pipeline import BatchOrder, steps_for_epochs
 
-    num_classes = config.num_classes or int(max(pool.labels.max(), test.labels.max())) + 1
-    train_labels = np.asarray(pool.labels[sel], np.int32)
+    num_classes = (config.num_classes or pool.num_classes
+                   or int(max(labelled.labels.max(), test.labels.max())) + 1)
+    train_labels = np.asarray(labelled.labels, np.int32)
     test_labels = np.asarray(test.labels, np.int32)
-    bb = backbone if backbone is not None else _load_backbone(config)
-    s = config.image_size
     steps_per_epoch = steps_for_epochs(1.0, len(sel), config.batch_size)
     total = config.steps or steps_for_epochs(config.epochs, len(sel), config.batch_size)
     warmup = (config.warmup_steps if config.warmup_steps is not None
@@ -544,7 +551,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     metrics = MetricsWriter(workdir / "metrics.jsonl")
     metrics.truncate(start)
 
-    train_images = _Images(bb, pool.images[sel], s)
+    train_images = _Images(bb, labelled.images, s)
     test_images = _Images(bb, test.images, s)
     order = BatchOrder(config.seed, len(sel), config.batch_size)
     aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
