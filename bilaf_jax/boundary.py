@@ -82,8 +82,11 @@ _ELEMENT_SECONDS = 6e-11
 # Small batches keep a batch's matrices in cache: on the 50,000-sample mixture
 # (`scripts/bench_boundary.py --clusters 100 --budgets 2500 --in-process --batch-elements N`)
 # 2^21 ran 0.276 / 0.357 s steady (official / paper), 2^20 0.276 / 0.393 s, 2^22 0.328 /
-# 0.441 s.
+# 0.441 s. On accelerators a batch's loop steps are short kernels whose launch latency, not
+# their work, sets the pace, so batches are larger there: 2^23 is not a measured optimum
+# (`scripts/gpu_bench.sh` times 2^21 / 2^23 / 2^25 at ImageNet scale).
 _BATCH_ELEMENTS = 1 << 21
+_ACCELERATOR_BATCH_ELEMENTS = 1 << 23
 # Bucket parts run at once on a CPU device (None: the CPU cores this process may use, at most
 # _MAX_CPU_PARTS; 0: plain jitted calls, as on other devices; see `_num_parts`).
 _CPU_PARTS = None
@@ -183,9 +186,15 @@ def _pad_size(m: int) -> int:
     return int(-(-m // step) * step)
 
 
-def _batching(c: int, p: int, d: int) -> tuple[int, int]:
-    """(padded class count, batch): as few equal batches as memory allows."""
-    most = max(1, _BATCH_ELEMENTS // (p * max(p, d)))
+def _batch_elements(x: jax.Array) -> int:
+    """Element budget of a class batch's arrays for features `x` (by the devices holding it)."""
+    on_cpu = all(dev.platform == "cpu" for dev in x.devices())
+    return _BATCH_ELEMENTS if on_cpu else _ACCELERATOR_BATCH_ELEMENTS
+
+
+def _batching(c: int, p: int, d: int, elements: int) -> tuple[int, int]:
+    """(padded class count, batch): as few equal batches as `elements` per array allows."""
+    most = max(1, elements // (p * max(p, d)))
     num = -(-c // most)
     batch = -(-c // num)
     return num * batch, batch
@@ -255,7 +264,8 @@ def _num_parts(x: jax.Array) -> int:
     return max(1, min(cores or 1, _MAX_CPU_PARTS))
 
 
-def _plan(labels: np.ndarray, core_indices: np.ndarray, d: int) -> list[_Bucket]:
+def _plan(labels: np.ndarray, core_indices: np.ndarray, d: int,
+          batch_elements: int) -> list[_Bucket]:
     num_classes = core_indices.shape[0]
     order = np.argsort(labels, kind="stable")
     counts = np.bincount(labels, minlength=num_classes)
@@ -266,7 +276,7 @@ def _plan(labels: np.ndarray, core_indices: np.ndarray, d: int) -> list[_Bucket]
         ids = np.nonzero(pads == p)[0]
         # Similar sizes share a batch: its loops run as long as its largest class needs.
         ids = ids[np.argsort(counts[ids], kind="stable")]
-        c, batch = _batching(ids.size, int(p), d)
+        c, batch = _batching(ids.size, int(p), d, batch_elements)
         classes = np.zeros(c, np.int32)
         members = np.zeros((c, p), np.int32)
         cnt = np.zeros(c, np.int32)
@@ -961,7 +971,8 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     most = None  # official mode: room for the picks where the script repeats samples
     if mode == "official":
         most = alloc_host if concrete else budget
-    results, layout = _run_buckets(g, _plan(labels, core, d), args, most, static)
+    buckets = _plan(labels, core, d, _batch_elements(features))
+    results, layout = _run_buckets(g, buckets, args, most, static)
     if concrete and not any(map(is_traced, jax.tree.leaves(results))):
         # Concrete results: gather on the host (no program to compile per budget).
         host = jax.tree.map(np.asarray, (results, layout))

@@ -1,5 +1,6 @@
 """BiLAF stage 2 (`bilaf_jax.boundary.bilaf`) against the naive NumPy references."""
 
+import types
 import warnings
 
 import jax
@@ -317,12 +318,36 @@ def test_parts_in_threads_match_one_call(monkeypatch, parts):
         monkeypatch.setattr(boundary, "_CPU_PARTS", 0)  # plain jitted calls
         want[mode] = bilaf(KEY, x, cores, 120, mode=mode)
     monkeypatch.setattr(boundary, "_CPU_PARTS", parts)
-    plan = boundary._plan(np.asarray(want["paper"].pseudo_labels), np.sort(cores), x.shape[1])
+    plan = boundary._plan(np.asarray(want["paper"].pseudo_labels), np.sort(cores), x.shape[1],
+                          boundary._BATCH_ELEMENTS)
     assert len(plan) > 1 and any(b.classes.shape[0] > 2 * b.batch for b in plan)
     for mode in ("paper", "official"):
         got = bilaf(KEY, x, cores, 120, mode=mode)
         for a, b in zip(got, want[mode], strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_batch_size_per_device_and_results_independent_of_it(monkeypatch):
+    class OnGpu:
+        def devices(self):
+            return [types.SimpleNamespace(platform="gpu")]
+
+    x, cores = _blobs(seed=4, n=500, d=6, k=12)
+    x = x.astype(np.float32)
+    assert boundary._batch_elements(jnp.asarray(x)) == boundary._BATCH_ELEMENTS
+    assert boundary._batch_elements(OnGpu()) == boundary._ACCELERATOR_BATCH_ELEMENTS
+    want = {mode: bilaf(KEY, x, cores, 90, mode=mode) for mode in ("paper", "official")}
+    for elements in (1 << 10, 1 << 30):  # many small batches; one batch per bucket
+        monkeypatch.setattr(boundary, "_BATCH_ELEMENTS", elements)
+        plan = boundary._plan(np.asarray(want["paper"].pseudo_labels), np.sort(cores), 6, elements)
+        assert all((b.batch == b.classes.shape[0]) == (elements > 1 << 20) for b in plan)
+        for mode in ("paper", "official"):
+            got = bilaf(KEY, x, cores, 90, mode=mode)
+            for name in ("indices", "pseudo_labels", "kept", "allocation"):
+                np.testing.assert_array_equal(getattr(got, name), getattr(want[mode], name))
+            # float32 sums of other batch shapes may round differently
+            np.testing.assert_allclose(got.boundary_score, want[mode].boundary_score, rtol=1e-5,
+                                       atol=1e-6)
 
 
 def test_unknown_compiler_option_falls_back_to_defaults(monkeypatch, blobs):
@@ -389,6 +414,7 @@ def test_official_allocation_beyond_padded_class_size():
         out = bilaf(KEY, x, cores, budget, mode="official", remove_fraction=0.95)
         ref = official_reference(x, cores, budget, remove_fraction=0.95)
     alloc = np.asarray(out.allocation)
-    plan = boundary._plan(np.asarray(out.pseudo_labels), np.sort(cores), x.shape[1])
+    plan = boundary._plan(np.asarray(out.pseudo_labels), np.sort(cores), x.shape[1],
+                          boundary._BATCH_ELEMENTS)
     assert any((alloc[b.classes[b.counts > 0]] > b.members.shape[1]).any() for b in plan)
     np.testing.assert_array_equal(np.asarray(out.indices), np.asarray(ref[0]))
