@@ -60,7 +60,7 @@ def measure(args, mode, budgets):
     if args.compile_weight is not None:  # the bucket planner's trade-off (see boundary.py)
         boundary._COMPILE_SECONDS = args.compile_weight
     if args.batch_elements is not None:  # class batch size (see boundary._BATCH_ELEMENTS)
-        boundary._BATCH_ELEMENTS = args.batch_elements
+        boundary._BATCH_ELEMENTS = boundary._ACCELERATOR_BATCH_ELEMENTS = args.batch_elements
     if args.parts is not None:  # bucket parts run side by side (see boundary._CPU_PARTS)
         boundary._CPU_PARTS = args.parts
     if args.compiler_options is not None:  # see boundary._CPU_COMPILER_OPTIONS
@@ -122,7 +122,7 @@ def main(argv=None):
                    help="override the bucket planner's weight for one more class program "
                    "(boundary._COMPILE_SECONDS; higher: fewer programs, more padding)")
     p.add_argument("--batch-elements", type=int, default=None,
-                   help="override boundary._BATCH_ELEMENTS (elements per class batch array)")
+                   help="elements per class batch array (boundary._BATCH_ELEMENTS, on any device)")
     p.add_argument("--parts", type=int, default=None,
                    help="override boundary._CPU_PARTS (bucket parts run side by side in "
                    "threads; default: the CPU cores)")

@@ -4,7 +4,7 @@ Usage:
   # (a) boundary stage, random cores, in a fresh subprocess (so peak RSS is the stage's own)
   python scripts/bench_scale.py [--n 1281167] [--d 384] [--k 6405] [--budget 64058]
       [--mode paper] [--clusters 1000] [--repeats 1] [--profile] [--timeout SECONDS]
-      [--out RESULT.json]
+      [--batch-elements N] [--out RESULT.json]
   # (b) full pipeline (meant for a GPU): ActiveFT (--steps of --batch-size rows), then the
   #     boundary stage on its cores; run twice, the second run is reported as steady state
   python scripts/bench_scale.py --full-pipeline [--steps 100] [--batch-size 100000]
@@ -88,6 +88,9 @@ def measure(args) -> dict:
     res["rss_after_features_gib"] = round(rss_gib(), 3)
     key = jax.random.key(args.seed)
     core_key, boundary_key = jax.random.split(key)
+    if args.batch_elements is not None:  # class batch size, on any device
+        boundary._BATCH_ELEMENTS = boundary._ACCELERATOR_BATCH_ELEMENTS = args.batch_elements
+    res["batch_elements"] = boundary._batch_elements(xd)
     timer = PhaseTimer(boundary) if args.profile else None
     runs = []
     res["runs"] = runs
@@ -143,7 +146,7 @@ def markdown(res) -> str:
     lines = [f"# BiLAF scale benchmark on {res['device']} (host {res['host']}, load at start "
              f"{res['load_at_start']}); JAX {res['jax']}",
              f"# n={res['n']} d={res['d']} K={res['k']} B={res['budget']} mode={res['mode']} "
-             f"clusters={res['clusters']}" + (
+             f"clusters={res['clusters']} batch elements={res.get('batch_elements')}" + (
                  "; PARTIAL (killed by --timeout after the runs below)" if res.get("partial") else
                  f"; pseudo-class sizes min/median/max = {res['class_size_min']}/"
                  f"{res['class_size_median']:.0f}/{res['class_size_max']}"),
@@ -191,6 +194,8 @@ def build_parser():
                    help="ActiveFT rows per step (--full-pipeline); 0 = full batch")
     p.add_argument("--precision", choices=("default", "high", "highest"), default="default")
     p.add_argument("--profile", action="store_true", help="per-phase times of the boundary stage")
+    p.add_argument("--batch-elements", type=int, default=None,
+                   help="elements per class batch array (default: boundary's for the device)")
     p.add_argument("--timeout", type=float, default=None, help="kill the measurement after this")
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process (peak RSS then includes the parent)")
