@@ -54,3 +54,44 @@ def test_gpu_bench_rejects_unknown_arguments(tmp_path):
     proc = subprocess.run(["bash", "scripts/gpu_bench.sh", "--fast"], cwd=ROOT,
                           env=dict(os.environ, OUT=str(tmp_path)), capture_output=True, text=True)
     assert proc.returncode == 2 and "usage" in proc.stderr
+
+
+def _load_script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_ablation_k_tables_and_failures(tmp_path, capsys):
+    """K ablation on tiny injected features: one table row per (method, K), the official-mode
+    failure at B = K reported, and the random / activeft rows shared by every K."""
+    from tests.test_run import _inject_features
+
+    ablation = _load_script("ablation_k")
+    wd = tmp_path / "abl"
+    for folder in ("reference", "k2", "k10"):
+        _inject_features(wd / folder, n=1000)
+    assert ablation.main(["--ks", "2,10", "--workdir", str(wd), "--seeds", "0,1",
+                          "--no-progress"]) == 0
+    text = (wd / "results.md").read_text()
+    assert text.rstrip("\n") == capsys.readouterr().out.rstrip("\n")
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    for method, k in (("random", "-"), ("activeft", "-"), ("bilaf-paper", "2"),
+                      ("bilaf-official", "10"), ("bilaf-paper", "10")):
+        assert sum(line.startswith(f"| {method} | {k} |") for line in rows) == 2  # linear, knn
+    # budgets 10 / 20 / 50 of the 1,000-row pool: the authors' allocation floor(p_i B) then
+    # smallest first leaves some of K = 10 classes nothing at B = 10
+    assert "bilaf-official, K = 10, B = 10: 2 of 2 seeds" in text
+    assert "- K = 2, B = 50, linear: bilaf-paper" in text
+
+
+def test_ablation_k_refuses_features_of_other_settings(tmp_path):
+    ablation = _load_script("ablation_k")
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "results.json").write_text(json.dumps({"config": {"dataset": "cifar10"}}))
+    with pytest.raises(SystemExit, match="other feature settings"):
+        ablation.main(["--features-from", str(base), "--workdir", str(tmp_path / "w")])
