@@ -83,10 +83,14 @@ _ELEMENT_SECONDS = 6e-11
 # (`scripts/bench_boundary.py --clusters 100 --budgets 2500 --in-process --batch-elements N`)
 # 2^21 ran 0.276 / 0.357 s steady (official / paper), 2^20 0.276 / 0.393 s, 2^22 0.328 /
 # 0.441 s. On accelerators a batch's loop steps are short kernels whose launch latency, not
-# their work, sets the pace, so batches are larger there: 2^23 is not a measured optimum
-# (`scripts/gpu_bench.sh` times 2^21 / 2^23 / 2^25 at ImageNet scale).
+# their work, sets the pace, and the steps of one batch follow each other: a batch takes about
+# as many steps as its largest class has samples. At ImageNet scale (n = 1,281,167, K = 6,405;
+# `python scripts/bench_scale.py --plan-steps 21,23,25,27`) the batches' steps add up to 210,477
+# at 2^21 elements, 55,838 at 2^23, 15,557 at 2^25 and 5,584 at 2^27, so accelerators take
+# 2^25 (arrays of 128 MB in float32). Not yet timed on a GPU: `scripts/gpu_bench.sh` times
+# 2^23 / 2^25 / 2^27.
 _BATCH_ELEMENTS = 1 << 21
-_ACCELERATOR_BATCH_ELEMENTS = 1 << 23
+_ACCELERATOR_BATCH_ELEMENTS = 1 << 25
 # Bucket parts run at once on a CPU device (None: the CPU cores this process may use, at most
 # _MAX_CPU_PARTS; 0: plain jitted calls, as on other devices; see `_num_parts`).
 _CPU_PARTS = None

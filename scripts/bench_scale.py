@@ -5,6 +5,8 @@ Usage:
   python scripts/bench_scale.py [--n 1281167] [--d 384] [--k 6405] [--budget 64058]
       [--mode paper] [--clusters 1000] [--repeats 1] [--profile] [--timeout SECONDS]
       [--batch-elements N] [--out RESULT.json]
+  # how the classes would be batched for batch elements 2^E (no timing)
+  python scripts/bench_scale.py --plan-steps 21,23,25,27
   # (b) full pipeline (meant for a GPU): ActiveFT (--steps of --batch-size rows), then the
   #     boundary stage on its cores; run twice, the second run is reported as steady state
   python scripts/bench_scale.py --full-pipeline [--steps 100] [--batch-size 100000]
@@ -142,6 +144,37 @@ def measure(args) -> dict:
     return res
 
 
+def plan_steps(args) -> str:
+    """How the boundary stage would batch its classes for several batch-element budgets: the
+    loop steps run one after another are about the sum, over batches, of the largest class."""
+    import jax
+    import jax.numpy as jnp
+
+    from bilaf_jax import boundary
+
+    x = mixture(args.n, args.d, args.clusters, args.seed)
+    cores = np.sort(np.random.default_rng(args.seed + 1).choice(args.n, args.k, replace=False))
+    num_nearest = min(args.k, 2 if args.mode == "official" else boundary.NUM_OPPONENTS + 1)
+    a = boundary._assign_jit(jax.device_put(x), jnp.asarray(cores, jnp.int32),
+                             jnp.int32(args.budget), 0.1, 0.1, num_nearest=num_nearest,
+                             normalize=False, direct=False, chunk_size=boundary.distances.DEFAULT_CHUNK,
+                             mode=args.mode)
+    labels = np.asarray(a.labels)
+    lines = [f"# n={args.n} d={args.d} K={args.k} clusters={args.clusters}; class sizes "
+             f"min/median/max {np.bincount(labels, minlength=args.k).min()}/"
+             f"{np.median(np.bincount(labels, minlength=args.k)):.0f}/"
+             f"{np.bincount(labels, minlength=args.k).max()}", "",
+             "| batch elements | buckets | batches | sequential class steps | classes per batch |",
+             "|---|---|---|---|---|"]
+    for e in (int(v) for v in args.plan_steps.split(",")):
+        plan = boundary._plan(labels, cores, args.d, 1 << e)
+        batches = sum(b.classes.shape[0] // b.batch for b in plan)
+        steps = sum(int(b.counts.reshape(-1, b.batch).max(1).sum()) for b in plan)
+        lines.append(f"| 2^{e} | {len(plan)} | {batches} | {steps} | "
+                     f"{' / '.join(str(b.batch) for b in plan)} |")
+    return "\n".join(lines)
+
+
 def markdown(res) -> str:
     lines = [f"# BiLAF scale benchmark on {res['device']} (host {res['host']}, load at start "
              f"{res['load_at_start']}); JAX {res['jax']}",
@@ -194,6 +227,8 @@ def build_parser():
                    help="ActiveFT rows per step (--full-pipeline); 0 = full batch")
     p.add_argument("--precision", choices=("default", "high", "highest"), default="default")
     p.add_argument("--profile", action="store_true", help="per-phase times of the boundary stage")
+    p.add_argument("--plan-steps", default=None, metavar="E1,E2,...",
+                   help="only print the class batching for batch elements 2^E1, 2^E2, ...")
     p.add_argument("--batch-elements", type=int, default=None,
                    help="elements per class batch array (default: boundary's for the device)")
     p.add_argument("--timeout", type=float, default=None, help="kill the measurement after this")
@@ -212,6 +247,9 @@ def main(argv=None) -> int:
         sys.stderr.write(f"bench_scale.py: error: need 1 <= k <= budget <= n, got k={args.k} "
                          f"budget={args.budget} n={args.n}\n")
         return 2
+    if args.plan_steps:
+        print(plan_steps(args))
+        return 0
     if args.child_out or args.in_process:
         res = measure(args)
         if args.child_out:

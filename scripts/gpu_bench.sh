@@ -2,8 +2,8 @@
 # One prepared GPU benchmark run (H100/H200), the issues' GPU measurements first: full pipeline
 # at ImageNet scale, extraction and full-finetune throughput at 224 px, ActiveFT at CIFAR scale;
 # then the boundary stage alone at ImageNet scale with per-phase times for three class-batch
-# sizes (boundary._ACCELERATOR_BATCH_ELEMENTS is 2^23, not yet measured). Uses the machine's
-# own JAX/Flax/Optax; no install step. Results: $OUT (or ./gpu_results), 8 files at most
+# sizes (boundary._ACCELERATOR_BATCH_ELEMENTS is 2^25, chosen by counting loop steps, not
+# timed). Uses the machine's own JAX/Flax/Optax; no install step. Results: $OUT (or ./gpu_results), 8 files at most
 # (JSON / markdown per step and log.txt). Each step has its own time limit, 11 minutes in all
 # at most; the sweep comes last, so a command cut at 10 minutes loses only some of it.
 #   bash scripts/gpu_bench.sh            # the real run
@@ -50,7 +50,7 @@ step "full finetune $SIZE px" 90 "$OUT/finetune.json" $PY scripts/bench_finetune
   --image-size $SIZE $FINETUNE
 # shellcheck disable=SC2086
 step "ActiveFT n=50000 K=250 300 steps" 60 "$OUT/activeft.md" $PY scripts/bench_activeft.py $ACTIVEFT
-for e in 21 23 25; do  # a child process per size, killed at 60 s keeping its finished runs
+for e in 23 25 27; do  # a child process per size, killed at 60 s keeping its finished runs
   # shellcheck disable=SC2086
   step "boundary stage alone, class batches of 2^$e elements, per phase" 70 "$LOG/boundary_$e.md" \
     $PY scripts/bench_scale.py $SIZES --profile --repeats 1 --timeout 60 \

@@ -41,7 +41,7 @@ def test_gpu_bench_smoke(tmp_path):
     assert all(e["image_size"] == 64 and e["img_per_s"] > 0 for e in extract)
     finetune = json.loads((out / "finetune.json").read_text())
     assert finetune["image_size"] == 64 and finetune["train_images_per_s"] > 0
-    for e in (21, 23, 25):  # the boundary stage alone, per class-batch size, with phases
+    for e in (23, 25, 27):  # the boundary stage alone, per class-batch size, with phases
         sweep = json.loads((out / f"boundary_2e{e}.json").read_text())
         assert sweep["batch_elements"] == 1 << e and sweep["runs"][0]["phases"]["bucket"] > 0
         assert all(r["check"]["ok"] for r in sweep["runs"])
