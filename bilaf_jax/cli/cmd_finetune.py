@@ -52,7 +52,8 @@ def register(subparsers) -> None:
     p.add_argument("--config", help="configs/NAME.py or a path to a config file")
     p.add_argument("--data-dir", help="dataset folder (see bilaf_jax.data)")
     p.add_argument("--pool-size", type=int, help="the pool = the first N train images")
-    p.add_argument("--test-size", type=int, help="evaluate on the first N test images")
+    p.add_argument("--test-size", type=int, help="evaluate on the first N test images (ImageNet: "
+                   "validation images)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
