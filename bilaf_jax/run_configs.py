@@ -14,7 +14,7 @@ the default pool at B = 100, K = 100 gives 8-11 pseudo-classes no sample (the sc
 divide by zero); K = 50 worked for all five seeds. We keep the paper's CIFAR-10 ratio at the
 smallest budget, K = B_min / 5 = 20 (2 cores per class), fixed across the three budgets, so
 BiLAF spends 80% / 90% / 96% of B = 100 / 200 / 500 on boundary samples (paper, CIFAR-10:
-80% / 90% / 95%). `scripts/ablation_k.py` measures K = 20 / 50 / 100 (README, "Does K
+80% / 90% / 95%). `scripts/ablation.py` measures K = 20 / 50 / 100 (README, "Does K
 matter?"): K = 50 does better here, but that comparison is on test accuracy, so it does not
 pick the default.
 """

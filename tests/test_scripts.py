@@ -65,17 +65,17 @@ def _load_script(name):
     return module
 
 
-def test_ablation_k_tables_and_failures(tmp_path, capsys):
+def test_ablation_tables_and_failures(tmp_path, capsys):
     """K ablation on tiny injected features: one table row per (method, K), the official-mode
     failure at B = K reported, and the random / activeft rows shared by every K."""
     from tests.test_run import _inject_features
 
-    ablation = _load_script("ablation_k")
+    ablation = _load_script("ablation")
     wd = tmp_path / "abl"
-    for folder in ("reference", "k2", "k10"):
+    for folder in ("reference", "num_cores_2", "num_cores_10"):
         _inject_features(wd / folder, n=1000)
-    assert ablation.main(["--ks", "2,10", "--workdir", str(wd), "--seeds", "0,1",
-                          "--no-progress"]) == 0
+    assert ablation.main(["--param", "num_cores", "--values", "2,10", "--workdir", str(wd),
+                          "--seeds", "0,1", "--no-progress"]) == 0
     text = (wd / "results.md").read_text()
     assert text.rstrip("\n") == capsys.readouterr().out.rstrip("\n")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
@@ -88,10 +88,31 @@ def test_ablation_k_tables_and_failures(tmp_path, capsys):
     assert "- K = 2, B = 50, linear: bilaf-paper" in text
 
 
-def test_ablation_k_refuses_features_of_other_settings(tmp_path):
-    ablation = _load_script("ablation_k")
+def test_ablation_pairs_each_value_with_the_default(tmp_path, capsys):
+    from tests.test_run import _inject_features
+
+    ablation = _load_script("ablation")
+    wd = tmp_path / "abl"
+    for folder in ("reference", "remove_fraction_0.0", "remove_fraction_0.1"):
+        _inject_features(wd / folder, n=2000)  # budgets 20 / 40 / 100 for the default K = 20
+    assert ablation.main(["--param", "remove_fraction", "--values", "0,0.1", "--workdir",
+                          str(wd), "--seeds", "0,1", "--no-progress"]) == 0
+    text = (wd / "results.md").read_text()
+    assert "| bilaf-official | 0.0 |" in text and "| bilaf-paper | 0.1 |" in text
+    paired = text.split("Paired with the default config's P_rm = 0.1:")[1]
+    assert "- P_rm = 0.0, B = 20, linear: bilaf-paper " in paired
+    assert "bilaf-official with P_rm = 0.1" in paired and "P_rm = 0.1, B" not in paired
+
+
+def test_ablation_refuses_features_of_other_settings_and_bad_values(tmp_path, capsys):
+    ablation = _load_script("ablation")
     base = tmp_path / "base"
     base.mkdir()
     (base / "results.json").write_text(json.dumps({"config": {"dataset": "cifar10"}}))
     with pytest.raises(SystemExit, match="other feature settings"):
         ablation.main(["--features-from", str(base), "--workdir", str(tmp_path / "w")])
+    with pytest.raises(SystemExit) as bad:
+        ablation.main(["--param", "num_cores", "--values", "20,0.5"])
+    assert bad.value.code == 2 and "invalid literal" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablation.main(["--param", "image_size"])  # not a BiLAF-only setting

@@ -1,0 +1,156 @@
+"""Ablations of BiLAF on the `default` run config: one BiLAF setting varied, all else fixed.
+
+Usage:
+  python scripts/ablation.py [--param num_cores|remove_fraction] [--values 20,50,100]
+      [--workdir runs/ablation_PARAM] [--features-from runs/default] [--seeds 0,1,2,3,4]
+
+--param is a setting BiLAF alone uses: `num_cores` (K, the ActiveFT cores) or
+`remove_fraction` (P_rm, the share of each pseudo-class that denoising drops). Runs `bilaf
+run`'s pipeline (`bilaf_jax.experiment.run_experiment`) once per value with the methods
+bilaf-paper and bilaf-official, and once with random and activeft (they do not use it), each
+in a subfolder of --workdir sharing one set of extracted features. Every other setting is the
+`default` config's (Fashion-MNIST pool of 10,000, EfficientNet-Lite0 taps at 48 px,
+selection on the 256-d projection, linear probe and k-NN, B = 100 / 200 / 500).
+--features-from copies the features of a finished `bilaf run --workdir DIR` (default config)
+instead of extracting them again. Resumable like `bilaf run`: finished pieces are kept.
+Writes WORKDIR/results.md (test accuracy in %, mean ± std over the seeds; failed cells;
+paired comparisons with random and activeft) and prints it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bilaf_jax import experiment, run_configs  # noqa: E402
+from bilaf_jax.io import write_text_atomic  # noqa: E402
+
+PARAMS = {"num_cores": ("K", int), "remove_fraction": ("P_rm", float)}
+FEATURE_FILES = ("pool.npz", "test.npz", "selection.npz")
+# The config fields that decide the extracted (and projected) features.
+FEATURE_FIELDS = ("dataset", "pool_size", "test_size", "backbone", "image_size", "weights",
+                  "selection_dim")
+
+
+def share_features(base: Path, config, target: Path) -> None:
+    """Copy base/features into target/features if base was run with the same feature settings."""
+    saved = json.loads((base / "results.json").read_text())["config"]
+    differ = [f for f in FEATURE_FIELDS if saved.get(f) != getattr(config, f)]
+    if differ:
+        raise SystemExit(f"ablation.py: {base} was run with other feature settings "
+                         f"({', '.join(differ)}); leave out --features-from")
+    (target / "features").mkdir(parents=True, exist_ok=True)
+    for name in FEATURE_FILES:
+        src, dst = base / "features" / name, target / "features" / name
+        if src.exists() and not dst.exists():
+            shutil.copyfile(src, dst)
+
+
+def report(by_row: dict, budgets, label: str, command: str, seeds, default: str) -> str:
+    lines = [f"# Ablation of {label} on the `default` config", "",
+             f"Command: `{command}`; seeds {list(seeds)}; test accuracy in %, mean ± std over "
+             f"the seeds. random and activeft do not use {label}.", ""]
+    for ev, title in (("linear", "Linear probe"), ("knn", "Weighted k-NN (k = 20)")):
+        lines += [f"{title}:", "", f"| method | {label} | " +
+                  " | ".join(f"B = {b}" for b in budgets) + " |",
+                  "|---|---|" + "---|" * len(budgets)]
+        for (method, value), records in by_row.items():
+            stats = experiment.summarize(records)
+            cells = []
+            for b in budgets:
+                mean, std, count = stats.get((method, b, ev), (float("nan"), float("nan"), 0))
+                cells.append("failed" if count == 0 else f"{100 * mean:.1f} ± {100 * std:.1f}")
+            lines.append(f"| {method} | {value} | " + " | ".join(cells) + " |")
+        lines.append("")
+
+    failed = {}  # (method, value, B) -> [seeds failed, seeds run, first error]
+    for (method, value), records in by_row.items():
+        for r in records:
+            if r["eval"] != "linear":  # one record per selection
+                continue
+            seen = failed.setdefault((method, value, r["budget"]), [0, 0, None])
+            seen[1] += 1
+            if r.get("error"):
+                seen[0] += 1
+                seen[2] = seen[2] or r["error"]
+    failed = {key: v for key, v in failed.items() if v[0]}
+    if failed:
+        lines += ["Failed selections:", ""]
+        lines += [f"- {m}, {label} = {v}, B = {b}: {bad} of {total} seeds; first: {error}"
+                  for (m, v, b), (bad, total, error) in failed.items()]
+        lines.append("")
+
+    # Paired over the seeds (two-sided t-test at 5%), as `bilaf run`'s verdicts.
+    reference = by_row[("random", "-")] + by_row[("activeft", "-")]
+    lines += ["Paired comparisons (two-sided t-test over the seeds, 5%):", ""]
+    for (method, value), records in by_row.items():
+        if value == "-":
+            continue
+        for ev in ("linear", "knn"):
+            for b in budgets:
+                said = [experiment.verdict(reference + records, method, other, b, ev)
+                        for other in ("random", "activeft")]
+                lines.append(f"- {label} = {value}, B = {b}, {ev}: " + "; ".join(said))
+    if any(v == default for _, v in by_row):
+        lines += ["", f"Paired with the default config's {label} = {default}:", ""]
+        for (method, value), records in by_row.items():
+            if value in ("-", default):
+                continue
+            # the default's records under another name, so that verdict can pair them
+            other = f"{method} with {label} = {default}"
+            base = [dict(r, method=other) for r in by_row[(method, default)]]
+            for ev in ("linear", "knn"):
+                for b in budgets:
+                    lines.append(f"- {label} = {value}, B = {b}, {ev}: "
+                                 + experiment.verdict(records + base, method, other, b, ev))
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--param", choices=sorted(PARAMS), default="num_cores")
+    p.add_argument("--values", default="20,50,100", help="comma list of the setting's values")
+    p.add_argument("--workdir", default=None, help="default: runs/ablation_PARAM")
+    p.add_argument("--features-from", default=None, help="a finished default-config workdir")
+    p.add_argument("--seeds", default="0,1,2,3,4")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    label, kind = PARAMS[args.param]
+    try:
+        values = [kind(v) for v in args.values.split(",")]
+        seeds = tuple(int(s) for s in args.seeds.split(","))
+    except ValueError as e:
+        p.error(str(e))
+    base = run_configs.default()._replace(seeds=seeds)
+    root = Path(args.workdir or f"runs/ablation_{args.param}")
+    runs = [("reference", "-", base._replace(name="ablation_reference",
+                                             methods=("random", "activeft")))]
+    runs += [(f"{args.param}_{v}", str(v), base._replace(
+        name=f"ablation_{args.param}_{v}", methods=("bilaf-paper", "bilaf-official"),
+        **{args.param: v})) for v in values]
+    command = " ".join(["python scripts/ablation.py", *(argv if argv is not None else sys.argv[1:])])
+    by_row, budgets = {}, None
+    for folder, value, config in runs:
+        wd = root / folder
+        if args.features_from:
+            share_features(Path(args.features_from), config, wd)
+        out = experiment.run_experiment(config, wd, progress=not args.no_progress,
+                                        command=command)
+        budgets = out.results["budgets"]
+        for method in config.methods:
+            by_row[(method, value)] = [r for r in out.results["records"] if r["method"] == method]
+    text = report(by_row, budgets, label, command, seeds,
+                  str(getattr(run_configs.default(), args.param)))
+    write_text_atomic(root / "results.md", text)
+    print(text, end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
