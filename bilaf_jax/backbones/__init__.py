@@ -192,12 +192,11 @@ def iter_feature_batches(backbone: Backbone, images, *, image_size: int | None =
 
 def read_rows(images, lo: int, hi: int, image_size: int, resample: str = "bilinear"):
     """Rows [lo, hi) of an image array or ImageSource as ImageArrays (labels -1 for arrays)."""
-    from bilaf_jax.data import ImageArrays
+    from bilaf_jax.data import ImageArrays, load_rows
 
     if hasattr(images, "get_batch"):
-        shape = getattr(images, "image_shape", None)
-        return images.get_batch(np.arange(lo, hi), image_size=None if shape else image_size,
-                                resample="bicubic" if resample == "bicubic" else "bilinear")
+        return load_rows(images, np.arange(lo, hi), image_size=image_size, chunk=max(hi - lo, 1),
+                         resample="bicubic" if resample == "bicubic" else "bilinear")
     return ImageArrays(np.asarray(images[lo:hi]), np.full(hi - lo, -1, np.int32))
 
 

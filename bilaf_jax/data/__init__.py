@@ -338,9 +338,9 @@ def load_rows(src: ImageSource, rows, *, image_size: int | None = None,
     rows = np.asarray(rows, np.int64).reshape(-1)
     if rows.size == 0:
         raise InputError(f"{src.name} split '{src.split}': no rows asked for")
-    size = None if src.image_shape is not None else image_size
-    if size is None and src.image_shape is None:
+    if src.image_shape is None and image_size is None:
         raise InputError(f"{src.name}: images differ in size; pass an image size")
+    size = None if src.image_shape is not None else image_size
     parts = [src.get_batch(rows[i: i + chunk], image_size=size, resample=resample)
              for i in range(0, rows.size, chunk)]
     images = [p.images for p in parts]
