@@ -160,10 +160,9 @@ def plan_steps(args) -> str:
                              normalize=False, direct=False, chunk_size=boundary.distances.DEFAULT_CHUNK,
                              mode=args.mode)
     labels = np.asarray(a.labels)
+    sizes = np.bincount(labels, minlength=args.k)
     lines = [f"# n={args.n} d={args.d} K={args.k} clusters={args.clusters}; class sizes "
-             f"min/median/max {np.bincount(labels, minlength=args.k).min()}/"
-             f"{np.median(np.bincount(labels, minlength=args.k)):.0f}/"
-             f"{np.bincount(labels, minlength=args.k).max()}", "",
+             f"min/median/max {sizes.min()}/{np.median(sizes):.0f}/{sizes.max()}", "",
              "| batch elements | buckets | batches | sequential class steps | classes per batch |",
              "|---|---|---|---|---|"]
     for e in (int(v) for v in args.plan_steps.split(",")):
