@@ -116,3 +116,17 @@ def test_ablation_refuses_features_of_other_settings_and_bad_values(tmp_path, ca
     assert bad.value.code == 2 and "invalid literal" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ablation.main(["--param", "image_size"])  # not a BiLAF-only setting
+
+
+def test_bench_scale_plan_steps(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the script imports scripts/_common
+    bench = _load_script("bench_scale")
+    assert bench.main(["--plan-steps", "12,21", "--n", "3000", "--k", "30", "--budget", "300",
+                       "--clusters", "10"]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| 2^")]
+    assert [r[0] for r in rows] == ["| 2^12", "| 2^21"]
+    steps = [int(r[3]) for r in rows]
+    batches = [int(r[2]) for r in rows]
+    # larger batches: fewer of them, and fewer loop steps one after another
+    assert batches[0] > batches[1] and steps[0] > steps[1] > 0
