@@ -142,9 +142,14 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
     try:
         if todo:
             run = bbs.make_embedder(backbone, image_size=size, batch_size=batch_size)
-            for b in todo:
+
+            def read(b):
+                return bbs.read_rows(source, b * batch_size, min(n, (b + 1) * batch_size), size,
+                                     backbone.resize_method)
+
+            # Batches are read and decoded in threads ahead of the device (data.prefetch).
+            for b, arrays in data.prefetch(read, todo):
                 lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-                arrays = bbs.read_rows(source, lo, hi, size, backbone.resize_method)
                 features = run(arrays.images)
                 if not np.isfinite(features).all():
                     raise InputError(f"non-finite features in batch {b} (rows {lo}-{hi - 1})")

@@ -197,3 +197,61 @@ def test_load_rows_reads_only_the_rows_asked_for(tmp_path):
         load_rows(src, [], image_size=8)
     with pytest.raises(IndexError):
         load_rows(src, [5], image_size=8)
+
+
+def test_prefetch_keeps_order_reads_ahead_and_stops_cleanly(monkeypatch):
+    import threading
+    import time
+
+    from bilaf_jax.data import prefetch, read_workers
+
+    lock, running, most, threads = threading.Lock(), [0], [0], set()
+
+    def read(i):
+        with lock:
+            running[0] += 1
+            most[0] = max(most[0], running[0])
+            threads.add(threading.get_ident())
+        time.sleep(0.02 * (i % 3 == 0))  # some reads finish out of order
+        with lock:
+            running[0] -= 1
+        if i == 7:
+            raise ValueError("bad item 7")
+        return i * i
+
+    got = list(prefetch(read, range(7), workers=3))
+    assert got == [(i, i * i) for i in range(7)] and most[0] <= 3 and len(threads) > 1
+    seen = []
+    with pytest.raises(ValueError, match="bad item 7"):  # an error surfaces at its item
+        for _, v in prefetch(read, range(10), workers=3):
+            seen.append(v)
+    assert seen == [i * i for i in range(7)]
+    threads.clear()
+    assert list(prefetch(read, range(3), workers=1)) == [(0, 0), (1, 1), (2, 4)]
+    assert threads == {threading.get_ident()}  # workers=1: in the caller's thread
+    started = []
+    gen = prefetch(lambda i: started.append(i) or i, range(1000), workers=2)
+    assert next(gen) == (0, 0)
+    gen.close()  # the caller breaks off: nothing more is queued
+    assert len(started) <= 4
+    monkeypatch.setenv("BILAF_READ_WORKERS", "3")
+    assert read_workers() == 3
+    monkeypatch.setenv("BILAF_READ_WORKERS", "many")
+    with pytest.raises(InputError, match="BILAF_READ_WORKERS"):
+        read_workers()
+
+
+def test_load_rows_in_threads_equals_one_thread(tmp_path):
+    from PIL import Image
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "train" / "a").mkdir(parents=True)
+    for i in range(9):
+        Image.fromarray(rng.integers(0, 256, (7 + i, 9, 3), dtype=np.uint8)).save(
+            tmp_path / "train" / "a" / f"{i}.png")
+    src = data_source("image_folder", "train", data_dir=tmp_path)
+    rows = [8, 2, 5, 0, 7, 1, 3]
+    one = load_rows(src, rows, image_size=6, chunk=2, workers=1)
+    many = load_rows(src, rows, image_size=6, chunk=2, workers=3)
+    np.testing.assert_array_equal(one.images, many.images)
+    np.testing.assert_array_equal(one.labels, many.labels)

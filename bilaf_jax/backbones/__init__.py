@@ -181,22 +181,30 @@ def iter_feature_batches(backbone: Backbone, images, *, image_size: int | None =
     `images`: uint8 array [n, h, w, 1|3] or a `bilaf_jax.data.ImageSource` (whose images are
     resized on the host first when their sizes vary). `start_batch` skips finished batches.
     """
+    from bilaf_jax.data import prefetch
+
     size = backbone._size(image_size)
     n = len(images)
     batch_size = int(min(_check_batch_size(batch_size), max(n, 1)))
     run = make_embedder(backbone, image_size=size, batch_size=batch_size, kind=kind)
-    for b in range(start_batch, -(-n // batch_size)):
+
+    def read(b):
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
-        yield b, lo, run(read_rows(images, lo, hi, size, backbone.resize_method).images)
+        return read_rows(images, lo, hi, size, backbone.resize_method)
+
+    # Arrays in memory need no reading ahead; sources are read in threads while the device runs.
+    workers = None if hasattr(images, "get_batch") else 1
+    for b, arrays in prefetch(read, range(start_batch, -(-n // batch_size)), workers=workers):
+        yield b, b * batch_size, run(arrays.images)
 
 
 def read_rows(images, lo: int, hi: int, image_size: int, resample: str = "bilinear"):
     """Rows [lo, hi) of an image array or ImageSource as ImageArrays (labels -1 for arrays)."""
     from bilaf_jax.data import ImageArrays, load_rows
 
-    if hasattr(images, "get_batch"):
+    if hasattr(images, "get_batch"):  # one read in this thread (callers read batches ahead)
         return load_rows(images, np.arange(lo, hi), image_size=image_size, chunk=max(hi - lo, 1),
-                         resample="bicubic" if resample == "bicubic" else "bilinear")
+                         resample="bicubic" if resample == "bicubic" else "bilinear", workers=1)
     return ImageArrays(np.asarray(images[lo:hi]), np.full(hi - lo, -1, np.int32))
 
 

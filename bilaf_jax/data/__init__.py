@@ -28,7 +28,10 @@ TensorFlow; preparing it needs TensorFlow (`pip install 'bilaf_jax[tf]'`), netwo
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
+import itertools
 import logging
 import os
 from pathlib import Path
@@ -53,6 +56,7 @@ __all__ = [
     "fashion_mnist_dir",
     "load_arrays",
     "load_rows",
+    "prefetch",
 ]
 
 
@@ -326,9 +330,48 @@ def eval_split(name: str) -> str:
     return "validation" if _check_name(name) == "imagenet2012" else "test"
 
 
+def read_workers() -> int:
+    """Threads that read and decode images: $BILAF_READ_WORKERS, else the CPU cores (at most 8)."""
+    value = os.environ.get("BILAF_READ_WORKERS")
+    if value:
+        try:
+            return max(1, int(value))
+        except ValueError:
+            raise InputError(f"BILAF_READ_WORKERS must be an integer, got {value!r}") from None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(cores or 1, 8))
+
+
+def prefetch(read, items, *, workers: int | None = None):
+    """Yield (item, read(item)) for each item in order, with up to `workers` reads running ahead
+    in threads (image decoding and resizing release the GIL, so reads overlap each other and
+    the device's work on earlier items). workers=1 reads in the caller's thread, one at a time.
+    """
+    workers = read_workers() if workers is None else max(1, int(workers))
+    items = iter(items)
+    if workers == 1:
+        for item in items:
+            yield item, read(item)
+        return
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        pending = collections.deque((item, pool.submit(read, item))
+                                    for item in itertools.islice(items, workers))
+        try:
+            while pending:
+                item, future = pending.popleft()
+                for more in itertools.islice(items, 1):
+                    pending.append((more, pool.submit(read, more)))
+                yield item, future.result()
+        finally:  # stopped early (an error, or the caller broke off): drop what was queued
+            for _, future in pending:
+                future.cancel()
+
+
 def load_rows(src: ImageSource, rows, *, image_size: int | None = None,
-              resample: str = "bilinear", chunk: int = 1024) -> ImageArrays:
-    """These rows of a source in memory, in the order given, read `chunk` rows at a time.
+              resample: str = "bilinear", chunk: int = 1024,
+              workers: int | None = None) -> ImageArrays:
+    """These rows of a source in memory, in the order given, read `chunk` rows at a time
+    (chunks in `workers` threads, see `prefetch`).
 
     rows: int [m]. Returns ImageArrays(uint8 [m, h, w, c], int32 [m]). Where the source's
     images differ in size (ImageNet, image folders) each is resized to `image_size` square on
@@ -341,8 +384,10 @@ def load_rows(src: ImageSource, rows, *, image_size: int | None = None,
     if src.image_shape is None and image_size is None:
         raise InputError(f"{src.name}: images differ in size; pass an image size")
     size = None if src.image_shape is not None else image_size
-    parts = [src.get_batch(rows[i: i + chunk], image_size=size, resample=resample)
-             for i in range(0, rows.size, chunk)]
+    def read(start):
+        return src.get_batch(rows[start: start + chunk], image_size=size, resample=resample)
+
+    parts = [part for _, part in prefetch(read, range(0, rows.size, chunk), workers=workers)]
     images = [p.images for p in parts]
     if len({im.shape[-1] for im in images}) > 1:  # one chunk all grey, another RGB
         images = [np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images]
