@@ -35,7 +35,9 @@ def test_gpu_bench_smoke(tmp_path):
     scale = json.loads((out / "scale_full.json").read_text())
     assert len(scale["runs"]) == 2 and all(r["check"]["ok"] for r in scale["runs"])
     assert all(r["activeft_s"] > 0 and r["boundary_s"] > 0 for r in scale["runs"])
-    assert "| jax |" in (out / "activeft.md").read_text()
+    read = json.loads((out / "read.json").read_text())
+    assert [(r["what"], r["workers"]) for r in read["rows"]] == [
+        ("load_rows", 1), ("load_rows", 2), ("extract_to_file", 1), ("extract_to_file", 2)]
     extract = json.loads((out / "extract.json").read_text())
     assert {e["backbone"] for e in extract} == {"efficientnet_lite0", "vit_s16"}
     assert all(e["image_size"] == 64 and e["img_per_s"] > 0 for e in extract)
@@ -47,6 +49,7 @@ def test_gpu_bench_smoke(tmp_path):
         assert all(r["check"]["ok"] for r in sweep["runs"])
     assert len(list(out.iterdir())) <= 8  # the most files a device run brings back
     log = (out / "log.txt").read_text()
+    assert "| jax |" in log  # ActiveFT's table
     assert log.rstrip().endswith("done")
 
 
