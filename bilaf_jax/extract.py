@@ -81,10 +81,12 @@ def _prepare_partial(partial: Path, config: dict) -> None:
 def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
                     image_size: int | None = None, limit: int | None = None,
                     batch_size: int = 64, data_dir=None, cache_dir=None, taps=None,
-                    seed: int = 0, progress: bool = True, on_batch=None) -> ExtractOutput:
+                    seed: int = 0, progress: bool = True, on_batch=None,
+                    read_workers: int | None = None) -> ExtractOutput:
     """Embed `dataset`/`split` with `backbone` (a name, or a loaded `Backbone`) into `out`.
 
     `on_batch(batch_index)` is called after each batch's shard is safely on disk.
+    `read_workers`: threads reading image batches ahead (default `data.read_workers()`).
     Raises InputError (one line) for every problem a user can cause.
     """
     from tqdm.auto import tqdm
@@ -98,6 +100,10 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
                               or limit < 1):
         raise InputError(f"limit must be a positive integer, got {limit!r}")
     batch_size = bbs._check_batch_size(batch_size)
+    if read_workers is not None and (isinstance(read_workers, bool)
+                                     or not isinstance(read_workers, (int, np.integer))
+                                     or read_workers < 1):
+        raise InputError(f"read_workers must be a positive integer, got {read_workers!r}")
     if isinstance(backbone, str):
         backbone = bbs.load(backbone, weights, taps=taps, seed=seed)
     size = backbone._size(image_size)
@@ -148,7 +154,7 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
                                      backbone.resize_method)
 
             # Batches are read and decoded in threads ahead of the device (data.prefetch).
-            for b, arrays in data.prefetch(read, todo):
+            for b, arrays in data.prefetch(read, todo, workers=read_workers):
                 lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
                 features = run(arrays.images)
                 if not np.isfinite(features).all():

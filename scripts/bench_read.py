@@ -7,8 +7,8 @@ Writes --images JPEG files of ImageNet's typical size (quality 90, seeded smooth
 noise) into a temporary image folder, then times `bilaf_jax.data.load_rows` over all of them
 (decode + resize to --image-size on the host, chunks of 64) for each worker count. With
 --extract it also times `bilaf extract`'s path (`extract_to_file`, EfficientNet-Lite0 with
-random weights, batches of 64), where reading overlaps the forward pass, with
-BILAF_READ_WORKERS set to each worker count. Prints a markdown table, or JSON with --json.
+random weights, batches of 64, `read_workers` each worker count), where reading overlaps the
+forward pass. Prints a markdown table, or JSON with --json.
 """
 
 from __future__ import annotations
@@ -79,7 +79,6 @@ def main(argv=None) -> int:
             bb = backbones.load("efficientnet_lite0", "random")
             first = None
             for w in workers:
-                os.environ["BILAF_READ_WORKERS"] = str(w)
                 out = root / f"features_{w}.npz"
                 extract_to_file(out, dataset="image_folder", split="all", data_dir=root,
                                 backbone=bb, image_size=args.image_size, batch_size=64,
@@ -88,7 +87,7 @@ def main(argv=None) -> int:
                 t0 = time.perf_counter()
                 extract_to_file(out, dataset="image_folder", split="all", data_dir=root,
                                 backbone=bb, image_size=args.image_size, batch_size=64,
-                                progress=False)
+                                progress=False, read_workers=w)
                 secs = time.perf_counter() - t0
                 with np.load(out) as z:
                     feats = z["features"]

@@ -76,9 +76,12 @@ def test_resume_after_interruption_gives_identical_features(pool, tmp_path):
     res = extract_to_file(out, progress=False, **CFG, **dirs)
     assert (res.reused_batches, res.computed_batches) == (2, 1)
     assert not partial.exists()
-    with np.load(out) as a, np.load(tmp_path / "whole.npz") as b:
-        for key in ("features", "labels", "indices"):
-            np.testing.assert_array_equal(a[key], b[key])
+    # batches read in the caller's thread give what reading ahead in threads gave
+    extract_to_file(tmp_path / "one.npz", progress=False, read_workers=1, **CFG, **dirs)
+    for other in (out, tmp_path / "one.npz"):
+        with np.load(other) as a, np.load(tmp_path / "whole.npz") as b:
+            for key in ("features", "labels", "indices"):
+                np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_changed_config_or_corrupt_shard_is_recomputed(pool, tmp_path):
@@ -139,6 +142,7 @@ def test_interrupted_cli_exits_130_without_output(pool, tmp_path, monkeypatch, c
         (["--split", "validation"], "no split 'validation'"),
         (["--image-size", "0"], "positive integer"),
         (["--batch-size", "x"], "positive integer"),
+        (["--read-workers", "0"], "positive integer"),
         (["--out", "/no/such/folder/f.npz"], "output folder does not exist"),
         (["--data-dir", "/no/such/dir"], "apt-get install dataset-fashion-mnist"),
         (["--backbone", "vit_s16", "--taps", "head"], "vit_s16 has no taps"),
@@ -148,7 +152,7 @@ def test_bad_inputs_are_one_line_exit_2(pool, tmp_path, monkeypatch, capsys, ext
     dirs, _ = pool
     argv = ARGS + ["--data-dir", dirs["data_dir"], "--cache-dir", dirs["cache_dir"],
                    "--out", tmp_path / "f.npz"] + extra
-    with pytest.raises(SystemExit) if extra[0] in ("--image-size", "--batch-size") \
+    with pytest.raises(SystemExit) if extra[0] in ("--image-size", "--batch-size", "--read-workers") \
             else _no_raise() as exit_info:
         rc = bilaf(monkeypatch, *argv)
     if exit_info is not None and hasattr(exit_info, "value"):
@@ -174,6 +178,8 @@ def test_library_errors(pool, tmp_path):
         extract_to_file(tmp_path, progress=False, **CFG, **dirs)
     with pytest.raises(InputError, match="limit"):
         extract_to_file(tmp_path / "f.npz", progress=False, limit=0, **CFG, **dirs)
+    with pytest.raises(InputError, match="read_workers"):
+        extract_to_file(tmp_path / "f.npz", progress=False, read_workers=0, **CFG, **dirs)
 
 
 def test_image_folder_of_mixed_sizes(tmp_path):

@@ -56,6 +56,9 @@ def register(sub) -> None:
                    help="efficientnet_lite0: comma-separated block indices and/or 'head' "
                    "whose pooled outputs are concatenated, e.g. 4,10,15,head")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
+    p.add_argument("--read-workers", type=_positive_int, default=None,
+                   help="threads reading and decoding image batches ahead of the backbone "
+                   "(default: $BILAF_READ_WORKERS, else the CPU cores up to 8)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--out", required=True, help="feature file to write (.npz)")
     p.set_defaults(func=run)
@@ -77,7 +80,7 @@ def run(args) -> int:
         args.out, dataset=args.dataset, split=args.split, backbone=args.backbone,
         weights=args.weights, image_size=args.image_size, limit=args.limit,
         batch_size=args.batch_size, data_dir=args.data_dir, cache_dir=args.cache_dir,
-        taps=taps, seed=args.seed, progress=not args.no_progress,
+        taps=taps, seed=args.seed, progress=not args.no_progress, read_workers=args.read_workers,
     )
     reused = f", {result.reused_batches} batches reused" if result.reused_batches else ""
     sys.stderr.write(
