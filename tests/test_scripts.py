@@ -1,8 +1,9 @@
-"""The prepared GPU benchmark (`scripts/gpu_bench.sh`) runs end to end at toy sizes on the CPU.
+"""Scripts in scripts/: the prepared GPU benchmark, the ablation driver, bench_scale's planner.
 
-That script is only ever run on a lent GPU machine, whose Python has JAX, Flax, Optax, Orbax and
-NumPy but not tensorflow-datasets, array_record or the EfficientNet weight package; a broken
-script there costs the run. So the test blocks those imports and checks every result file.
+`scripts/gpu_bench.sh` is only ever run on a lent GPU machine, whose Python has JAX, Flax,
+Optax, Orbax and NumPy but not tensorflow-datasets, array_record or the EfficientNet weight
+package; a broken script there costs the run. So its test runs it at toy sizes on the CPU
+with those imports blocked and checks every result file.
 """
 
 import json
