@@ -384,6 +384,7 @@ def load_rows(src: ImageSource, rows, *, image_size: int | None = None,
     if src.image_shape is None and image_size is None:
         raise InputError(f"{src.name}: images differ in size; pass an image size")
     size = None if src.image_shape is not None else image_size
+
     def read(start):
         return src.get_batch(rows[start: start + chunk], image_size=size, resample=resample)
 
