@@ -5,7 +5,7 @@
 # with per-phase times for three class-batch sizes (boundary._ACCELERATOR_BATCH_ELEMENTS is
 # 2^25, chosen by counting loop steps, not timed). Uses the machine's own JAX/Flax/Optax; no
 # install step. Results: $OUT (or ./gpu_results), 8 files at most (JSON per step and
-# log.txt). Each step has its own time limit, 12 minutes in all at most; the sweep comes last,
+# log.txt). Each step has its own time limit, 13 minutes in all at most; the sweep comes last,
 # so a command cut at 10 minutes loses only some of it.
 #   bash scripts/gpu_bench.sh            # the real run
 #   bash scripts/gpu_bench.sh --smoke    # the same steps at toy sizes: checks the script on a CPU
@@ -52,7 +52,7 @@ step "full finetune $SIZE px" 90 "$OUT/finetune.json" $PY scripts/bench_finetune
 # shellcheck disable=SC2086
 step "ActiveFT n=50000 K=250 300 steps" 60 "$LOG/activeft.md" $PY scripts/bench_activeft.py $ACTIVEFT
 # shellcheck disable=SC2086
-step "JPEG reading and extraction at $SIZE px per reader thread count" 75 "$OUT/read.json" \
+step "JPEG reading and extraction at $SIZE px per reader thread count" 100 "$OUT/read.json" \
   $PY scripts/bench_read.py $READ --image-size $SIZE --extract --json
 for e in 23 25 27; do  # a child process per size, killed at 60 s keeping its finished runs
   # shellcheck disable=SC2086
