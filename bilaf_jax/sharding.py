@@ -10,9 +10,12 @@ device count is padded: `shard_rows` appends zero rows and returns the padded ar
 row count, and every selector takes `num_rows=n` meaning "rows at and after n are padding: never
 selected, never counted".
 
-On several hosts, call `jax.distributed.initialize()` first (scripts do this with
-`--distributed`); the mesh then spans all processes' devices and `shard_rows` places each
-process's rows (see `make_mesh`).
+On several hosts, every process runs the same program on the same features: call
+`initialize_distributed` (`jax.distributed.initialize`) before any other JAX call; the mesh of
+`make_mesh()` then spans all processes' devices, `shard_rows` keeps on each process only the rows
+of its own devices, and the selections come back replicated, the same on every process. Only the
+main process (`is_main_process`) should write files. `bilaf select` and the scripts do all this
+with `--distributed` (and `--mesh`, see `parse_mesh`).
 """
 
 from __future__ import annotations
@@ -43,6 +46,55 @@ def make_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
     return Mesh(np.asarray(devices), (axis,), axis_types=(AxisType.Auto,))
 
 
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+    """Join a multi-process run (`jax.distributed.initialize`); call before any other JAX call.
+
+    With no arguments JAX detects the cluster (SLURM, Open MPI, Cloud TPU, ...); elsewhere give
+    the coordinator's "host:port" (process 0's address), the number of processes and this
+    process's id in [0, num_processes).
+    """
+    given = [v is not None for v in (coordinator, num_processes, process_id)]
+    if any(given) and not all(given):
+        raise ValueError("give all of coordinator, num_processes and process_id, or none of them "
+                         "(to let JAX detect the cluster)")
+    if num_processes is not None:
+        if num_processes < 1:
+            raise ValueError(f"num_processes must be >= 1, got {num_processes}")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
+        if ":" not in coordinator:
+            raise ValueError(f"coordinator must be host:port, got {coordinator!r}")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id)
+
+
+def is_main_process() -> bool:
+    """True on the process that writes results (process 0; always true in a single process)."""
+    return jax.process_index() == 0
+
+
+def parse_mesh(text: str | int | None) -> int | None:
+    """A `--mesh` value as a device count: None or "none" -> None (one device, unsharded),
+    "all" -> every device of every process, "N" -> the first N devices (1 <= N <= count)."""
+    if text is None or str(text).strip().lower() in ("", "none"):
+        return None
+    text = str(text).strip().lower()
+    count = jax.device_count()
+    if text == "all":
+        return count
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"mesh must be 'all', 'none' or a device count, got {text!r}") from None
+    if not 1 <= value <= count:
+        raise ValueError(f"mesh must be between 1 and the {count} devices available, got {value}")
+    if jax.process_count() > 1 and value != count:
+        raise ValueError(f"across {jax.process_count()} processes the mesh must span all {count} "
+                         f"devices (mesh 'all'), got {value}")
+    return value
+
+
 def shard_rows(features, mesh: Mesh, axis: str = "data") -> ShardedPool:
     """Pad `features` [n, d] with zero rows to a multiple of the mesh axis and shard its rows.
 
@@ -58,9 +110,20 @@ def shard_rows(features, mesh: Mesh, axis: str = "data") -> ShardedPool:
     parts = mesh.shape[axis]
     pad = (-n) % parts
     if pad:
-        features = jnp.concatenate([jnp.asarray(features), jnp.zeros((pad, features.shape[1]), features.dtype)])
+        # Pad where the rows are: a host array stays on the host until device_put sends each
+        # device only its own block.
+        xp = np if isinstance(features, np.ndarray) else jnp
+        features = xp.concatenate([features, xp.zeros((pad, features.shape[1]), features.dtype)])
     mesh = _auto(mesh)
     return ShardedPool(jax.device_put(features, NamedSharding(mesh, P(axis, None))), n)
+
+
+def place(features, mesh: Mesh | None):
+    """(features, num_rows) for the selectors: unchanged with no mesh, else `shard_rows`."""
+    if mesh is None:
+        return features, None
+    pool = shard_rows(features, mesh)
+    return pool.features, pool.num_rows
 
 
 def _auto(mesh: Mesh) -> Mesh:

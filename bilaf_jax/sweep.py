@@ -168,12 +168,13 @@ class ActiveFTSweep(NamedTuple):
 def sweep_activeft(key, features, num_cores: int, grid: Mapping[str, Sequence[float]] | None = None,
                    *, num_steps: int = 300, batch_size: int | None = None,
                    settings_per_batch: int | None = None, chunk_size: int = 16384,
-                   precision=None) -> ActiveFTSweep:
+                   precision=None, num_rows: int | None = None) -> ActiveFTSweep:
     """Run ActiveFT for every setting of the grid's ActiveFT part in one compiled program.
 
     Every setting uses the same `key` (same initial centroids and batches), so settings differ
     only by their hyperparameters. `settings_per_batch=None` vmaps over all settings; an int
     runs `lax.map` over batches of that many vmapped settings (memory of one batch).
+    `num_rows`: the real rows of a padded, row-sharded pool (`bilaf_jax.sharding.shard_rows`).
 
     >>> import jax, numpy as np
     >>> x = np.random.default_rng(0).normal(size=(100, 8)).astype(np.float32)
@@ -182,8 +183,7 @@ def sweep_activeft(key, features, num_cores: int, grid: Mapping[str, Sequence[fl
     (2, 5)
     """
     grid = check_grid(grid or {})
-    features = V.check_features(features)
-    n = features.shape[0]
+    features, n = V.check_pool(features, num_rows)
     num_cores = V.check_count(num_cores, "num_cores", 1, n)
     params = expand(grid, tuple(ACTIVEFT_PARAMS))
     num = params["temperature"].shape[0]
@@ -192,19 +192,21 @@ def sweep_activeft(key, features, num_cores: int, grid: Mapping[str, Sequence[fl
     hp = {k: jnp.asarray(v, dtype) for k, v in params.items()}
     run = _activeft_sweep_jit(num_cores=num_cores, num_steps=num_steps, batch_size=batch_size,
                               chunk_size=chunk_size, precision=precision,
-                              per_batch=None if per_batch >= num else per_batch)
+                              per_batch=None if per_batch >= num else per_batch,
+                              num_rows=None if n == features.shape[0] else n)
     indices, losses = run(key, jnp.asarray(features), hp)
     return ActiveFTSweep(params, indices, losses)
 
 
 @functools.lru_cache(maxsize=32)
-def _activeft_sweep_jit(*, num_cores, num_steps, batch_size, chunk_size, precision, per_batch):
+def _activeft_sweep_jit(*, num_cores, num_steps, batch_size, chunk_size, precision, per_batch,
+                        num_rows):
     def run(key, features, hp):
         def one(p):
             out = activeft(key, features, num_cores, num_steps=num_steps,
                            temperature=p["temperature"], learning_rate=p["learning_rate"],
                            balance=p["balance"], batch_size=batch_size, chunk_size=chunk_size,
-                           precision=precision)
+                           precision=precision, num_rows=num_rows)
             return out.indices, out.losses
 
         if per_batch is None:
@@ -370,7 +372,7 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
           num_cores: int | None = None, labels=None, num_steps: int = 300,
           batch_size: int | None = None, num_neighbors: int = 10, normalize: bool = False,
           settings_per_batch: int | None = None, chunk_size: int = distances.DEFAULT_CHUNK,
-          precision=None) -> SweepOutput:
+          precision=None, num_rows: int | None = None) -> SweepOutput:
     """BiLAF (ActiveFT cores, paper-mode boundary stage) over the cartesian product of `grid`.
 
     Args:
@@ -383,6 +385,8 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
       num_neighbors, normalize: the boundary stage's (fixed for the sweep).
       settings_per_batch: None = vmap over all settings of a stage; else that many at a time.
       chunk_size: rows per block of the distance passes.
+      num_rows: the real rows of a padded, row-sharded pool (`bilaf_jax.sharding.shard_rows`);
+        the results equal those on the unpadded rows.
 
     >>> import jax, numpy as np
     >>> x = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
@@ -394,8 +398,7 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
     from bilaf_jax.pipeline import default_num_cores
 
     grid = check_grid(grid or {})
-    features = V.check_features(features)
-    n = features.shape[0]
+    features, n = V.check_pool(features, num_rows)
     budget = V.check_count(budget, "budget", 1, n)
     if num_cores is None:
         num_cores = default_num_cores(budget)
@@ -409,7 +412,9 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
 
     cores = sweep_activeft(core_key, features, num_cores, grid, num_steps=num_steps,
                            batch_size=batch_size, settings_per_batch=settings_per_batch,
-                           precision=precision)
+                           precision=precision, num_rows=n)
+    if n < features.shape[0]:  # the boundary stage and the measures take the real rows, as in `select`
+        features = features[:n]
     core_indices = jnp.sort(cores.indices, axis=1)
     core_md = mean_nearest_distances(features, core_indices, chunk_size=chunk_size)
     core_loss = (cores.losses[:, -1] if num_steps else

@@ -4,7 +4,8 @@ Usage:
   python scripts/sweep.py FEATURES.npz --budget B [--cores K]
       --grid temperature=0.05,0.07,0.1 --grid remove_fraction=0.1,0.2 [...]
       [--steps 300] [--batch-size ROWS] [--num-neighbors 10] [--normalize]
-      [--settings-per-batch N | --sequential] [--seed 0] --out RESULTS.json
+      [--settings-per-batch N | --sequential] [--seed 0] [--mesh N|all] [--distributed]
+      --out RESULTS.json
 
 Sweepable (traceable) parameters: temperature, learning_rate, balance (ActiveFT);
 remove_fraction, ring_fraction, opponent_penalty (boundary stage, paper mode). The grid is
@@ -14,6 +15,9 @@ set, and the boundary grid runs on each core set.
 Writes RESULTS.json atomically: {"config": ..., "records": [one dict per setting]} and prints
 a markdown table. When the .npz carries `labels`, records also hold label_count (distinct true
 labels selected) and label_balance (normalised entropy of their histogram).
+--mesh shards the pool's rows over devices and --distributed spreads one sweep over several
+processes (the same command on each; process 0 writes), as in `bilaf select`; the records are
+those of a one-device sweep.
 Bad input: one line on stderr, exit code 2.
 """
 
@@ -25,6 +29,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
+from bilaf_jax.cli import add_mesh_options, setup_mesh
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,6 +59,7 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--key", default="features", help="array name in an .npz")
     p.add_argument("--out", required=True, help="results JSON")
+    add_mesh_options(p)
     return p
 
 
@@ -91,16 +98,20 @@ def run(args) -> int:
     if not folder.is_dir() or not os.access(folder, os.W_OK):
         raise io.InputError(f"output folder does not exist or is not writable: {folder}")
 
+    mesh = setup_mesh(args)
     import jax
+
+    from bilaf_jax.sharding import is_main_process, place
 
     per_batch = 1 if args.sequential else args.settings_per_batch
     t0 = time.perf_counter()
+    pool, num_rows = place(features, mesh)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Some donated buffers were not usable")
-        out = S.sweep(jax.random.key(args.seed), features, args.budget, grid, num_cores=args.cores,
+        out = S.sweep(jax.random.key(args.seed), pool, args.budget, grid, num_cores=args.cores,
                       labels=labels, num_steps=args.steps, batch_size=args.batch_size,
                       num_neighbors=args.num_neighbors, normalize=args.normalize,
-                      settings_per_batch=per_batch)
+                      settings_per_batch=per_batch, num_rows=num_rows)
         records = S.to_records(out)
     seconds = time.perf_counter() - t0
     config = dict(features=str(args.features), n=int(n), d=int(features.shape[1]),
@@ -109,7 +120,10 @@ def run(args) -> int:
                   batch_size=args.batch_size, num_neighbors=args.num_neighbors,
                   normalize=args.normalize, mode="paper", settings_per_batch=per_batch,
                   seed=args.seed, has_labels=labels is not None, seconds=round(seconds, 3),
-                  device=str(jax.devices()[0].device_kind))
+                  device=str(jax.devices()[0].device_kind),
+                  mesh=None if mesh is None else mesh.size, processes=jax.process_count())
+    if not is_main_process():
+        return 0
     io.write_json_atomic(args.out, {"config": config, "records": records}, indent=1)
     print(markdown(records, labels is not None))
     print(f"\n{len(records)} settings in {seconds:.1f} s; wrote {args.out}")

@@ -65,3 +65,133 @@ def test_num_rows_validation():
         select(jax.random.key(0), x, 4, method="random", num_rows=17)
     with pytest.raises(ValueError, match="budget"):
         select(jax.random.key(0), x, 12, method="random", num_rows=10)
+
+
+def test_sweep_sharded_with_padding_equals_unsharded():
+    from bilaf_jax.sweep import sweep
+
+    x = _pool(1001)
+    pool = shard_rows(x, make_mesh(8))
+    grid = {"temperature": [0.05, 0.1], "remove_fraction": [0.1, 0.2]}
+    want = sweep(jax.random.key(3), x, 40, grid, num_cores=5, num_steps=10)
+    got = sweep(jax.random.key(3), pool.features, 40, grid, num_cores=5, num_steps=10,
+                num_rows=pool.num_rows)
+    np.testing.assert_array_equal(got.core_indices, want.core_indices)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_allclose(got.mean_distance, want.mean_distance, rtol=1e-5)
+    np.testing.assert_array_equal(got.selected_balance, want.selected_balance)
+
+
+# ---- the command line: --mesh, and one selection spread over two processes -----------------
+
+
+def _select_args(features, out, *extra):
+    return [str(features), "--budget", "48", "--cores", "6", "--steps", "15", "--out", str(out),
+            "--compile-cache", "off", *extra]
+
+
+def test_select_cli_mesh_equals_one_device(tmp_path):
+    import json
+
+    from bilaf_jax.cli import main
+
+    np.save(tmp_path / "f.npy", _pool(1001))
+    assert main(["select", *_select_args(tmp_path / "f.npy", tmp_path / "one.json")]) == 0
+    assert main(["select", *_select_args(tmp_path / "f.npy", tmp_path / "mesh.json", "--mesh", "all")]) == 0
+    one, mesh = (json.loads((tmp_path / f).read_text()) for f in ("one.json", "mesh.json"))
+    assert mesh == one and len(one) == 48
+    meta = json.loads((tmp_path / "mesh.meta.json").read_text())
+    assert meta["device"]["mesh"] == 8 and meta["device"]["processes"] == 1
+    # --verify re-runs on any mesh and must agree.
+    assert main(["select", "--verify", str(tmp_path / "one.json"), "--mesh", "3", "--compile-cache", "off"]) == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mesh", "9"], "between 1 and the 8 devices"),
+    (["--mesh", "two"], "mesh must be 'all'"),
+    (["--coordinator", "localhost:1234"], "need --distributed"),
+    (["--distributed", "--coordinator", "localhost:1234"], "give all of coordinator"),
+    (["--distributed", "--coordinator", "localhost:1234", "--num-processes", "2", "--process-id", "2"],
+     r"process_id must be in \[0, 2\)"),
+])
+def test_select_cli_bad_mesh_options(tmp_path, capsys, argv, message):
+    from bilaf_jax.cli import main
+
+    np.save(tmp_path / "f.npy", _pool(64))
+    assert main(["select", *_select_args(tmp_path / "f.npy", tmp_path / "s.json", *argv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    import re
+
+    assert re.search(message, err), err
+    assert not (tmp_path / "s.json").exists()
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _run_processes(command, num_processes=2, devices_per_process=2, cwd=None):
+    """Start `command + [--distributed, --coordinator, ...]` once per process, each with its
+    own simulated CPU devices; return their (returncode, stderr) after all finish."""
+    import os
+    import subprocess
+
+    port = _free_port()
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
+           "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen(
+        [*command, "--distributed", "--coordinator", f"localhost:{port}",
+         "--num-processes", str(num_processes), "--process-id", str(i)],
+        env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i in range(num_processes)]
+    results = []
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=240)
+            results.append((p.returncode, err))
+    finally:
+        for p in procs:
+            p.kill()
+    return results
+
+
+def test_two_processes_select_and_sweep_equal_one_device(tmp_path):
+    """One selection (and one sweep) over 2 processes x 2 devices with jax.distributed: process
+    0 writes exactly the one-device result; process 1 writes nothing."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from bilaf_jax.pipeline import select
+    from bilaf_jax.sweep import sweep, to_records
+
+    x = _pool(1001)  # 4 devices: padded
+    np.save(tmp_path / "f.npy", x)
+    bilaf = [sys.executable, "-c", "import sys; from bilaf_jax.cli import main; sys.exit(main())", "select",
+             *_select_args(tmp_path / "f.npy", tmp_path / "dist.json")]
+    for code, err in _run_processes(bilaf):
+        assert code == 0, err[-2000:]
+    want = select(jax.random.key(0), x, 48, num_cores=6, core_options=dict(num_steps=15))
+    assert json.loads((tmp_path / "dist.json").read_text()) == np.asarray(want.indices).tolist()
+    meta = json.loads((tmp_path / "dist.meta.json").read_text())
+    assert meta["device"]["processes"] == 2 and meta["device"]["mesh"] == 4
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "sweep.py"
+    grid = ["--grid", "temperature=0.05,0.1", "--grid", "remove_fraction=0.1,0.2"]
+    sweep_cmd = [sys.executable, str(script), str(tmp_path / "f.npy"), "--budget", "40", "--cores", "5",
+                 "--steps", "10", *grid, "--out", str(tmp_path / "sweep.json")]
+    for code, err in _run_processes(sweep_cmd):
+        assert code == 0, err[-2000:]
+    got = json.loads((tmp_path / "sweep.json").read_text())
+    assert got["config"]["processes"] == 2
+    want = to_records(sweep(jax.random.key(0), x, 40, {"temperature": [0.05, 0.1], "remove_fraction": [0.1, 0.2]},
+                            num_cores=5, num_steps=10))
+    assert len(got["records"]) == len(want) == 4
+    for g, w in zip(got["records"], want, strict=True):
+        assert g.keys() == w.keys()
+        np.testing.assert_allclose([g[k] for k in w], [w[k] for k in w], rtol=1e-5)

@@ -27,6 +27,34 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+def add_mesh_options(parser) -> None:
+    """--mesh and the multi-process options (see `bilaf_jax.sharding`)."""
+    g = parser.add_argument_group("devices")
+    g.add_argument("--mesh", default=None, metavar="N|all",
+                   help="shard the pool's rows over the first N devices ('all': every device of "
+                   "every process); default: one device, or all with --distributed")
+    g.add_argument("--distributed", action="store_true",
+                   help="join a multi-process run first (jax.distributed.initialize): start the "
+                   "same command on every host; only process 0 writes files")
+    g.add_argument("--coordinator", default=None, metavar="HOST:PORT",
+                   help="with --distributed where JAX cannot detect the cluster: process 0's address")
+    g.add_argument("--num-processes", type=int, default=None, help="with --coordinator")
+    g.add_argument("--process-id", type=int, default=None, help="with --coordinator")
+
+
+def setup_mesh(args):
+    """Act on `add_mesh_options`' arguments: join the run, build the mesh (or None)."""
+    manual = (args.coordinator, args.num_processes, args.process_id)
+    if not args.distributed and any(v is not None for v in manual):
+        raise UsageError("--coordinator, --num-processes and --process-id need --distributed")
+    from bilaf_jax import sharding
+
+    if args.distributed:
+        sharding.initialize_distributed(*manual)
+    count = sharding.parse_mesh("all" if args.distributed and args.mesh is None else args.mesh)
+    return None if count is None else sharding.make_mesh(count)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="bilaf",

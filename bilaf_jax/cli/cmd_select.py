@@ -1,13 +1,18 @@
 """`bilaf select`: choose samples to label from a feature file; write a JSON list + provenance.
 
     bilaf select FEATURES --budget B [--cores K] [--method bilaf] [--mode paper|official]
-                 [--seed S] [--label-column] [--labeled FILE] --out SELECTION.json
-    bilaf select --verify SELECTION.json
+                 [--seed S] [--label-column] [--labeled FILE] [--mesh N|all] [--distributed]
+                 --out SELECTION.json
+    bilaf select --verify SELECTION.json [--mesh N|all]
 
 The selection is a plain JSON list of pool indices (what the authors' finetuning code reads).
 Beside it, `SELECTION.meta.json` records how it was made (method, every hyperparameter, seed,
 feature-file sha256, versions, device, timings); `--verify` re-runs from that record and
 confirms the same indices.
+
+`--mesh` shards the pool's rows over devices; `--distributed` runs one selection across several
+processes (start the same command on each; see `bilaf_jax.sharding`). Either gives the indices
+of a one-device run.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bilaf_jax.cli import UsageError
+from bilaf_jax.cli import UsageError, add_mesh_options, setup_mesh
 from bilaf_jax.cli.cmd_run import add_compile_cache_option, enable_compile_cache
 
 METHODS = ("bilaf", "activeft", "kcenter", "kmeans", "random")
@@ -58,6 +63,7 @@ def register(sub) -> None:
     g.add_argument("--normalize", action="store_true", help="L2-normalise features in the boundary stage")
     p.add_argument("--out", help="where to write the JSON list of indices")
     p.add_argument("--verify", metavar="SELECTION", help="re-run the selection recorded beside SELECTION and compare")
+    add_mesh_options(p)
     add_compile_cache_option(p, "so that a later call on the same pool (any budget) skips "
                              "compiling")
     p.set_defaults(func=run)
@@ -132,12 +138,14 @@ def _selection_settings(a, n: int) -> dict:
     }
 
 
-def run_selection(features, settings: dict, labeled=None):
-    """Run `bilaf_jax.select` with CLI settings. Returns (indices list, timings, num_cores used)."""
+def run_selection(features, settings: dict, labeled=None, mesh=None):
+    """Run `bilaf_jax.select` with CLI settings, on one device or row-sharded over `mesh`.
+    Returns (indices list, timings, num_cores used)."""
     import jax
     import numpy as np
 
     from bilaf_jax.pipeline import default_num_cores, select
+    from bilaf_jax.sharding import place
 
     budget = settings["budget"]
     core_options = {}
@@ -150,27 +158,31 @@ def run_selection(features, settings: dict, labeled=None):
     if settings["method"] == "bilaf" and num_cores is None:
         num_cores = default_num_cores(budget)
     start = time.perf_counter()
+    features, num_rows = place(features, mesh)
     out = select(jax.random.key(settings["seed"]), features, budget, method=settings["method"],
                  num_cores=num_cores, core_method=settings["core_method"], mode=settings["mode"],
                  core_options=core_options, num_neighbors=settings["num_neighbors"],
                  ring_fraction=settings["ring_fraction"], remove_fraction=settings["remove_fraction"],
                  opponent_penalty=settings["opponent_penalty"], normalize=settings["normalize"],
-                 labeled=labeled)
+                 labeled=labeled, num_rows=num_rows)
     indices = np.asarray(jax.block_until_ready(out.indices)).tolist()
     timings = {"total_seconds": round(time.perf_counter() - start, 4)}
     return indices, timings, num_cores
 
 
 def run(a) -> int:
+    if not a.verify:
+        if not a.features:
+            raise UsageError("FEATURES is required (or use --verify SELECTION.json)")
+        if not a.out:
+            raise UsageError("--out is required")
+        _check_args(a)
+    mesh = setup_mesh(a)
     enable_compile_cache(a.compile_cache)
     if a.verify:
-        return verify(a.verify)
-    if not a.features:
-        raise UsageError("FEATURES is required (or use --verify SELECTION.json)")
-    if not a.out:
-        raise UsageError("--out is required")
-    _check_args(a)
+        return verify(a.verify, mesh)
     from bilaf_jax import io
+    from bilaf_jax.sharding import is_main_process
 
     out_path = io.check_output_path(a.out)
 
@@ -180,9 +192,11 @@ def run(a) -> int:
     labeled = None
     if a.labeled:
         labeled = io.load_index_list(a.labeled, n, name="--labeled")
-    indices, timings, num_cores = run_selection(features, settings, labeled)
+    indices, timings, num_cores = run_selection(features, settings, labeled, mesh)
     settings["num_cores"] = num_cores
-    meta = _provenance(a.features, features, settings, timings, len(indices))
+    if not is_main_process():  # every process holds the same indices; one writes them
+        return 0
+    meta = _provenance(a.features, features, settings, timings, len(indices), mesh)
     # Sidecar first, list last: a list on disk always has its record beside it.
     io.write_json_atomic(meta_path(out_path), meta, indent=2)
     io.write_json_atomic(out_path, indices)
@@ -191,7 +205,7 @@ def run(a) -> int:
     return 0
 
 
-def _provenance(features_path, features, settings, timings, count) -> dict:
+def _provenance(features_path, features, settings, timings, count, mesh=None) -> dict:
     import platform
 
     import jax
@@ -208,15 +222,18 @@ def _provenance(features_path, features, settings, timings, count) -> dict:
         "versions": {"bilaf_jax": bilaf_jax.__version__, "jax": jax.__version__,
                      "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else None,
                      "python": platform.python_version()},
-        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count()},
+        "device": {"platform": device.platform, "kind": device.device_kind, "count": jax.device_count(),
+                   "mesh": None if mesh is None else mesh.size, "processes": jax.process_count()},
         "timings": timings,
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
 
-def verify(selection_path) -> int:
-    """Re-run a recorded selection; exit 0 when the indices agree, 1 when they differ."""
+def verify(selection_path, mesh=None) -> int:
+    """Re-run a recorded selection (on `mesh`, if given); exit 0 when the indices agree, 1 when
+    they differ."""
     from bilaf_jax import io
+    from bilaf_jax.sharding import is_main_process
 
     selection = io.load_index_list(selection_path, name="selection")
     mpath = meta_path(selection_path)
@@ -241,7 +258,9 @@ def verify(selection_path) -> int:
     labeled = None
     if settings["labeled"]:
         labeled = io.load_index_list(settings["labeled"], features.shape[0], name="--labeled")
-    indices, timings, _ = run_selection(features, settings, labeled)
+    indices, timings, _ = run_selection(features, settings, labeled, mesh)
+    if not is_main_process():
+        return 0 if indices == selection else 1
     if indices == selection:
         print(f"verified: {len(indices)} indices identical ({timings['total_seconds']:.2f} s)")
         return 0
