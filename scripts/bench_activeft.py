@@ -4,7 +4,7 @@ a PyTorch implementation of the authors' formulation on the same features and in
 Usage:
   python scripts/bench_activeft.py [--n 50000] [--d 384] [--k 250] [--steps 300,100]
       [--batch-size ROWS] [--precision default|high|highest] [--repeats 1] [--torch]
-      [--clusters 100] [--seed 0]
+      [--clusters 100] [--seed 0] [--mesh N|all] [--distributed]
 
 ImageNet scale (GPU):
   python scripts/bench_activeft.py --n 1281167 --k 6405 --steps 100 --batch-size 100000
@@ -14,6 +14,8 @@ with a fixed seed. Prints one markdown row per measurement: first call (compilat
 and steady state (best of --repeats further calls) for JAX; wall seconds for PyTorch (eager, no
 compilation). The authors' PyTorch code measured 157 s for n = 50,000, K = 250, 300 steps on
 this project's 2-core CPU machine.
+--mesh shards the pool's rows over N devices; --distributed joins a multi-process run (the same
+command on every process; each prints its own timings). See `bilaf_jax.sharding`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import time
 
 import numpy as np
 from _common import cpu_name, mixture
+
+from bilaf_jax.cli import add_mesh_options, setup_mesh
 
 
 def machine_info():
@@ -89,13 +93,16 @@ def main(argv=None):
     p.add_argument("--torch", action="store_true", help="also time the PyTorch implementation")
     p.add_argument("--torch-threads", type=int, default=None)
     p.add_argument("--skip-jax", action="store_true", help="time only the PyTorch version")
+    add_mesh_options(p)
     args = p.parse_args(argv)
+    mesh = setup_mesh(args)
     steps = [int(s) for s in args.steps.split(",")]
 
     import jax
     from jax import lax
 
     from bilaf_jax.activeft import activeft
+    from bilaf_jax.sharding import place
 
     precision = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH,
                  "highest": lax.Precision.HIGHEST}[args.precision]
@@ -104,12 +111,13 @@ def main(argv=None):
     gen_s = time.perf_counter() - t0
     init = np.sort(np.random.default_rng(args.seed + 1).choice(args.n, args.k, replace=False))
     dev = jax.devices()[0]
-    xd = jax.device_put(x, dev)
+    xd, num_rows = place(x, mesh) if mesh is not None else (jax.device_put(x, dev), None)
     key = jax.random.key(args.seed)
     print(f"# ActiveFT benchmark: n={args.n} d={args.d} K={args.k} clusters={args.clusters} "
           f"batch={args.batch_size or 'full'} precision={args.precision}; features generated in "
           f"{gen_s:.1f} s")
-    print(f"# JAX {jax.__version__} on {dev.platform}:{dev.device_kind}; host {machine_info()}")
+    where = "" if mesh is None else f", rows sharded over {mesh.size} devices in {jax.process_count()} process(es)"
+    print(f"# JAX {jax.__version__} on {dev.platform}:{dev.device_kind}{where}; host {machine_info()}")
     print()
     # CPU seconds (user + system, all threads of this process) are reported next to wall
     # seconds: on a shared machine they vary far less with other jobs' load.
@@ -121,7 +129,7 @@ def main(argv=None):
         host = machine_info()
         run = lambda num_steps=num_steps: activeft(
             key, xd, args.k, num_steps=num_steps, batch_size=args.batch_size,
-            init_indices=init, precision=precision)
+            init_indices=init, precision=precision, num_rows=num_rows)
         t0 = time.perf_counter()
         out = jax.block_until_ready(run())
         first = time.perf_counter() - t0

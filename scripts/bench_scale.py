@@ -11,6 +11,9 @@ Usage:
   #     boundary stage on its cores; run twice, the second run is reported as steady state
   python scripts/bench_scale.py --full-pipeline [--steps 100] [--batch-size 100000]
       [--precision default|high|highest] [--out RESULT.json]
+  # either, with the pool's rows sharded over N devices (several processes: --distributed,
+  # the same command on each; each reports its own process's memory)
+  python scripts/bench_scale.py ... --mesh N|all [--distributed]
 
 Features: a Gaussian mixture of --clusters centres (so pseudo-classes have realistic sizes),
 float32, generated in chunks with a fixed seed inside the measured process. Peak memory is the
@@ -39,6 +42,8 @@ from pathlib import Path
 
 import numpy as np
 from _common import PhaseTimer, cpu_name, mixture
+
+from bilaf_jax.cli import add_mesh_options, setup_mesh
 
 GIB = 1 << 30
 
@@ -71,7 +76,9 @@ def measure(args) -> dict:
     from jax import lax
 
     from bilaf_jax import boundary
+    from bilaf_jax.sharding import place
 
+    mesh = setup_mesh(args)
     x64 = args.mode == "official"
     if x64:
         jax.config.update("jax_enable_x64", True)
@@ -84,8 +91,11 @@ def measure(args) -> dict:
                clusters=args.clusters, seed=args.seed, device=f"{dev.platform}:{dev.device_kind}",
                jax=jax.__version__, host=f"{cpu_name()}, {os.cpu_count()} cores",
                load_at_start=round(os.getloadavg()[0], 2),
-               generate_s=round(time.perf_counter() - t0, 2))
-    xd = jax.device_put(x, dev)
+               generate_s=round(time.perf_counter() - t0, 2),
+               mesh=None if mesh is None else mesh.size, processes=jax.process_count())
+    xd, num_rows = place(x, mesh) if mesh is not None else (jax.device_put(x, dev), None)
+    # The boundary stage takes the real rows (as `bilaf_jax.select` hands them over).
+    x_real = xd if num_rows is None else xd[:num_rows]
     del x
     res["rss_after_features_gib"] = round(rss_gib(), 3)
     key = jax.random.key(args.seed)
@@ -114,10 +124,10 @@ def measure(args) -> dict:
             t0 = time.perf_counter()
             core = jax.block_until_ready(
                 activeft(core_key, xd, args.k, num_steps=args.steps, batch_size=args.batch_size,
-                         precision=precision))
+                         precision=precision, num_rows=num_rows))
             t1 = time.perf_counter()
             cores = np.sort(np.asarray(core.indices))
-            out = jax.block_until_ready(boundary.bilaf(boundary_key, xd, cores, args.budget,
+            out = jax.block_until_ready(boundary.bilaf(boundary_key, x_real, cores, args.budget,
                                                        mode=args.mode))
             t2 = time.perf_counter()
             runs.append(dict(activeft_s=round(t1 - t0, 3), boundary_s=round(t2 - t1, 3),
@@ -130,7 +140,7 @@ def measure(args) -> dict:
             if timer:
                 timer.reset()
             t0, c0 = time.perf_counter(), time.process_time()
-            out = jax.block_until_ready(boundary.bilaf(boundary_key, xd, cores, args.budget,
+            out = jax.block_until_ready(boundary.bilaf(boundary_key, x_real, cores, args.budget,
                                                        mode=args.mode))
             runs.append(dict(boundary_s=round(time.perf_counter() - t0, 3),
                              boundary_cpu_s=round(time.process_time() - c0, 3),
@@ -178,7 +188,8 @@ def markdown(res) -> str:
     lines = [f"# BiLAF scale benchmark on {res['device']} (host {res['host']}, load at start "
              f"{res['load_at_start']}); JAX {res['jax']}",
              f"# n={res['n']} d={res['d']} K={res['k']} B={res['budget']} mode={res['mode']} "
-             f"clusters={res['clusters']} batch elements={res.get('batch_elements')}" + (
+             f"clusters={res['clusters']} batch elements={res.get('batch_elements')}"
+             + (f" mesh={res['mesh']} devices, {res['processes']} process(es)" if res.get("mesh") else "") + (
                  "; PARTIAL (killed by --timeout after the runs below)" if res.get("partial") else
                  f"; pseudo-class sizes min/median/max = {res['class_size_min']}/"
                  f"{res['class_size_median']:.0f}/{res['class_size_max']}"),
@@ -235,6 +246,7 @@ def build_parser():
                    help="measure in this process (peak RSS then includes the parent)")
     p.add_argument("--out", default=None, help="write the result JSON here (atomically)")
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
+    add_mesh_options(p)
     return p
 
 

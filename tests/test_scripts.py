@@ -134,3 +134,21 @@ def test_bench_scale_plan_steps(capsys, monkeypatch):
     batches = [int(r[2]) for r in rows]
     # larger batches: fewer of them, and fewer loop steps one after another
     assert batches[0] > batches[1] and steps[0] > steps[1] > 0
+
+
+@pytest.mark.parametrize("extra", [[], ["--full-pipeline", "--steps", "3", "--batch-size", "2000"]])
+def test_bench_scale_on_a_mesh(tmp_path, monkeypatch, extra):
+    """--mesh shards the pool over the 8 simulated devices (3001 rows: padded) and the boundary
+    stage's check (B unique indices, every core included) still holds."""
+    import jax
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices; see conftest.py")
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = _load_script("bench_scale")
+    out = tmp_path / "r.json"
+    assert bench.main(["--n", "3001", "--d", "8", "--k", "20", "--budget", "200", "--clusters", "10",
+                       "--in-process", "--repeats", "0", "--mesh", "all", "--out", str(out), *extra]) == 0
+    res = json.loads(out.read_text())
+    assert res["mesh"] == 8 and res["processes"] == 1
+    assert res["runs"] and all(r["check"]["ok"] for r in res["runs"])
