@@ -150,11 +150,14 @@ def _direct_chunk(rows: int, d: int, chunk_size: int) -> int:
 
 
 def _assign(features, core_indices, budget, ring_fraction, remove_fraction, *, num_nearest,
-            normalize, direct, chunk_size, mode):
+            normalize, direct, chunk_size, mode, precision=None):
     x = distances.normalize(features) if normalize else features
     cores = x[core_indices]
     chunk = _direct_chunk(cores.shape[0], x.shape[1], chunk_size) if direct else chunk_size
-    nb = distances.knn(x, cores, num_nearest, "euclidean", chunk_size=chunk, direct=direct)
+    nb = distances.knn(x, cores, num_nearest, "euclidean", chunk_size=chunk, direct=direct,
+                       precision=precision)
+    if precision is not None:
+        nb = _remeasure(x, cores, nb.index, _direct_chunk(num_nearest, x.shape[1], chunk_size))
     labels = nb.index[:, 0]
     if mode == "paper":  # a core always belongs to its own pseudo-class
         labels = labels.at[core_indices].set(jnp.arange(core_indices.shape[0], dtype=jnp.int32))
@@ -166,7 +169,23 @@ def _assign(features, core_indices, budget, ring_fraction, remove_fraction, *, n
 
 
 _assign_jit = jax.jit(_assign, static_argnames=("num_nearest", "normalize", "direct",
-                                                "chunk_size", "mode"))
+                                                "chunk_size", "mode", "precision"))
+
+
+def _remeasure(x, cores, index, chunk_size):
+    """The nearest cores found with reduced-precision matmuls, measured again in the features'
+    precision (explicit differences) and re-sorted by (distance, position). Reduced precision
+    thus only shortlists each sample's T1 nearest cores; its labels and the distances that the
+    boundary scores use are exact among them. [n, d], [K, d], int32[n, T1] -> Neighbours."""
+
+    def block(rows):
+        xb, ib = x[rows], index[rows]
+        diff = xb[:, None, :] - cores[ib]  # [c, T1, d]
+        dist = jnp.sqrt(jnp.sum(diff * diff, axis=-1))
+        return lax.sort((dist, ib), dimension=1, num_keys=2)
+
+    dist, idx = distances.map_rows(block, jnp.arange(x.shape[0]), chunk_size)
+    return distances.Neighbours(dist, idx)
 
 
 # --------------------------------------------------------------------------------------------
@@ -861,7 +880,8 @@ def _run_buckets(g, buckets, args, most, static):
 def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
           num_neighbors: int = 10, ring_fraction=0.1, remove_fraction=0.1,
           opponent_penalty=1.1, normalize: bool = False,
-          chunk_size: int = distances.DEFAULT_CHUNK, direct: bool | None = None) -> BilafOutput:
+          chunk_size: int = distances.DEFAULT_CHUNK, direct: bool | None = None,
+          precision=None) -> BilafOutput:
     """Select `budget` samples: the cores plus the boundary samples of each pseudo-class.
 
     Args:
@@ -881,6 +901,11 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
       direct: Euclidean distances from explicit differences (as scipy's cdist) instead of the
         Gram expansion. Default: True in official mode with float64 features (exact parity
         with the script), else False (faster).
+      precision: of the assignment's [n, K] distance matmuls, paper mode: "float32" (default),
+        "bfloat16" or "tensorfloat32" (NVIDIA GPUs), both accumulating in float32 (see
+        `bilaf_jax.distances`). They only shortlist each sample's nearest cores: the
+        shortlist is measured again in float32, so labels and scores change only where the
+        true nearest core missed the shortlist. Official mode takes "float32" only.
 
     Paper mode (Algorithm 1): every sample joins its nearest core (a core always its own
     class); IDC grows each class from its core in rings of max(1, floor(m P_in)) samples of
@@ -939,12 +964,17 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
         direct = mode == "official" and features.dtype == jnp.float64
     direct = bool(direct)
     normalize = bool(normalize)
+    if distances.resolve_precision(precision) == lax.Precision.HIGHEST:  # also checks names
+        precision = None
+    if mode == "official" and precision is not None:
+        raise ValueError("official mode computes in float64 as the authors' script does; "
+                         f"precision {precision!r} applies to mode='paper' only")
 
     num_nearest = min(num_classes, 2 if mode == "official" else NUM_OPPONENTS + 1)
     core_j = jnp.asarray(core, jnp.int32)
     a = _assign_jit(features, core_j, jnp.int32(budget), ring_fraction, remove_fraction,
                     num_nearest=num_nearest, normalize=normalize, direct=direct,
-                    chunk_size=chunk_size, mode=mode)
+                    chunk_size=chunk_size, mode=mode, precision=precision)
     labels = np.asarray(a.labels)
     if mode == "official":
         wrong = np.nonzero(labels[core] != np.arange(num_classes))[0]

@@ -212,10 +212,11 @@ class Neighbours(NamedTuple):
 
 
 def knn(queries, points, k: int, metric: str = "sqeuclidean", *, point_mask=None,
-        chunk_size: int = DEFAULT_CHUNK, direct: bool = False) -> Neighbours:
+        chunk_size: int = DEFAULT_CHUNK, direct: bool = False, precision=None) -> Neighbours:
     """The k nearest of `points` [p, d] to each of `queries` [m, d] (k static, k <= p).
 
     point_mask: optional bool[p]; False points are ignored.
+    precision: of the distance matmuls (see the module docstring).
     Memory: one [chunk_size, p] block at a time.
     """
     _check_metric(metric)
@@ -224,7 +225,7 @@ def knn(queries, points, k: int, metric: str = "sqeuclidean", *, point_mask=None
         raise ValueError(f"k must be in [1, {p}], got {k}")
 
     def block(qb):
-        dist = pairwise(qb, points, metric, direct=direct)
+        dist = pairwise(qb, points, metric, direct=direct, precision=precision)
         if point_mask is not None:
             dist = jnp.where(point_mask[None, :], dist, jnp.inf)
         dist_k, idx = smallest_k(dist, k)  # ties: lower index first

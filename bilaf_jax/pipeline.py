@@ -55,7 +55,7 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
            core_method: str = "activeft", mode: str = "paper", core_options: dict | None = None,
            num_neighbors: int = 10, ring_fraction=0.1, remove_fraction=0.1,
            opponent_penalty=1.1, normalize: bool = False, labeled=None,
-           num_rows: int | None = None) -> SelectOutput:
+           num_rows: int | None = None, precision: str | None = None) -> SelectOutput:
     """Choose `budget` rows of `features` [n, d] to label.
 
     method: "bilaf" (core stage with `core_method` picking `num_cores` cores, then BiLAF's
@@ -73,6 +73,10 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
       cores = labeled + the K new cores and a budget of budget + m, and the labelled rows are
       then dropped from its output, leaving `budget` new rows.
     num_rows: the real rows of a pool padded to shard evenly (`bilaf_jax.sharding.shard_rows`).
+    precision: "float32" (default), "bfloat16" or "tensorfloat32" (NVIDIA GPUs) for the
+      similarity matmuls of ActiveFT and of the boundary stage's assignment (paper mode), with
+      float32 accumulation; see `bilaf_jax.distances`. Faster on accelerators; may flip
+      near-ties.
 
     The key is split once per stage, so the core stage draws the same randomness whether or
     not a boundary stage follows.
@@ -93,6 +97,10 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
     budget = V.check_count(budget, "budget", 1, n)
     core_key, boundary_key = jax.random.split(key)
     options = dict(core_options or {})
+    if precision is not None and "activeft" in (method, core_method if method == "bilaf" else None):
+        if options.setdefault("precision", precision) != precision:
+            raise ValueError(f"precision {precision!r} conflicts with core_options' "
+                             f"{options['precision']!r}")
     if n < features.shape[0]:
         options["num_rows"] = n
     if labeled is not None:
@@ -127,7 +135,8 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
     run_boundary = functools.partial(
         bilaf, boundary_key, core_indices=all_cores, budget=budget + (0 if labeled is None else labeled.size),
         mode=mode, num_neighbors=num_neighbors, ring_fraction=ring_fraction,
-        remove_fraction=remove_fraction, opponent_penalty=opponent_penalty, normalize=normalize)
+        remove_fraction=remove_fraction, opponent_penalty=opponent_penalty, normalize=normalize,
+        precision=precision)
     if n < features.shape[0]:
         # The boundary stage works per pseudo-class on gathered rows; hand it the real rows.
         features = _real_rows(features, n)

@@ -236,7 +236,7 @@ class BoundarySweep(NamedTuple):
 def sweep_boundary(key, features, core_indices, budget: int,
                    grid: Mapping[str, Sequence[float]] | None = None, *, num_neighbors: int = 10,
                    normalize: bool = False, settings_per_batch: int | None = None,
-                   chunk_size: int = distances.DEFAULT_CHUNK) -> BoundarySweep:
+                   chunk_size: int = distances.DEFAULT_CHUNK, precision=None) -> BoundarySweep:
     """Run the boundary stage (paper mode) for every setting of the grid's boundary part.
 
     `settings_per_batch=None` vmaps `bilaf` over all settings at once; an int vmaps that many
@@ -259,7 +259,8 @@ def sweep_boundary(key, features, core_indices, budget: int,
     features = jnp.asarray(features)
     dtype = features.dtype
     run = functools.partial(bilaf, key, features, core_indices, budget, mode="paper",
-                            num_neighbors=num_neighbors, normalize=normalize, chunk_size=chunk_size)
+                            num_neighbors=num_neighbors, normalize=normalize, chunk_size=chunk_size,
+                            precision=precision)
 
     def one(p):
         out = run(**p)
@@ -381,7 +382,8 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
       budget: B. num_cores: K, default `bilaf_jax.pipeline.default_num_cores(B)`.
       grid: {name: values} over `TRACEABLE_PARAMS`; missing names take the stage defaults.
       labels: optional int[n] true labels, used only by the label measures.
-      num_steps, batch_size, precision: ActiveFT's (fixed for the sweep).
+      num_steps, batch_size: ActiveFT's (fixed for the sweep).
+      precision: of ActiveFT's and the boundary assignment's matmuls, as in `select`.
       num_neighbors, normalize: the boundary stage's (fixed for the sweep).
       settings_per_batch: None = vmap over all settings of a stage; else that many at a time.
       chunk_size: rows per block of the distance passes.
@@ -425,7 +427,8 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
     for s in range(core_indices.shape[0]):
         res = sweep_boundary(boundary_key, features, np.asarray(core_indices[s]), budget, grid,
                              num_neighbors=num_neighbors, normalize=normalize,
-                             settings_per_batch=settings_per_batch, chunk_size=chunk_size)
+                             settings_per_batch=settings_per_batch, chunk_size=chunk_size,
+                             precision=precision)
         num_b = res.indices.shape[0]
         for name in ACTIVEFT_PARAMS:
             rows[name].append(np.full(num_b, cores.params[name][s]))

@@ -4,6 +4,7 @@ Usage:
   python scripts/sweep.py FEATURES.npz --budget B [--cores K]
       --grid temperature=0.05,0.07,0.1 --grid remove_fraction=0.1,0.2 [...]
       [--steps 300] [--batch-size ROWS] [--num-neighbors 10] [--normalize]
+      [--precision float32|bfloat16|tensorfloat32]
       [--settings-per-batch N | --sequential] [--seed 0] [--mesh N|all] [--distributed]
       --out RESULTS.json
 
@@ -52,6 +53,8 @@ def build_parser():
     p.add_argument("--num-neighbors", type=int, default=10, help="IDC density k")
     p.add_argument("--normalize", action="store_true",
                    help="boundary stage on L2-normalised features")
+    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "tensorfloat32"),
+                   help="similarity matmuls of ActiveFT and the boundary assignment (as bilaf select)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--settings-per-batch", type=int, default=None,
                    help="vmap this many settings at a time (bounds memory; default: all)")
@@ -111,14 +114,15 @@ def run(args) -> int:
         out = S.sweep(jax.random.key(args.seed), pool, args.budget, grid, num_cores=args.cores,
                       labels=labels, num_steps=args.steps, batch_size=args.batch_size,
                       num_neighbors=args.num_neighbors, normalize=args.normalize,
-                      settings_per_batch=per_batch, num_rows=num_rows)
+                      settings_per_batch=per_batch, num_rows=num_rows, precision=args.precision)
         records = S.to_records(out)
     seconds = time.perf_counter() - t0
     config = dict(features=str(args.features), n=int(n), d=int(features.shape[1]),
                   budget=args.budget, num_cores=int(out.core_indices.shape[1]),
                   grid={k: list(v) for k, v in grid.items()}, num_steps=args.steps,
                   batch_size=args.batch_size, num_neighbors=args.num_neighbors,
-                  normalize=args.normalize, mode="paper", settings_per_batch=per_batch,
+                  normalize=args.normalize, precision=args.precision, mode="paper",
+                  settings_per_batch=per_batch,
                   seed=args.seed, has_labels=labels is not None, seconds=round(seconds, 3),
                   device=str(jax.devices()[0].device_kind),
                   mesh=None if mesh is None else mesh.size, processes=jax.process_count())

@@ -137,6 +137,42 @@ def test_paper_float32_matches_reference(blobs):
     _check(out, paper_reference(x.astype(np.float32), cores, 40), x.shape[0])
 
 
+def test_paper_bfloat16_assignment_matches_reference(blobs):
+    """bfloat16 matmuls only shortlist the nearest cores; the shortlist is re-measured in
+    float32, so on blobs (no near-ties) the selection is the float32 reference's."""
+    x, cores = blobs
+    x32 = x.astype(np.float32)
+    out = bilaf(KEY, x32, cores, 40, precision="bfloat16")
+    _check(out, paper_reference(x32, cores, 40), x.shape[0])
+
+
+def test_reduced_precision_shortlist_is_remeasured_exactly(digit_features):
+    """`_assign` with bfloat16: the distances it keeps are the exact Euclidean distances (NumPy)
+    to the cores it lists, ascending; and the labels are the exact nearest cores."""
+    x, cores = digit_features
+    x32 = x.astype(np.float32)
+    core = np.sort(cores)
+    a = boundary._assign_jit(x32, jnp.asarray(core, jnp.int32), jnp.int32(60), 0.1, 0.1,
+                             num_nearest=5, normalize=False, direct=False, chunk_size=256,
+                             mode="paper", precision="bfloat16")
+    idx, dist = np.asarray(a.core_index), np.asarray(a.core_dist)
+    exact = np.linalg.norm(x[:, None, :] - x[core][idx], axis=-1)
+    np.testing.assert_allclose(dist, exact, rtol=1e-5)
+    assert (np.diff(dist, axis=1) >= 0).all()
+    full = np.linalg.norm(x[:, None, :] - x[core][None], axis=-1)
+    want = full.argmin(1)
+    want[core] = np.arange(core.size)
+    np.testing.assert_array_equal(np.asarray(a.labels), want)
+
+
+def test_precision_checks(blobs):
+    x, cores = blobs
+    with pytest.raises(ValueError, match="unknown precision"):
+        bilaf(KEY, x.astype(np.float32), cores, 40, precision="float16")
+    with pytest.raises(ValueError, match="mode='paper' only"):
+        bilaf(KEY, x.astype(np.float32), cores, 40, mode="official", precision="bfloat16")
+
+
 def test_paper_normalize_matches_reference(blobs):
     x, cores = blobs
     with jax.enable_x64(True):

@@ -113,6 +113,10 @@ SELECT_CASES = {
     "steps-negative": ["select", "{d}/good.npy", "--steps", "-1", *SEL],
     "temperature-0": ["select", "{d}/good.npy", "--temperature", "0", *SEL],
     "ring-fraction-2": ["select", "{d}/good.npy", "--ring-fraction", "2", *SEL],
+    "precision-unknown": ["select", "{d}/good.npy", "--precision", "float16", *SEL],
+    "precision-official": ["select", "{d}/good.npy", "--mode", "official", "--precision", "bfloat16", *SEL],
+    "tf32-on-cpu": ["select", "{d}/good.npy", "--precision", "tensorfloat32", *SEL],
+    "mesh-too-large": ["select", "{d}/good.npy", "--mesh", "999", *SEL],
     "out-missing": ["select", "{d}/good.npy", "--budget", "5"],
     "out-folder-missing": ["select", "{d}/good.npy", "--budget", "5", "--out", "{d}/nodir/sel.json"],
     "out-is-folder": ["select", "{d}/good.npy", "--budget", "5", "--out", "{d}"],
@@ -264,3 +268,12 @@ def test_compile_cache_serves_a_new_budget(files, tmp_path):
     assert not {program(e) for e in added} & {program(e) for e in entries}, added
     assert set(entries) <= set(entries_after)
     assert len(second) == 12 and len(set(second)) == 12 and set(first[:1]) <= set(second)
+
+
+def test_precision_is_recorded_and_verified(files, tmp_path, capsys):
+    out = tmp_path / "sel.json"
+    assert call(["select", files / "good.npy", "--budget", "6", "--cores", "2", "--steps", "10",
+                 "--precision", "bfloat16", "--out", out]) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "sel.meta.json").read_text())
+    assert meta["selection"]["precision"] == "bfloat16"
+    assert call(["select", "--verify", out]) == 0

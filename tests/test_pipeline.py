@@ -74,8 +74,28 @@ def test_bad_arguments(pool):
         (dict(num_cores=41), "num_cores"),
         (dict(method="random", num_cores=3), "num_cores"),
         (dict(labeled=[1, 1]), "repeated"),
+        (dict(precision="float16"), "unknown precision"),
+        (dict(precision="bfloat16", core_options=dict(precision="float32")), "conflicts"),
     ]:
         with pytest.raises(ValueError, match=match):
             select(key, pool, 40, **kwargs)
     with pytest.raises(ValueError, match="budget"):
         select(key, pool, 401)
+
+
+def test_precision_reaches_both_stages(pool, monkeypatch):
+    """select(precision=...) runs ActiveFT and the boundary assignment at that precision."""
+    from bilaf_jax import boundary
+
+    seen = []
+    assign = boundary._assign_jit
+    monkeypatch.setattr(boundary, "_assign_jit", lambda *a, **k: seen.append(k["precision"]) or assign(*a, **k))
+    out = select(jax.random.key(0), pool, 40, num_cores=8, precision="bfloat16",
+                 core_options=dict(num_steps=20))
+    from bilaf_jax.activeft import activeft
+
+    core_key = jax.random.split(jax.random.key(0))[0]  # as select splits it
+    core = activeft(core_key, pool, 8, num_steps=20, precision="bfloat16")
+    assert seen == ["bfloat16"]
+    np.testing.assert_array_equal(out.core_indices, core.indices)
+    assert len(np.unique(np.asarray(out.indices))) == 40

@@ -28,6 +28,7 @@ from bilaf_jax.cli import UsageError, add_mesh_options, setup_mesh
 from bilaf_jax.cli.cmd_run import add_compile_cache_option, enable_compile_cache
 
 METHODS = ("bilaf", "activeft", "kcenter", "kmeans", "random")
+PRECISIONS = ("float32", "bfloat16", "tensorfloat32")  # as bilaf_jax.distances.PRECISIONS
 SELECTION_KEYS = ("method", "core_method", "mode", "budget", "num_cores", "seed", "label_column",
                   "labeled", "num_steps", "batch_size", "temperature", "learning_rate", "balance",
                   "num_neighbors", "ring_fraction", "remove_fraction", "opponent_penalty", "normalize")
@@ -49,6 +50,10 @@ def register(sub) -> None:
                    help="the file is the authors' [n, d + 1] layout with a label last (ignored)")
     p.add_argument("--labeled", default=None, metavar="FILE",
                    help="JSON list of already-labelled indices: never selected; existing cores in bilaf")
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
+                   help="similarity matmuls of ActiveFT and the boundary assignment (paper mode); "
+                   "the last two accumulate in float32, are faster on accelerators and may flip "
+                   "near-ties (tensorfloat32: NVIDIA GPUs only)")
     g = p.add_argument_group("ActiveFT")
     g.add_argument("--steps", type=int, default=300, dest="num_steps")
     g.add_argument("--batch-size", type=int, default=None, help="random rows per step (ImageNet: 100000)")
@@ -123,6 +128,8 @@ def _check_args(a) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
     if not a.opponent_penalty > 0:
         raise UsageError(f"--opponent-penalty must be > 0, got {a.opponent_penalty}")
+    if a.precision != "float32" and a.method == "bilaf" and a.mode == "official":
+        raise UsageError("--precision applies to --mode paper only (official mode is float64)")
 
 
 def _selection_settings(a, n: int) -> dict:
@@ -134,7 +141,7 @@ def _selection_settings(a, n: int) -> dict:
         "batch_size": a.batch_size, "temperature": a.temperature, "learning_rate": a.learning_rate,
         "balance": a.balance, "num_neighbors": a.num_neighbors, "ring_fraction": a.ring_fraction,
         "remove_fraction": a.remove_fraction, "opponent_penalty": a.opponent_penalty,
-        "normalize": a.normalize,
+        "normalize": a.normalize, "precision": a.precision,
     }
 
 
@@ -164,7 +171,8 @@ def run_selection(features, settings: dict, labeled=None, mesh=None):
                  core_options=core_options, num_neighbors=settings["num_neighbors"],
                  ring_fraction=settings["ring_fraction"], remove_fraction=settings["remove_fraction"],
                  opponent_penalty=settings["opponent_penalty"], normalize=settings["normalize"],
-                 labeled=labeled, num_rows=num_rows)
+                 labeled=labeled, num_rows=num_rows,
+                 precision=settings.get("precision", "float32"))  # records older than --precision lack it
     indices = np.asarray(jax.block_until_ready(out.indices)).tolist()
     timings = {"total_seconds": round(time.perf_counter() - start, 4)}
     return indices, timings, num_cores
