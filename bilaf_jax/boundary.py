@@ -59,6 +59,7 @@ from bilaf_jax._validation import (
     check_positive,
     is_traced,
 )
+from bilaf_jax.sharding import process_local, to_host
 
 MODES = ("paper", "official")
 # Opponent cores tracked per sample in paper mode (Eq. 7 min); an exact scan over all K cores
@@ -975,7 +976,7 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     a = _assign_jit(features, core_j, jnp.int32(budget), ring_fraction, remove_fraction,
                     num_nearest=num_nearest, normalize=normalize, direct=direct,
                     chunk_size=chunk_size, mode=mode, precision=precision)
-    labels = np.asarray(a.labels)
+    labels = to_host(a.labels)
     if mode == "official":
         wrong = np.nonzero(labels[core] != np.arange(num_classes))[0]
         if wrong.size:
@@ -988,7 +989,7 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
 
     alloc, use_all = a.allocation, a.use_all
     concrete = not is_traced(alloc)
-    alloc_host = np.asarray(alloc) if concrete else None
+    alloc_host = to_host(alloc) if concrete else None
     if mode == "official" and concrete:
         zero = np.nonzero(alloc_host == 0)[0]
         if zero.size:
@@ -1009,7 +1010,7 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     results, layout = _run_buckets(g, buckets, args, most, static)
     if concrete and not any(map(is_traced, jax.tree.leaves(results))):
         # Concrete results: gather on the host (no program to compile per budget).
-        host = jax.tree.map(np.asarray, (results, layout))
+        host = jax.tree.map(to_host, (results, layout))
         out, score, kept, core_lost = _assemble(*host, alloc_host, n=n, budget=budget, xp=np)
         out, score, kept = jnp.asarray(out), jnp.asarray(score), jnp.asarray(kept)
     else:
@@ -1028,7 +1029,9 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
                 f"official mode: the authors' allocation exceeds some denoised class sizes, "
                 f"so the selection repeats samples ({uniq} unique of {budget}), as their "
                 "script does.", stacklevel=2)
-    return BilafOutput(out, a.labels, kept, score, alloc.astype(jnp.int32))
+    output = BilafOutput(out, a.labels, kept, score, alloc.astype(jnp.int32))
+    # Several processes: each returns the whole result (see bilaf_jax.sharding).
+    return output if features.is_fully_addressable else process_local(output)
 
 
 def _split_budget(class_sizes, budget, ring_fraction, remove_fraction, *, mode, dtype):

@@ -12,6 +12,7 @@ import numpy as np
 from bilaf_jax import _validation as V
 from bilaf_jax.activeft import activeft
 from bilaf_jax.baselines import kcenter_select, kmeans_select, random_select
+from bilaf_jax.sharding import process_local, to_host
 
 METHODS = ("bilaf", "activeft", "kcenter", "kmeans", "random")
 CORE_METHODS = ("activeft", "kcenter", "kmeans", "random")
@@ -120,7 +121,7 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
         if num_cores is not None and num_cores != budget:
             raise ValueError(f"num_cores applies to method='bilaf' only (got {num_cores} with {method!r})")
         core = _CORE_SELECTORS[method](core_key, features, budget, **options)
-        return SelectOutput(core.indices, core.indices, core, None)
+        return process_local(SelectOutput(core.indices, core.indices, core, None))
 
     from bilaf_jax.boundary import bilaf
 
@@ -129,7 +130,7 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
     num_cores = V.check_count(num_cores, "num_cores", 1, budget)
     core = _CORE_SELECTORS[core_method](core_key, features, num_cores, **options)
     core_indices = jnp.sort(core.indices)
-    all_cores = np.asarray(core_indices)
+    all_cores = to_host(core_indices)
     if labeled is not None:
         all_cores = np.sort(np.concatenate([all_cores, labeled]))
     run_boundary = functools.partial(
@@ -148,9 +149,10 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
         boundary = run_boundary(features)
     indices = boundary.indices
     if labeled is not None:
-        picked = np.asarray(indices)
+        picked = to_host(indices)
         indices = jnp.asarray(picked[~np.isin(picked, labeled)], jnp.int32)
-    return SelectOutput(indices, core_indices, core, boundary)
+    # Several processes: each returns the whole result (see bilaf_jax.sharding).
+    return process_local(SelectOutput(indices, core_indices, core, boundary))
 
 
 @functools.partial(jax.jit, static_argnums=1)

@@ -118,6 +118,27 @@ def shard_rows(features, mesh: Mesh, axis: str = "data") -> ShardedPool:
     return ShardedPool(jax.device_put(features, NamedSharding(mesh, P(axis, None))), n)
 
 
+def to_host(x) -> np.ndarray:
+    """A NumPy copy of the whole of `x`. An array spread over several processes' devices is
+    gathered first (every process gets all of it): `np.asarray` alone would fail there."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def process_local(tree):
+    """`tree` with each array that spans several processes replaced by a copy of its whole
+    value on this process's default device (outputs of a multi-process run, ready for NumPy)."""
+    def local(x):
+        if isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.is_fully_addressable:
+            return jnp.asarray(to_host(x))
+        return x
+
+    return jax.tree.map(local, tree)
+
+
 def place(features, mesh: Mesh | None):
     """(features, num_rows) for the selectors: unchanged with no mesh, else `shard_rows`."""
     if mesh is None:

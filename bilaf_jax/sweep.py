@@ -45,6 +45,7 @@ from jax import lax
 from bilaf_jax import _validation as V
 from bilaf_jax import distances
 from bilaf_jax.activeft import activeft
+from bilaf_jax.sharding import process_local, to_host
 
 # name -> (default, lower bound, lower bound allowed, upper bound or None, upper allowed)
 ACTIVEFT_PARAMS = {
@@ -277,7 +278,7 @@ def sweep_boundary(key, features, core_indices, budget: int,
         res = jax.vmap(one)(hp)
         parts.append(jax.tree.map(lambda a, m=stop - start: a[:m], res))
     indices, labels, kept, alloc = (jnp.concatenate(a) for a in zip(*parts, strict=True))
-    return BoundarySweep(params, indices, labels[0], kept, alloc)
+    return process_local(BoundarySweep(params, indices, labels[0], kept, alloc))
 
 
 # --------------------------------------------------------------------------------------------
@@ -425,7 +426,7 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
     rows = {name: [] for name in TRACEABLE_PARAMS}
     setting, indices, sel_bal, pool_bal = [], [], [], []
     for s in range(core_indices.shape[0]):
-        res = sweep_boundary(boundary_key, features, np.asarray(core_indices[s]), budget, grid,
+        res = sweep_boundary(boundary_key, features, to_host(core_indices[s]), budget, grid,
                              num_neighbors=num_neighbors, normalize=normalize,
                              settings_per_batch=settings_per_batch, chunk_size=chunk_size,
                              precision=precision)
@@ -449,9 +450,10 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
         cov = [label_coverage(labels, idx) for idx in np.asarray(indices)]
         label_count = np.array([c for c, _ in cov], np.int64)
         label_balance = np.array([b for _, b in cov], np.float64)
-    return SweepOutput({k: np.concatenate(v) for k, v in rows.items()}, np.concatenate(setting),
-                       core_indices, core_loss, core_md, indices, mean_d, np.array(sel_bal),
-                       np.array(pool_bal), label_count, label_balance)
+    # Several processes: each returns the whole result (see bilaf_jax.sharding).
+    return process_local(SweepOutput({k: np.concatenate(v) for k, v in rows.items()}, np.concatenate(setting),
+                                     core_indices, core_loss, core_md, indices, mean_d, np.array(sel_bal),
+                                     np.array(pool_bal), label_count, label_balance))
 
 
 def to_records(out: SweepOutput) -> list[dict]:

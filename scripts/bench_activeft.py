@@ -102,7 +102,7 @@ def main(argv=None):
     from jax import lax
 
     from bilaf_jax.activeft import activeft
-    from bilaf_jax.sharding import place
+    from bilaf_jax.sharding import place, to_host
 
     precision = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH,
                  "highest": lax.Precision.HIGHEST}[args.precision]
@@ -139,7 +139,7 @@ def main(argv=None):
             jax.block_until_ready(run())
             steady.append(time.perf_counter() - t0)
             cpu.append(time.process_time() - c0)
-        jax_picks[num_steps] = np.asarray(out.indices)
+        jax_picks[num_steps] = to_host(out.indices)
         st = f"{min(steady):.2f}" if steady else "-"
         ct = f"{min(cpu):.1f}" if cpu else "-"
         print(f"| jax | {args.n} | {args.d} | {args.k} | {num_steps} | {args.batch_size or 'full'} | "

@@ -76,7 +76,7 @@ def measure(args) -> dict:
     from jax import lax
 
     from bilaf_jax import boundary
-    from bilaf_jax.sharding import place
+    from bilaf_jax.sharding import place, to_host
 
     mesh = setup_mesh(args)
     x64 = args.mode == "official"
@@ -126,7 +126,7 @@ def measure(args) -> dict:
                 activeft(core_key, xd, args.k, num_steps=args.steps, batch_size=args.batch_size,
                          precision=precision, num_rows=num_rows))
             t1 = time.perf_counter()
-            cores = np.sort(np.asarray(core.indices))
+            cores = np.sort(to_host(core.indices))
             out = jax.block_until_ready(boundary.bilaf(boundary_key, x_real, cores, args.budget,
                                                        mode=args.mode))
             t2 = time.perf_counter()

@@ -1,5 +1,7 @@
 """Row-sharded pools on 8 simulated CPU devices give the same selections as unsharded ones."""
 
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
@@ -135,20 +137,27 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _run_processes(command, num_processes=2, devices_per_process=2, cwd=None):
-    """Start `command + [--distributed, --coordinator, ...]` once per process, each with its
-    own simulated CPU devices; return their (returncode, stderr) after all finish."""
+def _run_processes(command, num_processes=2, devices_per_process=2, worker_args=None):
+    """Start `command` once per process, each with its own simulated CPU devices, and return
+    their (returncode, stderr) after all finish. The processes find each other through the
+    `bilaf` options `--distributed --coordinator ...`, or, with `worker_args`, through
+    tests/distributed_worker.py's positional arguments."""
     import os
     import subprocess
 
     port = _free_port()
+    root = str(Path(__file__).resolve().parents[1])
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-           "JAX_PLATFORMS": "cpu"}
-    procs = [subprocess.Popen(
-        [*command, "--distributed", "--coordinator", f"localhost:{port}",
-         "--num-processes", str(num_processes), "--process-id", str(i)],
-        env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for i in range(num_processes)]
+           "JAX_PLATFORMS": "cpu", "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+
+    def argv(i):
+        if worker_args is not None:
+            return [*command, f"localhost:{port}", str(num_processes), str(i), *worker_args]
+        return [*command, "--distributed", "--coordinator", f"localhost:{port}",
+                "--num-processes", str(num_processes), "--process-id", str(i)]
+
+    procs = [subprocess.Popen(argv(i), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(num_processes)]
     results = []
     try:
         for p in procs:
@@ -160,9 +169,33 @@ def _run_processes(command, num_processes=2, devices_per_process=2, cwd=None):
     return results
 
 
+@pytest.mark.parametrize("n", [1000, 1001])  # rows sharded evenly over the 4 devices; padded
+def test_two_processes_every_selector_equals_one_device(tmp_path, n):
+    """Every selector on a pool sharded over 2 processes x 2 devices (jax.distributed) returns,
+    on every process, the one-device selection."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from bilaf_jax.pipeline import select
+    from tests.distributed_worker import BUDGET, CASES
+
+    x = _pool(n)
+    np.save(tmp_path / "f.npy", x)
+    worker = Path(__file__).with_name("distributed_worker.py")
+    results = _run_processes([sys.executable, str(worker)], worker_args=[str(tmp_path / "f.npy"),
+                                                                         str(tmp_path / "out.json")])
+    for code, err in results:
+        assert code == 0, err[-3000:]
+    got = json.loads((tmp_path / "out.json").read_text())
+    for name, kwargs in CASES.items():
+        want = select(jax.random.key(0), x, BUDGET, **kwargs)
+        assert got[name] == np.asarray(want.indices).tolist(), name
+
+
 def test_two_processes_select_and_sweep_equal_one_device(tmp_path):
-    """One selection (and one sweep) over 2 processes x 2 devices with jax.distributed: process
-    0 writes exactly the one-device result; process 1 writes nothing."""
+    """`bilaf select` and scripts/sweep.py over 2 processes x 2 devices with --distributed:
+    process 0 writes exactly the one-device result; process 1 writes nothing."""
     import json
     import sys
     from pathlib import Path
@@ -170,7 +203,7 @@ def test_two_processes_select_and_sweep_equal_one_device(tmp_path):
     from bilaf_jax.pipeline import select
     from bilaf_jax.sweep import sweep, to_records
 
-    x = _pool(1001)  # 4 devices: padded
+    x = _pool(1000)
     np.save(tmp_path / "f.npy", x)
     bilaf = [sys.executable, "-c", "import sys; from bilaf_jax.cli import main; sys.exit(main())", "select",
              *_select_args(tmp_path / "f.npy", tmp_path / "dist.json")]
