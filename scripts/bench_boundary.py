@@ -5,7 +5,7 @@ Usage:
       [--budgets 500,1000,2500,5000] [--modes paper,official] [--x64] [--distances auto]
       [--repeats 3] [--clusters C] [--authors PATH/TO/density_cluster.py] [--in-process]
       [--profile] [--compile-weight W] [--batch-elements N] [--parts N]
-      [--compiler-options JSON]
+      [--compiler-options JSON] [--mesh N|all [--distributed]]
 
 Each (mode, budget) runs in a fresh Python process with no persistent compilation cache, so
 its first call pays every compilation (--in-process: one process for all, where later
@@ -16,6 +16,10 @@ authors' script functions on the same features (float64, scipy), loaded from the
 
 Features: a single Gaussian blob (default; random cores then give very uneven pseudo-classes)
 or, with --clusters C, a mixture of C Gaussians (`_common.mixture`).
+
+--mesh shards the pool's rows over N devices (as `bilaf_jax.select` hands them to the stage);
+--distributed joins a multi-process run (the same command on every process; each prints its
+own timings).
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import time
 
 import numpy as np
 from _common import PhaseTimer, cpu_name, load_authors, mixture
+
+from bilaf_jax.cli import add_mesh_options, setup_mesh
 
 
 def make_pool(args):
@@ -48,13 +54,14 @@ def run_authors(mod, features, cores, budget):
     return mod.selection(lists, class_core, features, cores, len(cores), budget, 1.1)
 
 
-def measure(args, mode, budgets):
+def measure(args, mode, budgets, mesh=None):
     """Time `bilaf` for each budget in this process: {budget: (first, first_cpu, steady,
     steady_cpu[, first-call phases, steady phases])} or {budget: error message}."""
     import jax
 
     from bilaf_jax import boundary
     from bilaf_jax.boundary import bilaf
+    from bilaf_jax.sharding import place
 
     timer = PhaseTimer(boundary) if args.profile else None
     if args.compile_weight is not None:  # the bucket planner's trade-off (see boundary.py)
@@ -69,7 +76,12 @@ def measure(args, mode, budgets):
     feats, cores = make_pool(args)
     out = {}
     with jax.enable_x64(args.x64):
-        f = jax.device_put(feats if args.x64 else feats.astype(np.float32))
+        f = feats if args.x64 else feats.astype(np.float32)
+        if mesh is None:
+            f = jax.device_put(f)
+        else:  # sharded, padded rows dropped again: what `select` gives the stage
+            f, num_rows = place(f, mesh)
+            f = f[:num_rows]
         key = jax.random.key(0)
         kw = dict(mode=mode, direct={"auto": None, "direct": True, "gram": False}[args.distances])
         for b in budgets:
@@ -130,12 +142,16 @@ def main(argv=None):
                    help="override boundary._CPU_COMPILER_OPTIONS, XLA options of the class "
                    "programs as JSON ('{}': XLA's defaults)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "mode:budget"
+    add_mesh_options(p)
     args = p.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]
+    if args.distributed and not args.in_process:
+        p.error("--distributed needs --in-process (one process per host for all budgets)")
+    mesh = setup_mesh(args) if args.child or args.in_process else None
 
     if args.child:
         mode, b = args.child.split(":")
-        print(json.dumps({str(k): v for k, v in measure(args, mode, [int(b)]).items()}))
+        print(json.dumps({str(k): v for k, v in measure(args, mode, [int(b)], mesh).items()}))
         return
 
     import jax
@@ -145,7 +161,7 @@ def main(argv=None):
     rows = []
     for mode in args.modes.split(","):
         if args.in_process:
-            results = measure(args, mode, budgets)
+            results = measure(args, mode, budgets, mesh)
         else:
             results = {}
             for b in budgets:

@@ -152,3 +152,16 @@ def test_bench_scale_on_a_mesh(tmp_path, monkeypatch, extra):
     res = json.loads(out.read_text())
     assert res["mesh"] == 8 and res["processes"] == 1
     assert res["runs"] and all(r["check"]["ok"] for r in res["runs"])
+
+
+def test_bench_boundary_on_a_mesh(monkeypatch, capsys):
+    import jax
+
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices; see conftest.py")
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = _load_script("bench_boundary")
+    bench.main(["--n", "3001", "--d", "8", "--cores", "20", "--budgets", "200", "--modes", "paper,official",
+                "--repeats", "1", "--in-process", "--mesh", "all"])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| paper", "| official"))]
+    assert len(rows) == 2 and all("Error" not in r for r in rows)
