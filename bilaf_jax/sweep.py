@@ -289,7 +289,10 @@ def mean_nearest_distance(features, indices, *, chunk_size: int = distances.DEFA
                           precision=lax.Precision.HIGHEST):
     """Mean over pool rows of the Euclidean distance to the nearest selected row (Table 7).
 
-    features [n, d]; indices int[B] -> scalar. Chunked: [chunk_size, B] at a time.
+    features [n, d]; indices int[B] -> scalar. Chunked: [chunk_size, B] at a time. The nearest
+    selected row is found with the Gram expansion and its distance measured again from explicit
+    differences, so a selected row is at exactly 0 from itself (the expansion leaves noise of
+    order sqrt(eps) |x| there, which also varied with how the rows were sharded).
 
     >>> import numpy as np
     >>> x = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]], np.float32)
@@ -297,9 +300,13 @@ def mean_nearest_distance(features, indices, *, chunk_size: int = distances.DEFA
     5.0
     """
     centres = jnp.asarray(features)[jnp.asarray(indices)]
-    nearest = distances.nearest_centre(features, centres, "euclidean", chunk_size=chunk_size,
-                                       precision=precision)
-    return jnp.mean(nearest.distance)
+
+    def block(xb):
+        _, idx = distances.first_argmin(distances.pairwise(xb, centres, precision=precision), axis=1)
+        diff = xb - centres[idx]
+        return jnp.sqrt(jnp.sum(diff * diff, axis=-1))
+
+    return jnp.mean(distances.map_rows(block, jnp.asarray(features), chunk_size))
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
