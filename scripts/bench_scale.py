@@ -4,7 +4,7 @@ Usage:
   # (a) boundary stage, random cores, in a fresh subprocess (so peak RSS is the stage's own)
   python scripts/bench_scale.py [--n 1281167] [--d 384] [--k 6405] [--budget 64058]
       [--mode paper] [--clusters 1000] [--repeats 1] [--profile] [--timeout SECONDS]
-      [--batch-elements N] [--out RESULT.json]
+      [--batch-elements N] [--assign-precision float32|bfloat16|tensorfloat32] [--out RESULT.json]
   # how the classes would be batched for batch elements 2^E (no timing)
   python scripts/bench_scale.py --plan-steps 21,23,25,27
   # (b) full pipeline (meant for a GPU): ActiveFT (--steps of --batch-size rows), then the
@@ -92,7 +92,8 @@ def measure(args) -> dict:
                jax=jax.__version__, host=f"{cpu_name()}, {os.cpu_count()} cores",
                load_at_start=round(os.getloadavg()[0], 2),
                generate_s=round(time.perf_counter() - t0, 2),
-               mesh=None if mesh is None else mesh.size, processes=jax.process_count())
+               mesh=None if mesh is None else mesh.size, processes=jax.process_count(),
+               assign_precision=args.assign_precision)
     xd, num_rows = place(x, mesh) if mesh is not None else (jax.device_put(x, dev), None)
     # The boundary stage takes the real rows (as `bilaf_jax.select` hands them over).
     x_real = xd if num_rows is None else xd[:num_rows]
@@ -128,7 +129,7 @@ def measure(args) -> dict:
             t1 = time.perf_counter()
             cores = np.sort(to_host(core.indices))
             out = jax.block_until_ready(boundary.bilaf(boundary_key, x_real, cores, args.budget,
-                                                       mode=args.mode))
+                                                       mode=args.mode, precision=args.assign_precision))
             t2 = time.perf_counter()
             runs.append(dict(activeft_s=round(t1 - t0, 3), boundary_s=round(t2 - t1, 3),
                              total_s=round(t2 - t0, 3), phases=dict(timer.totals) if timer else None,
@@ -141,7 +142,7 @@ def measure(args) -> dict:
                 timer.reset()
             t0, c0 = time.perf_counter(), time.process_time()
             out = jax.block_until_ready(boundary.bilaf(boundary_key, x_real, cores, args.budget,
-                                                       mode=args.mode))
+                                                       mode=args.mode, precision=args.assign_precision))
             runs.append(dict(boundary_s=round(time.perf_counter() - t0, 3),
                              boundary_cpu_s=round(time.process_time() - c0, 3),
                              phases=dict(timer.totals) if timer else None,
@@ -188,7 +189,8 @@ def markdown(res) -> str:
     lines = [f"# BiLAF scale benchmark on {res['device']} (host {res['host']}, load at start "
              f"{res['load_at_start']}); JAX {res['jax']}",
              f"# n={res['n']} d={res['d']} K={res['k']} B={res['budget']} mode={res['mode']} "
-             f"clusters={res['clusters']} batch elements={res.get('batch_elements')}"
+             f"clusters={res['clusters']} batch elements={res.get('batch_elements')} "
+             f"assignment precision={res.get('assign_precision', 'float32')}"
              + (f" mesh={res['mesh']} devices, {res['processes']} process(es)" if res.get("mesh") else "") + (
                  "; PARTIAL (killed by --timeout after the runs below)" if res.get("partial") else
                  f"; pseudo-class sizes min/median/max = {res['class_size_min']}/"
@@ -235,7 +237,10 @@ def build_parser():
     p.add_argument("--steps", type=int, default=100, help="ActiveFT steps (--full-pipeline)")
     p.add_argument("--batch-size", type=int, default=100_000,
                    help="ActiveFT rows per step (--full-pipeline); 0 = full batch")
-    p.add_argument("--precision", choices=("default", "high", "highest"), default="default")
+    p.add_argument("--precision", choices=("default", "high", "highest"), default="default",
+                   help="ActiveFT's matmuls (--full-pipeline)")
+    p.add_argument("--assign-precision", choices=("float32", "bfloat16", "tensorfloat32"),
+                   default="float32", help="the boundary stage's assignment matmuls")
     p.add_argument("--profile", action="store_true", help="per-phase times of the boundary stage")
     p.add_argument("--plan-steps", default=None, metavar="E1,E2,...",
                    help="only print the class batching for batch elements 2^E1, 2^E2, ...")
