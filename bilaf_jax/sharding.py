@@ -14,8 +14,8 @@ On several hosts, every process runs the same program on the same features: call
 `initialize_distributed` (`jax.distributed.initialize`) before any other JAX call; the mesh of
 `make_mesh()` then spans all processes' devices, `shard_rows` keeps on each process only the rows
 of its own devices, and `select`, `bilaf` and `sweep` return the whole result on every process
-(`process_local`). Only the main process (`is_main_process`) should write files. `bilaf select` and the scripts do all this
-with `--distributed` (and `--mesh`, see `parse_mesh`).
+(`process_local`). Only the main process (`is_main_process`) should write files. `bilaf select`
+and the scripts do all this with `--distributed` (and `--mesh`, see `parse_mesh`).
 """
 
 from __future__ import annotations

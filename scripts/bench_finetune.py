@@ -3,6 +3,7 @@
     python scripts/bench_finetune.py --image-size 48 --batch-size 32            # CPU
     python scripts/bench_finetune.py --image-size 224 --batch-size 128 --steps 50   # GPU
     python scripts/bench_finetune.py --probes                # linear probe / k-NN call times
+    python scripts/bench_finetune.py ... --num-devices 8     # data-parallel over 8 devices
 
 The train step is the one `bilaf finetune --mode full` runs (RandomResizedCrop + flip in JAX,
 forward, backward, SGD update), fed random preprocessed images; compilation is timed apart.
@@ -32,13 +33,14 @@ def bench_train(args) -> dict:
     bb = backbones.load(args.backbone, args.weights)
     cfg = make_config(selection="-", backbone=args.backbone, image_size=args.image_size,
                       batch_size=args.batch_size, ema_decay=args.ema_decay,
-                      drop_path=0.1 if args.backbone == "vit_s16" else 0.0)
+                      drop_path=0.1 if args.backbone == "vit_s16" else 0.0,
+                      num_devices=args.num_devices, eval_batch_size=args.batch_size)
     total = args.warmup + args.steps
     ft = build_finetune(cfg, bb, args.num_classes, total, 1)
     rng = np.random.default_rng(0)
-    images = jnp.asarray(rng.normal(size=(args.batch_size, args.image_size, args.image_size, 3)),
-                         jnp.float32)
-    labels = jnp.asarray(rng.integers(0, args.num_classes, args.batch_size), jnp.int32)
+    images = ft.shard(jnp.asarray(rng.normal(size=(args.batch_size, args.image_size, args.image_size, 3)),
+                                  jnp.float32))
+    labels = ft.shard(jnp.asarray(rng.integers(0, args.num_classes, args.batch_size), jnp.int32))
     key = jax.random.key(0)
     state = ft.state
     t = time.perf_counter()
@@ -53,7 +55,7 @@ def bench_train(args) -> dict:
         state, loss = ft.train_step(state, images, labels, jax.random.fold_in(key, 1000 + i))
     jax.block_until_ready(state)
     dt = time.perf_counter() - t
-    mask = jnp.ones(args.batch_size, bool)
+    mask = ft.shard(jnp.ones(args.batch_size, bool))
     n_eval = ft.eval_step(state["params"], state["rest"], images, labels, mask)
     jax.block_until_ready(n_eval)
     t = time.perf_counter()
@@ -61,7 +63,7 @@ def bench_train(args) -> dict:
         n_eval = ft.eval_step(state["params"], state["rest"], images, labels, mask)
     jax.block_until_ready(n_eval)
     dt_eval = time.perf_counter() - t
-    return {"bench": "full_finetune_step", "device": str(jax.devices()[0]),
+    return {"bench": "full_finetune_step", "device": str(jax.devices()[0]), "num_devices": args.num_devices,
             "backbone": args.backbone, "image_size": args.image_size,
             "batch_size": args.batch_size, "steps": args.steps,
             "compile_s": round(compile_s, 2), "step_s": round(dt / args.steps, 4),
@@ -109,6 +111,7 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps (first one compiles)")
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--ema-decay", type=float, default=0.0)
+    p.add_argument("--num-devices", type=int, default=1, help="data-parallel devices")
     p.add_argument("--probes", action="store_true", help="time linear_probe / knn_eval instead")
     p.add_argument("--pool", type=int, default=10000)
     p.add_argument("--dim", type=int, default=1752)

@@ -83,6 +83,7 @@ class Config:
     grad_clip_norm: float | None = None
     eval_every: int | None = None  # None: evaluate at the end only
     eval_batch_size: int = 256
+    num_devices: int = 1  # full mode: data-parallel devices, each batch split across them
     log_every: int = 10
     checkpoint_every: int = 100
     max_checkpoints: int = 2
@@ -96,7 +97,7 @@ class Config:
 
 # Fields that do not change the result: a resumed run may change them freely.
 _NOT_IDENTITY = ("data_dir", "checkpoint_every", "max_checkpoints", "selection", "features",
-                 "test_features")
+                 "test_features", "num_devices")
 
 
 def make_config(**overrides) -> Config:
@@ -118,13 +119,17 @@ def validate_config(c: Config) -> None:
     if c.selection is None:
         raise ValueError("a selection file is required")
     for name in ("batch_size", "checkpoint_every", "log_every", "eval_batch_size", "image_size",
-                 "linear_steps", "knn_k", "max_checkpoints"):
+                 "linear_steps", "knn_k", "max_checkpoints", "num_devices"):
         if getattr(c, name) <= 0:
             raise ValueError(f"{name} must be positive, got {getattr(c, name)}")
     for name in ("steps", "pool_size", "test_size", "eval_every", "num_classes"):
         v = getattr(c, name)
         if v is not None and v <= 0:
             raise ValueError(f"{name} must be positive, got {v}")
+    for name in ("batch_size", "eval_batch_size"):
+        if getattr(c, name) % c.num_devices:
+            raise ValueError(f"{name} ({getattr(c, name)}) must be a multiple of num_devices "
+                             f"({c.num_devices}): each device takes an equal share of a batch")
     if not 0.0 <= c.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
     if not 0.0 <= c.label_smoothing < 1.0:
@@ -418,14 +423,15 @@ class _Images:
         return np.asarray(self.backbone.preprocess(self.raw[idx], self.size))
 
 
-def _evaluate(eval_fn, params, rest, test: _Images, labels: np.ndarray, batch_size: int) -> float:
+def _evaluate(eval_fn, params, rest, test: _Images, labels: np.ndarray, batch_size: int,
+              shard=lambda x: x) -> float:
     n = len(labels)
     correct = 0
     for start in range(0, n, batch_size):
         idx = np.arange(start, start + batch_size)
         mask = idx < n
         idx = np.where(mask, idx, 0)
-        correct += int(eval_fn(params, rest, test.take(idx), labels[idx], mask))
+        correct += int(eval_fn(params, rest, shard(test.take(idx)), shard(labels[idx]), shard(mask)))
     return correct / n
 
 
@@ -440,9 +446,12 @@ class Finetune(NamedTuple):
     """What a full-finetune run needs: initial state, compiled steps, schedule.
 
     state: dict(step, params, rest (BatchNorm statistics, RNG state), opt_state, loss_sum,
-      loss_count[, ema]), every leaf a fresh array committed to one device.
+      loss_count[, ema]), every leaf a fresh array committed to one device, or replicated over
+      `config.num_devices` devices.
     train_step(state, images f32 [b, s, s, 3], labels int[b], key) -> (state, loss); donates
       `state`. eval_step(params, rest, images, labels, mask) -> number correct.
+    commit(tree): placed like the state. shard(array): a batch [b, ...] placed for the steps
+      (split over the devices; unchanged on one device).
     """
 
     state: dict
@@ -450,6 +459,7 @@ class Finetune(NamedTuple):
     eval_step: Any
     schedule: Any
     commit: Any
+    shard: Any
 
 
 def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
@@ -483,9 +493,10 @@ def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
     # Own copies: the train step donates its input buffers, and the caller's backbone module
     # must stay usable. Every leaf is committed to one device: jit's cache key includes
     # committed-ness, and restored arrays are committed, so uncommitted fresh ones would
-    # compile the step twice.
-    device = jax.devices()[0]
-    commit = lambda tree: jax.device_put(tree, device)
+    # compile the step twice. With several devices the state is replicated and every batch
+    # split across them; jit then runs the step data-parallel (BatchNorm still sees the whole
+    # batch, as on one device).
+    commit, shard = _placement(config.num_devices)
     state = commit(jax.tree.map(jnp.copy, state))
     key_tuple = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay,
                  config.grad_clip_norm, total_steps, warmup_steps)
@@ -493,7 +504,27 @@ def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
         train_def, tx, key_tuple, image_size=config.image_size, num_classes=num_classes,
         label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
         crop_scale_min=config.crop_scale_min)
-    return Finetune(state, train_step, _eval_step_fn(eval_def), schedule, commit)
+    return Finetune(state, train_step, _eval_step_fn(eval_def), schedule, commit, shard)
+
+
+def _placement(num_devices: int):
+    """(commit, shard) for `Finetune`: the state on one device or replicated over a mesh of
+    `num_devices`; batches as they are or split over the mesh's "data" axis."""
+    import jax
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from bilaf_jax.sharding import make_mesh
+
+    if num_devices > jax.device_count():
+        raise ValueError(f"num_devices is {num_devices} but only {jax.device_count()} devices "
+                         "are available")
+    if num_devices == 1:
+        device = jax.devices()[0]
+        return (lambda tree: jax.device_put(tree, device)), (lambda x: x)
+    mesh = make_mesh(num_devices)
+    replicated, split = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+    return (lambda tree: jax.device_put(tree, replicated)), (lambda x: jax.device_put(x, split))
 
 
 def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> dict:
@@ -532,7 +563,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     warmup = min(warmup, total - 1)
 
     ft = build_finetune(config, bb, num_classes, total, warmup)
-    state, schedule, commit = ft.state, ft.schedule, ft.commit
+    state, schedule, commit, shard = ft.state, ft.schedule, ft.commit, ft.shard
     train_step, eval_step = ft.train_step, ft.eval_step
 
     _write_config(workdir, config, identity)
@@ -570,7 +601,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
             return {"interrupted": True, "step": step, "resumed_from_step": start}
         idx = order(step)
         key = jax.random.fold_in(aug_key, step)
-        state, _ = train_step(state, train_images.take(idx), train_labels[idx], key)
+        state, _ = train_step(state, shard(train_images.take(idx)), shard(train_labels[idx]), key)
         step += 1
         ran += 1
         if step % config.log_every == 0 or step == total:
@@ -582,7 +613,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
             if step == total or (config.eval_every and step % config.eval_every == 0):
                 record["eval_accuracy"] = _evaluate(eval_step, eval_params(state), state["rest"],
                                                     test_images, test_labels,
-                                                    config.eval_batch_size)
+                                                    config.eval_batch_size, shard)
                 if step == total:
                     final_acc = record["eval_accuracy"]
             metrics.write(record)
@@ -594,7 +625,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
 
     if final_acc is None:  # resumed from the final checkpoint
         final_acc = _evaluate(eval_step, eval_params(state), state["rest"], test_images,
-                              test_labels, config.eval_batch_size)
+                              test_labels, config.eval_batch_size, shard)
     summary = {
         "mode": "full",
         "final_accuracy": final_acc,

@@ -29,7 +29,7 @@ _FLAGS = {
     "checkpoint_every": "checkpoint_every", "image_size": "image_size", "seed": "seed",
     "features": "features", "test_features": "test_features", "data_dir": "data_dir",
     "pool_size": "pool_size", "test_size": "test_size", "batch_size": "batch_size",
-    "learning_rate": "learning_rate", "eval_every": "eval_every",
+    "learning_rate": "learning_rate", "eval_every": "eval_every", "num_devices": "num_devices",
 }
 
 
@@ -57,6 +57,10 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int)
     p.add_argument("--learning-rate", type=float)
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--num-devices", type=int,
+                   help="full mode: split each batch over this many devices (data parallel; "
+                   "default 1). A run resumed on another count goes on, but is not bit-identical "
+                   "to one that never changed")
     p.set_defaults(func=run)
 
 
