@@ -211,3 +211,45 @@ def test_full_mode_reads_only_labelled_pool_rows_and_imagenet_validation(tmp_pat
     assert sorted(read) == ["train", "validation"]
     assert read["train"] == [5, 1, 7] and read["validation"] == [0, 1, 2, 3]
     assert summary["num_classes"] == 1000 and summary["num_test"] == 4 and summary["step"] == 3
+
+
+def test_data_parallel_full_finetune(tmp_path):
+    """num_devices=8 (simulated CPU devices): the state is replicated, each batch split over
+    the devices; the run follows the one-device run up to float reduction order, and an
+    interrupted data-parallel run resumes exactly."""
+    _fashion_mnist_or_skip()
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices; see conftest.py")
+    sel = _selection(tmp_path, list(range(0, 200, 5)))  # 40 labelled
+    base = dict(selection=sel, image_size=16, steps=6, batch_size=8, eval_batch_size=6,
+                checkpoint_every=3, log_every=1, pool_size=200, test_size=16, ema_decay=0.5,
+                warmup_steps=1)
+    one = train_and_evaluate(make_config(**base), tmp_path / "one", backbone=TinyBackbone())
+    cfg = make_config(**base, num_devices=8)
+    full = train_and_evaluate(cfg, tmp_path / "eight", backbone=TinyBackbone())
+    params = full["state"]["params"]
+    assert all(len(x.sharding.device_set) == 8 for x in jax.tree.leaves(params))
+    for a, b in zip(jax.tree.leaves(one["state"]["params"]), jax.tree.leaves(params), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
+    assert abs(full["final_accuracy"] - one["final_accuracy"]) <= 1 / 16  # at most one flipped near-tie
+
+    part = train_and_evaluate(cfg, tmp_path / "resumed", backbone=TinyBackbone(), max_steps_this_run=4)
+    assert part["interrupted"] and part["step"] == 4
+    rest = train_and_evaluate(cfg, tmp_path / "resumed", backbone=TinyBackbone())
+    assert rest["resumed_from_step"] == 3
+    assert _tree_equal(full["state"], rest["state"])
+    assert (tmp_path / "eight" / "metrics.jsonl").read_text() == \
+        (tmp_path / "resumed" / "metrics.jsonl").read_text()
+
+
+def test_num_devices_checks(tmp_path):
+    sel = _selection(tmp_path, [0, 1])
+    with pytest.raises(ValueError, match="multiple of num_devices"):
+        make_config(selection=sel, batch_size=6, num_devices=4)
+    make_config(selection=sel, batch_size=8, eval_batch_size=30, num_devices=4)  # evaluation pads
+    with pytest.raises(ValueError, match="num_devices must be positive"):
+        make_config(selection=sel, num_devices=0)
+    from train.train import _placement
+
+    with pytest.raises(ValueError, match="devices are available"):
+        _placement(jax.device_count() + 1)

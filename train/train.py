@@ -126,10 +126,9 @@ def validate_config(c: Config) -> None:
         v = getattr(c, name)
         if v is not None and v <= 0:
             raise ValueError(f"{name} must be positive, got {v}")
-    for name in ("batch_size", "eval_batch_size"):
-        if getattr(c, name) % c.num_devices:
-            raise ValueError(f"{name} ({getattr(c, name)}) must be a multiple of num_devices "
-                             f"({c.num_devices}): each device takes an equal share of a batch")
+    if c.batch_size % c.num_devices:
+        raise ValueError(f"batch_size ({c.batch_size}) must be a multiple of num_devices "
+                         f"({c.num_devices}): each device takes an equal share of a batch")
     if not 0.0 <= c.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
     if not 0.0 <= c.label_smoothing < 1.0:
@@ -590,6 +589,8 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     def eval_params(st):
         return st["ema"] if config.ema_decay > 0 else st["params"]
 
+    # Evaluation batches split evenly too (padding rows are masked, so the size is free).
+    eval_batch = -(-config.eval_batch_size // config.num_devices) * config.num_devices
     t0 = time.perf_counter()
     ran = 0
     final_acc = None
@@ -612,8 +613,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
             state["loss_count"] = commit(jnp.zeros((), jnp.int32))
             if step == total or (config.eval_every and step % config.eval_every == 0):
                 record["eval_accuracy"] = _evaluate(eval_step, eval_params(state), state["rest"],
-                                                    test_images, test_labels,
-                                                    config.eval_batch_size, shard)
+                                                    test_images, test_labels, eval_batch, shard)
                 if step == total:
                     final_acc = record["eval_accuracy"]
             metrics.write(record)
@@ -625,7 +625,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
 
     if final_acc is None:  # resumed from the final checkpoint
         final_acc = _evaluate(eval_step, eval_params(state), state["rest"], test_images,
-                              test_labels, config.eval_batch_size, shard)
+                              test_labels, eval_batch, shard)
     summary = {
         "mode": "full",
         "final_accuracy": final_acc,
