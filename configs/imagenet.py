@@ -13,7 +13,8 @@ recipe; at ImageNet budgets that many epochs is a lot of compute: check the pape
 Memory: full mode reads only the labelled rows of the pool and the 50,000 validation images
 (`bilaf_jax.data.load_rows`), each resized to 224 x 224 on the host and kept as uint8: about
 150 KB an image, 9.6 GB for B = 5% plus 7.5 GB for validation. Accuracy is on the validation
-split (TFDS' imagenet2012 "test" split has no labels).
+split (TFDS' imagenet2012 "test" split has no labels). On a machine with several GPUs add
+`--num-devices N` (N dividing the batch of 256) to split each batch over them.
 """
 
 
