@@ -44,6 +44,7 @@ import numpy as np
 from _common import PhaseTimer, cpu_name, mixture
 
 from bilaf_jax.cli import add_mesh_options, setup_mesh
+from bilaf_jax.distances import PRECISIONS
 
 GIB = 1 << 30
 
@@ -239,7 +240,7 @@ def build_parser():
                    help="ActiveFT rows per step (--full-pipeline); 0 = full batch")
     p.add_argument("--precision", choices=("default", "high", "highest"), default="default",
                    help="ActiveFT's matmuls (--full-pipeline)")
-    p.add_argument("--assign-precision", choices=("float32", "bfloat16", "tensorfloat32"),
+    p.add_argument("--assign-precision", choices=PRECISIONS,
                    default="float32", help="the boundary stage's assignment matmuls")
     p.add_argument("--profile", action="store_true", help="per-phase times of the boundary stage")
     p.add_argument("--plan-steps", default=None, metavar="E1,E2,...",

@@ -32,6 +32,7 @@ import warnings
 from pathlib import Path
 
 from bilaf_jax.cli import add_mesh_options, setup_mesh
+from bilaf_jax.distances import PRECISIONS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,7 +54,7 @@ def build_parser():
     p.add_argument("--num-neighbors", type=int, default=10, help="IDC density k")
     p.add_argument("--normalize", action="store_true",
                    help="boundary stage on L2-normalised features")
-    p.add_argument("--precision", default="float32", choices=("float32", "bfloat16", "tensorfloat32"),
+    p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="similarity matmuls of ActiveFT and the boundary assignment (as bilaf select)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--settings-per-batch", type=int, default=None,

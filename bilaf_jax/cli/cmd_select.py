@@ -26,9 +26,9 @@ from pathlib import Path
 
 from bilaf_jax.cli import UsageError, add_mesh_options, setup_mesh
 from bilaf_jax.cli.cmd_run import add_compile_cache_option, enable_compile_cache
+from bilaf_jax.distances import PRECISIONS
 
 METHODS = ("bilaf", "activeft", "kcenter", "kmeans", "random")
-PRECISIONS = ("float32", "bfloat16", "tensorfloat32")  # as bilaf_jax.distances.PRECISIONS
 SELECTION_KEYS = ("method", "core_method", "mode", "budget", "num_cores", "seed", "label_column",
                   "labeled", "num_steps", "batch_size", "temperature", "learning_rate", "balance",
                   "num_neighbors", "ring_fraction", "remove_fraction", "opponent_penalty", "normalize")
@@ -52,7 +52,7 @@ def register(sub) -> None:
                    help="JSON list of already-labelled indices: never selected; existing cores in bilaf")
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
                    help="similarity matmuls of ActiveFT and the boundary assignment (paper mode); "
-                   "the last two accumulate in float32, are faster on accelerators and may flip "
+                   "tensorfloat32 and bfloat16 accumulate in float32, are faster on accelerators and may flip "
                    "near-ties (tensorfloat32: NVIDIA GPUs only)")
     g = p.add_argument_group("ActiveFT")
     g.add_argument("--steps", type=int, default=300, dest="num_steps")
