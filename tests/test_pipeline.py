@@ -85,17 +85,15 @@ def test_bad_arguments(pool):
 
 def test_precision_reaches_both_stages(pool, monkeypatch):
     """select(precision=...) runs ActiveFT and the boundary assignment at that precision."""
-    from bilaf_jax import boundary
+    from bilaf_jax import boundary, pipeline
 
-    seen = []
-    assign = boundary._assign_jit
-    monkeypatch.setattr(boundary, "_assign_jit", lambda *a, **k: seen.append(k["precision"]) or assign(*a, **k))
+    seen = {}
+    assign, core = boundary._assign_jit, pipeline._CORE_SELECTORS["activeft"]
+    monkeypatch.setattr(boundary, "_assign_jit",
+                        lambda *a, **k: seen.setdefault("assign", k["precision"]) and assign(*a, **k))
+    monkeypatch.setitem(pipeline._CORE_SELECTORS, "activeft",
+                        lambda *a, **k: seen.setdefault("activeft", k.get("precision")) and core(*a, **k))
     out = select(jax.random.key(0), pool, 40, num_cores=8, precision="bfloat16",
                  core_options=dict(num_steps=20))
-    from bilaf_jax.activeft import activeft
-
-    core_key = jax.random.split(jax.random.key(0))[0]  # as select splits it
-    core = activeft(core_key, pool, 8, num_steps=20, precision="bfloat16")
-    assert seen == ["bfloat16"]
-    np.testing.assert_array_equal(out.core_indices, core.indices)
+    assert seen == {"activeft": "bfloat16", "assign": "bfloat16"}
     assert len(np.unique(np.asarray(out.indices))) == 40
