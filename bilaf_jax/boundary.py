@@ -1029,9 +1029,8 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
                 f"official mode: the authors' allocation exceeds some denoised class sizes, "
                 f"so the selection repeats samples ({uniq} unique of {budget}), as their "
                 "script does.", stacklevel=2)
-    output = BilafOutput(out, a.labels, kept, score, alloc.astype(jnp.int32))
     # Several processes: each returns the whole result (see bilaf_jax.sharding).
-    return output if features.is_fully_addressable else process_local(output)
+    return process_local(BilafOutput(out, a.labels, kept, score, alloc.astype(jnp.int32)))
 
 
 def _split_budget(class_sizes, budget, ring_fraction, remove_fraction, *, mode, dtype):

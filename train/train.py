@@ -95,7 +95,8 @@ class Config:
     knn_temperature: float = 0.07
 
 
-# Fields that do not change the result: a resumed run may change them freely.
+# Fields that do not change the result (num_devices: only the float summation order): a resumed
+# run may change them freely.
 _NOT_IDENTITY = ("data_dir", "checkpoint_every", "max_checkpoints", "selection", "features",
                  "test_features", "num_devices")
 
