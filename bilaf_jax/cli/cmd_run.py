@@ -89,8 +89,8 @@ def dry_run(config, workdir: Path) -> int:
     from bilaf_jax import experiment
 
     experiment.validate(config)
-    pool = config.pool_size or {"fashion_mnist": 60_000, "cifar10": 50_000, "cifar100": 50_000,
-                                "imagenet2012": 1_281_167}.get(config.dataset)
+    pool = config.pool_size or {"fashion_mnist": 60_000, "mnist_5k": 4_000, "cifar10": 50_000,
+                                "cifar100": 50_000, "imagenet2012": 1_281_167}.get(config.dataset)
     if pool is None:
         sys.stdout.write(f"config {config.name}: pool size known only after loading the data\n")
         return 0

