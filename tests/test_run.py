@@ -153,6 +153,9 @@ def test_default_and_full_config_contents(tmp_path):
     assert d.num_cores <= 100
     q = run_configs.quick()
     assert experiment.budgets_for(q, q.pool_size) == [20, 40, 100]
+    m = run_configs.mnist_5k()
+    assert m.dataset == "mnist_5k" and m.pool_size is None and m.test_size is None
+    assert experiment.budgets_for(m, 4_000) == [80, 200, 400] and m.num_cores == 80 // 5
     f = run_configs.full()
     assert f.pool_size is None and f.image_size == 224 and "full" in f.evals
     assert experiment.budgets_for(f, 60_000) == [600, 1200, 3000]
