@@ -123,3 +123,34 @@ def test_random_resized_crop_and_flip():
         jax.random.key(1), images, out_size=20, scale_min=1.0, ratio_min=1.0, ratio_max=1.0)
     for img, res in zip(np.asarray(images), np.asarray(same), strict=True):
         assert np.allclose(res, img, atol=1e-5) or np.allclose(res, img[:, ::-1], atol=1e-5)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("knn_temperature", 0.0), ("epochs", 0), ("learning_rate", -1e-3), ("momentum", 1.5),
+    ("weight_decay", -1e-4), ("linear_weight_decay", -1.0), ("warmup_epochs", -1),
+    ("warmup_steps", -2), ("drop_path", 1.0), ("grad_clip_norm", 0.0),
+    ("learning_rate", float("nan")), ("learning_rate", "fast"), ("momentum", True),
+])
+def test_bad_numeric_settings_are_refused(key, value):
+    from train.train import make_config
+
+    with pytest.raises(ValueError, match=f"^{key} must be a number in"):
+        make_config(selection="sel.json", **{key: value})
+
+
+def test_weight_decay_skips_biases_norms_and_vit_embeddings():
+    from flax import nnx
+
+    from bilaf_jax.backbones.vit import VisionTransformer
+    from train.train import decay_mask
+
+    vit = VisionTransformer(dim=12, depth=1, heads=2, train_size=32, rngs=nnx.Rngs(0))
+    flat = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): m
+            for path, m in jax.tree_util.tree_leaves_with_path(
+                decay_mask(nnx.state(vit, nnx.Param)))}
+    decayed = {name.removesuffix("/value") for name, m in flat.items() if m}
+    assert "patch_embed/kernel" in decayed and "blocks/0/attn/qkv/kernel" in decayed
+    assert "blocks/0/mlp/fc1/kernel" in decayed
+    assert not any(("pos_embed" in n or "cls_token" in n or n.endswith(("bias", "scale")))
+                   for n in decayed)
+    assert any("pos_embed" in n for n in flat) and any("cls_token" in n for n in flat)

@@ -137,3 +137,33 @@ def test_missing_inputs_are_one_line_errors(bilaf, feats, capsys):
     assert bilaf(_args(feats, feats / "run") + ["--config", "no_such_config"]) == 2
     assert "config not found" in capsys.readouterr().err
     assert not (feats / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["linear", "knn"])
+def test_labels_outside_the_classes_are_one_line_errors(bilaf, feats, capsys, mode):
+    # A test label of -1 (unlabelled) would one-hot to zeros and count silently as wrong.
+    with np.load(feats / "test.npz") as f:
+        tx, ty = f["features"], f["labels"].copy()
+    ty[::2] = -1
+    np.savez(feats / "test.npz", features=tx, labels=ty)
+    assert bilaf(_args(feats, feats / "run", mode)) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "test labels: label -1 outside [0, 3)" in err
+    assert not (feats / "run").exists()
+
+
+def test_train_main_reports_bad_input_on_one_line(feats, capsys):
+    from train.main import main as train_main
+
+    args = ["--config", "fashion_mnist", "--workdir", str(feats / "run"), "mode=linear",
+            f"selection={feats / 'sel.json'}", f"features={feats / 'pool.npz'}",
+            f"test_features={feats / 'test.npz'}"]
+    assert train_main(args + ["knn_temperature=0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "knn_temperature must be a number in (0.0, inf)" in err
+    (feats / "dup.json").write_text("[1, 1]")
+    assert train_main(args + [f"selection={feats / 'dup.json'}"]) == 2
+    assert "repeats index 1" in capsys.readouterr().err
+    assert not (feats / "run").exists()
+    assert train_main(args) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "linear"

@@ -253,3 +253,49 @@ def test_num_devices_checks(tmp_path):
 
     with pytest.raises(ValueError, match="devices are available"):
         _placement(jax.device_count() + 1)
+
+
+def test_each_run_trains_with_its_own_settings_in_one_process(tmp_path):
+    """Compiled train steps are cached per process; a run must never get a step compiled for
+    another run's label smoothing, EMA, crop scale or image size."""
+    _fashion_mnist_or_skip()
+    import train.train as tt
+
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    base = dict(selection=sel, image_size=16, steps=2, batch_size=4, log_every=1,
+                pool_size=80, test_size=8, warmup_steps=1, label_smoothing=0.0, ema_decay=0.0)
+    variants = {"label_smoothing": 0.4, "ema_decay": 0.5, "crop_scale_min": 0.5,
+                "image_size": 24}
+    bb = TinyBackbone()
+    train_and_evaluate(make_config(**base), tmp_path / "base", backbone=bb)
+    after_base = {}
+    for name, value in variants.items():
+        after_base[name] = train_and_evaluate(make_config(**{**base, name: value}),
+                                              tmp_path / f"{name}_1", backbone=bb)
+    for name, value in variants.items():
+        tt._STEP_CACHE.clear()  # as in a fresh process
+        alone = train_and_evaluate(make_config(**{**base, name: value}),
+                                   tmp_path / f"{name}_2", backbone=bb)
+        assert _tree_equal(after_base[name]["state"], alone["state"]), name
+
+
+def test_eval_every_need_not_align_with_log_every(tmp_path):
+    _fashion_mnist_or_skip()
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    cfg = make_config(selection=sel, image_size=16, steps=7, batch_size=4, log_every=2,
+                      eval_every=3, pool_size=80, test_size=8, warmup_steps=1)
+    train_and_evaluate(cfg, tmp_path / "w", backbone=TinyBackbone())
+    recs = [json.loads(line) for line in (tmp_path / "w" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [2, 3, 4, 6, 7]
+    assert [r["step"] for r in recs if "eval_accuracy" in r] == [3, 6, 7]
+    assert all(np.isfinite(r["train_loss"]) for r in recs)
+
+
+def test_full_mode_labels_outside_num_classes_are_an_error(tmp_path):
+    _fashion_mnist_or_skip()
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    cfg = make_config(selection=sel, image_size=16, steps=2, batch_size=4, pool_size=80,
+                      test_size=8, num_classes=3)
+    with pytest.raises(ValueError, match=r"label \d+ outside \[0, 3\)"):
+        train_and_evaluate(cfg, tmp_path / "w", backbone=TinyBackbone())
+    assert not (tmp_path / "w" / "config.json").exists()

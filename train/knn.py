@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilaf_jax import distances
+from bilaf_jax.io import InputError
 
 
 class KnnOutput(NamedTuple):
@@ -93,6 +94,17 @@ def knn_eval(train_x, train_y, test_x, test_y, *, k: int = 20, temperature: floa
     return out if return_output else float(out.accuracy)
 
 
+def check_labels(num_classes: int, **labels) -> None:
+    """InputError unless every array of labels (given by name) lies in [0, num_classes): one-hot
+    encoding would silently turn any other label into a row of zeros."""
+    for what, y in labels.items():
+        y = np.asarray(y)
+        if y.size and (y.min() < 0 or y.max() >= num_classes):
+            bad = int(y.min()) if y.min() < 0 else int(y.max())
+            raise InputError(f"{what.replace('_', ' ')}: label {bad} outside [0, {num_classes}) "
+                             f"for {num_classes} classes")
+
+
 def padded_inputs(train_x, train_y, test_x, test_y, num_classes, pad_to):
     """The labelled rows padded to a bucket size (with a mask) and the test arrays as JAX arrays;
     `num_classes` inferred from the labels when None."""
@@ -100,6 +112,7 @@ def padded_inputs(train_x, train_y, test_x, test_y, num_classes, pad_to):
     test_y = np.asarray(test_y)
     if num_classes is None:
         num_classes = int(max(train_y.max(), test_y.max())) + 1
+    check_labels(num_classes, train_labels=train_y, test_labels=test_y)
     size = pad_to or bucket_size(len(train_y))
     xp, yp, mask = pad_rows(np.asarray(train_x, np.float32), train_y, size)
     return xp, yp, mask, jnp.asarray(test_x, jnp.float32), jnp.asarray(test_y, jnp.int32), num_classes

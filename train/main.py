@@ -20,7 +20,10 @@ def main(argv=None) -> int:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     args = parser.parse_args(argv)
-    cfg = load_config_file(args.config)
+    try:
+        cfg = load_config_file(args.config)
+    except ValueError as e:
+        parser.error(str(e))
     for item in args.overrides:
         key, sep, value = item.partition("=")
         if not sep:
@@ -29,7 +32,12 @@ def main(argv=None) -> int:
             cfg[key] = json.loads(value)
         except ValueError:
             cfg[key] = value
-    summary = summary_without_state(train_and_evaluate(make_config(**cfg), args.workdir))
+    try:
+        summary = summary_without_state(train_and_evaluate(make_config(**cfg), args.workdir))
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        # Bad config values and input files: one line, as `bilaf finetune` reports them.
+        sys.stderr.write(f"python -m train.main: error: {' '.join(str(e).split())}\n")
+        return 2
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
     return 0
 

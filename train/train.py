@@ -10,8 +10,10 @@ Modes
 Workdir layout
   config.json     the config and the content hashes of its input files; a later start with a
                   different config is refused before anything is written.
-  metrics.jsonl   one JSON object per logged step: step, train_loss, learning_rate, and
-                  eval_accuracy where evaluated. On resume, lines past the restored step go.
+  metrics.jsonl   one JSON object every log_every steps and at every evaluation (every
+                  eval_every steps and the last): step, train_loss (mean since the previous
+                  line), learning_rate, and eval_accuracy where evaluated. On resume, lines
+                  past the restored step go.
   checkpoints/    orbax CheckpointManager (full mode).
   summary.json    written atomically at the end: final_accuracy, step, resumed_from_step, mode,
                   config, num_labelled, num_test, params_digest (full mode).
@@ -20,7 +22,8 @@ Exact resume: batch order and augmentation keys are functions of (seed, step) on
 (`train.input_pipeline`), and a checkpoint holds everything else (parameters, other model
 state such as BatchNorm statistics, optimiser state, EMA, the running loss sum, the step), so a
 run interrupted at any point and started again ends in the same state, bit for bit, as an
-uninterrupted one.
+uninterrupted one (on CPU; on GPUs XLA may pick non-deterministic kernels unless
+`--xla_gpu_deterministic_ops=true` is in XLA_FLAGS).
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from bilaf_jax.io import (
     write_json_atomic,
     write_text_atomic,
 )
+from train.knn import check_labels
 from train.linear import DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY
 
 MODES = ("linear", "knn", "full")
@@ -73,11 +77,12 @@ class Config:
     optimizer: str = "sgd"  # sgd (momentum) | adamw
     learning_rate: float = 3e-3
     momentum: float = 0.9
-    weight_decay: float = 1e-4  # on kernels only (ndim > 1), not biases or norm scales
+    weight_decay: float = 1e-4  # on kernels only (see decay_mask), not biases or norm scales
     warmup_steps: int | None = None  # None: from warmup_epochs
     warmup_epochs: float = 5.0
     label_smoothing: float = 0.1
-    ema_decay: float = 0.0  # 0: no EMA; else evaluate the EMA weights
+    ema_decay: float = 0.0  # 0: no EMA; else evaluate the EMA weights (BatchNorm statistics:
+    # the live running averages, which are already averages over steps)
     drop_path: float = 0.0  # recorded; applied only by backbones that support it
     crop_scale_min: float = 0.08
     grad_clip_norm: float | None = None
@@ -130,6 +135,27 @@ def validate_config(c: Config) -> None:
     if c.batch_size % c.num_devices:
         raise ValueError(f"batch_size ({c.batch_size}) must be a multiple of num_devices "
                          f"({c.num_devices}): each device takes an equal share of a batch")
+    def in_range(name, lo, hi, *, lo_open=False, optional=False):
+        v = getattr(c, name)
+        if v is None and optional:
+            return
+        ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
+              and (v > lo if lo_open else v >= lo) and v < hi)
+        if not ok:
+            bounds = f"{'(' if lo_open else '['}{lo}, {hi})"
+            raise ValueError(f"{name} must be a number in {bounds}, got {v!r}")
+
+    inf = float("inf")
+    in_range("learning_rate", 0.0, inf, lo_open=True)
+    in_range("epochs", 0.0, inf, lo_open=True)
+    in_range("momentum", 0.0, 1.0)
+    in_range("weight_decay", 0.0, inf)
+    in_range("linear_weight_decay", 0.0, inf)
+    in_range("warmup_epochs", 0.0, inf)
+    in_range("warmup_steps", 0, inf, optional=True)
+    in_range("drop_path", 0.0, 1.0)
+    in_range("grad_clip_norm", 0.0, inf, lo_open=True, optional=True)
+    in_range("knn_temperature", 0.0, inf, lo_open=True)
     if not 0.0 <= c.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
     if not 0.0 <= c.label_smoothing < 1.0:
@@ -252,6 +278,7 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
     identity = _identity(config)
     _check_workdir(workdir, identity)
     num_classes = config.num_classes or int(max(pool_y.max(), test_y.max())) + 1
+    check_labels(num_classes, selected_pool_labels=pool_y[sel], test_labels=test_y)
     _write_config(workdir, config, identity)
     metrics = MetricsWriter(workdir / "metrics.jsonl")
     metrics.truncate(-1)
@@ -321,13 +348,28 @@ def params_digest(params) -> str:
     return h.hexdigest()[:16]
 
 
-def _make_optimizer(config: Config, total_steps: int, warmup_steps: int):
+# Not weight-decayed although not 1-d: a ViT's position and class embeddings (as DeiT / timm,
+# whose finetuning recipe the paper follows, exclude them).
+NO_DECAY = ("pos_embed", "cls_token")
+
+
+def decay_mask(params):
+    """True for the parameters weight decay applies to: kernels (ndim > 1), not biases, norm
+    scales or the embeddings named in NO_DECAY. params: a pytree; returns bools of its shape."""
     import jax
+
+    def decays(path, p):
+        names = {getattr(k, "key", getattr(k, "name", None)) for k in path}
+        return p.ndim > 1 and not names.intersection(NO_DECAY)
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def _make_optimizer(config: Config, total_steps: int, warmup_steps: int):
     import optax
 
     schedule = optax.warmup_cosine_decay_schedule(
         0.0, config.learning_rate, max(warmup_steps, 0), max(total_steps, warmup_steps + 1), 0.0)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
     parts = []
     if config.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
@@ -346,7 +388,10 @@ _STEP_CACHE: dict = {}
 
 def _train_step_fn(train_def, tx, key_tuple, *, image_size, num_classes, label_smoothing,
                    ema_decay, crop_scale_min):
-    cache_key = ("train", train_def, key_tuple)
+    # Everything the traced step closes over is in the key: a run with other settings must not
+    # reuse a step compiled for the first one.
+    cache_key = ("train", train_def, key_tuple, image_size, num_classes, label_smoothing,
+                 ema_decay, crop_scale_min)
     if cache_key in _STEP_CACHE:
         return _STEP_CACHE[cache_key]
     import jax
@@ -556,6 +601,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
                    or int(max(labelled.labels.max(), test.labels.max())) + 1)
     train_labels = np.asarray(labelled.labels, np.int32)
     test_labels = np.asarray(test.labels, np.int32)
+    check_labels(num_classes, selected_pool_labels=train_labels, test_labels=test_labels)
     steps_per_epoch = steps_for_epochs(1.0, len(sel), config.batch_size)
     total = config.steps or steps_for_epochs(config.epochs, len(sel), config.batch_size)
     warmup = (config.warmup_steps if config.warmup_steps is not None
@@ -606,13 +652,14 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
         state, _ = train_step(state, shard(train_images.take(idx)), shard(train_labels[idx]), key)
         step += 1
         ran += 1
-        if step % config.log_every == 0 or step == total:
+        evaluate = step == total or (config.eval_every and step % config.eval_every == 0)
+        if step % config.log_every == 0 or evaluate:
             record = {"step": step,
                       "train_loss": float(state["loss_sum"]) / max(int(state["loss_count"]), 1),
                       "learning_rate": float(schedule(step - 1))}
             state["loss_sum"] = commit(jnp.zeros((), jnp.float32))
             state["loss_count"] = commit(jnp.zeros((), jnp.int32))
-            if step == total or (config.eval_every and step % config.eval_every == 0):
+            if evaluate:
                 record["eval_accuracy"] = _evaluate(eval_step, eval_params(state), state["rest"],
                                                     test_images, test_labels, eval_batch, shard)
                 if step == total:
