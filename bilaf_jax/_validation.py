@@ -20,15 +20,19 @@ def is_traced(x) -> bool:
     return isinstance(x, jax.core.Tracer)
 
 
-# One small program rather than two eager ops (each eager op compiles on its first use).
-_all_finite = jax.jit(lambda x: jnp.isfinite(x).all())
+# One small program rather than two eager ops (each eager op compiles on its first use). NaN
+# propagates through max, so a finite result means every value is finite.
+_max_abs = jax.jit(lambda x: jnp.max(jnp.abs(x)))
 
 
 def check_features(features, name: str = "features"):
     """Return `features` as a floating JAX/NumPy array of shape [n, d], or raise ValueError.
 
-    Checks: array-like, 2-D, n > 0 and d > 0, real numbers, all finite (when concrete).
-    Integer inputs (raw pixels, say) are converted to float32; floating dtypes are kept.
+    Checks: array-like, 2-D, n > 0 and d > 0, real numbers, all finite and small enough that
+    squared norms do not overflow (when concrete). Integer and 16-bit float inputs are converted
+    to float32 (distances and scores need its precision; `precision=` chooses low-precision
+    matmuls), other byte orders and widths to native float32 / float64; float32 and float64
+    are kept.
     """
     if features is None:
         raise ValueError(f"{name} is None; expected an array of shape [n, d]")
@@ -52,17 +56,27 @@ def check_features(features, name: str = "features"):
         or dtype == jnp.bfloat16
     ):
         raise ValueError(f"{name} must hold real numbers, got dtype {dtype}")
-    if np.issubdtype(dtype, np.integer):
+    if np.issubdtype(dtype, np.integer) or dtype.itemsize < 4:
         features = features.astype(np.float32)
+    elif dtype not in (np.dtype(np.float32), np.dtype(np.float64)):  # big-endian, long double
+        features = features.astype(np.float32 if dtype.itemsize == 4 else np.float64)
     if not is_traced(features):
         on_host = isinstance(features, np.ndarray) or (
             features.is_fully_addressable
             and all(dev.platform == "cpu" for dev in features.devices()))
-        # Host memory: NumPy reads it in place (no program to compile on a first call).
-        finite = bool(np.isfinite(np.asarray(features)).all() if on_host
-                      else _all_finite(features))
-        if not finite:
+        # Host memory: NumPy reads it in place (no program to compile on a first call), and
+        # max / min need no temporary copy of the features.
+        if on_host:
+            x = np.asarray(features)
+            largest = max(abs(float(x.max())), abs(float(x.min())))
+        else:
+            largest = float(_max_abs(features))
+        if not np.isfinite(largest):
             raise ValueError(f"{name} contains NaN or Inf values")
+        if d * largest * largest > float(np.finfo(features.dtype).max) / 4:
+            raise ValueError(
+                f"{name} hold values up to {largest:.3g}: squared distances between rows "
+                f"overflow {np.dtype(features.dtype).name}; rescale the features")
     return features
 
 

@@ -23,11 +23,25 @@ class InputError(ValueError):
     """A user-facing problem with an input file or argument (the CLI prints it on one line)."""
 
 
-def check_output_path(path) -> Path:
-    """`path` as a Path whose folder exists and is writable and which is not itself a folder."""
+def same_file(a, b) -> bool:
+    """True when paths `a` and `b` name one file (links and relative paths resolved)."""
+    a, b = Path(a).expanduser(), Path(b).expanduser()
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet)
+        return a.resolve() == b.resolve()
+
+
+def check_output_path(path, inputs=()) -> Path:
+    """`path` as a Path whose folder exists and is writable, which is not itself a folder and is
+    none of the `inputs` (paths, None skipped): writing there would destroy an input."""
     path = Path(path).expanduser()
     if path.is_dir():
         raise InputError(f"output path is a folder: {path}")
+    for source in inputs:
+        if source is not None and same_file(path, source):
+            raise InputError(f"output path {path} is an input file ({source}); writing it would "
+                             "destroy the input: choose another output path")
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         raise InputError(f"output folder does not exist: {folder}")
@@ -154,12 +168,19 @@ def load_features(path, label_column: bool = False, key: str = "features"):
         raise InputError(f"{path}: features are empty, shape {features.shape}")
     if features.dtype.kind != "f":
         features = features.astype(np.float32)
+    elif not features.dtype.isnative:  # a file written on a big-endian machine
+        features = features.astype(features.dtype.newbyteorder("="))
     if not np.isfinite(features).all():
         raise InputError(f"{path}: features contain NaN or Inf")
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (features.shape[0],):
             labels = None
+        elif labels.dtype.kind not in "fiub" or (
+                labels.dtype.kind == "f" and not (np.isfinite(labels).all()
+                                                  and (labels == np.round(labels)).all())):
+            raise InputError(f"{path}: labels must be whole numbers (class ids), "
+                             f"got {labels.dtype} values such as {labels.reshape(-1)[:3].tolist()}")
         else:
             labels = labels.astype(np.int64)
     return features, labels

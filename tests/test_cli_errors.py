@@ -38,6 +38,9 @@ def files(tmp_path_factory):
     np.save(d / "strings.npy", np.array([["a", "b"]]))
     np.save(d / "object.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     np.savez(d / "nofeatures.npz", x=good)
+    np.save(d / "huge.npy", good * np.float32(1e20))  # finite, but squares overflow float32
+    np.savez(d / "nanlabels.npz", features=good, labels=np.full(N, np.nan))
+    np.savez(d / "fraclabels.npz", features=good, labels=np.full(N, 0.5))
     (d / "text.npy").write_text("not an array\n")
     (d / "zero.npy").write_bytes(b"")
     (d / "truncated.npy").write_bytes((d / "good.npy").read_bytes()[:200])
@@ -85,6 +88,14 @@ SELECT_CASES = {
     "empty-columns": ["select", "{d}/empty_cols.npy", *SEL],
     "nan": ["select", "{d}/nan.npy", *SEL],
     "inf": ["select", "{d}/inf.npy", *SEL],
+    "huge-values": ["select", "{d}/huge.npy", *SEL],
+    "nan-labels": ["select", "{d}/nanlabels.npz", *SEL],
+    "fractional-labels": ["select", "{d}/fraclabels.npz", *SEL],
+    "seed-2**32": ["select", "{d}/good.npy", "--seed", str(2**32), *SEL],
+    "seed-negative": ["select", "{d}/good.npy", "--seed", "-1", *SEL],
+    "out-is-features": ["select", "{d}/good.npy", "--budget", "5", "--out", "{d}/good.npy"],
+    "out-is-labeled": ["select", "{d}/good.npy", "--labeled", "{d}/sel.json", "--budget", "5",
+                       "--out", "{d}/sel.json"],
     "budget-0": ["select", "{d}/good.npy", "--budget", "0", "--out", "{out}"],
     "budget-negative": ["select", "{d}/good.npy", "--budget", "-3", "--out", "{out}"],
     "budget-over-n": ["select", "{d}/good.npy", "--budget", str(N + 1), "--out", "{out}"],
@@ -277,3 +288,57 @@ def test_precision_is_recorded_and_verified(files, tmp_path, capsys):
     meta = json.loads((tmp_path / "sel.meta.json").read_text())
     assert meta["selection"]["precision"] == "bfloat16"
     assert call(["select", "--verify", out]) == 0
+
+
+def test_output_never_overwrites_an_input(files, tmp_path, capsys):
+    # Through another name too: a relative path and a symlink to the features file.
+    shutil.copy(files / "good.npy", tmp_path / "pool.npy")
+    (tmp_path / "link.npy").symlink_to(tmp_path / "pool.npy")
+    before = (tmp_path / "pool.npy").read_bytes()
+    for out in (tmp_path / "link.npy", tmp_path / "." / "pool.npy"):
+        err = expect_usage_error(["select", tmp_path / "pool.npy", "--budget", "5", "--out", out],
+                                 [], capsys)
+        assert "is an input file" in err
+    assert (tmp_path / "pool.npy").read_bytes() == before
+    # The sidecar (OUT.meta.json) is an output too.
+    shutil.copy(files / "sel.json", tmp_path / "lab.meta.json")
+    err = expect_usage_error(["select", files / "good.npy", "--labeled", tmp_path / "lab.meta.json",
+                              "--budget", "5", "--out", tmp_path / "lab.json"], [], capsys)
+    assert "is an input file" in err and (tmp_path / "lab.meta.json").read_text() == "[0, 1, 2]"
+
+
+def test_half_precision_and_big_endian_features_select(files, tmp_path, capsys):
+    good = np.load(files / "good.npy")
+    picks = {}
+    for name, array in (("native", good), ("big", good.astype(">f4")),
+                        ("half", good.astype(np.float16))):
+        np.save(tmp_path / f"{name}.npy", array)
+        out = tmp_path / f"{name}.json"
+        assert call(["select", tmp_path / f"{name}.npy", "--budget", "6", "--cores", "2",
+                     "--steps", "10", "--out", out]) == 0, capsys.readouterr().err
+        picks[name] = json.loads(out.read_text())
+    assert picks["big"] == picks["native"]
+    assert len(set(picks["half"])) == 6
+
+
+def test_verify_reports_a_damaged_record_or_changed_labelled_list(files, tmp_path, capsys):
+    shutil.copy(files / "sel.json", tmp_path / "lab.json")
+    out = tmp_path / "out.json"
+    assert call(["select", files / "good.npy", "--budget", "6", "--cores", "2", "--steps", "10",
+                 "--labeled", tmp_path / "lab.json", "--out", out]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    meta_file = tmp_path / "out.meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["labeled"]["path"] == str((tmp_path / "lab.json").resolve())
+    (tmp_path / "lab.json").write_text("[0, 1, 3]")
+    err = expect_usage_error(["select", "--verify", out], [], capsys)
+    assert "lab.json changed since the selection was made" in err
+    for damage in ("no-path", "no-sha256", "features-null"):
+        broken = json.loads(json.dumps(meta))
+        if damage == "features-null":
+            broken["features"] = None
+        else:
+            del broken["features"]["path" if damage == "no-path" else "sha256"]
+        meta_file.write_text(json.dumps(broken))
+        err = expect_usage_error(["select", "--verify", out], [], capsys)
+        assert "is unreadable" in err

@@ -103,3 +103,23 @@ def test_jit_eager_parity(name, pool):
     with jax.disable_jit():
         eager = np.asarray(fn(jax.random.key(3), pool, 8).indices)
     np.testing.assert_array_equal(jitted, eager)
+
+
+@pytest.mark.parametrize("name", [*SELECTORS, "bilaf"])
+def test_feature_dtypes_and_values_too_large_to_square(name, pool):
+    from bilaf_jax.pipeline import select
+
+    def run(x):
+        if name == "bilaf":  # the boundary stage sorts distances by their bits
+            return np.asarray(select(jax.random.key(0), x, 12, num_cores=3,
+                                     core_method="kcenter").indices)
+        return np.asarray(SELECTORS[name](jax.random.key(0), x, 6).indices)
+
+    expected = run(pool)
+    np.testing.assert_array_equal(run(pool.astype(">f4")), expected)  # another byte order
+    half = run(pool.astype(np.float16))  # computed in float32
+    assert len(np.unique(half)) == len(expected)
+    with pytest.raises(ValueError, match="overflow float32; rescale"):
+        run(pool * np.float32(1e20))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        run(np.where(np.arange(157)[:, None] == 3, np.nan, pool).astype(np.float32))

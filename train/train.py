@@ -145,6 +145,9 @@ def validate_config(c: Config) -> None:
             bounds = f"{'(' if lo_open else '['}{lo}, {hi})"
             raise ValueError(f"{name} must be a number in {bounds}, got {v!r}")
 
+    if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < 2**32:
+        # JAX keeps 32 bits of an integer seed: 2**32 would repeat seed 0.
+        raise ValueError(f"seed must be an integer in [0, 2**32), got {c.seed!r}")
     inf = float("inf")
     in_range("learning_rate", 0.0, inf, lo_open=True)
     in_range("epochs", 0.0, inf, lo_open=True)

@@ -27,6 +27,20 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+SEED_LIMIT = 2**32  # JAX keeps 32 bits of an integer seed: 2**32 would repeat seed 0
+
+
+def seed_type(text: str) -> int:
+    """argparse type of --seed: an integer in [0, 2**32)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed, got {text!r}") from None
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"seed must lie in [0, 2**32), got {text}")
+    return value
+
+
 def add_mesh_options(parser) -> None:
     """--mesh and the multi-process options (see `bilaf_jax.sharding`)."""
     g = parser.add_argument_group("devices")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bilaf_jax.cli import UsageError
+from bilaf_jax.cli import UsageError, seed_type
 from bilaf_jax.data import DATASETS
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite0_taps", "vit_s16")
@@ -57,7 +57,7 @@ def register(sub) -> None:
     p.add_argument("--taps", default=None,
                    help="efficientnet_lite0: comma-separated block indices and/or 'head' "
                    "whose pooled outputs are concatenated, e.g. 4,10,15,head")
-    p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
+    p.add_argument("--seed", type=seed_type, default=0, help="seed of --weights random (default 0)")
     p.add_argument("--read-workers", type=_positive_int, default=None,
                    help="threads reading and decoding image batches ahead of the backbone "
                    "(default: $BILAF_READ_WORKERS, else the CPU cores up to 8)")

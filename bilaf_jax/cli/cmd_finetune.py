@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from bilaf_jax.cli import UsageError
+from bilaf_jax.cli import UsageError, seed_type
 
 # flag -> Config field
 _FLAGS = {
@@ -46,7 +46,7 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="training steps (full: default from epochs)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--image-size", type=int, help="input side in pixels (full mode)")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=seed_type)
     p.add_argument("--features", help="pool features .npz (features, labels) for linear/knn")
     p.add_argument("--test-features", help="test features .npz (features, labels) for linear/knn")
     p.add_argument("--config", help="configs/NAME.py or a path to a config file")

@@ -24,7 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-from bilaf_jax.cli import UsageError, add_mesh_options, setup_mesh
+from bilaf_jax.cli import UsageError, add_mesh_options, seed_type, setup_mesh
 from bilaf_jax.cli.cmd_run import add_compile_cache_option, enable_compile_cache
 from bilaf_jax.distances import PRECISIONS
 
@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("--method", default="bilaf", help="|".join(METHODS))
     p.add_argument("--core-method", default="activeft", help="core stage for bilaf: activeft|kcenter|kmeans|random")
     p.add_argument("--mode", default="paper", help="boundary stage: paper (equations) | official (authors' code)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_type, default=0)
     p.add_argument("--label-column", action="store_true",
                    help="the file is the authors' [n, d + 1] layout with a label last (ignored)")
     p.add_argument("--labeled", default=None, metavar="FILE",
@@ -192,7 +192,9 @@ def run(a) -> int:
     from bilaf_jax import io
     from bilaf_jax.sharding import is_main_process
 
-    out_path = io.check_output_path(a.out)
+    inputs = (a.features, a.labeled)
+    out_path = io.check_output_path(a.out, inputs=inputs)
+    io.check_output_path(meta_path(out_path), inputs=inputs)
 
     features, _ = io.load_features(a.features, label_column=a.label_column)
     n, d = features.shape
@@ -205,6 +207,9 @@ def run(a) -> int:
     if not is_main_process():  # every process holds the same indices; one writes them
         return 0
     meta = _provenance(a.features, features, settings, timings, len(indices), mesh)
+    if a.labeled:  # so that --verify can tell when the labelled list changed
+        meta["labeled"] = {"path": str(Path(a.labeled).resolve()),
+                           "sha256": io.sha256_file(a.labeled)}
     # Sidecar first, list last: a list on disk always has its record beside it.
     io.write_json_atomic(meta_path(out_path), meta, indent=2)
     io.write_json_atomic(out_path, indices)
@@ -250,22 +255,28 @@ def verify(selection_path, mesh=None) -> int:
     try:
         meta = json.loads(mpath.read_text())
         settings = meta["selection"]
-        fmeta = meta["features"]
+        fpath, fdigest = str(meta["features"]["path"]), str(meta["features"]["sha256"])
+        missing = [k for k in SELECTION_KEYS if k not in settings]
+        recorded_labeled = meta.get("labeled")  # absent in records made before it was kept
+        if recorded_labeled is not None:
+            recorded_labeled = (str(recorded_labeled["path"]), str(recorded_labeled["sha256"]))
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"provenance record {mpath} is unreadable: {e}") from None
-    missing = [k for k in SELECTION_KEYS if k not in settings]
+        raise UsageError(f"provenance record {mpath} is unreadable: "
+                         f"{type(e).__name__} {e}") from None
     if missing:
         raise UsageError(f"provenance record {mpath} lacks {', '.join(missing)}")
-    fpath = fmeta["path"]
     if not Path(fpath).exists():
         raise UsageError(f"the recorded features file is gone: {fpath}")
-    digest = io.sha256_file(fpath)
-    if digest != fmeta["sha256"]:
+    if io.sha256_file(fpath) != fdigest:
         raise UsageError(f"features file {fpath} changed since the selection was made (sha256 differs)")
     features, _ = io.load_features(fpath, label_column=settings["label_column"])
     labeled = None
     if settings["labeled"]:
-        labeled = io.load_index_list(settings["labeled"], features.shape[0], name="--labeled")
+        lpath = recorded_labeled[0] if recorded_labeled else settings["labeled"]
+        if recorded_labeled and Path(lpath).is_file() and io.sha256_file(lpath) != recorded_labeled[1]:
+            raise UsageError(f"--labeled file {lpath} changed since the selection was made "
+                             "(sha256 differs)")
+        labeled = io.load_index_list(lpath, features.shape[0], name="--labeled")
     indices, timings, _ = run_selection(features, settings, labeled, mesh)
     if not is_main_process():
         return 0 if indices == selection else 1
