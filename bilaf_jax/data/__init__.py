@@ -35,6 +35,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
@@ -285,19 +286,63 @@ def _image_folder_root(split, data_dir) -> Path:
     raise InputError(f"image folder {root} has no split subfolder '{split}'")
 
 
+_MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def _image_array(im, path) -> np.ndarray:
+    """An opened PIL image as uint8 [h, w] (grey) or [h, w, 3]."""
+    if im.mode in _MODES_16BIT or im.mode == "I":
+        # Pillow's convert() clips these to 0..255 instead of scaling them
+        arr = np.asarray(im)
+        if im.mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise InputError(f"image {path} has 32-bit integer values outside 0..65535, which "
+                             "have no one 8-bit mapping; convert it to 8-bit")
+        return ((arr.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
+    if im.mode == "F":
+        raise InputError(f"image {path} has floating-point pixels, which have no one 8-bit "
+                         "mapping; convert it to 8-bit")
+    return np.asarray(im.convert("L" if im.mode in ("L", "1") else "RGB"))
+
+
+def _image_folder_files(root: Path, classes) -> tuple[list[Path], list[int], str]:
+    """Image files under each class folder (sorted paths within each, recursively), their
+    labels, and a fingerprint of their names, sizes and modification times."""
+
+    def fail(err: OSError):  # os.walk would otherwise skip an unreadable folder in silence
+        raise InputError(f"cannot read folder {err.filename}: {err.strerror or err}") from None
+
+    files, labels = [], []
+    for label, cls in enumerate(classes):
+        found = [Path(d) / name for d, _, names in os.walk(root / cls, onerror=fail)
+                 for name in names]
+        # sorted as Paths (by parts), the order rglob gave: resumed extractions depend on it
+        for p in sorted(found):
+            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
+                files.append(p)
+                labels.append(label)
+    digest = hashlib.sha256()
+    for p in files:  # stat only: a replaced image changes its size or mtime
+        try:
+            st = p.stat()
+        except OSError as e:
+            raise InputError(f"cannot read image {p}: {e.strerror or e}") from None
+        rel = os.fsencode(p.relative_to(root).as_posix())
+        digest.update(rel + b"\0" + f"{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return files, labels, f"image_folder/{digest.hexdigest()}"
+
+
 def _image_folder_source(split, data_dir) -> ImageSource:
     from PIL import Image, UnidentifiedImageError
 
     root = _image_folder_root(split, data_dir)
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    try:
+        classes = sorted(p.name for p in root.iterdir()
+                         if p.is_dir() and not p.name.startswith("."))
+    except OSError as e:
+        raise InputError(f"cannot read folder {root}: {e.strerror or e}") from None
     if not classes:
         raise InputError(f"image folder {root} has no class subfolders ({root}/<class>/<image>)")
-    files, labels = [], []
-    for label, cls in enumerate(classes):
-        for p in sorted((root / cls).rglob("*")):
-            if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS:
-                files.append(p)
-                labels.append(label)
+    files, labels, fingerprint = _image_folder_files(root, classes)
     if not files:
         raise InputError(f"image folder {root} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
 
@@ -306,15 +351,21 @@ def _image_folder_source(split, data_dir) -> ImageSource:
         for i in indices:
             try:
                 with Image.open(files[i]) as im:
-                    im = im.convert("L" if im.mode in ("L", "I;16", "1") else "RGB")
-                    arr = np.asarray(im)
-            except (OSError, UnidentifiedImageError) as e:
+                    arr = _image_array(im, files[i])
+            except InputError:
+                raise
+            except Image.DecompressionBombError as e:  # not an OSError
+                msg = " ".join(str(e).split())
+                raise InputError(f"image {files[i]} is too large to read safely ({msg} Pillow's "
+                                 "limit is twice PIL.Image.MAX_IMAGE_PIXELS): downscale it, or "
+                                 "raise Image.MAX_IMAGE_PIXELS if you trust it") from None
+            except (OSError, ValueError, UnidentifiedImageError) as e:
                 raise InputError(f"cannot read image {files[i]}: {e}") from None
             out.append((arr[:, :, None] if arr.ndim == 2 else arr, labels[i]))
         return out
 
     src = ImageSource("image_folder", split, getitems, len(files), len(classes),
-                      fingerprint=f"image_folder/{root.resolve()}/{len(files)}")
+                      fingerprint=fingerprint)
     src.files = files
     src.class_names = classes
     return src
