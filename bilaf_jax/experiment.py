@@ -36,6 +36,7 @@ import platform
 import sys
 import time
 import warnings
+import zipfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -103,42 +104,92 @@ def budgets_for(config: RunConfig, pool_size: int) -> list[int]:
     return [max(1, int(round(f * pool_size))) for f in config.budget_fractions]
 
 
-def validate(config: RunConfig) -> None:
-    """Raise InputError (one line) for settings that cannot run."""
+def validate(config: RunConfig) -> RunConfig:
+    """Raise InputError (one line) for settings that cannot run.
+
+    Returns `config` as the run uses it: lists as tuples, paths as str, NumPy scalars as Python
+    numbers (a .py config file may give any of these; results.json and run.json need JSON types,
+    and their identity is the same either way).
+    """
     from bilaf_jax import backbones, data
 
-    def positive_int(name, value, allow_none=False):
+    if not isinstance(config.name, str):
+        raise InputError(f"run config: name must be a string, got {config.name!r}")
+
+    def fail(message):
+        raise InputError(f"run config {config.name}: {message}")
+
+    def integer(value):
+        return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+    def number(value):
+        return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+    changes = {}
+
+    def positive_int(name, allow_none=False):
+        value = getattr(config, name)
         if value is None and allow_none:
             return
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-            raise InputError(f"run config {config.name}: {name} must be a positive integer, got {value!r}")
+        if not integer(value) or value < 1:
+            fail(f"{name} must be a positive integer{' or None' if allow_none else ''}, "
+                 f"got {value!r}")
+        changes[name] = int(value)
 
+    def distinct(name, ok, what):
+        value = getattr(config, name)
+        # Element checks come first: set() of unhashable elements would raise TypeError.
+        if (not isinstance(value, (list, tuple)) or not value or not all(ok(v) for v in value)
+                or len(set(value)) != len(value)):
+            fail(f"{name} must be a non-empty list of distinct {what}, got {value!r}")
+        return value
+
+    for name in ("dataset", "backbone", "finetune_backbone", "notes"):
+        if not isinstance(getattr(config, name), str):
+            fail(f"{name} must be a string, got {getattr(config, name)!r}")
     if config.dataset not in data.DATASETS:
-        raise InputError(f"run config {config.name}: unknown dataset {config.dataset!r}")
+        fail(f"unknown dataset {config.dataset!r}")
     if config.backbone not in backbones.BACKBONES:
-        raise InputError(f"run config {config.name}: unknown backbone {config.backbone!r}")
+        fail(f"unknown backbone {config.backbone!r}")
+    for name in ("data_dir", "weights"):
+        value = getattr(config, name)
+        if isinstance(value, os.PathLike):
+            changes[name] = value = os.fspath(value)
+        if value is not None and not isinstance(value, str):
+            fail(f"{name} must be a path (string) or None, got {value!r}")
     for name in ("pool_size", "test_size", "selection_dim", "activeft_batch_size"):
-        positive_int(name, getattr(config, name), allow_none=True)
+        positive_int(name, allow_none=True)
     for name in ("image_size", "extract_batch_size", "num_cores", "activeft_steps"):
-        positive_int(name, getattr(config, name))
-    bad = [m for m in config.methods if m not in METHODS]
-    if bad or not config.methods or len(set(config.methods)) != len(config.methods):
-        raise InputError(f"run config {config.name}: methods must be distinct names from "
-                         f"{', '.join(METHODS)}, got {list(config.methods)}")
-    bad = [e for e in config.evals if e not in EVALS]
-    if bad or not config.evals or len(set(config.evals)) != len(config.evals):
-        raise InputError(f"run config {config.name}: evals must be distinct names from "
-                         f"{', '.join(EVALS)}, got {list(config.evals)}")
-    if not config.seeds or len(set(config.seeds)) != len(config.seeds) or any(
-            isinstance(s, bool) or not isinstance(s, (int, np.integer)) or s < 0 for s in config.seeds):
-        raise InputError(f"run config {config.name}: seeds must be distinct non-negative integers")
-    if not config.budget_fractions or any(
-            not isinstance(f, (int, float)) or not 0 < f <= 1 for f in config.budget_fractions):
-        raise InputError(f"run config {config.name}: budget_fractions must be in (0, 1]")
-    if not 0 <= config.remove_fraction < 1:
-        raise InputError(f"run config {config.name}: remove_fraction must be in [0, 1)")
+        positive_int(name)
+    changes["methods"] = tuple(distinct(
+        "methods", lambda m: isinstance(m, str) and m in METHODS, f"names from {', '.join(METHODS)}"))
+    changes["evals"] = tuple(distinct(
+        "evals", lambda e: isinstance(e, str) and e in EVALS, f"names from {', '.join(EVALS)}"))
+    # JAX keeps 32 bits of an integer seed: 2**32 would repeat seed 0.
+    seeds = distinct("seeds", lambda s: integer(s) and 0 <= s < 2**32, "integers in [0, 2**32)")
+    changes["seeds"] = tuple(int(s) for s in seeds)
+    fractions = distinct("budget_fractions", lambda f: number(f) and 0 < f <= 1,
+                         "numbers in (0, 1]")
+    changes["budget_fractions"] = tuple(float(f) for f in fractions)
+    if not number(config.remove_fraction) or not 0 <= config.remove_fraction < 1:
+        fail(f"remove_fraction must be a number in [0, 1), got {config.remove_fraction!r}")
+    changes["remove_fraction"] = float(config.remove_fraction)
+    if config.finetune is not None:
+        if not isinstance(config.finetune, dict) or not all(isinstance(k, str) for k in config.finetune):
+            fail(f"finetune must be a dict of train settings or None, got {config.finetune!r}")
+        try:  # it is part of the identity in run.json
+            json.dumps(config.finetune, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            fail(f"finetune must hold plain values (numbers, strings, lists): {e}")
+    config = config._replace(**changes)
     if config.pool_size is not None:
         check_budgets(config, config.pool_size)
+    if "full" in config.evals:  # now, not when the first finetuning starts hours later
+        try:
+            finetune_config(config, Path("selection.json"), config.seeds[0], config.pool_size)
+        except (TypeError, ValueError) as e:
+            fail(f"finetune: {' '.join(str(e).split())}")
+    return config
 
 
 def check_budgets(config: RunConfig, pool_size: int) -> list[int]:
@@ -184,10 +235,31 @@ def _check_workdir(workdir: Path, config: RunConfig) -> None:
     path = workdir / "run.json"
     ident = identity(config)
     if path.exists():
-        check_identity(path, ident, workdir)
-    else:
-        write_json_atomic(path, {"identity": ident, "config": config._asdict(),
-                                 "created": _utc_now()}, indent=1)
+        try:
+            check_identity(path, ident, workdir)
+            return
+        except InputError:
+            if _holds_pieces(workdir):
+                raise
+        # Nothing was made under those settings (say, a run that stopped at a mistyped
+        # --weights), so there is nothing to protect: this run takes the workdir over.
+    write_json_atomic(path, {"identity": ident, "config": config._asdict(),
+                             "created": _utc_now()}, indent=1)
+
+
+def _holds_pieces(workdir: Path) -> bool:
+    """Whether `workdir` holds any file but run.json (cached pieces, reports, the user's own
+    files), not counting temporary files of atomic writes or an extraction's settings file
+    before its first batch."""
+    for p in workdir.rglob("*"):
+        if p == workdir / "run.json" or p.is_dir():
+            continue
+        if p.name.startswith(".") and p.name.endswith(".tmp"):
+            continue
+        if p.name == "config.json" and p.parent.name.endswith(".partial"):
+            continue
+        return True
+    return False
 
 
 def _utc_now(ts: float | None = None) -> str:
@@ -242,9 +314,26 @@ class Features(NamedTuple):
     meta: dict
 
 
-def _read_npz(path: Path):
-    with np.load(path, allow_pickle=False) as z:
-        return {k: z[k] for k in z.files}
+def _damaged(path: Path, why: str) -> InputError:
+    return InputError(f"{path} is damaged ({why}); delete it and run again to make it anew")
+
+
+def _read_npz(path: Path, keys=("features", "labels")) -> dict:
+    """A cached .npz of this run. Atomic writes never leave a partial one, so a bad one was
+    damaged from outside: a one-line error (features can take hours to make again)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise _damaged(path, (str(e).splitlines() or [type(e).__name__])[0]) from None
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise _damaged(path, f"no array {missing[0]!r}")
+    if "labels" in keys and (arrays["features"].ndim != 2 or arrays["labels"].shape
+                             != arrays["features"].shape[:1]):
+        raise _damaged(path, f"features {arrays['features'].shape}, labels "
+                             f"{arrays['labels'].shape}")
+    return arrays
 
 
 def project(features: np.ndarray, rank: int) -> tuple[np.ndarray, float]:
@@ -292,13 +381,20 @@ def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True,
                             batch_size=config.extract_batch_size, data_dir=config.data_dir,
                             progress=progress, on_batch=on_batch)
     pool, test = _read_npz(paths["pool"]), _read_npz(paths["test"])
+    if test["features"].shape[1] != pool["features"].shape[1]:
+        raise _damaged(paths["test"], f"{test['features'].shape[1]}-d features, the pool's are "
+                                      f"{pool['features'].shape[1]}-d")
     meta = read_meta(paths["pool"])
     sel_path = folder / "selection.npz"
     if config.selection_dim is None or config.selection_dim >= pool["features"].shape[1]:
         selection, kept = pool["features"], 1.0
     elif sel_path.exists():
-        z = _read_npz(sel_path)
-        selection, kept = z["features"], float(z["retained_energy"])
+        z = _read_npz(sel_path, keys=("features", "retained_energy"))
+        selection, kept = z["features"], z["retained_energy"]
+        want = (pool["features"].shape[0], config.selection_dim)
+        if selection.shape != want or kept.shape != () or kept.dtype.kind != "f":
+            raise _damaged(sel_path, f"features {selection.shape}, expected {want}")
+        kept = float(kept)
     else:
         selection, kept = project(pool["features"], config.selection_dim)
         save_npz_atomic(sel_path, features=selection, retained_energy=np.asarray(kept))
@@ -317,11 +413,36 @@ def _cores_path(workdir: Path, config: RunConfig, seed: int) -> Path:
     return workdir / "selections" / "cores" / f"activeft_k{config.num_cores}_s{seed}.json"
 
 
-def _read_json(path: Path):
+def _read_record(path: Path, valid) -> dict | None:
+    """A cached JSON record, or None to compute it (again).
+
+    Atomic writes never leave a partial record, so one that does not parse or fails `valid`
+    was damaged from outside; records are cheap to make again (the same, from the same seed),
+    so it is remade, and said on stderr.
+    """
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None  # absent or cut short: recompute
+        rec = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):  # UnicodeDecodeError is a ValueError
+        rec = None
+    if isinstance(rec, dict) and valid(rec):
+        return rec
+    sys.stderr.write(f"bilaf run: {path} is damaged; making it again\n")
+    return None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_indices(v, n: int) -> bool:
+    return isinstance(v, list) and all(
+        isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n for i in v)
+
+
+def _is_for(rec: dict, job: Job) -> bool:
+    return (rec.get("method"), rec.get("budget"), rec.get("seed")) == tuple(job)
 
 
 def _core_options(config: RunConfig) -> dict:
@@ -338,7 +459,9 @@ def _bilaf_cores(config: RunConfig, workdir: Path, features: np.ndarray, seed: i
     from bilaf_jax.pipeline import select
 
     path = _cores_path(workdir, config, seed)
-    cached = _read_json(path)
+    n = len(features)
+    cached = _read_record(path, lambda r: _is_indices(r.get("indices"), n)
+                          and len(r["indices"]) == config.num_cores and _is_number(r.get("seconds")))
     if cached is not None:
         return cached
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -375,6 +498,16 @@ def boundary_from_cores(seed: int, features: np.ndarray, core_indices, budget: i
     return bilaf(boundary_key, features, cores, budget, **kwargs)
 
 
+def _valid_selection(rec: dict, job: Job, n: int) -> bool:
+    if not _is_for(rec, job):
+        return False
+    if "error" in rec:
+        return isinstance(rec["error"], str)
+    if job.method.startswith("bilaf") and not _is_indices(rec.get("core_indices"), n):
+        return False
+    return _is_indices(rec.get("indices"), n) and _is_number(rec.get("seconds"))
+
+
 def run_selection(config: RunConfig, workdir: Path, features: np.ndarray, job: Job, counter) -> dict:
     """Compute (or read) one selection record."""
     import jax
@@ -382,7 +515,7 @@ def run_selection(config: RunConfig, workdir: Path, features: np.ndarray, job: J
     from bilaf_jax.pipeline import select
 
     path = _selection_path(workdir, job)
-    cached = _read_json(path)
+    cached = _read_record(path, lambda r: _valid_selection(r, job, len(features)))
     if cached is not None:
         return cached
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -426,10 +559,20 @@ def _eval_path(workdir: Path, job: Job, ev: str) -> Path:
     return workdir / "evals" / ev / f"{job.method}_b{job.budget}_s{job.seed}.json"
 
 
+def _json_or_none(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def run_evaluation(config: RunConfig, workdir: Path, feats: Features, job: Job, ev: str,
                    selection: dict, counter, num_classes: int) -> dict:
     path = _eval_path(workdir, job, ev)
-    cached = _read_json(path)
+    cached = _read_record(path, lambda r: _is_for(r, job) and r.get("eval") == ev
+                          and (r.get("accuracy") is None or _is_number(r["accuracy"]))
+                          and (r.get("selection_seconds") is None
+                               or _is_number(r["selection_seconds"])))
     if cached is not None:
         return cached
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -455,8 +598,9 @@ def run_evaluation(config: RunConfig, workdir: Path, feats: Features, job: Job, 
             from train.train import train_and_evaluate
 
             sel_path = _selection_path(workdir, job).with_suffix(".indices.json")
-            if not sel_path.exists():
-                write_json_atomic(sel_path, sorted(set(int(i) for i in idx)))
+            labelled = sorted(set(int(i) for i in idx))
+            if _json_or_none(sel_path) != labelled:  # absent, or damaged from outside
+                write_json_atomic(sel_path, labelled)
             cfg = finetune_config(config, sel_path, job.seed, len(feats.pool_labels))
             summary = train_and_evaluate(cfg, workdir / "finetune" / f"{job.method}_b{job.budget}_s{job.seed}")
             acc = summary["final_accuracy"]
@@ -726,7 +870,7 @@ def run_experiment(config: RunConfig, workdir, *, progress: bool = True,
     batches, cores, selections, evaluations), as if killed there; for tests.
     backbone: a loaded Backbone to use instead of loading `config.backbone` (tests).
     """
-    validate(config)
+    config = validate(config)
     workdir = Path(workdir).expanduser()
     _check_workdir(workdir, config)
     counter = _Counter(stop_after)

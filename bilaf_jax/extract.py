@@ -16,7 +16,9 @@ so `out` is either absent or complete, never truncated.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import re
 import shutil
 import sys
 import time
@@ -58,6 +60,20 @@ def _load_shard(path: Path, rows: int, dim: int):
     return features, labels
 
 
+def _remove_stale_temps(out: Path) -> None:
+    """Delete what a kill during the final atomic write of `out` left beside it: temporary files
+    named as `io.atomic_open` names them for `out` (`.<name>.<8 random chars>.tmp`), nothing else.
+
+    Such a file is live only while another extraction to the same `out` is finishing, and two at
+    once are not supported anyway: they share (and reset, and remove) the `.partial` folder.
+    """
+    stale = re.compile(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}\.tmp")  # tempfile's alphabet
+    for p in out.parent.iterdir():
+        if stale.fullmatch(p.name) and p.is_file() and not p.is_symlink():
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
 def _prepare_partial(partial: Path, config: dict) -> None:
     """Make `partial` hold shards of exactly `config` (keep them if it matches, else empty it)."""
     cfg_path = partial / "config.json"
@@ -95,7 +111,8 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
     from bilaf_jax import data
 
     t0 = time.perf_counter()
-    out = check_output_path(out)
+    out = check_output_path(out, inputs=() if weights in (None, "random") else (weights,))
+    _remove_stale_temps(out)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, np.integer))
                               or limit < 1):
         raise InputError(f"limit must be a positive integer, got {limit!r}")

@@ -208,3 +208,23 @@ def test_imagenet_through_mocked_tfds(tmp_path):
     assert res.num_images == 5
     with np.load(tmp_path / "f.npz") as z:
         assert z["features"].shape == (5, 24) and z["labels"].min() >= 0
+
+
+def test_temp_files_of_a_killed_final_write_are_removed(pool, tmp_path):
+    import tempfile
+    from pathlib import Path
+
+    dirs, _ = pool
+    out = tmp_path / "feats.npz"
+    # what a kill inside io.atomic_open's final write of `out` leaves: its temp, by its own naming
+    fd, stale = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=tmp_path)
+    with open(fd, "wb") as f:
+        f.write(b"PK\x03\x04" + b"\0" * 1000)
+    keep = [tmp_path / name for name in (
+        ".other.npz.abcd1234.tmp", "feats.npz.abcd1234.tmp", ".feats.npz.abcd1234.tmp.keep",
+        ".feats.npz.x.abcd1234.tmp", ".feats.npz.abcd12345.tmp", "notes.tmp")]
+    for p in keep:
+        p.write_text("mine")
+    extract_to_file(out, progress=False, limit=4, **CFG, **dirs)
+    assert out.is_file() and not Path(stale).exists()
+    assert all(p.read_text() == "mine" for p in keep)

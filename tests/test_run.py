@@ -278,3 +278,142 @@ def test_features_come_from_the_labelled_held_out_split(name, test_split, tmp_pa
     experiment.load_or_extract_features(config, tmp_path, progress=False, backbone=object())
     dataset = config.dataset
     assert calls == [("pool.npz", dataset, "train"), ("test.npz", dataset, test_split)]
+
+
+def _tiny_config_file(tmp_path, **changes):
+    """A .py run config holding tiny_config(**changes) (its name is the file's stem, 'tiny')."""
+    p = tmp_path / "tiny.py"
+    settings = {k: v for k, v in tiny_config(**changes)._asdict().items() if k != "name"}
+    p.write_text(f"def get_config():\n    return {settings!r}\n")
+    return str(p)
+
+
+def test_a_run_that_made_nothing_does_not_hold_its_workdir(tmp_path, capsys):
+    wd = tmp_path / "w"
+    cfg = _tiny_config_file(tmp_path)
+    err = _one_line_exit_2(capsys, ["run", "--config", cfg, "--workdir", str(wd), "--weights",
+                                    str(tmp_path / "typo.pth"), "--compile-cache", "off",
+                                    "--no-progress"])
+    assert "weight file not found" in err
+    fixed = tiny_config(weights="random", methods=("random",), seeds=(0,), evals=("knn",))
+    experiment._check_workdir(wd, fixed)  # the corrected command is not refused
+    assert json.loads((wd / "run.json").read_text())["identity"]["weights"] == "random"
+    (wd / "features").rmdir()  # empty: the failed run made nothing
+    _inject_features(wd)
+    experiment.run_experiment(fixed, wd, progress=False)
+    # a workdir holding results still refuses another config
+    with pytest.raises(ValueError, match="different config"):
+        experiment.run_experiment(fixed._replace(weights="typo.pth"), wd, progress=False)
+    assert json.loads((wd / "run.json").read_text())["identity"]["weights"] == "random"
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"seeds": 3}, "seeds"),
+    ({"seeds": [0, True]}, "seeds"),
+    ({"seeds": [0, 2**64]}, "seeds"),
+    ({"budget_fractions": 0.05}, "budget_fractions"),
+    ({"budget_fractions": ["0.05"]}, "budget_fractions"),
+    ({"remove_fraction": "x"}, "remove_fraction"),
+    ({"remove_fraction": float("nan")}, "remove_fraction"),
+    ({"finetune": 5, "evals": ("full",)}, "finetune"),
+    ({"finetune": {"epochs": "x"}, "evals": ["knn", "full"]}, "finetune"),
+    ({"finetune": {"bogus": 1}, "evals": ("full",)}, "finetune"),
+    ({"methods": "random"}, "methods"),
+    ({"methods": [["random"]]}, "methods"),
+    ({"evals": None}, "evals"),
+    ({"pool_size": 2.5}, "pool_size"),
+    ({"dataset": ["fashion_mnist"]}, "dataset"),
+    ({"backbone": None}, "backbone"),
+    ({"weights": 3}, "weights"),
+    ({"data_dir": 3}, "data_dir"),
+    ({"notes": None}, "notes"),
+    ({"finetune_backbone": 1}, "finetune_backbone"),
+    ({"name": 5}, "name"),
+])
+def test_config_file_of_wrong_types_is_a_one_line_error(changes, field, tmp_path, capsys):
+    p = tmp_path / "bad.py"
+    p.write_text(f"def get_config():\n    return {changes!r}\n".replace("nan", "float('nan')"))
+    err = _one_line_exit_2(capsys, ["run", "--config", str(p), "--dry-run",
+                                    "--workdir", str(tmp_path / "w")])
+    assert f"{field} must" in err or f"{field}:" in err, err
+
+
+def test_config_file_lists_and_numpy_numbers_are_accepted(tmp_path, capsys):
+    p = tmp_path / "lists.py"
+    p.write_text("import pathlib\nimport numpy as np\n\ndef get_config():\n    return {"
+                 "'seeds': [np.int64(0), 1], 'budget_fractions': [0.02, np.float32(0.05)], "
+                 "'methods': ['random', 'bilaf-paper'], 'evals': ['knn'], "
+                 "'pool_size': np.int64(1000), 'weights': pathlib.Path('w.pth')}\n")
+    assert main(["run", "--config", str(p), "--dry-run", "--workdir", str(tmp_path / "w")]) == 0
+    assert "seeds [0, 1], methods ['random', 'bilaf-paper']" in capsys.readouterr().out
+    got = experiment.validate(run_configs.get(str(p)))
+    assert (got.seeds, got.methods, got.evals, got.weights) == (
+        (0, 1), ("random", "bilaf-paper"), ("knn",), "w.pth")
+    assert type(got.pool_size) is int and all(type(f) is float for f in got.budget_fractions)
+    # the identity written to run.json is that of the same config written with tuples
+    same = run_configs.default()._replace(name="lists", seeds=(0, 1), budget_fractions=(0.02, 0.05),
+                                          methods=("random", "bilaf-paper"), evals=("knn",),
+                                          pool_size=1000, weights="w.pth")
+    assert experiment.identity(got) == experiment.identity(same)
+
+
+def test_damaged_cached_features_are_one_line_errors(tmp_path, capsys):
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    cfg = _tiny_config_file(tmp_path)
+    argv = ["run", "--config", cfg, "--workdir", str(wd), "--compile-cache", "off", "--no-progress"]
+    pool = wd / "features" / "pool.npz"
+    good = pool.read_bytes()
+    pool.write_bytes(good[:len(good) // 2])  # cut short from outside
+    err = _one_line_exit_2(capsys, argv)
+    assert f"{pool} is damaged" in err and "delete it" in err
+    assert len(pool.read_bytes()) == len(good) // 2  # nothing is deleted for the user
+    pool.write_bytes(good)
+    sel = wd / "features" / "selection.npz"
+    sel.write_bytes(b"")
+    err = _one_line_exit_2(capsys, argv)
+    assert f"{sel} is damaged" in err
+    np.savez(sel, features=np.zeros((5, 8), np.float32), retained_energy=np.asarray(0.9))
+    with pytest.raises(ValueError, match="selection.npz is damaged"):
+        experiment.run_experiment(tiny_config(), wd, progress=False)
+    np.savez(sel, other=np.zeros(3))
+    with pytest.raises(ValueError, match="selection.npz is damaged .no array 'features'"):
+        experiment.run_experiment(tiny_config(), wd, progress=False)
+
+
+def test_damaged_cached_records_are_made_again(tmp_path, monkeypatch, capsys):
+    import train.train
+
+    seen = []
+
+    def fake_train_and_evaluate(config, workdir):
+        sel = json.loads(open(config.selection).read())
+        seen.append(sel)
+        return {"final_accuracy": 0.25 + 0.001 * len(sel), "step": 1}
+
+    monkeypatch.setattr(train.train, "train_and_evaluate", fake_train_and_evaluate)
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    config = tiny_config(methods=("random", "bilaf-paper"), seeds=(0,), evals=("knn", "full"))
+    first = experiment.run_experiment(config, wd, progress=False).results["records"]
+    capsys.readouterr()
+    damaged = {
+        wd / "selections" / "bilaf-paper" / "b12_s0.json": b'{"method": "bilaf-pa',
+        wd / "selections" / "cores" / "activeft_k4_s0.json": b"{}",
+        wd / "selections" / "random" / "b24_s0.json": b'{"method": "random", "budget": 24}',
+        wd / "selections" / "random" / "b24_s0.indices.json": b"[1, 2",
+        wd / "evals" / "knn" / "random_b12_s0.json": b"[]",
+        wd / "evals" / "full" / "random_b24_s0.json": b"\xff\xfe",
+    }
+    for path, data in damaged.items():
+        assert path.is_file(), path
+        path.write_bytes(data)
+    seen.clear()
+    again = experiment.run_experiment(config, wd, progress=False).results["records"]
+    assert _strip_timing(again) == _strip_timing(first)
+    err = capsys.readouterr().err
+    for path in damaged:
+        if not path.name.endswith(".indices.json"):  # a copy of the selection, rewritten quietly
+            assert f"{path} is damaged; making it again" in err
+        json.loads(path.read_text())
+    assert len(seen) == 1 and len(seen[0]) == 24  # the remade eval trained on the right selection

@@ -88,16 +88,13 @@ def resolve_config(args):
 def dry_run(config, workdir: Path) -> int:
     from bilaf_jax import experiment
 
-    experiment.validate(config)
+    config = experiment.validate(config)  # also checks the finetuning settings of "full"
     pool = config.pool_size or {"fashion_mnist": 60_000, "mnist_5k": 4_000, "cifar10": 50_000,
                                 "cifar100": 50_000, "imagenet2012": 1_281_167}.get(config.dataset)
     if pool is None:
         sys.stdout.write(f"config {config.name}: pool size known only after loading the data\n")
         return 0
     budgets, jobs = experiment.plan(config, pool)
-    if "full" in config.evals:  # check the finetuning config of every job now, not hours later
-        for job in jobs[:1]:
-            experiment.finetune_config(config, workdir / "x.json", job.seed, config.pool_size)
     sys.stdout.write(
         f"config {config.name}: {config.dataset}, pool {pool}, backbone {config.backbone} at "
         f"{config.image_size} px, budgets {budgets}, K = {config.num_cores}, seeds "
