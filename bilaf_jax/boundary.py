@@ -365,10 +365,15 @@ def _ring_plan(m, ring_fraction, remove_fraction, *, mode, ftype):
 
     The kept count depends only on m, so the budget can be split before denoising runs.
     """
-    ring = jnp.maximum(1, jnp.floor(m.astype(ftype) * ring_fraction).astype(jnp.int32))
+    if mode == "official":  # the script's float64 arithmetic: int(90 * (1 - 0.3)) is 62
+        floor = jnp.floor
+    else:  # the equations' floor: 90 * (1 - 0.3) is 63 in float32 and float64 alike
+        def floor(x):
+            return jnp.floor(x + 8 * jnp.finfo(ftype).eps * x)
+    ring = jnp.maximum(1, floor(m.astype(ftype) * ring_fraction).astype(jnp.int32))
     # Official: the remainder after the last full ring is dropped.
     target = ring * (m // ring) if mode == "official" else m
-    keep = jnp.floor(target.astype(ftype) * (1.0 - remove_fraction)).astype(jnp.int32)
+    keep = floor(target.astype(ftype) * (1.0 - remove_fraction)).astype(jnp.int32)
     if mode == "official":
         return ring, target, jnp.where(m < 10, m, keep)  # the script skips small classes
     return ring, target, jnp.where(m > 0, jnp.maximum(keep, 1), 0)
@@ -479,7 +484,11 @@ def _allocate_official(sizes, budget):
     """floor(p_i B), then each leftover unit to the smallest allocation (ties: larger class,
     then lower index), as the script does. May give 0 or more than the class size."""
     ftype = jnp.result_type(float)
-    prop = sizes.astype(ftype) / jnp.sum(sizes).astype(ftype)
+    # The script's p_i is an IEEE quotient. XLA turns a division by a broadcast scalar into a
+    # multiplication by its reciprocal (22 / 55 -> 0.39999999999999997, not 0.4), and floor
+    # then loses a unit where p_i B is whole; the barrier hides the broadcast from that rewrite.
+    total = lax.optimization_barrier(jnp.broadcast_to(jnp.sum(sizes).astype(ftype), sizes.shape))
+    prop = sizes.astype(ftype) / total
     alloc = jnp.floor(prop * budget).astype(jnp.int32)
 
     def body(state):
@@ -878,6 +887,29 @@ def _run_buckets(g, buckets, args, most, static):
 # Public entry point.
 
 
+def check_options(*, mode, num_neighbors, ring_fraction, remove_fraction, opponent_penalty,
+                  precision):
+    """Validate `bilaf`'s hyperparameters (a ValueError naming the problem); `select` calls it
+    before stage 1, so a bad one fails before minutes of ActiveFT. Returns (num_neighbors,
+    precision), the latter None for full float32 precision."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    num_neighbors = check_count(num_neighbors, "num_neighbors", 1, 1 << 30)
+    check_fraction(ring_fraction, "ring_fraction", low_open=True)
+    check_fraction(remove_fraction, "remove_fraction")
+    if mode == "official" and not is_traced(remove_fraction) and float(remove_fraction) >= 1:
+        raise ValueError("official mode: remove_fraction = 1 keeps no sample of any pseudo-class "
+                         "of 10 or more (the authors' script never ends there); use a value "
+                         "below 1")
+    check_positive(opponent_penalty, "opponent_penalty")
+    if distances.resolve_precision(precision) == lax.Precision.HIGHEST:  # also checks names
+        precision = None
+    if mode == "official" and precision is not None:
+        raise ValueError("official mode computes in float64 as the authors' script does; "
+                         f"precision {precision!r} applies to mode='paper' only")
+    return num_neighbors, precision
+
+
 def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
           num_neighbors: int = 10, ring_fraction=0.1, remove_fraction=0.1,
           opponent_penalty=1.1, normalize: bool = False,
@@ -912,15 +944,19 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     class); IDC grows each class from its core in rings of max(1, floor(m P_in)) samples of
     lowest density distance rho(x) = mean distance to its k nearest cluster members (Eq. 3),
     the last ring possibly partial, then keeps the first max(1, floor(m (1 - P_rm))) included
-    (the core first). The budget goes by largest remainder in proportion to the kept sizes
-    with 1 <= B_i <= |U_i|; if the kept samples number fewer than B, denoising is waived (the
-    candidates are the whole pseudo-classes). Each class starts with its core; after each pick
-    the floor(|U_i| / B_i) candidates nearest to it (itself first) leave the candidate set, and
-    the next pick is the candidate of lowest Eq. 7 score
+    (the core first); both floors are those of exact arithmetic, within a few ulps, so they
+    do not depend on the float type (90 (1 - 0.3) keeps 63). The budget goes by largest
+    remainder in proportion to the kept sizes with 1 <= B_i <= |U_i|; if the kept samples
+    number fewer than B, denoising is waived (the candidates are the whole pseudo-classes).
+    Each class starts with its core; after each pick the floor(|U_i| / B_i) candidates
+    nearest to it (itself first) leave the candidate set, and the next pick is the candidate
+    of lowest Eq. 7 score
     min_l (D(x, c_l) delta^{t_l} - d_intra(x)) / max(D(x, c_l), d_intra(x)), where d_intra is
     the mean distance to the remaining candidates and t_l counts the earlier non-core picks of
     this class whose nearest other core is c_l. Ties: nearest to the last pick, then lower
-    index. Never repeats an index.
+    index. d_intra is kept as a running sum over the shrinking candidate set, so scores equal
+    in exact arithmetic (integer-valued features) can differ in their last bits; the tie rule
+    applies to scores equal in floating point. Never repeats an index.
 
     Official mode (the authors' `density_cluster.py`): no core override; classes under 10
     samples skip IDC; the samples left after the last full ring are dropped; rho averages the
@@ -955,21 +991,15 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     if num_classes == 0:
         raise ValueError("core_indices is empty; need at least one core sample")
     budget = check_count(budget, "budget", num_classes, n)
-    num_neighbors = check_count(num_neighbors, "num_neighbors", 1, 1 << 30)
     chunk_size = check_count(chunk_size, "chunk_size", 1, 1 << 30)
-    check_fraction(ring_fraction, "ring_fraction", low_open=True)
-    check_fraction(remove_fraction, "remove_fraction")
-    check_positive(opponent_penalty, "opponent_penalty")
+    num_neighbors, precision = check_options(
+        mode=mode, num_neighbors=num_neighbors, ring_fraction=ring_fraction,
+        remove_fraction=remove_fraction, opponent_penalty=opponent_penalty, precision=precision)
     features = jnp.asarray(features)
     if direct is None:
         direct = mode == "official" and features.dtype == jnp.float64
     direct = bool(direct)
     normalize = bool(normalize)
-    if distances.resolve_precision(precision) == lax.Precision.HIGHEST:  # also checks names
-        precision = None
-    if mode == "official" and precision is not None:
-        raise ValueError("official mode computes in float64 as the authors' script does; "
-                         f"precision {precision!r} applies to mode='paper' only")
 
     num_nearest = min(num_classes, 2 if mode == "official" else NUM_OPPONENTS + 1)
     core_j = jnp.asarray(core, jnp.int32)

@@ -123,8 +123,12 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
         core = _CORE_SELECTORS[method](core_key, features, budget, **options)
         return process_local(SelectOutput(core.indices, core.indices, core, None))
 
-    from bilaf_jax.boundary import bilaf
+    from bilaf_jax.boundary import bilaf, check_options
 
+    # Before stage 1: a bad boundary setting should not cost a whole ActiveFT run first.
+    check_options(mode=mode, num_neighbors=num_neighbors, ring_fraction=ring_fraction,
+                  remove_fraction=remove_fraction, opponent_penalty=opponent_penalty,
+                  precision=precision)
     if num_cores is None:
         num_cores = default_num_cores(budget)
     num_cores = V.check_count(num_cores, "num_cores", 1, budget)

@@ -9,6 +9,9 @@ documents them.
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 from scipy.spatial.distance import cdist
 
@@ -119,7 +122,8 @@ def paper_reference(features, core_indices, budget, *, num_neighbors=10, ring_fr
         m = len(members)
         home = members.index(cores[j])
         dist = cdist(x[members], x[members])
-        ring = max(1, int(np.floor(m * ring_fraction)))
+        # The equations' floors, in exact rational arithmetic (the fractions as written).
+        ring = max(1, math.floor(m * Fraction(str(ring_fraction))))
         first = [(-np.inf if i == home else dist[home, i], i) for i in range(m)]
         cluster = [i for _, i in sorted(first)][:ring]
         while len(cluster) < m:
@@ -132,7 +136,7 @@ def paper_reference(features, core_indices, budget, *, num_neighbors=10, ring_fr
                 scored.append((near.mean(), i))
             scored.sort()
             cluster += [i for _, i in scored[:min(ring, m - len(cluster))]]
-        keep = max(1, int(np.floor(m * (1 - remove_fraction))))
+        keep = max(1, math.floor(m * (1 - Fraction(str(remove_fraction)))))
         kept_lists.append(sorted(members[i] for i in cluster[:keep]))
 
     caps = np.array([len(u) for u in kept_lists])

@@ -454,3 +454,58 @@ def test_official_allocation_beyond_padded_class_size():
                           boundary._BATCH_ELEMENTS)
     assert any((alloc[b.classes[b.counts > 0]] > b.members.shape[1]).any() for b in plan)
     np.testing.assert_array_equal(np.asarray(out.indices), np.asarray(ref[0]))
+
+
+def _script_allocation(sizes, budget):
+    """The authors' allocation in Python floats: floor(size / total * B), then leftovers."""
+    total = sum(sizes)
+    alloc = [int(np.floor(s / total * budget)) for s in sizes]
+    for _ in range(budget - sum(alloc)):
+        low = min(alloc)
+        j = min((i for i in range(len(sizes)) if alloc[i] == low),
+                key=lambda i: (-sizes[i], i))
+        alloc[j] += 1
+    return alloc
+
+
+def test_official_allocation_is_the_scripts_where_p_b_is_whole():
+    # 22 / 55 is 0.4 as an IEEE quotient; as 22 * (1 / 55) it is 0.39999999999999997, and
+    # floor(p B) then loses the unit the script keeps.
+    rng = np.random.default_rng(0)
+    cases = [([6, 12, 6, 22, 9], 10), ([5, 7], 12), ([1, 48], 49), ([3, 3, 3], 7)]
+    cases += [(rng.integers(1, 60, rng.integers(2, 9)).tolist(), int(rng.integers(5, 80)))
+              for _ in range(300)]
+    with jax.enable_x64(True):
+        got = [boundary._allocate_official(jnp.asarray(s, jnp.int32), b).tolist()
+               for s, b in cases]
+    assert got == [_script_allocation(s, b) for s, b in cases]
+
+
+def test_official_whole_shares_end_to_end():
+    # Two classes of 5 and 7 samples and a budget of 12: p_i B = 5 and 7 exactly.
+    rng = np.random.default_rng(1)
+    x = np.concatenate([rng.normal(size=(5, 2)), 20 + rng.normal(size=(7, 2))])
+    with jax.enable_x64(True):
+        out = bilaf(KEY, x, [0, 5], 12, mode="official", direct=True)
+    np.testing.assert_array_equal(np.asarray(out.allocation), [5, 7])
+    _check(out, official_reference(x, [0, 5], 12), 12)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_paper_ring_and_kept_sizes_are_exact_floors(x64):
+    with jax.enable_x64(x64):
+        ftype = jnp.result_type(float)
+        m = jnp.asarray([90, 70, 10, 33], jnp.int32)
+        ring, _, keep = boundary._ring_plan(m, 0.1, 0.3, mode="paper", ftype=ftype)
+        assert keep.tolist() == [63, 49, 7, 23] and ring.tolist() == [9, 7, 1, 3]
+        _, _, keep = boundary._ring_plan(m, 0.1, 0.3, mode="official", ftype=ftype)
+        if x64:  # the script's float64 floor: int(90 * 0.7) is 62
+            assert keep.tolist() == [int(v * (1 - 0.3)) for v in (90, 70, 10, 33)] \
+                == [62, 49, 7, 23]
+
+
+def test_official_remove_fraction_one_is_refused():
+    x, cores = _blobs(seed=7, n=60, d=3, k=3)
+    with pytest.raises(ValueError, match="remove_fraction = 1 keeps no sample"):
+        with jax.enable_x64(True):
+            bilaf(KEY, x, cores, 12, mode="official", remove_fraction=1.0)

@@ -97,3 +97,19 @@ def test_precision_reaches_both_stages(pool, monkeypatch):
                  core_options=dict(num_steps=20))
     assert seen == {"activeft": "bfloat16", "assign": "bfloat16"}
     assert len(np.unique(np.asarray(out.indices))) == 40
+
+
+@pytest.mark.parametrize("bad", [dict(mode="official", precision="bfloat16"),
+                                 dict(mode="official", remove_fraction=1.0),
+                                 dict(ring_fraction=0.0), dict(opponent_penalty=0.0)])
+def test_bad_boundary_settings_fail_before_stage_1(monkeypatch, bad):
+    from bilaf_jax import pipeline
+
+    def stage_1(*args, **kwargs):
+        raise AssertionError("ActiveFT ran before the boundary settings were checked")
+
+    monkeypatch.setitem(pipeline._CORE_SELECTORS, "activeft", stage_1)
+    x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    with pytest.raises(ValueError) as e:
+        select(jax.random.key(0), x, 10, num_cores=3, **bad)
+    assert not isinstance(e.value, AssertionError)
