@@ -86,14 +86,15 @@ def full() -> RunConfig:
     )
 
 
-def _paper(dataset: str, train_config: str, fractions, num_cores: int, **extra) -> RunConfig:
+def _paper(name: str, dataset: str, train_config: str, fractions, num_cores: int,
+           **extra) -> RunConfig:
     from bilaf_jax.cli.cmd_finetune import load_config_file
 
     finetune = load_config_file(train_config)
     for k in ("mode", "dataset", "pool_size", "backbone", "selection"):
         finetune.pop(k, None)
     return RunConfig(
-        **{**default()._asdict(), "name": f"paper_{dataset}", "dataset": dataset,
+        **{**default()._asdict(), "name": name, "dataset": dataset,
            "pool_size": None, "backbone": "vit_s16", "finetune_backbone": "vit_s16",
            "image_size": 224, "seeds": (0, 1, 2), "num_cores": num_cores,
            "budget_fractions": tuple(fractions), "selection_dim": None,
@@ -104,19 +105,19 @@ def _paper(dataset: str, train_config: str, fractions, num_cores: int, **extra) 
 
 def paper_cifar10() -> RunConfig:
     """The paper's CIFAR-10 columns (B = 0.5 / 1 / 2%, K = 50); needs --weights (DINO)."""
-    return _paper("cifar10", "cifar10", (0.005, 0.01, 0.02), 50)
+    return _paper("paper_cifar10", "cifar10", "cifar10", (0.005, 0.01, 0.02), 50)
 
 
 def paper_cifar100() -> RunConfig:
     """The paper's CIFAR-100 columns (B = 1 / 2 / 5 / 10%, K = 250); needs --weights (DINO)."""
-    return _paper("cifar100", "cifar100", (0.01, 0.02, 0.05, 0.10), 250)
+    return _paper("paper_cifar100", "cifar100", "cifar100", (0.01, 0.02, 0.05, 0.10), 250)
 
 
 def paper_imagenet() -> RunConfig:
     """The paper's ImageNet columns (B = 1 / 2 / 5%, K = 6,405; ActiveFT on batches of 100,000
     rows for 100 steps; P_rm = 0.2); results on the validation split. Host memory for full
     finetuning: see configs/imagenet.py."""
-    return _paper("imagenet2012", "imagenet", (0.01, 0.02, 0.05), 6405,
+    return _paper("paper_imagenet", "imagenet2012", "imagenet", (0.01, 0.02, 0.05), 6405,
                   activeft_steps=100, activeft_batch_size=100_000, remove_fraction=0.2)
 
 

@@ -80,7 +80,7 @@ def torch_activeft(features, init_indices, num_steps, *, temperature=0.07, balan
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=50_000)
     p.add_argument("--d", type=int, default=384)
     p.add_argument("--k", type=int, default=250)

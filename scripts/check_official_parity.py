@@ -2,8 +2,8 @@
 
 Usage:
   python scripts/check_official_parity.py PATH/TO/density_cluster.py
-      [--features FILE.npy] [--cores N] [--budgets 100,500] [--seed 0]
-      [--data digits|random|FILE] [--k 10 --ring 0.1 --remove 0.1 --penalty 1.1]
+      [--features FILE.npy] [--cores N] [--budgets 100,300] [--seed 0]
+      [--data digits|random] [--k 10 --ring 0.1 --remove 0.1 --penalty 1.1]
 
 The authors' file (from github.com/Thinklab-SJTU/BiLAF, data_selection/Boundary_Selection/)
 is imported from the given path and its functions are called in this process on the same
@@ -34,7 +34,7 @@ def authors_select(mod, features, cores, budget, k, ring, remove, penalty):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("authors_file")
     p.add_argument("--features", default=None)
     p.add_argument("--data", default="digits", choices=["digits", "random"])

@@ -27,6 +27,16 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Help that ends with each option's default, unless the help says it or there is none."""
+
+    def _get_help_string(self, action):
+        help = action.help or ""
+        if action.default is None or action.default is False or "default" in help:
+            return help
+        return super()._get_help_string(action)
+
+
 SEED_LIMIT = 2**32  # JAX keeps 32 bits of an integer seed: 2**32 would repeat seed 0
 
 

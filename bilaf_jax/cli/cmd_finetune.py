@@ -46,7 +46,8 @@ def register(subparsers) -> None:
     p.add_argument("--steps", type=int, help="training steps (full: default from epochs)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--image-size", type=int, help="input side in pixels (full mode)")
-    p.add_argument("--seed", type=seed_type)
+    p.add_argument("--seed", type=seed_type,
+                   help="seed of the data order, augmentation and head (default 0)")
     p.add_argument("--features", help="pool features .npz (features, labels) for linear/knn")
     p.add_argument("--test-features", help="test features .npz (features, labels) for linear/knn")
     p.add_argument("--config", help="configs/NAME.py or a path to a config file")
@@ -54,8 +55,9 @@ def register(subparsers) -> None:
     p.add_argument("--pool-size", type=int, help="the pool = the first N train images")
     p.add_argument("--test-size", type=int, help="evaluate on the first N test images (ImageNet: "
                    "validation images)")
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--learning-rate", type=float)
+    p.add_argument("--batch-size", type=int, help="full mode: images per step (default 32)")
+    p.add_argument("--learning-rate", type=float,
+                   help="full mode: peak learning rate (default 3e-3)")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
     p.add_argument("--num-devices", type=int,
                    help="full mode: split each batch over this many devices (data parallel; "

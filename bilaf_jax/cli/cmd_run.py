@@ -5,8 +5,9 @@
     bilaf run --config full --workdir runs/full      # 60,000-image pool, 224 px, finetuning (GPU)
     bilaf run --config full --dry-run --workdir runs/full   # check the plan, compute nothing
 
-Configs: default, quick, full, paper_cifar10, paper_cifar100, paper_imagenet (see
-`bilaf_jax/run_configs.py`, mirrored in `configs/run_*.py`), or a path to a .py file whose
+Configs: default, quick, mnist_5k, full, paper_cifar10, paper_cifar100, paper_imagenet (see
+`bilaf_jax/run_configs.py`; configs/run_*.py mirror several with their commands), or a path
+to a .py file whose
 `get_config()` returns a RunConfig or a dict of overrides of the default.
 Writes WORKDIR/results.json, results.md, accuracy_vs_budget.png, pca_map.png; every finished
 piece (features, selections, evaluations) is cached there, so the same command after an

@@ -17,14 +17,14 @@ of a one-device run.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
 import time
+from fractions import Fraction
 from pathlib import Path
 
-from bilaf_jax.cli import UsageError, add_mesh_options, seed_type, setup_mesh
+from bilaf_jax.cli import DefaultsFormatter, UsageError, add_mesh_options, seed_type, setup_mesh
 from bilaf_jax.cli.cmd_run import add_compile_cache_option, enable_compile_cache
 from bilaf_jax.distances import PRECISIONS
 
@@ -37,15 +37,17 @@ SELECTION_KEYS = ("method", "core_method", "mode", "budget", "num_cores", "seed"
 def register(sub) -> None:
     p = sub.add_parser("select", help="select samples to label from a feature file",
                        description=__doc__.split("\n\n")[0],
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=DefaultsFormatter)
     p.add_argument("features", nargs="?", help=".npy [n, d] or .npz with 'features'")
-    p.add_argument("--budget", help="number of samples B, or a percentage of the pool such as 1%%")
+    p.add_argument("--budget", help="number of samples B, or a percentage of the pool such as 1%% "
+                   "(rounded down, at least 1; required unless --verify)")
     p.add_argument("--cores", type=int, default=None, dest="num_cores",
                    help="core samples K for --method bilaf (default: max(1, B // 10))")
     p.add_argument("--method", default="bilaf", help="|".join(METHODS))
     p.add_argument("--core-method", default="activeft", help="core stage for bilaf: activeft|kcenter|kmeans|random")
     p.add_argument("--mode", default="paper", help="boundary stage: paper (equations) | official (authors' code)")
-    p.add_argument("--seed", type=seed_type, default=0)
+    p.add_argument("--seed", type=seed_type, default=0,
+                   help="seed of the selection's random key (ActiveFT initialisation, random)")
     p.add_argument("--label-column", action="store_true",
                    help="the file is the authors' [n, d + 1] layout with a label last (ignored)")
     p.add_argument("--labeled", default=None, metavar="FILE",
@@ -55,18 +57,24 @@ def register(sub) -> None:
                    "tensorfloat32 and bfloat16 accumulate in float32, are faster on accelerators and may flip "
                    "near-ties (tensorfloat32: NVIDIA GPUs only)")
     g = p.add_argument_group("ActiveFT")
-    g.add_argument("--steps", type=int, default=300, dest="num_steps")
-    g.add_argument("--batch-size", type=int, default=None, help="random rows per step (ImageNet: 100000)")
-    g.add_argument("--temperature", type=float, default=0.07)
-    g.add_argument("--lr", type=float, default=1e-3, dest="learning_rate")
-    g.add_argument("--balance", type=float, default=1.0)
+    g.add_argument("--steps", type=int, default=300, dest="num_steps", help="Adam steps")
+    g.add_argument("--batch-size", type=int, default=None,
+                   help="random rows per step (ImageNet: 100000; default: every row)")
+    g.add_argument("--temperature", type=float, default=0.07, help="tau of the similarities")
+    g.add_argument("--lr", type=float, default=1e-3, dest="learning_rate", help="Adam learning rate")
+    g.add_argument("--balance", type=float, default=1.0,
+                   help="lambda, weight of the diversity term in the loss")
     g = p.add_argument_group("boundary stage")
-    g.add_argument("--num-neighbors", type=int, default=10)
-    g.add_argument("--ring-fraction", type=float, default=0.1)
-    g.add_argument("--remove-fraction", type=float, default=0.1)
-    g.add_argument("--opponent-penalty", type=float, default=1.1)
+    g.add_argument("--num-neighbors", type=int, default=10,
+                   help="k of the density distance (Eq. 3)")
+    g.add_argument("--ring-fraction", type=float, default=0.1,
+                   help="P_in, ring size as a share of the pseudo-class")
+    g.add_argument("--remove-fraction", type=float, default=0.1,
+                   help="P_rm, share of each pseudo-class dropped by denoising")
+    g.add_argument("--opponent-penalty", type=float, default=1.1,
+                   help="delta, penalty factor per pick facing the same opponent")
     g.add_argument("--normalize", action="store_true", help="L2-normalise features in the boundary stage")
-    p.add_argument("--out", help="where to write the JSON list of indices")
+    p.add_argument("--out", help="where to write the JSON list of indices (required unless --verify)")
     p.add_argument("--verify", metavar="SELECTION", help="re-run the selection recorded beside SELECTION and compare")
     add_mesh_options(p)
     add_compile_cache_option(p, "so that a later call on the same pool (any budget) skips "
@@ -96,7 +104,8 @@ def parse_budget(text, n: int) -> int:
     if text.endswith("%"):
         if not 0 < value <= 100:
             raise UsageError(f"--budget percentage must be in (0, 100], got {text}")
-        return max(1, int(n * value / 100))
+        # Exact: "29%" of 100 is 29 (in floats, 100 * 29 / 100 could round below it).
+        return max(1, math.floor(n * Fraction(number) / 100))
     if value != int(value):
         raise UsageError(f"--budget must be an integer, got {text}")
     if not 1 <= value <= n:
