@@ -153,6 +153,20 @@ def check_pool(features, num_rows=None):
     return features, check_count(num_rows, "num_rows", 1, n)
 
 
+def check_temperature(value, name: str = "temperature"):
+    """A positive temperature must survive float32: tau and 1 / tau both finite and nonzero
+    there (1e-39 passes a float64 check but becomes inf in the similarities)."""
+    if is_traced(value):
+        return value
+    with np.errstate(over="ignore", divide="ignore"):
+        tau = np.float32(value)
+        inverse = np.float32(1.0) / tau
+    if not (np.isfinite(tau) and tau > 0 and np.isfinite(inverse)):
+        raise ValueError(f"{name} {value!r} is not representable in float32 (1 / {name} must "
+                         "be finite): use a value of at least 1e-30")
+    return value
+
+
 def check_exclude(exclude, num_rows: int, num_samples: int, total: int | None = None):
     """Turn `exclude` (indices of already-labelled rows, or None) into a bool mask or None.
 

@@ -151,9 +151,12 @@ def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperatu
         if batch_size == num_rows:
             batch_size = None
     V.check_positive(temperature, "temperature")
+    V.check_temperature(temperature)
     V.check_positive(learning_rate, "learning_rate", allow_zero=True)
     V.check_positive(balance, "balance")
     excluded = V.check_exclude(exclude, num_rows, num_samples, total=n)
+    if excluded is not None and not excluded.any():
+        excluded = None  # exclude=[] draws the same initial rows as exclude=None
     if init_indices is not None:
         init_indices = V.check_indices(init_indices, num_rows, "init_indices", num_samples)
         if excluded is not None and excluded[init_indices].any():
@@ -202,7 +205,8 @@ def _activeft(key, features, init_indices, unavailable, temperature, learning_ra
         return ActiveFTState(theta, opt_state, state.losses.at[t].set(loss.astype(jnp.float32)))
 
     state = ActiveFTState(theta, tx.init(theta), jnp.zeros(num_steps, jnp.float32))
-    state = lax.fori_loop(0, num_steps, step, state)
+    if num_steps:  # the body is traced even for no steps, and would index an empty trace
+        state = lax.fori_loop(0, num_steps, step, state)
     centroids = distances.normalize(state.theta)
     matched = distances.greedy_unique_match(feats, centroids, "dot", chunk_size=chunk_size,
                                             precision=precision, taken=unavailable)

@@ -292,7 +292,10 @@ def greedy_unique_match(points, centres, metric: str = "sqeuclidean", *,
         ids = cand_i[j]
         free = ~taken[jnp.clip(ids, 0, n - 1)] & (ids < n)
         first_free = jnp.argmax(free)  # candidates are sorted, so the first free one is best
-        pick = lax.cond(free.any(), lambda: ids[first_free], lambda: exact_scan(j, taken))
+        # A loop of at most one pass, not lax.cond: under vmap (hyperparameter sweeps) a cond
+        # runs both branches for every setting, the loop only while some setting needs it.
+        _, pick = lax.while_loop(lambda s: s[0], lambda s: (False, exact_scan(j, taken)),
+                                 (~free.any(), ids[first_free]))
         return taken.at[pick].set(True), out.at[j].set(pick)
 
     taken = jnp.zeros(n, bool) if taken is None else jnp.asarray(taken)

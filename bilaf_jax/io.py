@@ -175,8 +175,9 @@ def load_features(path, label_column: bool = False, key: str = "features"):
     if labels is not None:
         labels = np.asarray(labels)
         if labels.shape != (features.shape[0],):
-            labels = None
-        elif labels.dtype.kind not in "fiub" or (
+            raise InputError(f"{path}: labels must have shape ({features.shape[0]},), one per "
+                             f"row of the features, got {labels.shape}")
+        if labels.dtype.kind not in "fiub" or (
                 labels.dtype.kind == "f" and not (np.isfinite(labels).all()
                                                   and (labels == np.round(labels)).all())):
             raise InputError(f"{path}: labels must be whole numbers (class ids), "

@@ -127,6 +127,9 @@ def check_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, ..
                 lo_s = f"{'[' if lo_ok else '('}{lo:g}"
                 hi_s = f"{hi:g}{']' if hi_ok else ')'}" if hi is not None else "inf)"
                 raise ValueError(f"grid value {name}={v:g} is out of range {lo_s}, {hi_s}")
+        if name == "temperature":
+            for v in vals.astype(float):
+                V.check_temperature(v, "grid value temperature")
         if np.unique(vals).size != vals.size:
             raise ValueError(f"grid parameter {name!r} repeats a value: {list(vals.astype(float))}")
         out[name] = tuple(float(v) for v in vals)
@@ -300,9 +303,13 @@ def mean_nearest_distance(features, indices, *, chunk_size: int = distances.DEFA
     5.0
     """
     centres = jnp.asarray(features)[jnp.asarray(indices)]
+    # Distances do not change under translation; measured from a selected row, the Gram
+    # expansion does not lose the nearest centre to a large common offset of the features.
+    origin = centres[0]
 
     def block(xb):
-        _, idx = distances.first_argmin(distances.pairwise(xb, centres, precision=precision), axis=1)
+        near = distances.pairwise(xb - origin, centres - origin, precision=precision)
+        _, idx = distances.first_argmin(near, axis=1)
         diff = xb - centres[idx]
         return jnp.sqrt(jnp.sum(diff * diff, axis=-1))
 
@@ -356,7 +363,8 @@ class SweepOutput(NamedTuple):
     params: {name: f64[S]} all six hyperparameters of each row (defaults where not swept).
     core_setting: int32[S] row of `core_indices` (the ActiveFT setting) each row used.
     core_indices: int32[S_core, K] ActiveFT cores of each core setting.
-    core_loss: f32[S_core] ActiveFT's final loss.
+    core_loss: f32[S_core] ActiveFT's loss at its last step (before that step's update; NaN
+      with no steps).
     core_mean_distance: f[S_core] mean distance to the nearest core.
     indices: int32[S, B] the selections.
     mean_distance: f[S] mean distance to the nearest selected sample.
@@ -405,9 +413,15 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
     >>> out.indices.shape, out.core_indices.shape
     ((4, 12), (2, 3))
     """
+    from bilaf_jax.boundary import check_options
     from bilaf_jax.pipeline import default_num_cores
 
     grid = check_grid(grid or {})
+    # The boundary stage's fixed settings, before the (long) ActiveFT sweep; the swept ones
+    # were checked with the grid.
+    check_options(mode="paper", num_neighbors=num_neighbors, ring_fraction=0.1,
+                  remove_fraction=0.1, opponent_penalty=1.1, precision=precision)
+    V.check_count(chunk_size, "chunk_size", 1, 1 << 30)
     features, n = V.check_pool(features, num_rows)
     budget = V.check_count(budget, "budget", 1, n)
     if num_cores is None:

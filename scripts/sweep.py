@@ -25,13 +25,11 @@ Bad input: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 import warnings
-from pathlib import Path
 
-from bilaf_jax.cli import add_mesh_options, setup_mesh
+from bilaf_jax.cli import add_mesh_options, seed_type, setup_mesh
 from bilaf_jax.distances import PRECISIONS
 
 
@@ -60,7 +58,7 @@ def build_parser():
     g.add_argument("--settings-per-batch", type=int, default=None,
                    help="vmap this many settings at a time (bounds memory; default: all)")
     g.add_argument("--sequential", action="store_true", help="one setting at a time")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_type, default=0, help="in [0, 2**32)")
     p.add_argument("--key", default="features", help="array name in an .npz")
     p.add_argument("--out", required=True, help="results JSON")
     add_mesh_options(p)
@@ -97,10 +95,9 @@ def run(args) -> int:
         raise ValueError(f"--cores must be in [1, {args.budget}], got {args.cores}")
     if args.batch_size is not None and not 1 <= args.batch_size <= n:
         raise ValueError(f"--batch-size must be in [1, {n}], got {args.batch_size}")
-    # Fail on an unwritable destination before the (long) sweep.
-    folder = Path(args.out).parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
-        raise io.InputError(f"output folder does not exist or is not writable: {folder}")
+    # Fail on a bad destination (missing or unwritable folder, a folder, the input file
+    # itself) before the (long) sweep.
+    io.check_output_path(args.out, inputs=(args.features,))
 
     mesh = setup_mesh(args)
     import jax

@@ -160,3 +160,17 @@ def test_bfloat16_matmuls_pick_nearly_the_same_samples(digits):
     assert len(set(np.asarray(full.indices)) & set(np.asarray(fast.indices))) >= 36
     with pytest.raises(ValueError, match="precision"):
         activeft(jax.random.key(0), x, 4, precision="half")
+
+
+def test_zero_steps_empty_exclude_and_unrepresentable_temperature(digits):
+    x = digits[0][:300].astype(np.float32)
+    key = jax.random.key(3)
+    out = activeft(key, x, 8, num_steps=0)
+    assert out.losses.shape == (0,) and len(np.unique(np.asarray(out.indices))) == 8
+    # No optimisation: each initial row is its own centroid's nearest sample.
+    np.testing.assert_array_equal(np.asarray(out.indices), np.sort(np.asarray(out.init_indices)))
+    a = activeft(key, x, 8, num_steps=5, exclude=[])
+    b = activeft(key, x, 8, num_steps=5)
+    np.testing.assert_array_equal(np.asarray(a.indices), np.asarray(b.indices))
+    with pytest.raises(ValueError, match="not representable in float32"):
+        activeft(key, x, 8, num_steps=5, temperature=1e-39)

@@ -82,3 +82,16 @@ def test_greedy_unique_match_equals_naive_greedy():
         # Two candidates per centre force the exact-scan fallback for later centres.
         got = distances.greedy_unique_match(pts, cen, num_candidates=2, chunk_size=64)
     np.testing.assert_array_equal(np.asarray(got), want)
+
+
+def test_greedy_unique_match_under_vmap_equals_each_run():
+    # Under vmap the exact-scan fallback runs for the settings that need it (and others keep
+    # their candidate pick): the same picks as one call per centre set.
+    rng = np.random.default_rng(4)
+    pts = rng.normal(size=(150, 4)).astype(np.float32)
+    cen = rng.normal(size=(3, 30, 4)).astype(np.float32)
+    cen[1] = pts[:30] + 0.01  # this set needs no fallback: each centre sits on its own point
+    each = [np.asarray(distances.greedy_unique_match(pts, c, num_candidates=2)) for c in cen]
+    both = jax.vmap(lambda c: distances.greedy_unique_match(pts, c, num_candidates=2))(cen)
+    np.testing.assert_array_equal(np.asarray(both), np.stack(each))
+    np.testing.assert_array_equal(each[1], np.arange(30))

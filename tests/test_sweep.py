@@ -254,4 +254,45 @@ def test_cli_missing_file_and_bad_output_folder(tmp_path, capsys):
     assert cli.main([str(tmp_path / "f.npy"), "--budget", "4", "--out",
                      str(tmp_path / "no" / "r.json")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "not writable" in err
+    assert err.count("\n") == 1 and "output folder does not exist" in err
+    # The output is checked before the sweep: not a folder, never the features file itself.
+    for out, needle in ((tmp_path, "is a folder"), (tmp_path / "f.npy", "is an input file")):
+        assert cli.main([str(tmp_path / "f.npy"), "--budget", "4", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err
+    np.testing.assert_array_equal(np.load(tmp_path / "f.npy"), np.ones((10, 2), np.float32))
+    for bad, needle in ((["--seed", str(2**32)], "seed must lie in"),
+                        (["--num-neighbors", "0"], "num_neighbors"),
+                        (["--grid", "temperature=1e-39"], "not representable in float32")):
+        try:
+            code = cli.main([str(tmp_path / "f.npy"), "--budget", "4", "--out",
+                             str(tmp_path / "r.json"), *bad])
+        except SystemExit as e:  # argparse's own errors
+            code = e.code
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    np.savez(tmp_path / "l.npz", features=np.ones((10, 2), np.float32), labels=np.zeros(9))
+    assert cli.main([str(tmp_path / "l.npz"), "--budget", "4", "--out",
+                     str(tmp_path / "r.json")]) == 2
+    assert "labels must have shape (10,)" in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_mean_nearest_distance_with_a_large_common_offset():
+    rng = np.random.default_rng(5)
+    x = (1000.0 + rng.normal(size=(300, 16))).astype(np.float32)
+    idx = rng.choice(300, 20, replace=False)
+    d = np.sqrt(((x[:, None, :].astype(np.float64) - x[idx][None]) ** 2).sum(-1)).min(1)
+    got = float(S.mean_nearest_distance(x, idx))
+    np.testing.assert_allclose(got, d.mean(), rtol=1e-5)
+
+
+def test_sweep_checks_boundary_settings_before_activeft(monkeypatch):
+    def activeft_sweep(*args, **kwargs):
+        raise AssertionError("the ActiveFT sweep ran before the boundary settings were checked")
+
+    monkeypatch.setattr(S, "sweep_activeft", activeft_sweep)
+    x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match="num_neighbors"):
+        S.sweep(jax.random.key(0), x, 10, {"temperature": [0.07]}, num_neighbors=0)
