@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from bilaf_jax.data._builders import grey_28x28_info
 from bilaf_jax.data.idx import read_idx
 from bilaf_jax.io import InputError, sha256_file
 
@@ -92,18 +93,8 @@ class BilafFashionMnist(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = HOW_TO_GET
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(names=list(CLASS_NAMES)),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            # Keep the IDX row order: pool row ids must mean the same image everywhere.
-            disable_shuffling=True,
-            homepage="https://github.com/zalandoresearch/fashion-mnist",
-        )
+        return grey_28x28_info(self, tfds.features.ClassLabel(names=list(CLASS_NAMES)),
+                               "https://github.com/zalandoresearch/fashion-mnist")
 
     def _split_generators(self, dl_manager):
         files = source_files(dl_manager.manual_dir)

