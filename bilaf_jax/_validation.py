@@ -73,10 +73,12 @@ def check_features(features, name: str = "features"):
             largest = float(_max_abs(features))
         if not np.isfinite(largest):
             raise ValueError(f"{name} contains NaN or Inf values")
-        if d * largest * largest > float(np.finfo(features.dtype).max) / 4:
+        # The type JAX computes in: float64 input becomes float32 unless x64 is enabled.
+        computed = jax.dtypes.canonicalize_dtype(features.dtype)
+        if d * largest * largest > float(np.finfo(computed).max) / 4:
             raise ValueError(
                 f"{name} hold values up to {largest:.3g}: squared distances between rows "
-                f"overflow {np.dtype(features.dtype).name}; rescale the features")
+                f"overflow {np.dtype(computed).name}; rescale the features")
     return features
 
 

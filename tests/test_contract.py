@@ -121,5 +121,7 @@ def test_feature_dtypes_and_values_too_large_to_square(name, pool):
     assert len(np.unique(half)) == len(expected)
     with pytest.raises(ValueError, match="overflow float32; rescale"):
         run(pool * np.float32(1e20))
+    with pytest.raises(ValueError, match="overflow float32; rescale"):  # float64 in, float32 run
+        run(pool.astype(np.float64) * 1e25)
     with pytest.raises(ValueError, match="NaN or Inf"):
         run(np.where(np.arange(157)[:, None] == 3, np.nan, pool).astype(np.float32))
