@@ -106,6 +106,15 @@ case_bad "unknown mode"               "${O[@]}" -- select good.npy --mode foo "$
 case_bad "missing output folder"      nodir -- select good.npy --budget 5 --out nodir/out.json
 case_bad "output is a folder"         "${O[@]}" -- select good.npy --budget 5 --out .
 case_bad "--verify without record"    -- select --verify sel.json
+case_bad "--seed 2**32 (repeats 0)"    "${O[@]}" -- select good.npy --seed 4294967296 "${S[@]}"
+before=$(sha256sum good.npy sel.json)
+case_bad "output is the features file" -- select good.npy --budget 5 --out good.npy
+case_bad "output is the --labeled file" -- select good.npy --labeled sel.json --budget 5 --out sel.json
+if [ "$(sha256sum good.npy sel.json)" = "$before" ]; then
+  pass=$((pass + 1)); echo "PASS  inputs unchanged after the two cases above"
+else
+  fail=$((fail + 1)); echo "FAIL  an input file was overwritten"
+fi
 
 if [ "$(id -u)" -eq 0 ]; then
   if setpriv --bounding-set -dac_override,-dac_read_search true 2>/dev/null; then
