@@ -165,3 +165,13 @@ def test_bench_boundary_on_a_mesh(monkeypatch, capsys):
                 "--repeats", "1", "--in-process", "--mesh", "all"])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("| paper", "| official"))]
     assert len(rows) == 2 and all("Error" not in r for r in rows)
+
+
+def test_bench_sweep_runs_and_checks_equality(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = _load_script("bench_sweep")
+    assert bench.main(["--n", "500", "--d", "8", "--k", "10", "--steps", "0,3",
+                       "--temperatures", "0.05,0.2", "--repeats", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0")
+            or line.startswith("| 3")]
+    assert len(rows) == 2 and all(r.endswith("| True |") for r in rows)
