@@ -333,6 +333,14 @@ def test_verify_reports_a_damaged_record_or_changed_labelled_list(files, tmp_pat
     (tmp_path / "lab.json").write_text("[0, 1, 3]")
     err = expect_usage_error(["select", "--verify", out], [], capsys)
     assert "lab.json changed since the selection was made" in err
+    (tmp_path / "lab.json").write_text("[0, 1, 2]")  # back as it was
+    indices = json.loads(out.read_text())
+    out.write_text(json.dumps(indices, indent=2))  # reformatted: the same list
+    assert call(["select", "--verify", out]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    out.write_text(json.dumps(indices[::-1]))  # not the list the record describes
+    err = expect_usage_error(["select", "--verify", out], [], capsys)
+    assert "is not the list its record out.meta.json describes" in err
     for damage in ("no-path", "no-sha256", "features-null"):
         broken = json.loads(json.dumps(meta))
         if damage == "features-null":

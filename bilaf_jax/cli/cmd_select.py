@@ -216,6 +216,7 @@ def run(a) -> int:
     if not is_main_process():  # every process holds the same indices; one writes them
         return 0
     meta = _provenance(a.features, features, settings, timings, len(indices), mesh)
+    meta["indices_sha256"] = _indices_digest(indices)  # ties the record to this very list
     if a.labeled:  # so that --verify can tell when the labelled list changed
         meta["labeled"] = {"path": str(Path(a.labeled).resolve()),
                            "sha256": io.sha256_file(a.labeled)}
@@ -225,6 +226,13 @@ def run(a) -> int:
     sys.stderr.write(f"bilaf select: wrote {len(indices)} indices to {out_path} "
                      f"({timings['total_seconds']:.2f} s)\n")
     return 0
+
+
+def _indices_digest(indices) -> str:
+    """sha256 of the list's content (not of the file's bytes: reformatting keeps it)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps([int(i) for i in indices]).encode()).hexdigest()
 
 
 def _provenance(features_path, features, settings, timings, count, mesh=None) -> dict:
@@ -274,6 +282,12 @@ def verify(selection_path, mesh=None) -> int:
                          f"{type(e).__name__} {e}") from None
     if missing:
         raise UsageError(f"provenance record {mpath} lacks {', '.join(missing)}")
+    recorded = meta.get("indices_sha256")  # absent in records made before it was kept
+    if recorded is not None and recorded != _indices_digest(selection):
+        # The sidecar is written first: a run killed between the two writes, or an edited
+        # list, leaves a list its record does not describe.
+        raise UsageError(f"{selection_path} is not the list its record {mpath.name} describes "
+                         "(edited, or its run stopped before writing it); select again")
     if not Path(fpath).exists():
         raise UsageError(f"the recorded features file is gone: {fpath}")
     if io.sha256_file(fpath) != fdigest:
