@@ -14,6 +14,8 @@ the paper's recipe runs 1,000 epochs at 224 px, beyond this CPU; 30 epochs left 
 45-52% after 94 steps). Test accuracy on all 10,000 Fashion-MNIST test images.
 """
 
+from bilaf_jax import run_configs
+
 
 def get_config():
     return dict(
@@ -21,8 +23,7 @@ def get_config():
         budget_fractions=(0.01, 0.05),
         seeds=(0, 1, 2),
         evals=("full",),
-        finetune={"steps": 500, "batch_size": 32, "eval_batch_size": 500,
-                  "checkpoint_every": 1000, "log_every": 50},
+        finetune=dict(run_configs.CPU_FINETUNE),
         notes="Full finetuning of EfficientNet-Lite0 at 48 px, 500 steps of 32, on the CPU; "
               "selection as the default config (K = 20).",
     )

@@ -25,8 +25,7 @@ def get_config():
         budget_fractions=(0.10,),
         seeds=(0, 1, 2),
         evals=("full",),
-        finetune={"steps": 500, "batch_size": 32, "eval_batch_size": 500,
-                  "checkpoint_every": 1000, "log_every": 50},
+        finetune=dict(run_configs.CPU_FINETUNE),
         notes="Full finetuning of EfficientNet-Lite0 at 48 px, 500 steps of 32, on the CPU; "
               "selection as the mnist_5k config (K = 16), B = 10% only.",
     )
