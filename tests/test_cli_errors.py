@@ -350,3 +350,12 @@ def test_verify_reports_a_damaged_record_or_changed_labelled_list(files, tmp_pat
         meta_file.write_text(json.dumps(broken))
         err = expect_usage_error(["select", "--verify", out], [], capsys)
         assert "is unreadable" in err
+
+
+def test_extract_never_writes_over_its_weight_file(files, tmp_path, capsys):
+    shutil.copy(files / "good.npy", tmp_path / "w.pth")
+    before = (tmp_path / "w.pth").read_bytes()
+    err = expect_usage_error(["extract", "--dataset", "fashion_mnist", "--limit", "10",
+                              "--weights", tmp_path / "w.pth", "--out", tmp_path / "w.pth"],
+                             [Path(str(tmp_path / "w.pth") + ".partial")], capsys)
+    assert "is an input file" in err and (tmp_path / "w.pth").read_bytes() == before
