@@ -417,10 +417,10 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
     from bilaf_jax.pipeline import default_num_cores
 
     grid = check_grid(grid or {})
-    # The boundary stage's fixed settings, before the (long) ActiveFT sweep; the swept ones
-    # were checked with the grid.
-    check_options(mode="paper", num_neighbors=num_neighbors, ring_fraction=0.1,
-                  remove_fraction=0.1, opponent_penalty=1.1, precision=precision)
+    # The boundary stage's fixed settings, before the (long) ActiveFT sweep (the swept ones
+    # were checked with the grid; their defaults stand in for them here).
+    check_options(mode="paper", num_neighbors=num_neighbors, precision=precision,
+                  **{name: spec[0] for name, spec in BOUNDARY_PARAMS.items()})
     V.check_count(chunk_size, "chunk_size", 1, 1 << 30)
     features, n = V.check_pool(features, num_rows)
     budget = V.check_count(budget, "budget", 1, n)
