@@ -1,6 +1,8 @@
 """Finetuning: NumPy references for the k-NN vote and the probe loss, solver and padding checks,
 batch order and augmentation."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -110,6 +112,63 @@ def test_batch_order_is_a_function_of_seed_and_step():
     np.testing.assert_array_equal(fresh(3), order(3))  # no history needed
     other = input_pipeline.BatchOrder(seed=4, num_examples=10, batch_size=4)
     assert not np.array_equal(np.concatenate([other(s) for s in range(3)]), stream[:12])
+
+
+def torchvision_crop_box(u_area, u_ratio, u_top, u_left, height, width, scale, ratio):
+    """RandomResizedCrop's box as torchvision samples it, in plain Python, from the same uniform
+    draws: up to 10 tries, then a centre crop with the aspect ratio clamped into `ratio`."""
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for a, r in zip(u_area, u_ratio, strict=True):
+        target = height * width * (scale[0] + a * (scale[1] - scale[0]))
+        aspect = math.exp(log_lo + r * (log_hi - log_lo))
+        w, h = round(math.sqrt(target * aspect)), round(math.sqrt(target / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+    if width / height < min(ratio):
+        w, h = width, round(width / min(ratio))
+    elif width / height > max(ratio):
+        w, h = round(height * max(ratio)), height
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@pytest.mark.parametrize("height,width,scale,ratio", [
+    (28, 28, (0.08, 1.0), (3 / 4, 4 / 3)), (32, 20, (0.08, 1.0), (3 / 4, 4 / 3)),
+    (224, 180, (0.35, 1.0), (3 / 4, 4 / 3)), (3, 40, (0.08, 1.0), (3 / 4, 4 / 3)),  # wide: fallback
+    (40, 3, (0.5, 1.0), (3 / 4, 4 / 3)), (5, 5, (0.9, 1.0), (1 / 2, 2.0)), (1, 1, (0.08, 1.0), (3 / 4, 4 / 3))])
+def test_crop_box_matches_torchvision_algorithm(height, width, scale, ratio):
+    rng = np.random.default_rng(height * 1000 + width)
+    n = 400
+    u_area, u_ratio = rng.random((n, input_pipeline.CROP_ATTEMPTS)), rng.random((n, input_pipeline.CROP_ATTEMPTS))
+    u_top, u_left = rng.random(n), rng.random(n)
+    with jax.enable_x64(True):  # the reference's float64 arithmetic, so roundings agree
+        boxes = jax.vmap(lambda a, r, t, x: input_pipeline.box_from_uniforms(
+            a, r, t, x, height, width, scale, ratio))(u_area, u_ratio, u_top, u_left)
+    got = np.stack([np.asarray(b) for b in boxes], axis=1)
+    want = np.array([torchvision_crop_box(*args, height, width, scale, ratio)
+                     for args in zip(u_area, u_ratio, u_top, u_left, strict=True)])
+    np.testing.assert_array_equal(got, want)
+    top, left, h, w = got.T
+    assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
+
+
+@pytest.mark.parametrize("in_shape,box,out_size", [
+    ((20, 24), (3, 5, 9, 14), 16), ((20, 24), (0, 0, 20, 24), 7), ((9, 9), (2, 1, 4, 7), 33),
+    ((30, 30), (4, 4, 25, 13), 11)])
+def test_crop_resize_matches_torch_interpolate(in_shape, box, out_size):
+    """The crop alone, resized as torchvision's resized_crop does on tensors (bilinear,
+    antialias=True): shrinking, enlarging and mixed boxes."""
+    torch = pytest.importorskip("torch")
+    image = np.random.default_rng(0).normal(size=(*in_shape, 3)).astype(np.float32)
+    top, left, h, w = box
+    rows = input_pipeline.resize_weights(top, h, in_shape[0], out_size)
+    cols = input_pipeline.resize_weights(left, w, in_shape[1], out_size)
+    got = np.asarray(jnp.einsum("oh,hwc,pw->opc", rows, image, cols))
+    crop = torch.from_numpy(image[top:top + h, left:left + w].transpose(2, 0, 1)[None].copy())
+    want = torch.nn.functional.interpolate(crop, size=(out_size, out_size), mode="bilinear",
+                                           antialias=True, align_corners=False)
+    np.testing.assert_allclose(got, want[0].numpy().transpose(1, 2, 0), atol=1e-5)
 
 
 def test_random_resized_crop_and_flip():

@@ -1,4 +1,5 @@
-"""Training input: deterministic per-step batch order and JAX augmentation.
+"""Training input: deterministic per-step batch order and JAX augmentation (torchvision's
+RandomResizedCrop and horizontal flip, as the paper's recipe).
 
 Batch order and augmentation randomness are pure functions of (seed, step), so a run resumed
 from a checkpoint at step t sees exactly the batches and crops an uninterrupted run sees.
@@ -47,41 +48,85 @@ class BatchOrder:
         return out
 
 
-def _crop_box(key, height: int, width: int, scale, log_ratio):
-    """Sample a RandomResizedCrop box (y0, x0, h, w) as floats.
+# Attempts torchvision's RandomResizedCrop makes before its centre-crop fallback.
+CROP_ATTEMPTS = 10
 
-    Area fraction ~ U(scale), log aspect ratio ~ U(log_ratio); the box is clipped to the image
-    (torchvision instead retries up to 10 times and then falls back to a centre crop).
+
+def crop_box(key, height: int, width: int, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
+    """A RandomResizedCrop box `(top, left, h, w)`, int32 scalars, as torchvision samples it.
+
+    Up to `CROP_ATTEMPTS` tries of area fraction ~ U(scale) and log aspect ratio ~ U(log ratio),
+    rounded to whole pixels; the first that fits the `height x width` image is placed uniformly
+    at random. If none fits: the centre crop of the whole image, its aspect ratio clamped into
+    `ratio`.
     """
-    k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
-    area = height * width * jax.random.uniform(k_area, minval=scale[0], maxval=scale[1])
-    ratio = jnp.exp(jax.random.uniform(k_ratio, minval=log_ratio[0], maxval=log_ratio[1]))
-    w = jnp.clip(jnp.sqrt(area * ratio), 1.0, width)
-    h = jnp.clip(jnp.sqrt(area / ratio), 1.0, height)
-    y0 = jax.random.uniform(k_y) * (height - h)
-    x0 = jax.random.uniform(k_x) * (width - w)
-    return y0, x0, h, w
+    k_area, k_ratio, k_top, k_left = jax.random.split(key, 4)
+    u_area = jax.random.uniform(k_area, (CROP_ATTEMPTS,))
+    u_ratio = jax.random.uniform(k_ratio, (CROP_ATTEMPTS,))
+    return box_from_uniforms(u_area, u_ratio, jax.random.uniform(k_top), jax.random.uniform(k_left),
+                             height, width, scale, ratio)
 
 
-@functools.partial(jax.jit, static_argnames=("out_size",))
+def box_from_uniforms(u_area, u_ratio, u_top, u_left, height: int, width: int, scale, ratio):
+    """`crop_box` given its uniform draws: u_area, u_ratio [attempts], u_top, u_left scalars in [0, 1)."""
+    area = height * width * (scale[0] + u_area * (scale[1] - scale[0]))
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = jnp.exp(log_lo + u_ratio * (log_hi - log_lo))
+    # jnp.round is round-half-to-even, as Python's round.
+    ws = jnp.round(jnp.sqrt(area * aspect)).astype(jnp.int32)
+    hs = jnp.round(jnp.sqrt(area / aspect)).astype(jnp.int32)
+    fits = (ws > 0) & (ws <= width) & (hs > 0) & (hs <= height)
+    first = jnp.argmax(fits)
+    # Centre-crop fallback, computed in Python: it depends only on the image's shape.
+    in_ratio = width / height
+    if in_ratio < min(ratio):
+        fb_w, fb_h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        fb_w, fb_h = int(round(height * max(ratio))), height
+    else:
+        fb_w, fb_h = width, height
+    found = fits.any()
+    h = jnp.where(found, hs[first], fb_h)
+    w = jnp.where(found, ws[first], fb_w)
+    # torch.randint(0, n + 1): uniform over the n + 1 placements.
+    top = jnp.where(found, jnp.floor(u_top * (height - h + 1)).astype(jnp.int32), (height - fb_h) // 2)
+    left = jnp.where(found, jnp.floor(u_left * (width - w + 1)).astype(jnp.int32), (width - fb_w) // 2)
+    return top, left, h, w
+
+
+def resize_weights(start, length, in_size: int, out_size: int):
+    """[out_size, in_size] weights that resample pixels start .. start + length - 1 of an axis to
+    out_size pixels: bilinear, antialiased when shrinking (PIL's filter, as torch's
+    `interpolate(mode="bilinear", antialias=True)`); pixels outside the crop get no weight.
+    """
+    scale = length / out_size
+    support = jnp.maximum(scale, 1.0)  # the triangle widens with the shrink factor
+    centre = scale * (jnp.arange(out_size) + 0.5)
+    lo = jnp.maximum(jnp.floor(centre - support + 0.5), 0.0)
+    hi = jnp.minimum(jnp.floor(centre + support + 0.5), length)
+    x = jnp.arange(in_size) - start  # crop-local pixel index
+    w = jnp.maximum(0.0, 1.0 - jnp.abs((x[None, :] + 0.5 - centre[:, None]) / support))
+    w = jnp.where((x[None, :] >= lo[:, None]) & (x[None, :] < hi[:, None]), w, 0.0)
+    return w / w.sum(axis=1, keepdims=True)
+
+
+@functools.partial(jax.jit, static_argnames=("out_size", "scale_min", "ratio_min", "ratio_max"))
 def random_resized_crop_and_flip(key, images, *, out_size: int, scale_min=0.08,
                                  ratio_min=3.0 / 4.0, ratio_max=4.0 / 3.0):
-    """RandomResizedCrop + horizontal flip (p = 0.5) of a batch, in JAX.
+    """torchvision's RandomResizedCrop(out_size, scale=(scale_min, 1)) + RandomHorizontalFlip, in JAX.
 
     images: float [b, h, w, c] (already preprocessed/normalised) -> [b, out_size, out_size, c].
-    Bilinear resampling (antialiased when shrinking) via `jax.image.scale_and_translate`.
+    Integer crop boxes as `crop_box`; bilinear resampling of the crop alone, antialiased when
+    shrinking (`resize_weights`).
     """
     b, height, width, c = images.shape
-    scale = (scale_min, 1.0)
-    log_ratio = (jnp.log(ratio_min), jnp.log(ratio_max))
 
     def one(key, image):
         k_box, k_flip = jax.random.split(key)
-        y0, x0, h, w = _crop_box(k_box, height, width, scale, log_ratio)
-        sy, sx = out_size / h, out_size / w
-        out = jax.image.scale_and_translate(
-            image, (out_size, out_size, c), (0, 1), jnp.stack([sy, sx]),
-            jnp.stack([-y0 * sy, -x0 * sx]), method="linear", antialias=True)
+        top, left, h, w = crop_box(k_box, height, width, (scale_min, 1.0), (ratio_min, ratio_max))
+        rows = resize_weights(top, h, height, out_size).astype(image.dtype)
+        cols = resize_weights(left, w, width, out_size).astype(image.dtype)
+        out = jnp.einsum("oh,hwc,pw->opc", rows, image, cols)
         flip = jax.random.bernoulli(k_flip)
         return jnp.where(flip, out[:, ::-1], out)
 
