@@ -190,6 +190,8 @@ def test_random_resized_crop_and_flip():
     ("warmup_steps", -2), ("drop_path", 1.0), ("grad_clip_norm", 0.0),
     ("learning_rate", float("nan")), ("learning_rate", "fast"), ("momentum", True),
     ("seed", 2**32), ("seed", -1), ("seed", 1.5),
+    ("steps", True), ("steps", 10.5), ("knn_k", 2.5), ("batch_size", "32"), ("num_classes", 9.5),
+    ("log_every", 0.5), ("eval_every", True), ("warmup_steps", 1.5), ("image_size", 0),
 ])
 def test_bad_numeric_settings_are_refused(key, value):
     from train.train import make_config
@@ -214,3 +216,53 @@ def test_weight_decay_skips_biases_norms_and_vit_embeddings():
     assert not any(("pos_embed" in n or "cls_token" in n or n.endswith(("bias", "scale")))
                    for n in decayed)
     assert any("pos_embed" in n for n in flat) and any("cls_token" in n for n in flat)
+
+
+def test_nesterov_must_be_a_bool():
+    from train.train import make_config
+
+    with pytest.raises(ValueError, match="^nesterov must be true or false"):
+        make_config(selection="sel.json", nesterov=1)
+
+
+def test_drop_path_rules_of_each_backbone():
+    """ViT: linear from 0 to the rate over the blocks (DeiT); EfficientNet: rate * i / 16 on the
+    residual blocks (its own rule); rate 0 turns both off."""
+    from flax import nnx
+
+    from bilaf_jax.backbones.efficientnet import EfficientNetLite
+    from bilaf_jax.backbones.vit import VisionTransformer
+    from train.models import set_drop_path
+
+    vit = VisionTransformer(dim=12, depth=4, heads=2, train_size=32, rngs=nnx.Rngs(0))
+    assert [b.drop_path.rate for b in vit.blocks] == [0.0] * 4
+    assert set_drop_path(vit, 0.3)
+    np.testing.assert_allclose([b.drop_path.rate for b in vit.blocks], [0.0, 0.1, 0.2, 0.3])
+    net = EfficientNetLite(rngs=nnx.Rngs(0))
+    rates = {i: b.drop_connect.rate for i, b in enumerate(net._blocks) if b.drop_connect is not None}
+    assert rates and all(np.isclose(r, 0.2 * i / 16) for i, r in rates.items())
+    assert set_drop_path(net, 0.0)
+    assert all(b.drop_connect.rate == 0.0 for b in net._blocks if b.drop_connect is not None)
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
+    net.train()
+    np.testing.assert_array_equal(np.asarray(net(x)), np.asarray(net(x)))  # no stochastic depth left
+    set_drop_path(net, 0.5)
+    assert not np.array_equal(np.asarray(net(x)), np.asarray(net(x)))
+    assert not set_drop_path(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), 0.1)
+
+
+def test_nesterov_momentum_follows_torch_sgd():
+    """nesterov=True: torch's SGD(nesterov=True) (timm's "sgd"): buf = m * buf + g,
+    step = -lr * (g + m * buf); weight decay 0 here, constant learning rate after warm-up 0."""
+    from train.train import _make_optimizer, make_config
+
+    cfg = make_config(selection="sel.json", nesterov=True, momentum=0.9, learning_rate=0.5,
+                      weight_decay=0.0)
+    tx, _ = _make_optimizer(cfg, total_steps=10**9, warmup_steps=0)
+    params = {"w": jnp.zeros((2, 2))}
+    state = tx.init(params)
+    buf = np.zeros((2, 2))
+    for g in (np.ones((2, 2)), 2 * np.ones((2, 2)), -np.ones((2, 2))):
+        updates, state = tx.update({"w": jnp.asarray(g, jnp.float32)}, state, params)
+        buf = 0.9 * buf + g
+        np.testing.assert_allclose(np.asarray(updates["w"]), -0.5 * (g + 0.9 * buf), rtol=1e-5)

@@ -206,7 +206,7 @@ def test_full_mode_reads_only_labelled_pool_rows_and_imagenet_validation(tmp_pat
     with tfds.testing.mock_data(num_examples=10):  # ImageNet images of varying sizes
         config = make_config(dataset="imagenet2012", data_dir=str(tmp_path / "tfds"),
                              selection=sel, image_size=16, steps=3, batch_size=2,
-                             checkpoint_every=3, log_every=1, test_size=4)
+                             checkpoint_every=3, log_every=1, test_size=4, warmup_steps=1)
         summary = train_and_evaluate(config, tmp_path / "run", backbone=TinyBackbone())
     assert sorted(read) == ["train", "validation"]
     assert read["train"] == [5, 1, 7] and read["validation"] == [0, 1, 2, 3]
@@ -247,7 +247,7 @@ def test_num_devices_checks(tmp_path):
     with pytest.raises(ValueError, match="multiple of num_devices"):
         make_config(selection=sel, batch_size=6, num_devices=4)
     make_config(selection=sel, batch_size=8, eval_batch_size=30, num_devices=4)  # evaluation pads
-    with pytest.raises(ValueError, match="num_devices must be positive"):
+    with pytest.raises(ValueError, match="num_devices must be a positive integer"):
         make_config(selection=sel, num_devices=0)
     from train.train import _placement
 
@@ -265,7 +265,7 @@ def test_each_run_trains_with_its_own_settings_in_one_process(tmp_path):
     base = dict(selection=sel, image_size=16, steps=2, batch_size=4, log_every=1,
                 pool_size=80, test_size=8, warmup_steps=1, label_smoothing=0.0, ema_decay=0.0)
     variants = {"label_smoothing": 0.4, "ema_decay": 0.5, "crop_scale_min": 0.5,
-                "image_size": 24}
+                "image_size": 24, "nesterov": True, "grad_clip_norm": 0.1}
     bb = TinyBackbone()
     train_and_evaluate(make_config(**base), tmp_path / "base", backbone=bb)
     after_base = {}
@@ -289,6 +289,14 @@ def test_eval_every_need_not_align_with_log_every(tmp_path):
     assert [r["step"] for r in recs] == [2, 3, 4, 6, 7]
     assert [r["step"] for r in recs if "eval_accuracy" in r] == [3, 6, 7]
     assert all(np.isfinite(r["train_loss"]) for r in recs)
+    # best_accuracy: the best evaluation along the way (the earliest where tied), as the
+    # authors' script reports it; final_accuracy is the last.
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    evals = [(r["eval_accuracy"], r["step"]) for r in recs if "eval_accuracy" in r]
+    best = max(a for a, _ in evals)
+    assert summary["best_accuracy"] == best
+    assert summary["best_step"] == min(st for a, st in evals if a == best)
+    assert summary["final_accuracy"] == evals[-1][0]
 
 
 def test_full_mode_labels_outside_num_classes_are_an_error(tmp_path):
@@ -299,3 +307,47 @@ def test_full_mode_labels_outside_num_classes_are_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"label \d+ outside \[0, 3\)"):
         train_and_evaluate(cfg, tmp_path / "w", backbone=TinyBackbone())
     assert not (tmp_path / "w" / "config.json").exists()
+
+
+def test_warmup_as_long_as_the_run_is_refused_before_writing(tmp_path):
+    _fashion_mnist_or_skip()
+    sel = _selection(tmp_path, list(range(0, 80, 4)))  # 20 labelled: 5 steps of 4 an epoch
+    cfg = make_config(selection=sel, image_size=16, steps=6, batch_size=4, pool_size=80,
+                      test_size=8)  # 5 warm-up epochs = 25 steps
+    with pytest.raises(ValueError, match=r"warm-up \(5 warm-up epochs of 5 steps = 25\) is not "
+                                         r"shorter than the run \(6 steps\)"):
+        train_and_evaluate(cfg, tmp_path / "w", backbone=TinyBackbone())
+    assert not (tmp_path / "w").exists()
+
+
+def test_bad_image_size_for_the_backbone_writes_nothing(tmp_path):
+    _fashion_mnist_or_skip()
+    from bilaf_jax import backbones
+
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    cfg = make_config(selection=sel, backbone="vit_s16", backbone_weights="random", image_size=40,
+                      steps=2, batch_size=4, pool_size=80, test_size=8, warmup_steps=1)
+    bb = backbones.load("vit_s16", "random")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        train_and_evaluate(cfg, tmp_path / "w", backbone=bb)
+    assert not (tmp_path / "w").exists()  # the same command with a good size may use the workdir
+
+
+def test_ema_averages_batchnorm_statistics_too(tmp_path):
+    """As timm's ModelEma: after one step with decay d, every float leaf of the EMA (weights and
+    BatchNorm statistics) is d * initial + (1 - d) * trained; RNG state is the live one."""
+    _fashion_mnist_or_skip()
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    cfg = make_config(selection=sel, image_size=16, steps=1, batch_size=4, pool_size=80,
+                      test_size=8, warmup_steps=0, ema_decay=0.25)
+    bb = TinyBackbone()
+    init_mean = np.asarray(bb.module.bn.mean[...])
+    out = train_and_evaluate(cfg, tmp_path / "w", backbone=bb)
+    ema_params, ema_rest = out["state"]["ema"]
+    live_rest = out["state"]["rest"]
+    mean = ema_rest["backbone"]["bn"]["mean"][...]
+    live_mean = live_rest["backbone"]["bn"]["mean"][...]
+    assert not np.allclose(live_mean, init_mean)
+    np.testing.assert_allclose(mean, 0.25 * init_mean + 0.75 * live_mean, rtol=1e-6, atol=1e-7)
+    assert not np.allclose(mean, live_mean)
+    assert _tree_equal(ema_rest["backbone"]["drop"], live_rest["backbone"]["drop"])

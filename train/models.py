@@ -24,14 +24,13 @@ class Classifier(nnx.Module):
 
 
 def set_drop_path(backbone: nnx.Module, rate: float) -> bool:
-    """Set stochastic-depth rates rising linearly to `rate` over a ViT's blocks (DeiT's rule).
+    """Set the backbone's stochastic-depth (drop-path) rate by its own rule: rising linearly to
+    `rate` over a ViT's blocks (DeiT), `rate * i / 16` over EfficientNet's (its own).
 
     Returns False when the backbone has no drop-path layers (only `rate == 0` is then exact).
     """
-    blocks = getattr(backbone, "blocks", None)
-    if blocks is None or not all(hasattr(b, "drop_path") for b in blocks):
+    setter = getattr(backbone, "set_drop_path", None)
+    if setter is None:
         return False
-    depth = len(blocks)
-    for i, block in enumerate(blocks):
-        block.drop_path.rate = rate * i / max(depth - 1, 1)
+    setter(rate)
     return True

@@ -77,13 +77,14 @@ class Config:
     optimizer: str = "sgd"  # sgd (momentum) | adamw
     learning_rate: float = 3e-3
     momentum: float = 0.9
+    nesterov: bool = False  # sgd: Nesterov momentum (timm's "sgd", which the authors' finetuning uses)
     weight_decay: float = 1e-4  # on kernels only (see decay_mask), not biases or norm scales
     warmup_steps: int | None = None  # None: from warmup_epochs
     warmup_epochs: float = 5.0
     label_smoothing: float = 0.1
-    ema_decay: float = 0.0  # 0: no EMA; else evaluate the EMA weights (BatchNorm statistics:
-    # the live running averages, which are already averages over steps)
-    drop_path: float = 0.0  # recorded; applied only by backbones that support it
+    ema_decay: float = 0.0  # 0: no EMA; else evaluate the EMA of the weights and BatchNorm
+    # statistics (as timm's ModelEma averages the whole state)
+    drop_path: float = 0.0  # stochastic depth, by the backbone's rule (train.models.set_drop_path)
     crop_scale_min: float = 0.08
     grad_clip_norm: float | None = None
     eval_every: int | None = None  # None: evaluate at the end only
@@ -124,14 +125,25 @@ def validate_config(c: Config) -> None:
         raise ValueError(f"optimizer must be sgd or adamw, got {c.optimizer!r}")
     if c.selection is None:
         raise ValueError("a selection file is required")
+
+    def positive_int(name, optional=False):
+        v = getattr(c, name)
+        if v is None and optional:
+            return
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+
     for name in ("batch_size", "checkpoint_every", "log_every", "eval_batch_size", "image_size",
                  "linear_steps", "knn_k", "max_checkpoints", "num_devices"):
-        if getattr(c, name) <= 0:
-            raise ValueError(f"{name} must be positive, got {getattr(c, name)}")
+        positive_int(name)
     for name in ("steps", "pool_size", "test_size", "eval_every", "num_classes"):
-        v = getattr(c, name)
-        if v is not None and v <= 0:
-            raise ValueError(f"{name} must be positive, got {v}")
+        positive_int(name, optional=True)
+    if c.warmup_steps is not None and (isinstance(c.warmup_steps, bool)
+                                       or not isinstance(c.warmup_steps, (int, np.integer))
+                                       or c.warmup_steps < 0):
+        raise ValueError(f"warmup_steps must be a non-negative integer, got {c.warmup_steps!r}")
+    if not isinstance(c.nesterov, bool):
+        raise ValueError(f"nesterov must be true or false, got {c.nesterov!r}")
     if c.batch_size % c.num_devices:
         raise ValueError(f"batch_size ({c.batch_size}) must be a multiple of num_devices "
                          f"({c.num_devices}): each device takes an equal share of a batch")
@@ -155,7 +167,6 @@ def validate_config(c: Config) -> None:
     in_range("weight_decay", 0.0, inf)
     in_range("linear_weight_decay", 0.0, inf)
     in_range("warmup_epochs", 0.0, inf)
-    in_range("warmup_steps", 0, inf, optional=True)
     in_range("drop_path", 0.0, 1.0)
     in_range("grad_clip_norm", 0.0, inf, lo_open=True, optional=True)
     in_range("knn_temperature", 0.0, inf, lo_open=True)
@@ -214,17 +225,20 @@ class MetricsWriter:
         self.path = path
 
     def truncate(self, step: int) -> None:
-        kept = []
+        # A line cut short by a kill does not parse and is dropped.
+        kept = [rec for rec in self.records()
+                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step]
+        write_text_atomic(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
+
+    def records(self) -> list[dict]:
+        out = []
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
-                    rec = json.loads(line)
+                    out.append(json.loads(line))
                 except ValueError:
-                    continue  # a line cut short by a kill
-                if isinstance(rec, dict) and isinstance(rec.get("step"), int) \
-                        and rec["step"] <= step:
-                    kept.append(line)
-        write_text_atomic(self.path, "".join(line + "\n" for line in kept))
+                    continue
+        return out
 
     def write(self, record: dict) -> None:
         with open(self.path, "a") as f:
@@ -318,6 +332,12 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
 # ----------------------------------------------------------------------------- full finetune
 
 
+def _is_float(x) -> bool:
+    import jax.numpy as jnp
+
+    return jnp.issubdtype(x.dtype, jnp.floating)
+
+
 def _is_key(x) -> bool:
     import jax
     import jax.numpy as jnp
@@ -378,7 +398,7 @@ def _make_optimizer(config: Config, total_steps: int, warmup_steps: int):
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
     if config.optimizer == "sgd":
         parts += [optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-                  optax.sgd(schedule, momentum=config.momentum)]
+                  optax.sgd(schedule, momentum=config.momentum, nesterov=config.nesterov)]
     else:
         parts.append(optax.adamw(schedule, weight_decay=config.weight_decay, mask=decay_mask))
     return optax.chain(*parts), schedule
@@ -424,8 +444,9 @@ def _train_step_fn(train_def, tx, key_tuple, *, image_size, num_classes, label_s
         new = dict(state, step=state["step"] + 1, params=params, rest=rest, opt_state=opt_state,
                    loss_sum=state["loss_sum"] + loss, loss_count=state["loss_count"] + 1)
         if ema_decay > 0:
-            new["ema"] = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p,
-                                      state["ema"], params)
+            new["ema"] = jax.tree.map(
+                lambda e, p: ema_decay * e + (1.0 - ema_decay) * p if _is_float(p) else p,
+                state["ema"], (params, rest))
         return new, loss
 
     fn = jax.jit(train_step, donate_argnums=0)
@@ -537,7 +558,7 @@ def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
         "loss_count": jnp.zeros((), jnp.int32),
     }
     if config.ema_decay > 0:
-        state["ema"] = params
+        state["ema"] = (params, rest)  # EMA of the weights and of the BatchNorm statistics
     # Own copies: the train step donates its input buffers, and the caller's backbone module
     # must stay usable. Every leaf is committed to one device: jit's cache key includes
     # committed-ness, and restored arrays are committed, so uncommitted fresh ones would
@@ -546,8 +567,8 @@ def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
     # batch, as on one device).
     commit, shard = _placement(config.num_devices)
     state = commit(jax.tree.map(jnp.copy, state))
-    key_tuple = (config.optimizer, config.learning_rate, config.momentum, config.weight_decay,
-                 config.grad_clip_norm, total_steps, warmup_steps)
+    key_tuple = (config.optimizer, config.learning_rate, config.momentum, config.nesterov,
+                 config.weight_decay, config.grad_clip_norm, total_steps, warmup_steps)
     train_step = _train_step_fn(
         train_def, tx, key_tuple, image_size=config.image_size, num_classes=num_classes,
         label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
@@ -609,11 +630,19 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     total = config.steps or steps_for_epochs(config.epochs, len(sel), config.batch_size)
     warmup = (config.warmup_steps if config.warmup_steps is not None
               else round(config.warmup_epochs * steps_per_epoch))
-    warmup = min(warmup, total - 1)
+    if warmup >= total:
+        source = (f"warmup_steps {warmup}" if config.warmup_steps is not None else
+                  f"{config.warmup_epochs:g} warm-up epochs of {steps_per_epoch} steps = {warmup}")
+        raise InputError(f"the warm-up ({source}) is not shorter than the run ({total} steps), "
+                         "so the cosine decay would never start; lower warmup_epochs / "
+                         "warmup_steps or run more steps")
 
     ft = build_finetune(config, bb, num_classes, total, warmup)
     state, schedule, commit, shard = ft.state, ft.schedule, ft.commit, ft.shard
     train_step, eval_step = ft.train_step, ft.eval_step
+    # Preprocessed before anything is written, so a bad image size leaves the workdir untouched.
+    train_images = _Images(bb, labelled.images, s)
+    test_images = _Images(bb, test.images, s)
 
     _write_config(workdir, config, identity)
     mngr = ocp.CheckpointManager(
@@ -631,13 +660,12 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     metrics = MetricsWriter(workdir / "metrics.jsonl")
     metrics.truncate(start)
 
-    train_images = _Images(bb, labelled.images, s)
-    test_images = _Images(bb, test.images, s)
     order = BatchOrder(config.seed, len(sel), config.batch_size)
     aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
-    def eval_params(st):
-        return st["ema"] if config.ema_decay > 0 else st["params"]
+    def eval_state(st):
+        """(params, rest) to evaluate: the EMA's where EMA is on."""
+        return st["ema"] if config.ema_decay > 0 else (st["params"], st["rest"])
 
     # Evaluation batches split evenly too (padding rows are masked, so the size is free).
     eval_batch = -(-config.eval_batch_size // config.num_devices) * config.num_devices
@@ -663,8 +691,8 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
             state["loss_sum"] = commit(jnp.zeros((), jnp.float32))
             state["loss_count"] = commit(jnp.zeros((), jnp.int32))
             if evaluate:
-                record["eval_accuracy"] = _evaluate(eval_step, eval_params(state), state["rest"],
-                                                    test_images, test_labels, eval_batch, shard)
+                record["eval_accuracy"] = _evaluate(eval_step, *eval_state(state), test_images,
+                                                    test_labels, eval_batch, shard)
                 if step == total:
                     final_acc = record["eval_accuracy"]
             metrics.write(record)
@@ -675,17 +703,23 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     elapsed = time.perf_counter() - t0
 
     if final_acc is None:  # resumed from the final checkpoint
-        final_acc = _evaluate(eval_step, eval_params(state), state["rest"], test_images,
-                              test_labels, eval_batch, shard)
+        final_acc = _evaluate(eval_step, *eval_state(state), test_images, test_labels,
+                              eval_batch, shard)
+    # The best of the evaluations along the way (every eval_every steps and the last): what the
+    # authors' finetuning script reports ("Max accuracy"); final_accuracy is the last.
+    evals = [(r["eval_accuracy"], r["step"]) for r in metrics.records() if "eval_accuracy" in r]
+    best_acc, best_step = max(evals + [(final_acc, step)], key=lambda e: (e[0], -e[1]))
     summary = {
         "mode": "full",
         "final_accuracy": final_acc,
+        "best_accuracy": best_acc,
+        "best_step": best_step,
         "step": step,
         "resumed_from_step": start,
         "num_labelled": int(len(sel)),
         "num_test": int(len(test_labels)),
         "num_classes": num_classes,
-        "params_digest": params_digest(eval_params(state)),
+        "params_digest": params_digest(eval_state(state)[0]),
         "config": dataclasses.asdict(config),
     }
     _write_summary(workdir, summary)

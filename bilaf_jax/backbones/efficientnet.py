@@ -117,10 +117,9 @@ class MBConv(nnx.Module):
         self._project_conv = nnx.Conv(mid, cout, (1, 1), use_bias=False, rngs=rngs)
         self._bn2 = _bn(cout, rngs)
         self.residual = stride == 1 and cin == cout
-        # Stochastic depth (per-sample drop of the residual branch), off in eval mode.
+        # Stochastic depth (per-sample drop of the residual branch), off in eval mode and at rate 0.
         self.drop_connect = (
-            nnx.Dropout(drop_connect, broadcast_dims=(1, 2, 3), rngs=rngs)
-            if self.residual and drop_connect > 0 else None
+            nnx.Dropout(drop_connect, broadcast_dims=(1, 2, 3), rngs=rngs) if self.residual else None
         )
 
     def __call__(self, x):
@@ -153,15 +152,22 @@ class EfficientNetLite(nnx.Module):
                                    use_bias=False, rngs=rngs)
         self._bn0 = _bn(STEM_CHANNELS, rngs)
         blocks, cin = [], STEM_CHANNELS
-        for i, (expand, kernel, stride, cout) in enumerate(LITE0_BLOCKS):
-            rate = drop_connect * i / len(LITE0_BLOCKS)
-            blocks.append(MBConv(cin, cout, expand, kernel, stride, rate, rngs=rngs))
+        for expand, kernel, stride, cout in LITE0_BLOCKS:
+            blocks.append(MBConv(cin, cout, expand, kernel, stride, 0.0, rngs=rngs))
             cin = cout
         self._blocks = nnx.List(blocks)
+        self.set_drop_path(drop_connect)
         self._conv_head = nnx.Conv(cin, HEAD_CHANNELS, (1, 1), use_bias=False, rngs=rngs)
         self._bn1 = _bn(HEAD_CHANNELS, rngs)
         self._dropout = nnx.Dropout(dropout, rngs=rngs)
         self._fc = nnx.Linear(HEAD_CHANNELS, num_classes, rngs=rngs)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth of block i (residual blocks only) at `rate * i / 16`, EfficientNet's
+        own rule (its ImageNet training used rate 0.2)."""
+        for i, block in enumerate(self._blocks):
+            if block.drop_connect is not None:
+                block.drop_connect.rate = rate * i / len(self._blocks)
 
     def forward_features(self, x):
         """(embedding [b, dim] of the chosen taps, pooled head features [b, 1280])."""

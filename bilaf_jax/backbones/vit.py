@@ -75,11 +75,15 @@ class VisionTransformer(nnx.Module):
         init = nnx.initializers.truncated_normal(0.02)
         self.cls_token = nnx.Param(init(rngs.params(), (1, 1, dim)))
         self.pos_embed = nnx.Param(init(rngs.params(), (1, grid * grid + 1, dim)))
-        self.blocks = nnx.List(
-            [Block(dim, heads, mlp_ratio, drop_path * i / max(depth - 1, 1), rngs=rngs)
-             for i in range(depth)]
-        )
+        self.blocks = nnx.List([Block(dim, heads, mlp_ratio, 0.0, rngs=rngs) for _ in range(depth)])
+        self.set_drop_path(drop_path)
         self.norm = nnx.LayerNorm(dim, epsilon=LN_EPS, rngs=rngs)
+
+    def set_drop_path(self, rate: float) -> None:
+        """Stochastic depth rising linearly from 0 (first block) to `rate` (last), as DeiT."""
+        depth = len(self.blocks)
+        for i, block in enumerate(self.blocks):
+            block.drop_path.rate = rate * i / max(depth - 1, 1)
 
     def _pos_embed(self, gh: int, gw: int):
         pos = self.pos_embed[...]
