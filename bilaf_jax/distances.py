@@ -60,8 +60,14 @@ def _check_metric(metric: str) -> None:
 
 
 def normalize(x, axis: int = -1, eps: float = 1e-12):
-    """L2-normalise rows (like torch.nn.functional.normalize: x / max(||x||, eps))."""
-    norm = jnp.sqrt(jnp.sum(x * x, axis=axis, keepdims=True))
+    """L2-normalise rows (like torch.nn.functional.normalize: x / max(||x||, eps)).
+
+    An all-zero row stays zero with a finite gradient (1 / eps, as torch's): sqrt's derivative
+    at 0 is infinite, and 0 * inf would make an all-zero ActiveFT centroid NaN after one step.
+    """
+    sq = jnp.sum(x * x, axis=axis, keepdims=True)
+    positive = sq > 0
+    norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
     return x / jnp.maximum(norm, eps)
 
 

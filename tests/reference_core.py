@@ -23,7 +23,8 @@ def activeft_loss_and_grad(theta, feats, tau, lam):
     theta = np.asarray(theta, np.float64)
     feats = np.asarray(feats, np.float64)
     n = feats.shape[0]
-    norms = np.linalg.norm(theta, axis=1, keepdims=True)
+    raw_norms = np.linalg.norm(theta, axis=1, keepdims=True)
+    norms = np.maximum(raw_norms, 1e-12)  # torch's normalize: x / max(||x||, eps)
     c = theta / norms
     sim = feats @ c.T / tau  # [n, K]
     p = sim.argmax(axis=1)
@@ -41,8 +42,9 @@ def activeft_loss_and_grad(theta, feats, tau, lam):
         g_c[j] += (e[i] / denom - 1.0) * feats[i] / tau  # through s_i
         g_c[j] += lam / denom * ds_dc[j]  # through S_j
     g_c /= n
-    # Through c = theta / |theta|.
-    g_theta = (g_c - c * np.sum(g_c * c, axis=1, keepdims=True)) / norms
+    # Through c = theta / max(|theta|, eps); where the norm is clamped only the division remains.
+    g_theta = np.where(raw_norms >= 1e-12, (g_c - c * np.sum(g_c * c, axis=1, keepdims=True)) / norms,
+                       g_c / norms)
     return loss, g_theta
 
 

@@ -87,6 +87,28 @@ def test_agrees_with_pytorch_port_on_real_images(dataset, digits):
     assert overlap >= 0.9, overlap
 
 
+def test_an_all_zero_row_as_a_starting_centroid(digits):
+    """A blank image's raw pixels (or a dead-ReLU feature row) drawn as a starting centroid: its
+    normalised copy is zero and its gradient finite (1 / eps, as torch's normalize), so the run
+    stays finite and agrees with the reference and with the PyTorch port."""
+    x = _features(digits, 300).copy()
+    x[7] = 0.0
+    init = np.array([7, 20, 33, 120, 250])
+    want_idx, want_matched, want_losses = ref.activeft(x, init, num_steps=30)
+    with jax.enable_x64(True):
+        out = activeft(jax.random.key(0), x.astype(np.float64), 5, num_steps=30, init_indices=init)
+    assert np.isfinite(np.asarray(out.losses)).all() and np.isfinite(np.asarray(out.centroids)).all()
+    np.testing.assert_allclose(out.losses, want_losses, rtol=1e-6)
+    np.testing.assert_array_equal(out.indices, want_idx)
+    got32 = activeft(jax.random.key(0), x, 5, num_steps=30, init_indices=init).indices
+    np.testing.assert_array_equal(got32, want_idx)
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return
+    np.testing.assert_array_equal(_authors_style_torch(x, init, 30), want_idx)
+
+
 def test_minibatch_variant_is_deterministic_and_differs_from_full_batch(digits):
     x = _features(digits)
     a = activeft(jax.random.key(3), x, 10, num_steps=20, batch_size=200)
