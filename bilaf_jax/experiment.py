@@ -47,6 +47,7 @@ from bilaf_jax.io import (
     InputError,
     check_identity,
     save_npz_atomic,
+    sha256_file,
     write_bytes_atomic,
     write_json_atomic,
     write_text_atomic,
@@ -220,8 +221,25 @@ def finetune_config(config: RunConfig, selection_path, seed: int, pool_size: int
     return make_config(**overrides)
 
 
+def weights_id(backbone: str, weights: str | None) -> str | None:
+    """The weights as a run's identity knows them: None for the backbone's default file (also
+    when given by path), "random", or "sha256:<hex>" of the file, so that the same file named
+    by another path is the same run. Raises InputError for a missing file."""
+    from bilaf_jax.backbones import _weights_path
+
+    if weights is None or weights == "random":
+        return weights
+    sha = sha256_file(_weights_path(backbone, weights))
+    try:
+        default = _weights_path(backbone, None)
+    except InputError:
+        default = None
+    return None if default is not None and sha256_file(default) == sha else f"sha256:{sha}"
+
+
 def identity(config: RunConfig) -> dict:
     ident = {k: v for k, v in config._asdict().items() if k not in _NOT_IDENTITY}
+    ident["weights"] = weights_id(config.backbone, config.weights)
     ident["format"] = FORMAT
     return json.loads(json.dumps(ident))
 
@@ -246,6 +264,9 @@ def _check_workdir(workdir: Path, config: RunConfig) -> None:
                 raise
         # Nothing was made under those settings (say, a run that stopped at a mistyped
         # --weights), so there is nothing to protect: this run takes the workdir over.
+    for part in ("pool", "test"):  # features copied in must be this config's, before it claims them
+        if (workdir / "features" / f"{part}.npz").exists():
+            _check_feature_meta(config, workdir / "features" / f"{part}.npz", part)
     write_json_atomic(path, {"identity": ident, "config": config._asdict(),
                              "created": _utc_now()}, indent=1)
 
@@ -388,6 +409,8 @@ def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True,
         raise _damaged(paths["test"], f"{test['features'].shape[1]}-d features, the pool's are "
                                       f"{pool['features'].shape[1]}-d")
     meta = read_meta(paths["pool"])
+    for part in ("pool", "test"):
+        _check_feature_meta(config, paths[part], part)
     sel_path = folder / "selection.npz"
     if config.selection_dim is None or config.selection_dim >= pool["features"].shape[1]:
         selection, kept = pool["features"], 1.0
@@ -403,6 +426,41 @@ def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True,
         save_npz_atomic(sel_path, features=selection, retained_energy=np.asarray(kept))
     return Features(pool["features"], pool["labels"].astype(np.int32), test["features"],
                     test["labels"].astype(np.int32), selection, kept, meta)
+
+
+def expected_feature_meta(config: RunConfig, part: str) -> dict:
+    """What the `meta` of this run's feature file `part` ("pool" or "test") must say: data set,
+    split, size limit, backbone, image size, weights (sha256, or "random(seed=0)") and, where
+    the data is on this machine, its fingerprint."""
+    from bilaf_jax import data
+    from bilaf_jax.backbones import _weights_path
+
+    split = "train" if part == "pool" else data.eval_split(config.dataset)
+    want = {"dataset": config.dataset, "split": split,
+            "limit": config.pool_size if part == "pool" else config.test_size,
+            "backbone": config.backbone, "image_size": config.image_size}
+    if config.weights == "random":
+        want["weights_sha256"] = "random(seed=0)"
+    else:
+        want["weights_sha256"] = sha256_file(_weights_path(config.backbone, config.weights))
+    try:  # where the data is here, it must be the data the features were made from
+        want["source"] = data.data_source(config.dataset, split, data_dir=config.data_dir).fingerprint
+    except InputError:
+        pass
+    return want
+
+
+def _check_feature_meta(config: RunConfig, path: Path, part: str) -> None:
+    """Refuse a feature file (cached, or copied in by hand) that another config made."""
+    from bilaf_jax.extract import read_meta
+
+    _read_npz(path, keys=("labels",))  # a damaged file says so first
+    meta = read_meta(path)
+    for key, value in expected_feature_meta(config, part).items():
+        if meta.get(key) != value:
+            raise InputError(f"{path} was made with {key} {meta.get(key)!r}, but this run's "
+                             f"config asks for {value!r}; move {path.parent} away to extract "
+                             "the features again")
 
 
 # ----------------------------------------------------------------------------- stage 2: selections

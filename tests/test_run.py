@@ -25,13 +25,16 @@ def _blobs(n, num_classes, d, seed):
     return np.abs(x).astype(np.float32), y.astype(np.int32)  # non-negative, like pooled ReLU6
 
 
-def _inject_features(workdir, n=240, m=90, d=24):
+def _inject_features(workdir, n=240, m=90, d=24, config=None):
+    """Feature files as `config`'s extraction would label them (default: tiny_config())."""
+    config = tiny_config() if config is None else config
     folder = workdir / "features"
     folder.mkdir(parents=True)
     for name, rows, seed in (("pool", n, 0), ("test", m, 1)):
         x, y = _blobs(rows, 4, d, seed)
+        meta = {**experiment.expected_feature_meta(config, name), "dim": d}
         np.savez(folder / f"{name}.npz", features=x, labels=y, indices=np.arange(rows),
-                 meta=np.asarray(json.dumps({"backbone": "injected", "dim": d})))
+                 meta=np.asarray(json.dumps(meta)))
 
 
 def tiny_config(**changes) -> RunConfig:
@@ -228,9 +231,9 @@ def test_full_finetune_evaluation_wiring(tmp_path, monkeypatch):
 
     monkeypatch.setattr(train.train, "train_and_evaluate", fake_train_and_evaluate)
     wd = tmp_path / "run"
-    _inject_features(wd)
     config = tiny_config(methods=("random", "bilaf-paper"), evals=("knn", "full"), seeds=(0,),
                          finetune={"epochs": 2.0, "batch_size": 8}, image_size=32)
+    _inject_features(wd, config=config)
     out = experiment.run_experiment(config, wd, progress=False)
     assert len(calls) == 4 and len({w for _, w, _ in calls}) == 4
     for cfg, _, sel in calls:
@@ -270,11 +273,12 @@ def test_features_come_from_the_labelled_held_out_split(name, test_split, tmp_pa
     def record(path, *, dataset, split, **kwargs):
         calls.append((path.name, dataset, split))
         x, y = _blobs(12, 3, 5, len(calls))
+        meta = experiment.expected_feature_meta(config, path.stem)
         np.savez(path, features=x, labels=y, indices=np.arange(12),
-                 meta=np.asarray(json.dumps({"backbone": "injected", "dim": 5})))
+                 meta=np.asarray(json.dumps({**meta, "dim": 5})))
 
     monkeypatch.setattr(ex, "extract_to_file", record)
-    config = run_configs.get(name)._replace(selection_dim=None)
+    config = run_configs.get(name)._replace(selection_dim=None, weights="random")
     experiment.load_or_extract_features(config, tmp_path, progress=False, backbone=object())
     dataset = config.dataset
     assert calls == [("pool.npz", dataset, "train"), ("test.npz", dataset, test_split)]
@@ -298,12 +302,12 @@ def test_a_run_that_made_nothing_does_not_hold_its_workdir(tmp_path, capsys):
     fixed = tiny_config(weights="random", methods=("random",), seeds=(0,), evals=("knn",))
     experiment._check_workdir(wd, fixed)  # the corrected command is not refused
     assert json.loads((wd / "run.json").read_text())["identity"]["weights"] == "random"
-    (wd / "features").rmdir()  # empty: the failed run made nothing
-    _inject_features(wd)
+    assert not (wd / "features").exists()  # the failed run made nothing
+    _inject_features(wd, config=fixed)
     experiment.run_experiment(fixed, wd, progress=False)
     # a workdir holding results still refuses another config
     with pytest.raises(ValueError, match="different config"):
-        experiment.run_experiment(fixed._replace(weights="typo.pth"), wd, progress=False)
+        experiment.run_experiment(fixed._replace(num_cores=5), wd, progress=False)
     assert json.loads((wd / "run.json").read_text())["identity"]["weights"] == "random"
 
 
@@ -338,7 +342,9 @@ def test_config_file_of_wrong_types_is_a_one_line_error(changes, field, tmp_path
     assert f"{field} must" in err or f"{field}:" in err, err
 
 
-def test_config_file_lists_and_numpy_numbers_are_accepted(tmp_path, capsys):
+def test_config_file_lists_and_numpy_numbers_are_accepted(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "w.pth").write_bytes(b"weights")  # identified by its sha256, never loaded here
     p = tmp_path / "lists.py"
     p.write_text("import pathlib\nimport numpy as np\n\ndef get_config():\n    return {"
                  "'seeds': [np.int64(0), 1], 'budget_fractions': [0.02, np.float32(0.05)], "
@@ -417,3 +423,37 @@ def test_damaged_cached_records_are_made_again(tmp_path, monkeypatch, capsys):
             assert f"{path} is damaged; making it again" in err
         json.loads(path.read_text())
     assert len(seen) == 1 and len(seen[0]) == 24  # the remade eval trained on the right selection
+
+
+def test_feature_files_of_another_config_are_refused(tmp_path):
+    """Cached or copied-in features must be what this config would extract: the same data set,
+    split, pool size, backbone, image size and weights (a resumed run must not mix them)."""
+    wd = tmp_path / "w"
+    made_for = tiny_config(image_size=32)
+    _inject_features(wd, config=made_for)
+    with pytest.raises(ValueError, match=r"pool.npz was made with image_size 32, but this run's "
+                                         r"config asks for 48; move .* away"):
+        experiment.run_experiment(tiny_config(), wd, progress=False)
+    with pytest.raises(ValueError, match="was made with limit 240, but .* asks for 300"):
+        experiment.run_experiment(made_for._replace(pool_size=300), wd, progress=False)
+    with pytest.raises(ValueError, match="was made with weights_sha256 '[0-9a-f]{64}', but .* "
+                                         "asks for 'random.seed=0.'"):
+        experiment.run_experiment(made_for._replace(weights="random"), wd, progress=False)
+    assert not (wd / "results.json").exists()
+    experiment.run_experiment(made_for._replace(methods=("random",), seeds=(0,)), wd, progress=False)
+
+
+def test_the_default_weights_named_by_path_are_the_same_run(tmp_path):
+    from bilaf_jax.backbones import _weights_path
+
+    default = _weights_path("efficientnet_lite0_taps", None)
+    copy = tmp_path / "copy.pth"
+    copy.write_bytes(default.read_bytes())
+    other = tmp_path / "other.pth"
+    data = default.read_bytes()
+    other.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    base = tiny_config()
+    assert experiment.identity(base._replace(weights=str(default))) == experiment.identity(base)
+    assert experiment.identity(base._replace(weights=str(copy))) == experiment.identity(base)
+    ident = experiment.identity(base._replace(weights=str(other)))
+    assert ident["weights"].startswith("sha256:") and ident != experiment.identity(base)
