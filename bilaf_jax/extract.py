@@ -30,7 +30,7 @@ import numpy as np
 
 from bilaf_jax.io import InputError, atomic_open, check_output_path, save_npz_atomic, write_json_atomic
 
-__all__ = ["ExtractOutput", "extract_to_file", "read_meta"]
+__all__ = ["ExtractOutput", "check_feature_pair", "extract_to_file", "read_meta"]
 
 _SHARD = "batch_{:06d}.npz"
 
@@ -201,3 +201,29 @@ def read_meta(path) -> dict:
             return json.loads(str(z["meta"]))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise InputError(f"{path} has no readable extraction metadata ({e})") from None
+
+
+# What must agree between a pool's and a test split's features for a model fitted on one to be
+# evaluated on the other.
+_SAME_EMBEDDING = ("backbone", "weights_sha256", "taps", "dim", "image_size", "resize", "mean", "std")
+
+
+def check_feature_pair(pool_path, test_path) -> None:
+    """Refuse pool and test feature files that `extract_to_file` made with different embeddings
+    (backbone, weights, taps, image size, preprocessing), from different data sets, or from the
+    same split of the same data (test rows would be labelled for training). Files without
+    extraction metadata (made elsewhere) are not checked."""
+    metas = []
+    for path in (pool_path, test_path):
+        try:
+            metas.append(read_meta(path))
+        except InputError:
+            return
+    pool, test = metas
+    for key in _SAME_EMBEDDING + ("dataset",):
+        if pool.get(key) != test.get(key):
+            raise InputError(f"{pool_path} and {test_path} differ in {key} ({pool.get(key)!r} vs "
+                             f"{test.get(key)!r}): features of one embedding and data set are needed")
+    if pool.get("split") == test.get("split") and pool.get("source") == test.get("source"):
+        raise InputError(f"{pool_path} and {test_path} are both of split {pool.get('split')!r}: "
+                         "the test features must come from the held-out split")

@@ -167,3 +167,35 @@ def test_train_main_reports_bad_input_on_one_line(feats, capsys):
     assert not (feats / "run").exists()
     assert train_main(args) == 0
     assert json.loads(capsys.readouterr().out)["mode"] == "linear"
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({}, None),  # a matching pair runs
+    ({"weights_sha256": "f" * 64}, "differ in weights_sha256"),
+    ({"image_size": 32}, "differ in image_size"),
+    ({"dataset": "mnist_5k"}, "differ in dataset"),
+    ({"split": "train"}, "both of split 'train': the test features must come from the held-out split"),
+])
+def test_features_of_another_embedding_or_the_same_split_are_refused(bilaf, feats, capsys, change,
+                                                                     needle):
+    """Feature files written by `bilaf extract` say how they were made; a probe fitted on one
+    embedding and tested on another, or on training rows, would report a meaningless number."""
+    meta = {"dataset": "fashion_mnist", "split": "train", "source": "fashion_mnist/train/src_x",
+            "backbone": "efficientnet_lite0", "weights_sha256": "a" * 64, "taps": None, "dim": 12,
+            "image_size": 48, "resize": "bilinear", "mean": [0.5] * 3, "std": [0.2] * 3}
+    test_meta = {**meta, "split": "test", "source": "fashion_mnist/test/src_x"}
+    if change.get("split") == "train":
+        test_meta = dict(meta)
+    else:
+        test_meta.update(change)
+    for name, m in (("pool", meta), ("test", test_meta)):
+        with np.load(feats / f"{name}.npz") as f:
+            x, y = f["features"], f["labels"]
+        np.savez(feats / f"{name}.npz", features=x, labels=y, meta=np.asarray(json.dumps(m)))
+    if needle is None:
+        assert bilaf(_args(feats, feats / "run")) == 0
+        return
+    assert bilaf(_args(feats, feats / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and needle in err, err
+    assert not (feats / "run").exists()

@@ -279,6 +279,9 @@ def _load_feature_pair(config: Config):
     if test_x.shape[1] != pool_x.shape[1]:
         raise InputError(f"pool features are {pool_x.shape[1]}-d but test features are "
                          f"{test_x.shape[1]}-d")
+    from bilaf_jax.extract import check_feature_pair
+
+    check_feature_pair(config.features, config.test_features)
     if config.test_size is not None:
         test_x, test_y = test_x[: config.test_size], test_y[: config.test_size]
     return pool_x, pool_y, test_x, test_y
