@@ -125,6 +125,11 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
         backbone = bbs.load(backbone, weights, taps=taps, seed=seed)
     size = backbone._size(image_size)
     source = data.data_source(dataset, split, data_dir=data_dir, cache_dir=cache_dir)
+    raw = data.raw_data_dir(dataset, data_dir)
+    if raw is not None and out.resolve().is_relative_to(raw.resolve()):
+        # Would overwrite a data file, or add a file to the data (an image folder's class).
+        raise InputError(f"output path {out} is inside the data folder {raw}, an input: choose "
+                         "an output path outside it")
     n = len(source) if limit is None else min(int(limit), len(source))
     if n == 0:
         raise InputError(f"{dataset} split '{split}' is empty")

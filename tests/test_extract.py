@@ -182,6 +182,19 @@ def test_library_errors(pool, tmp_path):
         extract_to_file(tmp_path / "f.npz", progress=False, read_workers=0, **CFG, **dirs)
 
 
+def test_output_inside_the_data_folder_is_refused(pool, tmp_path):
+    """An --out among the data's own files would destroy one (an IDX file) or add to the data
+    (a file in an image folder's class)."""
+    dirs, _ = pool
+    idx_file = next(dirs["data_dir"].iterdir())
+    before = idx_file.read_bytes()
+    for out in (idx_file, dirs["data_dir"] / "features.npz"):
+        with pytest.raises(InputError, match="inside the data folder .* an input"):
+            extract_to_file(out, progress=False, **CFG, **dirs)
+    assert idx_file.read_bytes() == before
+    assert not (dirs["data_dir"] / "features.npz").exists()
+
+
 def test_image_folder_of_mixed_sizes(tmp_path):
     from PIL import Image
 
@@ -198,6 +211,9 @@ def test_image_folder_of_mixed_sizes(tmp_path):
     with np.load(tmp_path / "f.npz") as z:
         assert z["features"].shape == (5, 24) and np.isfinite(z["features"]).all()
         np.testing.assert_array_equal(z["labels"], [0, 0, 0, 1, 1])
+    with pytest.raises(InputError, match="inside the data folder"):
+        extract_to_file(tmp_path / "imgs" / "a" / "0.png", data_dir=tmp_path / "imgs",
+                        progress=False, **cfg)
 
 
 def test_imagenet_through_mocked_tfds(tmp_path):

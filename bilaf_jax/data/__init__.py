@@ -391,6 +391,21 @@ def data_source(name: str, split: str, *, data_dir=None, cache_dir=None) -> Imag
     return _tfds_own_source(name, split, data_dir, cache_dir)
 
 
+def raw_data_dir(name: str, data_dir=None) -> Path | None:
+    """The folder a dataset's raw files are read from: Fashion-MNIST's IDX folder, MNIST-5k's
+    CSV folder, image_folder's root; None for TFDS' own datasets (their files are TFDS')."""
+    _check_name(name)
+    if name == "fashion_mnist":
+        return fashion_mnist_dir(data_dir)
+    if name == "mnist_5k":
+        from bilaf_jax.data.mnist_5k import source_dir
+
+        return source_dir(data_dir)
+    if name == "image_folder":
+        return None if data_dir is None else Path(data_dir).expanduser()
+    return None
+
+
 def eval_split(name: str) -> str:
     """The labelled held-out split accuracy is measured on: ImageNet-2012's is "validation"."""
     return "validation" if _check_name(name) == "imagenet2012" else "test"
