@@ -50,6 +50,28 @@ def check_output_path(path, inputs=()) -> Path:
     return path
 
 
+def call_get_config(path):
+    """`get_config()` of the Python file `path`. A file that does not run, lacks get_config or
+    whose get_config fails is a one-line InputError naming the file."""
+    import importlib.util
+
+    path = Path(path)
+    spec = importlib.util.spec_from_file_location(f"_bilaf_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise InputError(f"config {path}: syntax error at line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # noqa: BLE001 - any failure of the user's file is reported as its own
+        raise InputError(f"config {path} failed to load: {type(e).__name__}: {e}") from None
+    if not callable(getattr(module, "get_config", None)):
+        raise InputError(f"config {path} has no get_config()")
+    try:
+        return module.get_config()
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"config {path}: get_config() raised {type(e).__name__}: {e}") from None
+
+
 def check_identity(record_path, current: dict, workdir) -> None:
     """Raise InputError unless the JSON at `record_path` holds `identity` equal to `current`.
 

@@ -152,21 +152,14 @@ def get(name: str) -> RunConfig:
 
 
 def _from_file(path: str) -> RunConfig:
-    import importlib.util
     from pathlib import Path
 
-    from bilaf_jax.io import InputError
+    from bilaf_jax.io import InputError, call_get_config
 
     p = Path(path).expanduser()
     if not p.is_file():
         raise InputError(f"run config file not found: {p}")
-    spec = importlib.util.spec_from_file_location(f"_bilaf_run_config_{p.stem}", p)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-        cfg = module.get_config()
-    except AttributeError:
-        raise InputError(f"{p} has no get_config()") from None
+    cfg = call_get_config(p)
     if isinstance(cfg, RunConfig):
         return cfg
     if isinstance(cfg, dict):

@@ -55,6 +55,10 @@ def files(tmp_path_factory):
     for name, obj in lists.items():
         (d / name).write_text(json.dumps(obj))
     (d / "notjson.json").write_text("[1, 2,")
+    (d / "cfg_syntax.py").write_text("def get_config(:\n    return {}\n")
+    (d / "cfg_raises.py").write_text("import os\n\ndef get_config():\n    return os.nosuch\n")
+    (d / "cfg_import.py").write_text("import no_such_module_here\n")
+    (d / "cfg_none.py").write_text("X = 1\n")
     (d / "readonly").mkdir()
     os.chmod(d / "readonly", 0o555)
     return d
@@ -131,6 +135,7 @@ SELECT_CASES = {
     "out-missing": ["select", "{d}/good.npy", "--budget", "5"],
     "out-folder-missing": ["select", "{d}/good.npy", "--budget", "5", "--out", "{d}/nodir/sel.json"],
     "out-is-folder": ["select", "{d}/good.npy", "--budget", "5", "--out", "{d}"],
+    "out-not-json": ["select", "{d}/good.npy", "--budget", "5", "--out", "{d}/sel"],
     "verify-missing": ["select", "--verify", "{d}/missing.json"],
     "verify-without-record": ["select", "--verify", "{d}/sel.json"],
 }
@@ -167,6 +172,19 @@ OTHER_CASES = {
     "run-unknown-config": ["run", "--config", "no_such_config", "--workdir", "{out}"],
     "run-missing-config-file": ["run", "--config", "{d}/no_such.py", "--workdir", "{out}"],
     "run-quick-and-config": ["run", "--quick", "--config", "full", "--workdir", "{out}"],
+    "run-config-syntax": ["run", "--config", "{d}/cfg_syntax.py", "--workdir", "{out}"],
+    "run-config-raises": ["run", "--config", "{d}/cfg_raises.py", "--workdir", "{out}"],
+    "run-config-import": ["run", "--config", "{d}/cfg_import.py", "--workdir", "{out}"],
+    "run-config-none": ["run", "--config", "{d}/cfg_none.py", "--workdir", "{out}"],
+    "finetune-config-syntax": ["finetune", "--mode", "knn", "--selection", "{d}/sel.json",
+                               "--config", "{d}/cfg_syntax.py", "--workdir", "{out}"],
+    "finetune-config-raises": ["finetune", "--mode", "knn", "--selection", "{d}/sel.json",
+                               "--config", "{d}/cfg_raises.py", "--workdir", "{out}"],
+    "finetune-config-none": ["finetune", "--mode", "knn", "--selection", "{d}/sel.json",
+                             "--config", "{d}/cfg_none.py", "--workdir", "{out}"],
+    "finetune-full-only-flag": ["finetune", "--mode", "linear", "--selection", "{d}/sel.json",
+                                "--features", "{d}/pool.npz", "--test-features", "{d}/test.npz",
+                                "--steps", "5000", "--learning-rate", "10", "--workdir", "{out}"],
     "unknown-command": ["frobnicate"],
 }
 KNOWN_BUGS: dict[str, str] = {}
@@ -235,6 +253,13 @@ def test_good_input_writes_list_and_sidecar_and_verifies(files, tmp_path, capsys
     capsys.readouterr()
     assert call(["select", "--verify", out]) == 0
     assert "verified" in capsys.readouterr().out
+    # --verify takes the features and settings from its record: others given are refused, not
+    # silently ignored (a "verified" would then say nothing about them).
+    for extra in ([str(files / "good.npy")], ["--method", "kcenter"], ["--budget", "7"],
+                  ["--out", str(tmp_path / "z.json")], ["--remove-fraction", "0.2"]):
+        err = expect_usage_error(["select", "--verify", out, *extra], [tmp_path / "z.json"], capsys)
+        assert "--verify re-runs the selection its record describes; it takes no" in err
+    assert call(["select", "--verify", out, "--mesh", "1"]) == 0
 
 
 def test_installed_command_prints_no_traceback(files, tmp_path):
@@ -359,3 +384,21 @@ def test_extract_never_writes_over_its_weight_file(files, tmp_path, capsys):
                               "--weights", tmp_path / "w.pth", "--out", tmp_path / "w.pth"],
                              [Path(str(tmp_path / "w.pth") + ".partial")], capsys)
     assert "is an input file" in err and (tmp_path / "w.pth").read_bytes() == before
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("run-config-syntax", "cfg_syntax.py: syntax error at line 1"),
+    ("run-config-raises", "get_config() raised AttributeError"),
+    ("run-config-import", "failed to load: ModuleNotFoundError"),
+    ("run-config-none", "has no get_config()"),
+    ("finetune-config-syntax", "syntax error at line 1"),
+    ("finetune-config-raises", "get_config() raised AttributeError"),
+    ("finetune-config-none", "has no get_config()"),
+    ("finetune-full-only-flag", "--steps, --learning-rate apply to --mode full only"),
+    ("out-not-json", "--out must name a .json file"),
+])
+def test_error_messages_name_the_cause(case, needle, files, tmp_path, capsys):
+    argv = {**SELECT_CASES, **OTHER_CASES}[case]
+    out = tmp_path / ("out.json" if argv[0] == "select" else "out")
+    err = expect_usage_error(expand(argv, files, out), outputs_of(argv[0], out), capsys)
+    assert needle in err, err

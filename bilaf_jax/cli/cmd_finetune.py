@@ -15,12 +15,12 @@ Writes WORKDIR/metrics.jsonl, WORKDIR/summary.json (and WORKDIR/checkpoints in f
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 from bilaf_jax.cli import UsageError, seed_type
+from bilaf_jax.io import call_get_config
 
 # flag -> Config field
 _FLAGS = {
@@ -31,6 +31,10 @@ _FLAGS = {
     "pool_size": "pool_size", "test_size": "test_size", "batch_size": "batch_size",
     "learning_rate": "learning_rate", "eval_every": "eval_every", "num_devices": "num_devices",
 }
+
+# Flags that only full finetuning uses (linear/knn run on cached features).
+_FULL_ONLY = ("backbone", "weights", "steps", "checkpoint_every", "image_size", "data_dir",
+              "batch_size", "learning_rate", "eval_every", "num_devices")
 
 
 def register(subparsers) -> None:
@@ -75,10 +79,7 @@ def load_config_file(name: str) -> dict:
         path = Path(train.__file__).resolve().parent.parent / "configs" / f"{name}.py"
     if not path.is_file():
         raise UsageError(f"config not found: {name} (looked for {path})")
-    spec = importlib.util.spec_from_file_location(f"_bilaf_config_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    cfg = module.get_config()
+    cfg = call_get_config(path)
     if not isinstance(cfg, dict):
         raise UsageError(f"{path}: get_config() must return a dict")
     return dict(cfg)
@@ -92,6 +93,12 @@ def run(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides[field] = value
+    mode = overrides.get("mode", "full")
+    if mode in ("linear", "knn"):
+        ignored = [f"--{flag.replace('_', '-')}" for flag in _FULL_ONLY if getattr(args, flag) is not None]
+        if ignored:
+            raise UsageError(f"{', '.join(ignored)} appl{'y' if len(ignored) > 1 else 'ies'} to "
+                             f"--mode full only (the {mode} mode on features would ignore it)")
     try:
         config = make_config(**overrides)
     except TypeError as e:

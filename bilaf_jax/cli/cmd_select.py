@@ -76,10 +76,14 @@ def register(sub) -> None:
     g.add_argument("--normalize", action="store_true", help="L2-normalise features in the boundary stage")
     p.add_argument("--out", help="where to write the JSON list of indices (required unless --verify)")
     p.add_argument("--verify", metavar="SELECTION", help="re-run the selection recorded beside SELECTION and compare")
+    # What --verify takes from its record, not from the command line: given with --verify, these
+    # would be silently ignored, so they are refused (the device options may change).
+    verify_ignores = {a.dest: (a.option_strings[0] if a.option_strings else a.dest.upper(), a.default)
+                      for a in p._actions if a.dest not in ("help", "verify")}
     add_mesh_options(p)
     add_compile_cache_option(p, "so that a later call on the same pool (any budget) skips "
                              "compiling")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, _verify_ignores=verify_ignores)
 
 
 def meta_path(selection_path) -> Path:
@@ -194,6 +198,12 @@ def run(a) -> int:
         if not a.out:
             raise UsageError("--out is required")
         _check_args(a)
+    if a.verify:
+        given = [flag for dest, (flag, default) in getattr(a, "_verify_ignores", {}).items()
+                 if getattr(a, dest, default) != default]
+        if given:
+            raise UsageError(f"--verify re-runs the selection its record describes; it takes no "
+                             f"{', '.join(given)} (only the device options)")
     mesh = setup_mesh(a)
     enable_compile_cache(a.compile_cache)
     if a.verify:
@@ -203,6 +213,10 @@ def run(a) -> int:
 
     inputs = (a.features, a.labeled)
     out_path = io.check_output_path(a.out, inputs=inputs)
+    if not out_path.name.endswith(".json"):
+        # NAME and NAME.json would share the record NAME.meta.json.
+        raise UsageError(f"--out must name a .json file (its record goes beside it as "
+                         f"NAME.meta.json), got {a.out}")
     io.check_output_path(meta_path(out_path), inputs=inputs)
 
     features, _ = io.load_features(a.features, label_column=a.label_column)
