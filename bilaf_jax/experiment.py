@@ -271,6 +271,27 @@ def _check_workdir(workdir: Path, config: RunConfig) -> None:
                              "created": _utc_now()}, indent=1)
 
 
+def preflight(config: RunConfig, workdir) -> None:
+    """What `bilaf run --dry-run` checks without writing anything: the weight file, the data
+    folder, and that `workdir` would take this config (its run.json and any features in it)."""
+    from bilaf_jax import data
+    from bilaf_jax.backbones import _weights_path
+
+    if config.weights != "random":
+        _weights_path(config.backbone, config.weights)
+    raw = data.raw_data_dir(config.dataset, config.data_dir)
+    if raw is not None and not raw.is_dir():
+        raise InputError(f"data folder not found: {raw}")
+    workdir = Path(workdir).expanduser()
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"workdir {workdir} exists and is not a folder")
+    if (workdir / "run.json").exists() and _holds_pieces(workdir):
+        check_identity(workdir / "run.json", identity(config), workdir)
+    for part in ("pool", "test"):
+        if (workdir / "features" / f"{part}.npz").exists():
+            _check_feature_meta(config, workdir / "features" / f"{part}.npz", part)
+
+
 def _holds_pieces(workdir: Path) -> bool:
     """Whether `workdir` holds any file but run.json (cached pieces, reports, the user's own
     files), not counting temporary files of atomic writes or an extraction's settings file

@@ -58,7 +58,7 @@ def main(argv=None) -> int:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
+        root = Path(tmp) / "images"  # the features go beside it, not into the data
         t0 = time.perf_counter()
         write_folder(root, args.images, args.width, args.height)
         write_s = time.perf_counter() - t0
@@ -79,7 +79,7 @@ def main(argv=None) -> int:
             bb = backbones.load("efficientnet_lite0", "random")
             first = None
             for w in workers:
-                out = root / f"features_{w}.npz"
+                out = Path(tmp) / f"features_{w}.npz"
                 extract_to_file(out, dataset="image_folder", split="all", data_dir=root,
                                 backbone=bb, image_size=args.image_size, batch_size=64,
                                 limit=256, progress=False)  # compiles the forward pass

@@ -142,10 +142,36 @@ def test_projection_keeps_geometry():
 def test_configs_validate_and_dry_run(name, tmp_path, capsys):
     config = run_configs.get(name)
     experiment.validate(config)
-    assert main(["run", "--config", name, "--dry-run", "--workdir", str(tmp_path / "w")]) == 0
+    argv = ["run", "--config", name, "--dry-run", "--workdir", str(tmp_path / "w")]
+    if config.backbone == "vit_s16":  # DINO weights come from the user: the dry run checks them
+        assert main(argv) == 2
+        assert "vit_s16 needs a weight file" in capsys.readouterr().err
+        assert main(argv + ["--weights", str(tmp_path / "dino.pth")]) == 2
+        assert "weight file not found" in capsys.readouterr().err
+        (tmp_path / "dino.pth").write_bytes(b"not read by a dry run")
+        argv += ["--weights", str(tmp_path / "dino.pth")]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert f"config {name}" in out
     assert not (tmp_path / "w").exists()
+
+
+def test_dry_run_checks_the_workdir_and_data_folder(tmp_path, capsys):
+    wd = tmp_path / "w"
+    made_for = tiny_config()
+    _inject_features(wd, config=made_for)
+    experiment.run_experiment(made_for._replace(methods=("random",), seeds=(0,)), wd, progress=False)
+    cfg = _tiny_config_file(tmp_path)
+    assert main(["run", "--config", cfg, "--dry-run", "--workdir", str(wd)]) == 0
+    capsys.readouterr()
+    (tmp_path / "x").mkdir()
+    other = _tiny_config_file(tmp_path / "x", num_cores=5)
+    assert main(["run", "--config", other, "--dry-run", "--workdir", str(wd)]) == 2
+    assert "different config" in capsys.readouterr().err
+    assert main(["run", "--quick", "--dry-run", "--data-dir", str(tmp_path / "nope"),
+                 "--workdir", str(tmp_path / "q")]) == 2
+    assert "data folder not found" in capsys.readouterr().err
+    assert not (tmp_path / "q").exists()
 
 
 def test_default_and_full_config_contents(tmp_path):

@@ -72,12 +72,13 @@ def _load_script(name):
 def test_ablation_tables_and_failures(tmp_path, capsys):
     """K ablation on tiny injected features: one table row per (method, K), the official-mode
     failure at B = K reported, and the random / activeft rows shared by every K."""
+    from bilaf_jax import run_configs
     from tests.test_run import _inject_features
 
     ablation = _load_script("ablation")
     wd = tmp_path / "abl"
     for folder in ("reference", "num_cores_2", "num_cores_10"):
-        _inject_features(wd / folder, n=1000)
+        _inject_features(wd / folder, n=1000, config=run_configs.default())
     assert ablation.main(["--param", "num_cores", "--values", "2,10", "--workdir", str(wd),
                           "--seeds", "0,1", "--no-progress"]) == 0
     text = (wd / "results.md").read_text()
@@ -93,12 +94,14 @@ def test_ablation_tables_and_failures(tmp_path, capsys):
 
 
 def test_ablation_pairs_each_value_with_the_default(tmp_path, capsys):
+    from bilaf_jax import run_configs
     from tests.test_run import _inject_features
 
     ablation = _load_script("ablation")
     wd = tmp_path / "abl"
     for folder in ("reference", "remove_fraction_0.0", "remove_fraction_0.1"):
-        _inject_features(wd / folder, n=2000)  # budgets 20 / 40 / 100 for the default K = 20
+        # budgets 20 / 40 / 100 for the default K = 20
+        _inject_features(wd / folder, n=2000, config=run_configs.default())
     assert ablation.main(["--param", "remove_fraction", "--values", "0,0.1", "--workdir",
                           str(wd), "--seeds", "0,1", "--no-progress"]) == 0
     text = (wd / "results.md").read_text()

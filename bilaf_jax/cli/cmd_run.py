@@ -90,6 +90,7 @@ def dry_run(config, workdir: Path) -> int:
     from bilaf_jax import experiment
 
     config = experiment.validate(config)  # also checks the finetuning settings of "full"
+    experiment.preflight(config, workdir)
     pool = config.pool_size or {"fashion_mnist": 60_000, "mnist_5k": 4_000, "cifar10": 50_000,
                                 "cifar100": 50_000, "imagenet2012": 1_281_167}.get(config.dataset)
     if pool is None:
