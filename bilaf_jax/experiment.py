@@ -46,6 +46,7 @@ import numpy as np
 from bilaf_jax.io import (
     InputError,
     check_identity,
+    exclusive_lock,
     save_npz_atomic,
     sha256_file,
     write_bytes_atomic,
@@ -56,6 +57,8 @@ from bilaf_jax.io import (
 METHODS = ("random", "kcenter", "kmeans", "activeft", "bilaf-paper", "bilaf-official")
 EVALS = ("linear", "knn", "full")
 FORMAT = 1
+
+LOCK_NAME = ".lock"  # held by the run working in a workdir
 
 # Fields that do not change any cached piece: a resumed run may change them.
 _NOT_IDENTITY = ("name", "methods", "budget_fractions", "seeds", "evals", "notes", "data_dir",
@@ -244,7 +247,7 @@ def identity(config: RunConfig) -> dict:
     return json.loads(json.dumps(ident))
 
 
-def _check_workdir(workdir: Path, config: RunConfig) -> None:
+def _make_workdir(workdir: Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise InputError(f"workdir {workdir} exists and is not a folder")
     try:
@@ -253,6 +256,10 @@ def _check_workdir(workdir: Path, config: RunConfig) -> None:
         raise InputError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
     if not os.access(workdir, os.W_OK | os.X_OK):
         raise InputError(f"workdir {workdir} is not writable")
+
+
+def _check_workdir(workdir: Path, config: RunConfig) -> None:
+    _make_workdir(workdir)
     path = workdir / "run.json"
     ident = identity(config)
     if path.exists():
@@ -297,7 +304,7 @@ def _holds_pieces(workdir: Path) -> bool:
     files), not counting temporary files of atomic writes or an extraction's settings file
     before its first batch."""
     for p in workdir.rglob("*"):
-        if p == workdir / "run.json" or p.is_dir():
+        if p in (workdir / "run.json", workdir / LOCK_NAME) or p.is_dir():
             continue
         if p.name.startswith(".") and p.name.endswith(".tmp"):
             continue
@@ -954,7 +961,14 @@ def run_experiment(config: RunConfig, workdir, *, progress: bool = True,
     """
     config = validate(config)
     workdir = Path(workdir).expanduser()
-    _check_workdir(workdir, config)
+    _make_workdir(workdir)
+    # Two runs in one workdir would take over each other's run.json and partial files.
+    with exclusive_lock(workdir / LOCK_NAME, f"workdir {workdir}"):
+        _check_workdir(workdir, config)
+        return _run_experiment(config, workdir, progress, stop_after, command, backbone)
+
+
+def _run_experiment(config, workdir, progress, stop_after, command, backbone) -> RunOutput:
     counter = _Counter(stop_after)
     timing = {}
     t0 = time.perf_counter()

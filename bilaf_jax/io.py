@@ -50,6 +50,25 @@ def check_output_path(path, inputs=()) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def exclusive_lock(path, what: str):
+    """Hold an advisory lock on the file `path` (created if missing) for the block; if another
+    process holds it, raise InputError saying `what` is in use. The lock dies with its process,
+    so a killed run never leaves one behind."""
+    import fcntl
+
+    path = Path(path)
+    f = open(path, "a")  # noqa: SIM115 - closed below, after the lock is released
+    try:
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise InputError(f"{what} is in use by another process; wait for it to finish") from None
+        yield
+    finally:
+        f.close()
+
+
 def call_get_config(path):
     """`get_config()` of the Python file `path`. A file that does not run, lacks get_config or
     whose get_config fails is a one-line InputError naming the file."""

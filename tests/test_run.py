@@ -483,3 +483,31 @@ def test_the_default_weights_named_by_path_are_the_same_run(tmp_path):
     assert experiment.identity(base._replace(weights=str(copy))) == experiment.identity(base)
     ident = experiment.identity(base._replace(weights=str(other)))
     assert ident["weights"].startswith("sha256:") and ident != experiment.identity(base)
+
+
+def test_a_workdir_in_use_by_another_run_is_refused(tmp_path):
+    """A second run in the same workdir (another process holding its lock) stops at once with a
+    one-line error and changes nothing; the lock dies with its process."""
+    import subprocess
+    import sys
+    import textwrap
+
+    wd = tmp_path / "w"
+    wd.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from bilaf_jax.io import exclusive_lock
+        with exclusive_lock({str(wd / experiment.LOCK_NAME)!r}, "x"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(ValueError, match=f"workdir {wd} is in use by another process"):
+            experiment.run_experiment(tiny_config(), wd, progress=False)
+        assert sorted(p.name for p in wd.iterdir()) == [experiment.LOCK_NAME]  # no run.json
+    finally:
+        holder.kill()
+        holder.wait()
+    _inject_features(wd)  # the lock file left behind is no piece of a run
+    experiment.run_experiment(tiny_config(methods=("random",), seeds=(0,)), wd, progress=False)

@@ -202,9 +202,15 @@ def _local_tfds_source(name, data_dir, cache_dir):
                 cache.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise InputError(f"cannot create cache folder {cache}: {e.strerror or e}") from None
-            builder.download_and_prepare(
-                download_config=tfds.download.DownloadConfig(manual_dir=str(source))
-            )
+            try:
+                builder.download_and_prepare(
+                    download_config=tfds.download.DownloadConfig(manual_dir=str(source))
+                )
+            except FileExistsError:
+                # Another process prepared the same source at the same time and moved its
+                # result into place first: the same files, so use them.
+                if not builder.is_prepared():
+                    raise
     return builder
 
 
