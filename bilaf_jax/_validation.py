@@ -99,6 +99,8 @@ def check_indices(indices, n: int, name: str, length: int | None = None) -> np.n
     arr = np.asarray(indices)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
+    if arr.dtype == np.bool_:  # a mask read as indices would mean rows 0 and 1
+        raise ValueError(f"{name} must hold row indices, not a boolean mask (use np.flatnonzero)")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         if not np.all(np.equal(np.mod(arr, 1), 0)):
             raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")

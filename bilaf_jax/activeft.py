@@ -163,6 +163,7 @@ def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperatu
             raise ValueError("init_indices include excluded rows")
         init_indices = jnp.asarray(init_indices)
     distances.resolve_precision(precision)  # unknown names fail here, before tracing
+    chunk_size = V.check_count(chunk_size, "chunk_size", 1, 1 << 30)
     if optimizer is not None and not isinstance(optimizer, optax.GradientTransformation):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer)}")
     return _activeft(key, features, init_indices, V.unavailable_rows(excluded, n, num_rows), temperature,

@@ -172,6 +172,7 @@ def kmeans_select(key, features, num_samples: int, *, num_iters: int = 100, tol:
     `num_rows`: real rows of a padded, sharded pool (`bilaf_jax.sharding`); the rest are ignored.
     """
     features, num_samples, num_rows, unavailable = _check(features, num_samples, exclude, num_rows)
+    chunk_size = V.check_count(chunk_size, "chunk_size", 1, 1 << 30)
     num_iters = V.check_count(num_iters, "num_iters", 0, 10**7)
     V.check_positive(tol, "tol", allow_zero=True)
     return _kmeans(key, features, tol, unavailable, num_rows, num_samples=num_samples, num_iters=num_iters,

@@ -933,7 +933,8 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
       chunk_size: rows per block in the assignment pass (static).
       direct: Euclidean distances from explicit differences (as scipy's cdist) instead of the
         Gram expansion. Default: True in official mode with float64 features (exact parity
-        with the script), else False (faster).
+        with the script), else False (faster; two identical rows may then lie at distances
+        that differ in the last bits, so ties between exact duplicates need direct=True).
       precision: of the assignment's [n, K] distance matmuls, paper mode: "float32" (default),
         "bfloat16" or "tensorfloat32" (NVIDIA GPUs), both accumulating in float32 (see
         `bilaf_jax.distances`). They only shortlist each sample's nearest cores: the
@@ -966,7 +967,9 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     round; each round removes the floor(|U_i| / B_i) candidates first in (distance to the last
     pick, inclusion position) order and takes the first argmin. Raises ValueError where the
     script would crash (a zero allocation, a core not its own nearest core, a core removed by
-    denoising) and warns where it repeats samples.
+    denoising) and warns where it repeats samples. Under `jit`/`vmap` with traced
+    hyperparameters nothing can raise: a setting where the script would crash returns indices
+    that are all -1.
 
     Returns:
       BilafOutput (indices int32[B], pseudo_labels int32[n], kept bool[n],
@@ -1046,6 +1049,10 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     else:
         out, score, kept, core_lost = _assemble_jit(results, layout, alloc, n=n,
                                                     budget=budget)
+        if mode == "official":
+            # Traced: where the script would crash (see below), a selection of -1s, not a list
+            # it could never produce.
+            out = jnp.where(jnp.any(alloc == 0) | (core_lost >= 0), -1, out)
     if mode == "official" and concrete:
         lost = int(core_lost)
         if lost >= 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Any, NamedTuple
 
 import jax
@@ -12,6 +13,7 @@ import numpy as np
 from bilaf_jax import _validation as V
 from bilaf_jax.activeft import activeft
 from bilaf_jax.baselines import kcenter_select, kmeans_select, random_select
+from bilaf_jax.distances import PRECISIONS
 from bilaf_jax.sharding import process_local, to_host
 
 METHODS = ("bilaf", "activeft", "kcenter", "kmeans", "random")
@@ -98,10 +100,24 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
     budget = V.check_count(budget, "budget", 1, n)
     core_key, boundary_key = jax.random.split(key)
     options = dict(core_options or {})
-    if precision is not None and "activeft" in (method, core_method if method == "bilaf" else None):
+    stage1 = core_method if method == "bilaf" else method
+    for name, use in (("exclude", "labeled="), ("num_rows", "num_rows=")):
+        if name in options:  # given to stage 1 only, the boundary stage would not know of them
+            raise ValueError(f"core_options may not hold {name!r}: pass {use} to select")
+    accepted = inspect.signature(_CORE_SELECTORS[stage1]).parameters
+    open_ended = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
+    unknown = sorted(set(options) - set(accepted) - {"key", "features"})
+    if unknown and not open_ended:
+        raise ValueError(f"core_options {unknown} are not options of the {stage1} selector")
+    if precision is not None and stage1 == "activeft":
         if options.setdefault("precision", precision) != precision:
             raise ValueError(f"precision {precision!r} conflicts with core_options' "
                              f"{options['precision']!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    if method not in ("bilaf", "activeft") and precision not in (None, "float32"):
+        raise ValueError(f"precision {precision!r} applies to ActiveFT and the boundary stage; "
+                         f"{method!r} computes in float32")
     if n < features.shape[0]:
         options["num_rows"] = n
     if labeled is not None:

@@ -88,10 +88,12 @@ def activeft(features, init_indices, num_steps=300, tau=0.07, lr=1e-3, lam=1.0):
 
 
 def kcenter(features, num_samples, first):
-    """Farthest-point greedy from row `first`; ties to the lowest index."""
+    """Farthest-point greedy from row `first`; ties to the lowest index; a chosen row is never
+    chosen again (duplicates: once all left are at distance 0, the lowest unchosen row)."""
     x = np.asarray(features, np.float64)
     chosen = [int(first)]
     for _ in range(1, num_samples):
         d = np.min(((x[:, None, :] - x[chosen][None]) ** 2).sum(-1), axis=1)
+        d[chosen] = -1.0
         chosen.append(int(np.argmax(d)))
     return np.array(chosen)

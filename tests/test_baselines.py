@@ -17,6 +17,14 @@ def test_kcenter_matches_reference(digits):
     assert np.all(np.diff(np.asarray(out.radius[1:])) <= 1e-4)  # covering radius never grows
 
 
+def test_kcenter_with_duplicate_rows_matches_reference():
+    x = np.array([[0.0], [0.0], [1.0], [1.0], [0.0]], np.float32)
+    out = kcenter_select(jax.random.key(0), x, 5)
+    want = ref.kcenter(x, 5, int(out.order[0]))
+    np.testing.assert_array_equal(out.order, want)
+    assert sorted(want) == [0, 1, 2, 3, 4]
+
+
 def test_kcenter_first_pick_is_random():
     x = np.random.default_rng(0).normal(size=(200, 3)).astype(np.float32)
     firsts = {int(kcenter_select(jax.random.key(s), x, 3).order[0]) for s in range(8)}

@@ -315,6 +315,25 @@ def test_vmap_over_hyperparameters(blobs):
             np.testing.assert_array_equal(np.asarray(b[i]), np.asarray(s))
 
 
+def test_official_mode_under_vmap_marks_settings_the_script_would_crash_on(blobs):
+    """Traced official mode cannot raise: a setting where the authors' script divides by zero
+    (a class allocated nothing) returns -1s; a setting it runs gives the plain call's list."""
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(90, 2)), rng.normal(size=(3, 2)) + 20,
+                        rng.normal(size=(3, 2)) - 20, rng.normal(size=(3, 2)) + [20, -20]])
+    cores = [0, 90, 93, 96]
+    with pytest.raises(ValueError, match="allocation gives 0 samples"):
+        bilaf(KEY, x, cores, 4, mode="official")
+    crash = jax.vmap(lambda p: bilaf(KEY, x, cores, 4, mode="official", remove_fraction=p).indices)
+    np.testing.assert_array_equal(np.asarray(crash(jnp.array([0.1, 0.2]))), -np.ones((2, 4)))
+    x2, cores2 = blobs
+    run = jax.vmap(lambda p: bilaf(KEY, x2, cores2, 40, mode="official", remove_fraction=p).indices)
+    fine = np.asarray(run(jnp.array([0.1, 0.3])))
+    for row, p in zip(fine, (0.1, 0.3), strict=True):
+        np.testing.assert_array_equal(row, bilaf(KEY, x2, cores2, 40, mode="official",
+                                                 remove_fraction=p).indices)
+
+
 def _bucket_compiles(caplog, fn):
     """Class-program compilations (jax's compile log) while running fn()."""
     caplog.clear()

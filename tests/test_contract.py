@@ -125,3 +125,31 @@ def test_feature_dtypes_and_values_too_large_to_square(name, pool):
         run(pool.astype(np.float64) * 1e25)
     with pytest.raises(ValueError, match="NaN or Inf"):
         run(np.where(np.arange(157)[:, None] == 3, np.nan, pool).astype(np.float32))
+
+
+def test_misleading_options_are_refused():
+    """Options that would be ignored or half-applied are errors, not silent."""
+    from bilaf_jax.activeft import activeft
+    from bilaf_jax.baselines import kmeans_select
+    from bilaf_jax.pipeline import select
+
+    x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    key = jax.random.key(0)
+    # exclude / num_rows in core_options would reach stage 1 only
+    for opt, use in (("exclude", "labeled="), ("num_rows", "num_rows=")):
+        with pytest.raises(ValueError, match=f"core_options may not hold '{opt}': pass {use}"):
+            select(key, x, 20, num_cores=4, core_options={opt: [1, 2]})
+    with pytest.raises(ValueError, match=r"core_options \['num_steps'\] are not options of the kcenter"):
+        select(key, x, 20, num_cores=4, core_method="kcenter", core_options=dict(num_steps=5))
+    with pytest.raises(ValueError, match="unknown precision 'garbage'"):
+        select(key, x, 10, method="kmeans", precision="garbage")
+    with pytest.raises(ValueError, match="'kcenter' computes in float32"):
+        select(key, x, 10, method="kcenter", precision="bfloat16")
+    select(key, x, 20, num_cores=4, core_method="kcenter", precision="bfloat16")  # boundary stage
+    # a boolean mask is no index list
+    with pytest.raises(ValueError, match="not a boolean mask"):
+        select(key, x, 10, method="random", labeled=np.arange(60) < 2)
+    with pytest.raises(ValueError, match="chunk_size"):
+        activeft(key, x, 5, num_steps=2, chunk_size=2.5)
+    with pytest.raises(ValueError, match="chunk_size"):
+        kmeans_select(key, x, 5, chunk_size=0)
