@@ -28,6 +28,7 @@ import argparse
 import sys
 import time
 import warnings
+from pathlib import Path
 
 from bilaf_jax.cli import add_mesh_options, seed_type, setup_mesh
 from bilaf_jax.distances import PRECISIONS
@@ -115,14 +116,17 @@ def run(args) -> int:
                       settings_per_batch=per_batch, num_rows=num_rows, precision=args.precision)
         records = S.to_records(out)
     seconds = time.perf_counter() - t0
-    config = dict(features=str(args.features), n=int(n), d=int(features.shape[1]),
+    from bilaf_jax import __version__
+
+    config = dict(features=str(Path(args.features).resolve()),
+                  features_sha256=io.sha256_file(args.features), n=int(n), d=int(features.shape[1]),
                   budget=args.budget, num_cores=int(out.core_indices.shape[1]),
                   grid={k: list(v) for k, v in grid.items()}, num_steps=args.steps,
                   batch_size=args.batch_size, num_neighbors=args.num_neighbors,
                   normalize=args.normalize, precision=args.precision, mode="paper",
                   settings_per_batch=per_batch,
                   seed=args.seed, has_labels=labels is not None, seconds=round(seconds, 3),
-                  device=str(jax.devices()[0].device_kind),
+                  device=str(jax.devices()[0].device_kind), bilaf_jax=__version__, jax=jax.__version__,
                   mesh=None if mesh is None else mesh.size, processes=jax.process_count())
     if not is_main_process():
         return 0

@@ -215,6 +215,10 @@ def test_cli_writes_records(pool, tmp_path, capsys):
     assert code == 0
     data = json.loads(out.read_text())
     assert len(data["records"]) == 8 and data["config"]["has_labels"]
+    from bilaf_jax.io import sha256_file
+
+    assert data["config"]["features"] == str((tmp_path / "f.npz").resolve())
+    assert data["config"]["features_sha256"] == sha256_file(tmp_path / "f.npz")
     assert {"mean_distance", "selected_balance", "pool_balance", "label_count",
             "label_balance"} <= set(data["records"][0])
     table = capsys.readouterr().out
