@@ -465,3 +465,38 @@ def test_image_folder_fingerprint_follows_the_files(tmp_path):
     assert data_source("image_folder", "all", data_dir=tmp_path).fingerprint not in (first, second)
     (tmp_path / "a" / "1.png").rename(tmp_path / "a" / "5.png")  # renamed
     assert data_source("image_folder", "all", data_dir=tmp_path).fingerprint not in (first, second)
+
+
+def test_eval_crop_is_torchvision_resize_then_centre_crop(tmp_path):
+    """crop_fraction: DeiT's evaluation transform, Resize(int(s / f)) on the shorter side with
+    the aspect kept (the longer side truncated, as torchvision) and CenterCrop(s), written here
+    with PIL directly."""
+    from PIL import Image
+
+    from bilaf_jax.data import _resize_uint8
+
+    rng = np.random.default_rng(0)
+    for h, w, s, f in ((30, 41, 16, 0.875), (50, 20, 12, 0.5), (32, 32, 224, 0.875), (9, 9, 9, 1.0)):
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        short = int(s / f)
+        size = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)  # (h, w)
+        big = np.asarray(Image.fromarray(image).resize(size[::-1], Image.BICUBIC))
+        top, left = int(round((size[0] - s) / 2.0)), int(round((size[1] - s) / 2.0))
+        want = big[top:top + s, left:left + s]
+        got = _resize_uint8(image, s, "bicubic", f)
+        assert got.shape == (s, s, 3)
+        np.testing.assert_array_equal(got, want)
+    grey = rng.integers(0, 256, (20, 30, 1), dtype=np.uint8)
+    assert _resize_uint8(grey, 8, "bilinear", 0.875).shape == (8, 8, 1)
+    # load_rows applies it to fixed-size sources too (CIFAR: 32 px -> 256 -> centre 224)
+    (tmp_path / "all" / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(
+            tmp_path / "all" / "a" / f"{i}.png")
+    src = data_source("image_folder", "all", data_dir=tmp_path)
+    got = load_rows(src, [2, 0], image_size=24, resample="bicubic", crop_fraction=0.75)
+    raw = src.get_batch([2, 0])  # 32 px as stored
+    assert got.images.shape == (2, 24, 24, 3)
+    np.testing.assert_array_equal(got.images[0], _resize_uint8(raw.images[0], 24, "bicubic", 0.75))
+    with pytest.raises(InputError, match="pass an image size"):
+        load_rows(src, [0], crop_fraction=0.875)

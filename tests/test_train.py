@@ -192,6 +192,7 @@ def test_random_resized_crop_and_flip():
     ("seed", 2**32), ("seed", -1), ("seed", 1.5),
     ("steps", True), ("steps", 10.5), ("knn_k", 2.5), ("batch_size", "32"), ("num_classes", 9.5),
     ("log_every", 0.5), ("eval_every", True), ("warmup_steps", 1.5), ("image_size", 0),
+    ("eval_crop_fraction", 0.0), ("eval_crop_fraction", 1.5), ("eval_crop_fraction", "0.875"),
 ])
 def test_bad_numeric_settings_are_refused(key, value):
     from train.train import make_config

@@ -211,6 +211,11 @@ def test_full_mode_reads_only_labelled_pool_rows_and_imagenet_validation(tmp_pat
     assert sorted(read) == ["train", "validation"]
     assert read["train"] == [5, 1, 7] and read["validation"] == [0, 1, 2, 3]
     assert summary["num_classes"] == 1000 and summary["num_test"] == 4 and summary["step"] == 3
+    # DeiT's evaluation crop (configs/imagenet.py) on images of varying sizes
+    with tfds.testing.mock_data(num_examples=10):
+        cropped = train_and_evaluate(make_config(**{**config.__dict__, "eval_crop_fraction": 0.875}),
+                                     tmp_path / "crop", backbone=TinyBackbone())
+    assert cropped["num_test"] == 4 and cropped["config"]["eval_crop_fraction"] == 0.875
 
 
 def test_data_parallel_full_finetune(tmp_path):

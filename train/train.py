@@ -86,6 +86,9 @@ class Config:
     # statistics (as timm's ModelEma averages the whole state)
     drop_path: float = 0.0  # stochastic depth, by the backbone's rule (train.models.set_drop_path)
     crop_scale_min: float = 0.08
+    # Test images: None = the whole image resized to image_size; else DeiT's evaluation crop,
+    # the shorter side resized to image_size / eval_crop_fraction, then the centre crop (0.875).
+    eval_crop_fraction: float | None = None
     grad_clip_norm: float | None = None
     eval_every: int | None = None  # None: evaluate at the end only
     eval_batch_size: int = 256
@@ -169,6 +172,10 @@ def validate_config(c: Config) -> None:
     in_range("warmup_epochs", 0.0, inf)
     in_range("drop_path", 0.0, 1.0)
     in_range("grad_clip_norm", 0.0, inf, lo_open=True, optional=True)
+    v = c.eval_crop_fraction
+    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
+                          or not 0.0 < v <= 1.0):
+        raise ValueError(f"eval_crop_fraction must be a number in (0, 1] or None, got {v!r}")
     in_range("knn_temperature", 0.0, inf, lo_open=True)
     if not 0.0 <= c.ema_decay < 1.0:
         raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
@@ -616,7 +623,8 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     s = config.image_size
     resample = getattr(bb, "resize_method", "bilinear")
     labelled = data.load_rows(pool, sel, image_size=s, resample=resample)
-    test = data.load_rows(test_src, np.arange(n_test), image_size=s, resample=resample)
+    test = data.load_rows(test_src, np.arange(n_test), image_size=s, resample=resample,
+                          crop_fraction=config.eval_crop_fraction)
 
     import jax
     import jax.numpy as jnp

@@ -124,8 +124,10 @@ class ImageSource:
             raise IndexError(f"index {i} out of range for {self._length} images")
         return self._getitems([i % self._length])[0]
 
-    def get_batch(self, indices, image_size: int | None = None, resample: str = "bilinear"):
-        """ImageArrays of these rows; images of several sizes need `image_size` (host resize)."""
+    def get_batch(self, indices, image_size: int | None = None, resample: str = "bilinear",
+                  crop_fraction: float | None = None):
+        """ImageArrays of these rows; images of several sizes need `image_size` (host resize;
+        with `crop_fraction`, the centre crop of `_resize_uint8`)."""
         indices = [int(i) for i in np.asarray(indices).reshape(-1)]
         if any(not 0 <= i < self._length for i in indices):
             raise IndexError(f"indices out of range for {self._length} images")
@@ -133,7 +135,7 @@ class ImageSource:
         images = [np.asarray(im) for im, _ in pairs]
         images = [im[:, :, None] if im.ndim == 2 else im for im in images]
         if image_size is not None:
-            images = [_resize_uint8(im, image_size, resample) for im in images]
+            images = [_resize_uint8(im, image_size, resample, crop_fraction) for im in images]
         if len({im.shape[-1] for im in images}) > 1:  # grey beside RGB: make all RGB
             images = [np.repeat(im, 3, axis=-1) if im.shape[-1] == 1 else im for im in images]
         shapes = {im.shape for im in images}
@@ -149,16 +151,28 @@ class ImageSource:
         return ImageArrays(stacked, labels)
 
 
-def _resize_uint8(image: np.ndarray, size: int, resample: str) -> np.ndarray:
+def _resize_uint8(image: np.ndarray, size: int, resample: str,
+                  crop_fraction: float | None = None) -> np.ndarray:
+    """uint8 [h, w, c] -> [size, size, c]: the whole image resized (aspect not kept), or with
+    `crop_fraction` torchvision's evaluation transform `Resize(int(size / crop_fraction))`
+    (shorter side, aspect kept) then `CenterCrop(size)`, as DeiT evaluates (0.875 = 224 / 256)."""
     from PIL import Image
 
-    if image.shape[0] == size and image.shape[1] == size:
+    h, w = image.shape[:2]
+    if crop_fraction is None and h == size and w == size:
         return image
     modes = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
     mode = modes[resample]
     grey = image.shape[-1] == 1
     pil = Image.fromarray(image[:, :, 0] if grey else image)
-    out = np.asarray(pil.resize((size, size), mode))
+    if crop_fraction is None:
+        out = np.asarray(pil.resize((size, size), mode))
+    else:
+        short = int(size / crop_fraction)
+        new_h, new_w = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+        big = np.asarray(pil.resize((new_w, new_h), mode))
+        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+        out = big[top: top + size, left: left + size]
     return out[:, :, None] if grey else out
 
 
@@ -456,24 +470,27 @@ def prefetch(read, items, *, workers: int | None = None):
 
 def load_rows(src: ImageSource, rows, *, image_size: int | None = None,
               resample: str = "bilinear", chunk: int = 1024,
-              workers: int | None = None) -> ImageArrays:
+              workers: int | None = None, crop_fraction: float | None = None) -> ImageArrays:
     """These rows of a source in memory, in the order given, read `chunk` rows at a time
     (chunks in `workers` threads, see `prefetch`).
 
     rows: int [m]. Returns ImageArrays(uint8 [m, h, w, c], int32 [m]). Where the source's
     images differ in size (ImageNet, image folders) each is resized to `image_size` square on
     the host; fixed-size images are kept as they are (backbones resize them on the device).
-    Only these m images are ever held, not the whole split.
+    With `crop_fraction` every image is resized to `image_size` on the host by DeiT's
+    evaluation transform (shorter side to image_size / crop_fraction, centre crop; see
+    `_resize_uint8`). Only these m images are ever held, not the whole split.
     """
     rows = np.asarray(rows, np.int64).reshape(-1)
     if rows.size == 0:
         raise InputError(f"{src.name} split '{src.split}': no rows asked for")
-    if src.image_shape is None and image_size is None:
-        raise InputError(f"{src.name}: images differ in size; pass an image size")
-    size = None if src.image_shape is not None else image_size
+    if (src.image_shape is None or crop_fraction is not None) and image_size is None:
+        raise InputError(f"{src.name}: images differ in size or are centre-cropped; pass an image size")
+    size = None if src.image_shape is not None and crop_fraction is None else image_size
 
     def read(start):
-        return src.get_batch(rows[start: start + chunk], image_size=size, resample=resample)
+        return src.get_batch(rows[start: start + chunk], image_size=size, resample=resample,
+                             crop_fraction=crop_fraction)
 
     parts = [part for _, part in prefetch(read, range(0, rows.size, chunk), workers=workers)]
     images = [p.images for p in parts]
