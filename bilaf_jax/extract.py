@@ -28,7 +28,14 @@ from typing import NamedTuple
 
 import numpy as np
 
-from bilaf_jax.io import InputError, atomic_open, check_output_path, save_npz_atomic, write_json_atomic
+from bilaf_jax.io import (
+    InputError,
+    atomic_open,
+    check_output_path,
+    exclusive_lock,
+    save_npz_atomic,
+    write_json_atomic,
+)
 
 __all__ = ["ExtractOutput", "check_feature_pair", "extract_to_file", "read_meta"]
 
@@ -103,8 +110,19 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
 
     `on_batch(batch_index)` is called after each batch's shard is safely on disk.
     `read_workers`: threads reading image batches ahead (default `data.read_workers()`).
-    Raises InputError (one line) for every problem a user can cause.
+    Raises InputError (one line) for every problem a user can cause, and when another process
+    is extracting to the same `out` (they would share its partial folder).
     """
+    out = check_output_path(out, inputs=() if weights in (None, "random") else (weights,))
+    with exclusive_lock(out.with_name(f".{out.name}.lock"), f"output {out}"):
+        return _extract(out, dataset=dataset, split=split, backbone=backbone, weights=weights,
+                        image_size=image_size, limit=limit, batch_size=batch_size,
+                        data_dir=data_dir, cache_dir=cache_dir, taps=taps, seed=seed,
+                        progress=progress, on_batch=on_batch, read_workers=read_workers)
+
+
+def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch_size, data_dir,
+             cache_dir, taps, seed, progress, on_batch, read_workers) -> ExtractOutput:
     from tqdm.auto import tqdm
 
     from bilaf_jax import backbones as bbs

@@ -244,3 +244,29 @@ def test_temp_files_of_a_killed_final_write_are_removed(pool, tmp_path):
     extract_to_file(out, progress=False, limit=4, **CFG, **dirs)
     assert out.is_file() and not Path(stale).exists()
     assert all(p.read_text() == "mine" for p in keep)
+
+
+def test_a_second_extraction_to_the_same_output_is_refused(pool, tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    dirs, _ = pool
+    out = tmp_path / "f.npz"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import time
+        from bilaf_jax.io import exclusive_lock
+        with exclusive_lock({str(tmp_path / '.f.npz.lock')!r}, "x"):
+            print("held", flush=True)
+            time.sleep(60)
+    """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(InputError, match=f"output {out} is in use by another process"):
+            extract_to_file(out, progress=False, **CFG, **dirs)
+        assert not out.exists() and not (tmp_path / "f.npz.partial").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    extract_to_file(out, progress=False, **CFG, **dirs)  # the lock died with its holder
+    assert out.exists()
