@@ -100,8 +100,10 @@ def check_identity(record_path, current: dict, workdir) -> None:
         stored = json.loads(record_path.read_text())["identity"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"workdir {workdir} has an unreadable {record_path.name} ({e})") from None
-    if stored != current:
-        diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    # A key missing on one side counts as None: a setting added later with the default None
+    # (what earlier runs did) leaves their workdirs usable.
+    diff = sorted(k for k in set(stored) | set(current) if stored.get(k) != current.get(k))
+    if diff:
         shown = "; ".join(f"{k}: {stored.get(k)!r} -> {current.get(k)!r}" for k in diff[:3])
         raise InputError(f"workdir {workdir} holds a run of a different config ({shown}); use a new --workdir")
 

@@ -49,3 +49,15 @@ def test_load_features_formats_and_errors(tmp_path):
     np.save(tmp_path / "nan.npy", np.array([[np.nan, 1.0]]))
     with pytest.raises(io.InputError, match="NaN"):
         io.load_features(tmp_path / "nan.npy")
+
+
+def test_check_identity_reads_a_missing_setting_as_none(tmp_path):
+    """A setting added later with default None leaves earlier workdirs usable; any other change
+    is refused, naming the setting."""
+    rec = tmp_path / "config.json"
+    rec.write_text(json.dumps({"identity": {"steps": 5, "lr": 0.1}}))
+    io.check_identity(rec, {"steps": 5, "lr": 0.1, "eval_crop_fraction": None}, tmp_path)
+    with pytest.raises(io.InputError, match=r"different config \(eval_crop_fraction: None -> 0.875\)"):
+        io.check_identity(rec, {"steps": 5, "lr": 0.1, "eval_crop_fraction": 0.875}, tmp_path)
+    with pytest.raises(io.InputError, match=r"\(lr: 0.1 -> None\)"):
+        io.check_identity(rec, {"steps": 5}, tmp_path)
