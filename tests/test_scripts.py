@@ -178,3 +178,35 @@ def test_bench_sweep_runs_and_checks_equality(monkeypatch, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| 0")
             or line.startswith("| 3")]
     assert len(rows) == 2 and all(r.endswith("| True |") for r in rows)
+
+
+def test_finetune_recipe_ablation_reruns_a_finished_run_with_changes(tmp_path, capsys):
+    """The unchanged variant reproduces the finished run exactly; the others change only the
+    settings they name."""
+    from bilaf_jax import data
+
+    try:
+        data.load_arrays("fashion_mnist", "test", limit=8)
+    except Exception as e:  # noqa: BLE001 - any failure means the data is not here
+        pytest.skip(f"Fashion-MNIST not available: {e}")
+    from train.train import make_config, train_and_evaluate
+
+    sel = tmp_path / "sel.json"
+    sel.write_text(json.dumps(list(range(0, 80, 4))))
+    base = make_config(selection=str(sel), backbone_weights="random", image_size=16, steps=3,
+                       batch_size=4, warmup_steps=1, pool_size=80, test_size=16,
+                       nesterov=True, grad_clip_norm=0.5)
+    first = train_and_evaluate(base, tmp_path / "base")
+    script = _load_script("finetune_recipe_ablation")
+    assert script.main(["--from", str(tmp_path / "base"), "--workdir", str(tmp_path / "abl"),
+                        "--variants", "as run,neither"]) == 0
+    text = (tmp_path / "abl" / "results.md").read_text()
+    assert f"| as run | - | {100 * first['final_accuracy']:.1f} |" in text
+    runs = {p.name: json.loads((p / "config.json").read_text())["config"]
+            for p in (tmp_path / "abl").iterdir() if p.is_dir()}
+    assert sorted(runs) == ["as_run", "neither"]
+    assert (runs["neither"]["nesterov"], runs["neither"]["grad_clip_norm"]) == (False, None)
+    assert runs["neither"]["learning_rate"] == base.learning_rate
+    as_run = json.loads((tmp_path / "abl" / "as_run" / "summary.json").read_text())
+    assert as_run["params_digest"] == first["params_digest"]
+    assert text in capsys.readouterr().out

@@ -1,0 +1,63 @@
+"""Which part of a full-finetuning recipe moves its accuracy: one finished run, again with
+settings changed one group at a time.
+
+    python scripts/finetune_recipe_ablation.py --from runs/finetune_cpu/finetune/random_b500_s0 \
+        --workdir runs/recipe_ablation
+
+`--from` is the workdir of a finished `bilaf finetune --mode full` run (its config.json gives the
+base settings, the selection included). Each variant runs in WORKDIR/<name> (resumable, as any
+finetuning workdir) and the table goes to WORKDIR/results.md and stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+# name -> settings changed from the base run's config
+VARIANTS = {
+    "as run": {},
+    "no gradient clipping": {"grad_clip_norm": None},
+    "plain momentum (no Nesterov)": {"nesterov": False},
+    "neither": {"grad_clip_norm": None, "nesterov": False},
+}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--from", dest="base", required=True, help="workdir of a finished full finetune")
+    p.add_argument("--workdir", required=True)
+    p.add_argument("--variants", default=",".join(VARIANTS),
+                   help=f"comma-separated subset of: {', '.join(VARIANTS)}")
+    args = p.parse_args(argv)
+    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    unknown = [v for v in chosen if v not in VARIANTS]
+    if unknown or not chosen:
+        p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+    from bilaf_jax.io import write_text_atomic
+    from train.train import make_config, train_and_evaluate
+
+    base = json.loads((Path(args.base) / "config.json").read_text())["config"]
+    if base.get("mode") != "full":
+        p.error(f"{args.base} is not a full-finetuning run")
+    out = Path(args.workdir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ["| variant | changed | final accuracy % |", "|---|---|---|"]
+    for name in chosen:
+        change = VARIANTS[name]
+        summary = train_and_evaluate(make_config(**{**base, **change}),
+                                     out / name.split(" (")[0].replace(" ", "_"))
+        shown = ", ".join(f"{k}={v}" for k, v in change.items()) or "-"
+        rows.append(f"| {name} | {shown} | {100 * summary['final_accuracy']:.1f} |")
+        print(rows[-1], flush=True)
+    text = (f"Base: {args.base} (selection {base['selection']}, seed {base['seed']}, "
+            f"{base['steps']} steps)\n\n" + "\n".join(rows) + "\n")
+    write_text_atomic(out / "results.md", text)
+    sys.stdout.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
