@@ -271,9 +271,7 @@ def _check_workdir(workdir: Path, config: RunConfig) -> None:
                 raise
         # Nothing was made under those settings (say, a run that stopped at a mistyped
         # --weights), so there is nothing to protect: this run takes the workdir over.
-    for part in ("pool", "test"):  # features copied in must be this config's, before it claims them
-        if (workdir / "features" / f"{part}.npz").exists():
-            _check_feature_meta(config, workdir / "features" / f"{part}.npz", part)
+    _check_features_present(config, workdir)  # features copied in: this config's, before it claims them
     write_json_atomic(path, {"identity": ident, "config": config._asdict(),
                              "created": _utc_now()}, indent=1)
 
@@ -294,9 +292,7 @@ def preflight(config: RunConfig, workdir) -> None:
         raise InputError(f"workdir {workdir} exists and is not a folder")
     if (workdir / "run.json").exists() and _holds_pieces(workdir):
         check_identity(workdir / "run.json", identity(config), workdir)
-    for part in ("pool", "test"):
-        if (workdir / "features" / f"{part}.npz").exists():
-            _check_feature_meta(config, workdir / "features" / f"{part}.npz", part)
+    _check_features_present(config, workdir)
 
 
 def _holds_pieces(workdir: Path) -> bool:
@@ -476,6 +472,12 @@ def expected_feature_meta(config: RunConfig, part: str) -> dict:
     except InputError:
         pass
     return want
+
+
+def _check_features_present(config: RunConfig, workdir: Path) -> None:
+    for part in ("pool", "test"):
+        if (workdir / "features" / f"{part}.npz").exists():
+            _check_feature_meta(config, workdir / "features" / f"{part}.npz", part)
 
 
 def _check_feature_meta(config: RunConfig, path: Path, part: str) -> None:
