@@ -4,9 +4,25 @@ import os
 
 # Must happen before JAX initialises its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Commands run in-process (bilaf select / run) would otherwise switch JAX's persistent
+# compilation cache on for the rest of the session, in the user's home: tests neither read
+# programs other processes compiled (a multi-device CPU program read back from that cache has
+# crashed JAX) nor leave their own there. Tests of the cache pass their own folder.
+os.environ["BILAF_COMPILE_CACHE"] = "off"
 
 import numpy as np
 import pytest
+
+
+@pytest.fixture(autouse=True)
+def _no_compile_cache_afterwards():
+    """A test that points the compilation cache somewhere does so for itself only."""
+    import jax
+
+    before = jax.config.jax_compilation_cache_dir
+    yield
+    if jax.config.jax_compilation_cache_dir != before:
+        jax.config.update("jax_compilation_cache_dir", before)
 
 
 @pytest.fixture(scope="session")
