@@ -10,8 +10,12 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 # crashed JAX) nor leave their own there. Tests of the cache pass their own folder.
 os.environ["BILAF_COMPILE_CACHE"] = "off"
 
-import numpy as np
-import pytest
+import jax  # noqa: E402 - after the flags above
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+# JAX's own switch too, whatever a test points the cache at.
+jax.config.update("jax_enable_compilation_cache", False)
 
 
 @pytest.fixture(autouse=True)

@@ -218,13 +218,9 @@ def test_full_mode_reads_only_labelled_pool_rows_and_imagenet_validation(tmp_pat
     assert cropped["num_test"] == 4 and cropped["config"]["eval_crop_fraction"] == 0.875
 
 
-def test_data_parallel_full_finetune(tmp_path):
-    """num_devices=8 (simulated CPU devices): the state is replicated, each batch split over
-    the devices; the run follows the one-device run up to float reduction order, and an
-    interrupted data-parallel run resumes exactly."""
-    _fashion_mnist_or_skip()
-    if jax.device_count() < 8:
-        pytest.skip("needs 8 (simulated) devices; see conftest.py")
+def data_parallel_check(tmp_path):
+    """Body of test_data_parallel_full_finetune, run in a fresh process by the test."""
+    tmp_path = Path(tmp_path)
     sel = _selection(tmp_path, list(range(0, 200, 5)))  # 40 labelled
     base = dict(selection=sel, image_size=16, steps=6, batch_size=8, eval_batch_size=6,
                 checkpoint_every=3, log_every=1, pool_size=200, test_size=16, ema_decay=0.5,
@@ -245,6 +241,24 @@ def test_data_parallel_full_finetune(tmp_path):
     assert _tree_equal(full["state"], rest["state"])
     assert (tmp_path / "eight" / "metrics.jsonl").read_text() == \
         (tmp_path / "resumed" / "metrics.jsonl").read_text()
+
+
+def test_data_parallel_full_finetune(tmp_path):
+    """num_devices=8 (simulated CPU devices): the state is replicated, each batch split over
+    the devices; the run follows the one-device run up to float reduction order, and an
+    interrupted data-parallel run resumes exactly.
+
+    In a fresh process: late in a long test session, XLA's CPU compiler has crashed (SIGSEGV)
+    compiling this 8-device program, which compiles and runs in a process of its own."""
+    _fashion_mnist_or_skip()
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices; see conftest.py")
+    code = (f"import sys; sys.path.insert(0, {str(ROOT)!r}); import tests.conftest; "
+            "from tests.test_train_resume import data_parallel_check; "
+            f"data_parallel_check({str(tmp_path)!r})")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_num_devices_checks(tmp_path):
