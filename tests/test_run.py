@@ -469,6 +469,22 @@ def test_feature_files_of_another_config_are_refused(tmp_path):
     experiment.run_experiment(made_for._replace(methods=("random",), seeds=(0,)), wd, progress=False)
 
 
+def test_features_of_another_preprocessing_are_refused(tmp_path):
+    """Features extracted with another resize or normalisation than the backbone's own (say, by
+    an earlier version) are not reused."""
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    path = wd / "features" / "pool.npz"
+    with np.load(path) as z:
+        arrays = dict(z)
+    meta = json.loads(str(arrays["meta"]))
+    meta.update(resize="bilinear", mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
+    np.savez(path, **{**arrays, "meta": np.asarray(json.dumps(meta))})
+    with pytest.raises(ValueError, match=r"pool.npz was made with resize 'bilinear', but this "
+                                         r"run's config asks for 'bicubic'"):
+        experiment.run_experiment(tiny_config(), wd, progress=False)
+
+
 def test_the_default_weights_named_by_path_are_the_same_run(tmp_path):
     from bilaf_jax.backbones import _weights_path
 

@@ -9,6 +9,10 @@
 - `vit_s16`: DINO ViT-S/16, CLS token after the final LayerNorm, 384-d. `weights` must be a
   user-supplied checkpoint such as `dino_deitsmall16_pretrain.pth`. No head.
 
+Each backbone resizes and normalises images as its weights were trained (`preprocessing(name)`):
+EfficientNet-Lite0 bicubic and (pixel - 127) / 128 (the TensorFlow release it was converted
+from), ViT-S/16 bicubic and ImageNet mean/std (DINO).
+
 `weights="random"` gives a randomly initialised network (seeded by `seed`). Weight files are read
 without PyTorch (`bilaf_jax.backbones.torch_pickle`).
 
@@ -31,6 +35,14 @@ BACKBONES = ("efficientnet_lite0", "efficientnet_lite0_taps", "vit_s16")
 LITE0_TAPS = (4, 10, 15, "head")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# How each backbone's weights saw images in training. EfficientNet-Lite0's file is a conversion
+# of the TensorFlow release, trained on (pixel - 127) / 128 with bicubic resizing (the first
+# BatchNorm's running statistics match that input and not ImageNet mean/std, which gives 4.4x
+# their variance); DINO trained on ImageNet mean/std and the authors extract with bicubic 224.
+_LITE0 = {"resize": "bicubic", "mean": (127 / 255,) * 3, "std": (128 / 255,) * 3}
+_DINO = {"resize": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+_PREPROCESSING = {"efficientnet_lite0": _LITE0, "efficientnet_lite0_taps": _LITE0,
+                  "vit_s16": _DINO}
 
 __all__ = [
     "BACKBONES",
@@ -41,7 +53,21 @@ __all__ = [
     "load",
     "make_embedder",
     "preprocess",
+    "preprocessing",
 ]
+
+
+def preprocessing(name: str) -> dict:
+    """How backbone `name` resizes and normalises: {"resize", "mean", "std"} (lists), as its
+    weights were trained and as feature files record it.
+
+    >>> preprocessing("vit_s16")["mean"]
+    [0.485, 0.456, 0.406]
+    """
+    if name not in BACKBONES:
+        raise InputError(f"unknown backbone '{name}' (known: {', '.join(BACKBONES)})")
+    p = _PREPROCESSING[name]
+    return {"resize": p["resize"], "mean": list(p["mean"]), "std": list(p["std"])}
 
 
 def preprocess(images, image_size: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
@@ -294,8 +320,10 @@ def load(name: str, weights=None, *, taps=None, seed: int = 0) -> Backbone:
                 vit.load_torch_state_dict(module, vit.strip_checkpoint(sd))
             except InputError as e:
                 raise fail(e) from None
-        extra = {"resize_method": "bicubic"}
+        extra = {}
     module.eval()
+    p = _PREPROCESSING[name]
     return Backbone(name=name, dim=module.dim, image_size=224, module=module,
                     weights_sha256=None if path is None else sha256_file(path),
-                    weights_path=None if path is None else str(path), **extra)
+                    weights_path=None if path is None else str(path), mean=p["mean"],
+                    std=p["std"], resize_method=p["resize"], **extra)
