@@ -82,18 +82,30 @@ def _remove_stale_temps(out: Path) -> None:
 
 
 def _prepare_partial(partial: Path, config: dict) -> None:
-    """Make `partial` hold shards of exactly `config` (keep them if it matches, else empty it)."""
+    """Make `partial` hold shards of exactly `config`: keep them if it matches; refuse to
+    discard finished batches of an extraction with other settings (hours of work on a large
+    pool, lost to a mistyped flag)."""
     cfg_path = partial / "config.json"
     if partial.is_dir():
         try:
-            same = json.loads(cfg_path.read_text()) == config
+            before = json.loads(cfg_path.read_text())
         except (OSError, ValueError):
-            same = False
-        if same:
+            before = None
+        if before == config:
             return
+        shards = sorted(partial.glob("batch_*.npz"))
+        if shards:
+            if isinstance(before, dict):
+                changed = ", ".join(f"{k} {before.get(k)!r} (now {config.get(k)!r})"
+                                    for k in sorted(set(before) | set(config))
+                                    if before.get(k) != config.get(k))
+            else:
+                changed = "settings unreadable"
+            raise InputError(f"{partial} holds {len(shards)} finished batches of an extraction "
+                             f"with other settings ({changed}); finish that extraction with "
+                             "its own settings, or remove the folder to start over")
         for p in partial.iterdir():  # only what this module writes
-            shard = p.name.startswith("batch_") and p.name.endswith(".npz")
-            if shard or p.name == "config.json" or p.name.endswith(".tmp"):
+            if p.name == "config.json" or p.name.endswith(".tmp"):
                 p.unlink()
     elif partial.exists():
         raise InputError(f"{partial} exists and is not a folder; remove it")

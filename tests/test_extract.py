@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -84,7 +85,7 @@ def test_resume_after_interruption_gives_identical_features(pool, tmp_path):
                 np.testing.assert_array_equal(a[key], b[key])
 
 
-def test_changed_config_or_corrupt_shard_is_recomputed(pool, tmp_path):
+def test_corrupt_shard_is_recomputed_and_other_settings_refused(pool, tmp_path):
     dirs, _ = pool
     out = tmp_path / "f.npz"
 
@@ -100,7 +101,14 @@ def test_changed_config_or_corrupt_shard_is_recomputed(pool, tmp_path):
     assert (res.reused_batches, res.computed_batches) == (1, 2)
     with pytest.raises(KeyboardInterrupt):
         extract_to_file(out, progress=False, on_batch=stop, **CFG, **dirs)
-    cfg = dict(CFG, seed=1)  # other weights: the old shards must not be reused
+    cfg = dict(CFG, seed=1)  # other weights: the old shards are neither reused nor discarded
+    before = sorted(p.read_bytes() for p in partial.iterdir()), out.read_bytes()
+    with pytest.raises(InputError, match=r"f.npz.partial holds 2 finished batches of an "
+                       r"extraction with other settings \(weights_sha256 'random\(seed=0\)' "
+                       r"\(now 'random\(seed=1\)'\)\); finish .* or remove the folder"):
+        extract_to_file(out, progress=False, **cfg, **dirs)
+    assert (sorted(p.read_bytes() for p in partial.iterdir()), out.read_bytes()) == before
+    shutil.rmtree(partial)
     res = extract_to_file(out, progress=False, **cfg, **dirs)
     assert res.reused_batches == 0
     assert json.loads(str(np.load(out)["meta"]))["weights_sha256"] == "random(seed=1)"

@@ -5,7 +5,8 @@
                   [--data-dir DIR] [--cache-dir DIR] [--taps 4,10,15,head] --out FEATURES.npz
 
 Writes `features` f32 [n, dim], `labels`, `indices` (pool row ids) and `meta` (JSON). Resumable:
-finished batches wait in FEATURES.npz.partial/; run the same command again after a kill.
+finished batches wait in FEATURES.npz.partial/; run the same command again after a kill (the
+same output with other settings is refused while that folder holds finished batches).
 """
 
 from __future__ import annotations
