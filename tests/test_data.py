@@ -427,20 +427,31 @@ def test_image_folder_reports_unreadable_subfolders(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
 
 
-def test_image_folder_order_is_sorted_paths_within_each_class(tmp_path):
+def test_image_folder_rows_and_labels_follow_torchvision_image_folder(tmp_path):
+    """The order torchvision's ImageFolder (the authors' datasets) gives, worked out by hand
+    from its rules: sorted class folders, hidden ones included; in each, sorted
+    os.walk(followlinks=True) tuples, so a folder's own files (sorted names) come before its
+    subfolders, compared as path strings; its extension list, case-insensitive."""
     from PIL import Image
 
     image = Image.fromarray(np.zeros((2, 2, 3), np.uint8))
-    names = ["a/b.png", "a-c.png", "a.png", "B.PNG", "a/a/z.png", "ab/x.jpg", "a/b/c.png",
-             "z/.hidden.png"]
-    for name in names:
+    root = tmp_path / "pool"
+    for name in ["a/b.png", "a-c.png", "a.png", "B.PNG", "a/a/z.png", "ab/x.jpg", "a/b/c.png",
+                 "z/.hidden.png", "d.gif", "e.pgm"]:
         *folders, file = name.split("/")
-        one_image_folder(tmp_path, image, file, cls="/".join(["cat", *folders]))
-    (tmp_path / "cat" / "a" / "notes.txt").write_text("not an image")
-    one_image_folder(tmp_path, image, "0.png", cls="dog")
-    src = data_source("image_folder", "all", data_dir=tmp_path)
-    want = [p for p in sorted((tmp_path / "cat").rglob("*")) if p.is_file() and p.suffix != ".txt"]
-    assert src.files[:-1] == want and src.files[-1] == tmp_path / "dog" / "0.png"
+        one_image_folder(root, image, file, cls="/".join(["cat", *folders]))
+    (root / "cat" / "a" / "notes.txt").write_text("not an image")
+    one_image_folder(tmp_path, image, "l.png", cls="elsewhere")
+    (root / "cat" / "link").symlink_to(tmp_path / "elsewhere")
+    one_image_folder(root, image, "0.png", cls="dog")
+    one_image_folder(root, image, "0.png", cls=".hidden")
+    src = data_source("image_folder", "all", data_dir=root)
+    assert src.class_names == [".hidden", "cat", "dog"]
+    want = [".hidden/0.png", "cat/B.PNG", "cat/a-c.png", "cat/a.png", "cat/e.pgm", "cat/a/b.png",
+            "cat/a/a/z.png", "cat/a/b/c.png", "cat/ab/x.jpg", "cat/link/l.png",
+            "cat/z/.hidden.png", "dog/0.png"]
+    assert [p.relative_to(root).as_posix() for p in src.files] == want
+    assert src.get_batch(range(len(want))).labels.tolist() == [0] + [1] * 10 + [2]
 
 
 def test_image_folder_fingerprint_follows_the_files(tmp_path):

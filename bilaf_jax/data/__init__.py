@@ -27,7 +27,11 @@ TensorFlow; preparing it needs TensorFlow (`pip install 'bilaf_jax[tf]'`), netwo
 `data_dir` is the TFDS data dir (default: the cache).
 
 `image_folder` reads a user's own images (`data_dir/<split>/<class>/*.jpg`, or
-`data_dir/<class>/*.jpg` with split "all"/"train"); classes are the sorted subfolder names.
+`data_dir/<class>/*.jpg` with split "all"/"train") with torchvision's `ImageFolder` rules, so
+rows and labels are index-for-index those of the authors' datasets: classes are the sorted
+subfolder names (hidden ones included, symbolic links followed), and each class lists
+`sorted(os.walk(class_folder, followlinks=True))`, each folder's sorted file names with an
+extension in `IMAGE_EXTENSIONS`.
 """
 
 from __future__ import annotations
@@ -49,7 +53,8 @@ from bilaf_jax.io import InputError
 DATASETS = ("fashion_mnist", "mnist_5k", "cifar10", "cifar100", "imagenet2012", "image_folder")
 _LOCAL_BUILDERS = ("fashion_mnist", "mnist_5k")  # this package's TFDS builders, from local files
 DEFAULT_FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm")
+# torchvision's ImageFolder extensions (case-insensitive), so that rows match its datasets
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 _TFDS_NAMES = {"cifar10": "cifar10", "cifar100": "cifar100", "imagenet2012": "imagenet2012"}
 
 __all__ = [
@@ -325,21 +330,20 @@ def _image_array(im, path) -> np.ndarray:
 
 
 def _image_folder_files(root: Path, classes) -> tuple[list[Path], list[int], str]:
-    """Image files under each class folder (sorted paths within each, recursively), their
-    labels, and a fingerprint of their names, sizes and modification times."""
+    """Image files under each class folder in torchvision `ImageFolder`'s order, their labels,
+    and a fingerprint of their names, sizes and modification times."""
 
     def fail(err: OSError):  # os.walk would otherwise skip an unreadable folder in silence
         raise InputError(f"cannot read folder {err.filename}: {err.strerror or err}") from None
 
     files, labels = [], []
     for label, cls in enumerate(classes):
-        found = [Path(d) / name for d, _, names in os.walk(root / cls, onerror=fail)
-                 for name in names]
-        # sorted as Paths (by parts), the order rglob gave: resumed extractions depend on it
-        for p in sorted(found):
-            if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file():
-                files.append(p)
-                labels.append(label)
+        # sorted walk tuples: a folder's own files (by name) before its subfolders' (as strings)
+        for folder, _, names in sorted(os.walk(str(root / cls), onerror=fail, followlinks=True)):
+            for name in sorted(names):
+                if name.lower().endswith(IMAGE_EXTENSIONS):
+                    files.append(Path(folder) / name)
+                    labels.append(label)
     digest = hashlib.sha256()
     for p in files:  # stat only: a replaced image changes its size or mtime
         try:
@@ -356,8 +360,7 @@ def _image_folder_source(split, data_dir) -> ImageSource:
 
     root = _image_folder_root(split, data_dir)
     try:
-        classes = sorted(p.name for p in root.iterdir()
-                         if p.is_dir() and not p.name.startswith("."))
+        classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
     except OSError as e:
         raise InputError(f"cannot read folder {root}: {e.strerror or e}") from None
     if not classes:
