@@ -325,8 +325,16 @@ def torch_vit_reference(torch, sd, x_nhwc, depth, heads=6):
     x = torch.from_numpy(np.asarray(x_nhwc)).permute(0, 3, 1, 2)
     h = F.conv2d(x, t["patch_embed.proj.weight"], t["patch_embed.proj.bias"], stride=16)
     b, d = h.shape[:2]
+    g = h.shape[2]
     h = h.flatten(2).transpose(1, 2)
-    h = torch.cat([t["cls_token"].expand(b, -1, -1), h], dim=1) + t["pos_embed"]
+    pos = t["pos_embed"]
+    grid = int(math.sqrt(pos.shape[1] - 1))
+    if g != grid:  # DINO's interpolate_pos_encoding
+        patch = pos[:, 1:].reshape(1, grid, grid, d).permute(0, 3, 1, 2)
+        patch = F.interpolate(patch, scale_factor=((g + 0.1) / grid, (g + 0.1) / grid),
+                              mode="bicubic")
+        pos = torch.cat([pos[:, :1], patch.permute(0, 2, 3, 1).reshape(1, g * g, d)], dim=1)
+    h = torch.cat([t["cls_token"].expand(b, -1, -1), h], dim=1) + pos
     for i in range(depth):
         p = f"blocks.{i}."
         y = F.layer_norm(h, (d,), t[p + "norm1.weight"], t[p + "norm1.bias"], 1e-6)
@@ -351,9 +359,10 @@ def test_vit_port_matches_torch_reference():
                                                        rngs=nnx.Rngs(0)))
     vit.load_torch_state_dict(module, sd)
     module.eval()
-    x = np.random.default_rng(3).standard_normal((2, 64, 64, 3)).astype(np.float32)
-    np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(module, jnp.asarray(x)),
-                               torch_vit_reference(torch, sd, x, depth), rtol=2e-4, atol=2e-4)
+    for size in (64, 32, 112):  # the training grid, and position embeddings resized as DINO
+        x = np.random.default_rng(3).standard_normal((2, size, size, 3)).astype(np.float32)
+        np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(module, jnp.asarray(x)),
+                                   torch_vit_reference(torch, sd, x, depth), rtol=2e-4, atol=2e-4)
 
 
 def test_vit_s16_from_dino_style_zip_checkpoint(tmp_path):

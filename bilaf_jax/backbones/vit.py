@@ -1,7 +1,8 @@
 """ViT-S/16 (DeiT-S layout, as trained by DINO, Caron et al. 2021) as a Flax NNX module.
 
 Matches DINO's `vision_transformer.py`: 16x16 patch conv, CLS token, learned position embedding
-(bicubically resized for other input sizes), pre-norm blocks (LayerNorm eps 1e-6, 6-head
+(resized for other input sizes as DINO's `interpolate_pos_encoding`: torch's bicubic, a = -0.75,
+with scale factor (g + 0.1) / 14 for a g x g patch grid), pre-norm blocks (LayerNorm eps 1e-6, 6-head
 attention with qkv bias, GELU MLP x4), final LayerNorm. The embedding is the CLS token after the
 final LayerNorm (384-d). There is no classifier head.
 """
@@ -90,8 +91,10 @@ class VisionTransformer(nnx.Module):
         grid = int(round((pos.shape[1] - 1) ** 0.5))
         if (gh, gw) == (grid, grid):
             return pos
-        patch_pos = pos[:, 1:].reshape(1, grid, grid, self.dim)
-        patch_pos = jax.image.resize(patch_pos, (1, gh, gw, self.dim), "bicubic", antialias=False)
+        patch_pos = pos[0, 1:].reshape(grid, grid, self.dim)
+        rows, cols = dino_resize_matrix(grid, gh), dino_resize_matrix(grid, gw)
+        patch_pos = jnp.einsum("oi,pj,ijd->opd", rows, cols, patch_pos,
+                               precision=jax.lax.Precision.HIGHEST)
         return jnp.concatenate([pos[:, :1], patch_pos.reshape(1, gh * gw, self.dim)], axis=1)
 
     def tokens(self, x):
@@ -108,6 +111,26 @@ class VisionTransformer(nnx.Module):
 
     def __call__(self, x):
         return self.tokens(x)[:, 0]
+
+
+def dino_resize_matrix(size: int, out: int) -> np.ndarray:
+    """f32 [out, size]: DINO's position-embedding resize along one axis as a matrix.
+
+    DINO calls `torch.nn.functional.interpolate(mode="bicubic", scale_factor=(out + 0.1) /
+    size)` (the 0.1 avoids floating-point error in the output size), so the source coordinate
+    of output pixel o is (o + 0.5) / scale - 0.5, the cubic kernel has a = -0.75, and taps
+    beyond the border repeat the edge value.
+    """
+    a, scale = -0.75, (out + 0.1) / size
+    src = (np.arange(out) + 0.5) / scale - 0.5
+    base = np.floor(src)
+    w = np.zeros((out, size), np.float64)
+    for k in range(-1, 3):
+        x = np.abs(src - (base + k))
+        kernel = np.where(x <= 1, ((a + 2) * x - (a + 3)) * x * x + 1,
+                          ((a * x - 5 * a) * x + 8 * a) * x - 4 * a)
+        np.add.at(w, (np.arange(out), np.clip(base + k, 0, size - 1).astype(int)), kernel)
+    return w.astype(np.float32)
 
 
 def strip_checkpoint(obj) -> dict:
