@@ -412,6 +412,17 @@ def test_load_errors(tmp_path):
         backbones.load("efficientnet_lite0", "random", taps=(16,))
 
 
+def test_one_image_without_a_batch_axis_is_refused():
+    # [h, w, 3] used to be read as h grey images of w x 3 pixels (20 embeddings for one image)
+    bb = backbones.load("efficientnet_lite0", "random")
+    image = np.zeros((20, 30, 3), np.uint8)
+    for call in (bb.embed, bb.logits, bb.preprocess):
+        with pytest.raises(InputError, match=r"batch \[b, h, w, 1 or 3\], got shape \(20, 30, 3\)"
+                                             r" \(one image: add a batch axis"):
+            call(image)
+    assert bb.embed(image[None], image_size=32).shape == (1, 1280)
+
+
 def test_wrong_state_dict_is_one_line_error(tmp_path):
     torch = pytest.importorskip("torch")
     path = tmp_path / "other.pth"

@@ -78,8 +78,7 @@ def preprocess(images, image_size: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     `(x / 255 - mean) / std`. Traceable: runs inside jit.
     """
     x = jnp.asarray(images)
-    if x.ndim == 3:
-        x = x[..., None]
+    _check_batch_shape(x.shape)
     if x.ndim != 4 or x.shape[-1] not in (1, 3):
         raise InputError(f"images must be [b, h, w, 1 or 3], got shape {tuple(x.shape)}")
     x = x.astype(jnp.float32) / 255.0
@@ -89,6 +88,13 @@ def preprocess(images, image_size: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
         x = jax.image.resize(x, (x.shape[0], image_size, image_size, 3), method, antialias=True)
         x = jnp.clip(x, 0.0, 1.0)
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def _check_batch_shape(shape) -> None:
+    # [h, w, c] is one image, not h grey images of w x c pixels: say so instead of guessing.
+    if len(shape) == 3:
+        raise InputError(f"images must be a batch [b, h, w, 1 or 3], got shape {tuple(shape)}"
+                         " (one image: add a batch axis, images[None])")
 
 
 @functools.partial(
@@ -186,8 +192,7 @@ def make_embedder(backbone: Backbone, *, image_size: int | None = None, batch_si
         batch = np.asarray(batch)
         if batch.dtype != np.uint8:
             raise InputError(f"images must be uint8, got {batch.dtype}")
-        if batch.ndim == 3:
-            batch = batch[..., None]
+        _check_batch_shape(batch.shape)
         if batch.ndim != 4 or batch.shape[-1] not in (1, 3) or batch.shape[0] > batch_size:
             raise InputError(f"images must be [m <= {batch_size}, h, w, 1 or 3], got {batch.shape}")
         m = batch.shape[0]
