@@ -378,7 +378,7 @@ def test_vit_s16_from_dino_style_zip_checkpoint(tmp_path):
     path = tmp_path / "dino_full.pth"
     torch.save(wrapped, path)
     bb = backbones.load("vit_s16", path)
-    assert (bb.dim, bb.image_size, bb.resize_method) == (384, 224, "bicubic")
+    assert (bb.dim, bb.image_size, bb.resize_method) == (384, 224, "pil-bicubic")
     assert len(bb.weights_sha256) == 64
     x = np.random.default_rng(4).standard_normal((1, 224, 224, 3)).astype(np.float32)
     np.testing.assert_allclose(nnx.jit(lambda m, x: m(x))(bb.module, jnp.asarray(x)),
@@ -410,6 +410,22 @@ def test_load_errors(tmp_path):
         backbones.load("efficientnet_lite0", "random", taps=(3, "neck"))
     with pytest.raises(InputError, match="block indices run 0-15"):
         backbones.load("efficientnet_lite0", "random", taps=(16,))
+
+
+def test_vit_resizes_with_pillow_as_the_authors_extraction():
+    # The authors extract DINO features with torchvision's Resize(bicubic) on PIL images: the
+    # features of 20 px images are those of the same images resized to 32 px by Pillow.
+    from PIL import Image
+
+    bb = backbones.load("vit_s16", "random")
+    images = np.random.default_rng(6).integers(0, 256, (3, 20, 20, 3), dtype=np.uint8)
+    images[:, :10] = 0  # an edge, where a float resize overshoots differently
+    pil = np.stack([np.asarray(Image.fromarray(im).resize((32, 32), Image.BICUBIC))
+                    for im in images])
+    want = np.asarray(bb.module(bb.preprocess(pil, 32)))
+    np.testing.assert_allclose(bb.embed(images, image_size=32), want, rtol=1e-5, atol=1e-5)
+    floats = np.asarray(bb.module(bb.preprocess(images, 32)))  # the float resize differs
+    assert np.abs(floats - want).max() > 1e-3
 
 
 def test_one_image_without_a_batch_axis_is_refused():

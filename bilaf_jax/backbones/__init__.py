@@ -36,11 +36,14 @@ LITE0_TAPS = (4, 10, 15, "head")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # How each backbone's weights saw images in training. EfficientNet-Lite0's file is a conversion
-# of the TensorFlow release, trained on (pixel - 127) / 128 with bicubic resizing (the first
-# BatchNorm's running statistics match that input and not ImageNet mean/std, which gives 4.4x
-# their variance); DINO trained on ImageNet mean/std and the authors extract with bicubic 224.
+# of the TensorFlow release, trained on (pixel - 127) / 128 with bicubic resizing in float (the
+# first BatchNorm's running statistics match that input and not ImageNet mean/std, which gives
+# 4.4x their variance). DINO trained on ImageNet mean/std, and the authors extract with
+# torchvision's Resize(224, bicubic) on PIL images: "pil-bicubic" resizes every image with
+# Pillow on the host, so features match theirs (a float resize differs by up to ~20 grey levels
+# near edges of upsampled 32 px images).
 _LITE0 = {"resize": "bicubic", "mean": (127 / 255,) * 3, "std": (128 / 255,) * 3}
-_DINO = {"resize": "bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
+_DINO = {"resize": "pil-bicubic", "mean": IMAGENET_MEAN, "std": IMAGENET_STD}
 _PREPROCESSING = {"efficientnet_lite0": _LITE0, "efficientnet_lite0_taps": _LITE0,
                   "vit_s16": _DINO}
 
@@ -74,8 +77,10 @@ def preprocess(images, image_size: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                method: str = "bilinear"):
     """uint8 [b, h, w, c] (c = 1 grey or 3 RGB) -> normalised f32 [b, s, s, 3], s = image_size.
 
-    The whole image is resized to s x s (no crop), grey is replicated to 3 channels, then
-    `(x / 255 - mean) / std`. Traceable: runs inside jit.
+    The whole image is resized to s x s (no crop; `method` "bilinear" or "bicubic", in float,
+    antialiased; "pil-bicubic" here is "bicubic", as Pillow's exact resize happens on the host,
+    `read_rows`), grey is replicated to 3 channels, then `(x / 255 - mean) / std`. Traceable:
+    runs inside jit.
     """
     x = jnp.asarray(images)
     _check_batch_shape(x.shape)
@@ -85,7 +90,8 @@ def preprocess(images, image_size: int, *, mean=IMAGENET_MEAN, std=IMAGENET_STD,
     if x.shape[-1] == 1:
         x = jnp.repeat(x, 3, axis=-1)
     if x.shape[1:3] != (image_size, image_size):
-        x = jax.image.resize(x, (x.shape[0], image_size, image_size, 3), method, antialias=True)
+        x = jax.image.resize(x, (x.shape[0], image_size, image_size, 3),
+                             method.removeprefix("pil-"), antialias=True)
         x = jnp.clip(x, 0.0, 1.0)
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
@@ -223,20 +229,32 @@ def iter_feature_batches(backbone: Backbone, images, *, image_size: int | None =
         lo, hi = b * batch_size, min(n, (b + 1) * batch_size)
         return read_rows(images, lo, hi, size, backbone.resize_method)
 
-    # Arrays in memory need no reading ahead; sources are read in threads while the device runs.
-    workers = None if hasattr(images, "get_batch") else 1
+    # Arrays in memory need no reading ahead unless resized on the host; sources are read in
+    # threads while the device runs.
+    host = hasattr(images, "get_batch") or backbone.resize_method.startswith("pil-")
+    workers = None if host else 1
     for b, arrays in prefetch(read, range(start_batch, -(-n // batch_size)), workers=workers):
         yield b, b * batch_size, run(arrays.images)
 
 
 def read_rows(images, lo: int, hi: int, image_size: int, resample: str = "bilinear"):
-    """Rows [lo, hi) of an image array or ImageSource as ImageArrays (labels -1 for arrays)."""
-    from bilaf_jax.data import ImageArrays, load_rows
+    """Rows [lo, hi) of an image array or ImageSource as ImageArrays (labels -1 for arrays).
+
+    With a "pil-" `resample`, every image not already image_size square is resized with Pillow
+    here (fixed-size ones too); otherwise only sources whose images differ in size are.
+    """
+    from bilaf_jax.data import ImageArrays, _resize_uint8, load_rows
 
     if hasattr(images, "get_batch"):  # one read in this thread (callers read batches ahead)
-        return load_rows(images, np.arange(lo, hi), image_size=image_size, chunk=max(hi - lo, 1),
-                         resample="bicubic" if resample == "bicubic" else "bilinear", workers=1)
-    return ImageArrays(np.asarray(images[lo:hi]), np.full(hi - lo, -1, np.int32))
+        out = load_rows(images, np.arange(lo, hi), image_size=image_size, chunk=max(hi - lo, 1),
+                        resample=resample, workers=1)
+    else:
+        out = ImageArrays(np.asarray(images[lo:hi]), np.full(hi - lo, -1, np.int32))
+    if resample.startswith("pil-") and out.images.shape[1:3] != (image_size, image_size):
+        _check_batch_shape(out.images.shape)
+        out = ImageArrays(np.stack([_resize_uint8(im, image_size, resample)
+                                    for im in out.images]), out.labels)
+    return out
 
 
 def extract_features(backbone: Backbone, images, *, image_size: int | None = None,

@@ -167,7 +167,7 @@ def _resize_uint8(image: np.ndarray, size: int, resample: str,
     if crop_fraction is None and h == size and w == size:
         return image
     modes = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC, "nearest": Image.NEAREST}
-    mode = modes[resample]
+    mode = modes[resample.removeprefix("pil-")]  # a backbone's "pil-bicubic" is Pillow's own
     grey = image.shape[-1] == 1
     pil = Image.fromarray(image[:, :, 0] if grey else image)
     if crop_fraction is None:
