@@ -704,11 +704,12 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
 
     per_map = min(num, max(1, _CORE_BLOCK_ELEMENTS // (p * num_classes)))
     cache = num * p * num_classes <= _CORE_CACHE_ELEMENTS
+
     def full_scores(a, hits, to_cores):
         if cache:
             return jax.vmap(_all_core_terms)(to_cores, own, a, hits)
-        return lax.map(lambda v: _all_core_terms(core_one(v[0]), *v[1:]), (xc, own, a, hits),
-                       batch_size=per_map)
+        return _map_blocks(lambda v: _all_core_terms(core_one(v[0]), *v[1:]),
+                           (xc, own, a, hits), per_map)
 
     def scores(s):
         """Scores of every row [C, P] and the (possibly filled) core-distance cache."""
@@ -731,7 +732,7 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
         to_cores, have = s.to_cores, s.have_cores
         if cache:
             to_cores = lax.cond(need & ~have,
-                                lambda: lax.map(core_one, xc, batch_size=per_map),
+                                lambda: _map_blocks(core_one, xc, per_map),
                                 lambda: to_cores)
             have = have | need
         sc = lax.cond(need, full_scores, lambda *_: tracked, a, s.hits, to_cores)
@@ -813,6 +814,27 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
                             factor0)
     bs = jnp.where(pool & jnp.isfinite(bs), bs, jnp.inf)
     return final.picks, bs, pool & valid, core_kept
+
+
+def _map_blocks(f, xs, block: int):
+    """`f` over the leading axis of the arrays `xs`, `block` rows at a time: one vmap where a
+    block holds them all, else `lax.map` over zero-padded whole blocks.
+
+    Not `lax.map(f, xs, batch_size=block)`: inside a vmapped sweep (hyperparameters batched,
+    this `lax.cond` branch taken per setting) its one-step scan returned other rows' values
+    on jaxlib 0.10.2 CPU (tests/test_sweep.py: the vmapped Eq. 7 scan equals separate runs).
+    """
+    n = jax.tree.leaves(xs)[0].shape[0]
+    if block >= n:
+        return jax.vmap(f)(xs)
+    nb = -(-n // block)
+
+    def split(v):
+        v = jnp.concatenate([v, jnp.zeros((nb * block - n,) + v.shape[1:], v.dtype)])
+        return v.reshape((nb, block) + v.shape[1:])
+
+    out = lax.map(jax.vmap(f), jax.tree.map(split, xs))
+    return jax.tree.map(lambda v: v.reshape((nb * block,) + v.shape[2:])[:n], out)
 
 
 def _bucket(g, c, use_all, alloc, ring_fraction, remove_fraction, opponent_penalty, *,
@@ -1041,7 +1063,10 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
         most = alloc_host if concrete else budget
     buckets = _plan(labels, core, d, _batch_elements(features))
     results, layout = _run_buckets(g, buckets, args, most, static)
-    if concrete and not any(map(is_traced, jax.tree.leaves(results))):
+    # Results are traced where a hyperparameter is (vmap over the penalty), even with a
+    # concrete allocation.
+    concrete = concrete and not any(map(is_traced, jax.tree.leaves(results)))
+    if concrete:
         # Concrete results: gather on the host (no program to compile per budget).
         host = jax.tree.map(to_host, (results, layout))
         out, score, kept, core_lost = _assemble(*host, alloc_host, n=n, budget=budget, xp=np)

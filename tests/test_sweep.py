@@ -85,6 +85,40 @@ def test_boundary_sweep_equals_separate_runs(pool):
     assert len(distinct) > 1  # the grid does change the selection
 
 
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_boundary_sweep_with_more_cores_than_tracked_opponents(mode):
+    """K = 20 > NUM_OPPONENTS + 1: paper mode's Eq. 7 scans every core (always, with a penalty
+    below 1). That scan, inside the vmapped sweep, once returned other rows' distances (13 of
+    40 picks differed from separate runs); official mode vmaps over the penalty too."""
+    from tests.reference_boundary import official_reference, paper_reference
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(150, 6))
+    cores = np.sort(rng.choice(150, 20, replace=False))
+    if mode == "official":
+        jax.config.update("jax_enable_x64", True)  # official mode is exact in float64
+    try:
+        grid = {"opponent_penalty": [0.8, 0.9, 1.1], "remove_fraction": [0.1, 0.2]}
+        if mode == "paper":
+            x = x.astype(np.float32)
+            out = S.sweep_boundary(jax.random.key(0), x, cores, 40, grid)
+            indices, params = out.indices, out.params
+        else:  # sweep_boundary is paper mode; official mode vmapped by hand, over the penalty
+            pen = np.asarray(grid["opponent_penalty"])  # alone (a concrete allocation)
+            indices = np.concatenate([jax.vmap(
+                lambda a, r=r: bilaf(jax.random.key(0), x, cores, 40, mode=mode,
+                                     opponent_penalty=a, remove_fraction=r).indices)(pen)
+                for r in grid["remove_fraction"]])
+            params = {"opponent_penalty": np.tile(pen, 2),
+                      "remove_fraction": np.repeat(grid["remove_fraction"], 3)}
+        for i in range(6):
+            p = {k: float(v[i]) for k, v in params.items()}
+            ref = (paper_reference if mode == "paper" else official_reference)(x, cores, 40, **p)
+            np.testing.assert_array_equal(indices[i], ref[0])
+    finally:
+        jax.config.update("jax_enable_x64", False)
+
+
 def test_sweep_rows_match_select_and_naive_measures(pool):
     x, labels, _ = pool
     key = jax.random.key(3)  # its ActiveFT cores fall one per cluster (no new class sizes)
