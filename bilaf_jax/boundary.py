@@ -53,13 +53,13 @@ from jax import lax
 from bilaf_jax import distances
 from bilaf_jax._validation import (
     check_count,
-    check_features,
     check_fraction,
     check_indices,
+    check_pool,
     check_positive,
     is_traced,
 )
-from bilaf_jax.sharding import process_local, to_host
+from bilaf_jax.sharding import process_local, real_rows, to_host
 
 MODES = ("paper", "official")
 # Opponent cores tracked per sample in paper mode (Eq. 7 min); an exact scan over all K cores
@@ -936,7 +936,7 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
           num_neighbors: int = 10, ring_fraction=0.1, remove_fraction=0.1,
           opponent_penalty=1.1, normalize: bool = False,
           chunk_size: int = distances.DEFAULT_CHUNK, direct: bool | None = None,
-          precision=None) -> BilafOutput:
+          precision=None, num_rows: int | None = None) -> BilafOutput:
     """Select `budget` samples: the cores plus the boundary samples of each pseudo-class.
 
     Args:
@@ -962,6 +962,8 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
         `bilaf_jax.distances`). They only shortlist each sample's nearest cores: the
         shortlist is measured again in float32, so labels and scores change only where the
         true nearest core missed the shortlist. Official mode takes "float32" only.
+      num_rows: the real rows of a pool padded to shard evenly (`bilaf_jax.sharding`): rows
+        from `num_rows` on are dropped first; pseudo_labels etc. then have num_rows entries.
 
     Paper mode (Algorithm 1): every sample joins its nearest core (a core always its own
     class); IDC grows each class from its core in rings of max(1, floor(m P_in)) samples of
@@ -1007,10 +1009,11 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     del key
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    features = check_features(features)
-    n, d = features.shape
+    features, num_rows = check_pool(features, num_rows)
     if is_traced(features):
         raise ValueError("features must be concrete: bilaf plans its class buckets on the host")
+    features = real_rows(features, num_rows)
+    n, d = features.shape
     core = np.sort(check_indices(core_indices, n, "core_indices"))
     num_classes = core.shape[0]
     if num_classes == 0:

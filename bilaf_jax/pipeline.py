@@ -14,7 +14,7 @@ from bilaf_jax import _validation as V
 from bilaf_jax.activeft import activeft
 from bilaf_jax.baselines import kcenter_select, kmeans_select, random_select
 from bilaf_jax.distances import PRECISIONS
-from bilaf_jax.sharding import process_local, to_host
+from bilaf_jax.sharding import process_local, real_rows, to_host
 
 METHODS = ("bilaf", "activeft", "kcenter", "kmeans", "random")
 CORE_METHODS = ("activeft", "kcenter", "kmeans", "random")
@@ -158,9 +158,8 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
         mode=mode, num_neighbors=num_neighbors, ring_fraction=ring_fraction,
         remove_fraction=remove_fraction, opponent_penalty=opponent_penalty, normalize=normalize,
         precision=precision)
-    if n < features.shape[0]:
-        # The boundary stage works per pseudo-class on gathered rows; hand it the real rows.
-        features = _real_rows(features, n)
+    # The boundary stage works per pseudo-class on gathered rows; hand it the real rows.
+    features = real_rows(features, n)
     if mode == "official":
         # The authors' boundary stage runs in float64 (scipy cdist); so does ours in this mode.
         with jax.enable_x64(True):
@@ -174,7 +173,3 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
     # Several processes: each returns the whole result (see bilaf_jax.sharding).
     return process_local(SelectOutput(indices, core_indices, core, boundary))
 
-
-@functools.partial(jax.jit, static_argnums=1)
-def _real_rows(features, num_rows):
-    return features[:num_rows]

@@ -20,6 +20,7 @@ and the scripts do all this with `--distributed` (and `--mesh`, see `parse_mesh`
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -116,6 +117,19 @@ def shard_rows(features, mesh: Mesh, axis: str = "data") -> ShardedPool:
         features = xp.concatenate([features, xp.zeros((pad, features.shape[1]), features.dtype)])
     mesh = _auto(mesh)
     return ShardedPool(jax.device_put(features, NamedSharding(mesh, P(axis, None))), n)
+
+
+def real_rows(features, num_rows: int | None):
+    """The first `num_rows` rows of a padded pool (all of them for None): for stages that
+    gather rows per pseudo-class and need no padding to tell apart."""
+    if num_rows is None or num_rows == features.shape[0]:
+        return features
+    return _prefix(features, int(num_rows))
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _prefix(features, num_rows):
+    return features[:num_rows]
 
 
 def to_host(x) -> np.ndarray:

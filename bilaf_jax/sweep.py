@@ -45,7 +45,7 @@ from jax import lax
 from bilaf_jax import _validation as V
 from bilaf_jax import distances
 from bilaf_jax.activeft import activeft
-from bilaf_jax.sharding import process_local, to_host
+from bilaf_jax.sharding import process_local, real_rows, to_host
 
 # name -> (default, lower bound, lower bound allowed, upper bound or None, upper allowed)
 ACTIVEFT_PARAMS = {
@@ -240,12 +240,14 @@ class BoundarySweep(NamedTuple):
 def sweep_boundary(key, features, core_indices, budget: int,
                    grid: Mapping[str, Sequence[float]] | None = None, *, num_neighbors: int = 10,
                    normalize: bool = False, settings_per_batch: int | None = None,
-                   chunk_size: int = distances.DEFAULT_CHUNK, precision=None) -> BoundarySweep:
+                   chunk_size: int = distances.DEFAULT_CHUNK, precision=None,
+                   num_rows: int | None = None) -> BoundarySweep:
     """Run the boundary stage (paper mode) for every setting of the grid's boundary part.
 
     `settings_per_batch=None` vmaps `bilaf` over all settings at once; an int vmaps that many
     at a time (the last batch padded by repeating its last setting, so no batch recompiles);
-    1 runs the settings one after the other without vmap.
+    1 runs the settings one after the other without vmap. `num_rows`: the real rows of a
+    padded, row-sharded pool (`bilaf_jax.sharding.shard_rows`).
 
     >>> import jax, numpy as np
     >>> f = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
@@ -256,7 +258,8 @@ def sweep_boundary(key, features, core_indices, budget: int,
     from bilaf_jax.boundary import bilaf
 
     grid = check_grid(grid or {})
-    features = V.check_features(features)
+    features, n = V.check_pool(features, num_rows)
+    features = real_rows(features, n)
     params = expand(grid, tuple(BOUNDARY_PARAMS))
     num = params["remove_fraction"].shape[0]
     per_batch, spans = _batches(num, settings_per_batch)
@@ -289,10 +292,11 @@ def sweep_boundary(key, features, core_indices, budget: int,
 
 
 def mean_nearest_distance(features, indices, *, chunk_size: int = distances.DEFAULT_CHUNK,
-                          precision=lax.Precision.HIGHEST):
+                          precision=lax.Precision.HIGHEST, num_rows: int | None = None):
     """Mean over pool rows of the Euclidean distance to the nearest selected row (Table 7).
 
-    features [n, d]; indices int[B] -> scalar. Chunked: [chunk_size, B] at a time. The nearest
+    features [n, d]; indices int[B] -> scalar (over the first `num_rows` rows of a padded
+    pool, default all). Chunked: [chunk_size, B] at a time. The nearest
     selected row is found with the Gram expansion and its distance measured again from explicit
     differences, so a selected row is at exactly 0 from itself (the expansion leaves noise of
     order sqrt(eps) |x| there, which also varied with how the rows were sharded).
@@ -302,7 +306,8 @@ def mean_nearest_distance(features, indices, *, chunk_size: int = distances.DEFA
     >>> float(mean_nearest_distance(x, np.array([0])))
     5.0
     """
-    centres = jnp.asarray(features)[jnp.asarray(indices)]
+    features = real_rows(jnp.asarray(features), num_rows)
+    centres = features[jnp.asarray(indices)]
     # Distances do not change under translation; measured from a selected row, the Gram
     # expansion does not lose the nearest centre to a large common offset of the features.
     origin = centres[0]
@@ -313,7 +318,7 @@ def mean_nearest_distance(features, indices, *, chunk_size: int = distances.DEFA
         diff = xb - centres[idx]
         return jnp.sqrt(jnp.sum(diff * diff, axis=-1))
 
-    return jnp.mean(distances.map_rows(block, jnp.asarray(features), chunk_size))
+    return jnp.mean(distances.map_rows(block, features, chunk_size))
 
 
 @functools.partial(jax.jit, static_argnames=("chunk_size",))
@@ -322,9 +327,11 @@ def _mean_nearest_many(features, indices, *, chunk_size):
     return lax.map(lambda idx: mean_nearest_distance(features, idx, chunk_size=chunk_size), indices)
 
 
-def mean_nearest_distances(features, indices, *, chunk_size: int = distances.DEFAULT_CHUNK):
+def mean_nearest_distances(features, indices, *, chunk_size: int = distances.DEFAULT_CHUNK,
+                           num_rows: int | None = None):
     """`mean_nearest_distance` for each row of `indices` [S, B] -> f[S], in one program."""
-    return _mean_nearest_many(jnp.asarray(features), jnp.asarray(indices), chunk_size=chunk_size)
+    features = real_rows(jnp.asarray(features), num_rows)
+    return _mean_nearest_many(features, jnp.asarray(indices), chunk_size=chunk_size)
 
 
 def normalized_entropy(counts) -> float:
@@ -437,8 +444,7 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
     cores = sweep_activeft(core_key, features, num_cores, grid, num_steps=num_steps,
                            batch_size=batch_size, settings_per_batch=settings_per_batch,
                            precision=precision, num_rows=n)
-    if n < features.shape[0]:  # the boundary stage and the measures take the real rows, as in `select`
-        features = features[:n]
+    features = real_rows(features, n)  # the boundary stage and the measures: real rows only
     core_indices = jnp.sort(cores.indices, axis=1)
     core_md = mean_nearest_distances(features, core_indices, chunk_size=chunk_size)
     core_loss = (cores.losses[:, -1] if num_steps else

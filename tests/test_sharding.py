@@ -61,6 +61,31 @@ def test_minibatch_activeft_sharded_with_padding():
     np.testing.assert_allclose(got.losses, want.losses, rtol=1e-5)
 
 
+def test_boundary_stage_and_measures_on_a_padded_pool():
+    """bilaf, sweep_boundary and the mean-distance measures called directly on a padded,
+    sharded pool: the padding rows are neither selected nor measured."""
+    from bilaf_jax.boundary import bilaf
+    from bilaf_jax.sweep import mean_nearest_distance, mean_nearest_distances, sweep_boundary
+
+    x = _pool(1001)
+    pool = shard_rows(x, make_mesh(8))
+    cores = np.arange(0, 1001, 167)
+    for mode in ("paper", "official"):
+        want = bilaf(jax.random.key(0), x, cores, 48, mode=mode)
+        got = bilaf(jax.random.key(0), pool.features, cores, 48, mode=mode, num_rows=1001)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.pseudo_labels, want.pseudo_labels)
+    grid = {"remove_fraction": [0.1, 0.2]}
+    want = sweep_boundary(jax.random.key(0), x, cores, 48, grid)
+    got = sweep_boundary(jax.random.key(0), pool.features, cores, 48, grid, num_rows=1001)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    idx = np.asarray(want.indices)
+    np.testing.assert_allclose(mean_nearest_distance(pool.features, idx[0], num_rows=1001),
+                               mean_nearest_distance(x, idx[0]), rtol=1e-6)
+    np.testing.assert_allclose(mean_nearest_distances(pool.features, idx, num_rows=1001),
+                               mean_nearest_distances(x, idx), rtol=1e-6)
+
+
 def test_num_rows_validation():
     x = _pool(16)
     with pytest.raises(ValueError, match="num_rows"):
