@@ -95,7 +95,13 @@ def matmul(a, b, precision=None):
     """a @ b under a precision policy (see module docstring); float64 inputs stay float64."""
     if a.dtype == jnp.float64 or b.dtype == jnp.float64:
         return jnp.matmul(a, b, precision=lax.Precision.HIGHEST)
-    return jnp.matmul(a, b, precision=resolve_precision(precision)).astype(jnp.result_type(a, b))
+    out_type = jnp.result_type(a, b)
+    if isinstance(precision, str) and precision == "bfloat16":
+        # Inputs rounded to bfloat16 explicitly: XLA's CPU backend ignores the BF16_BF16_F32
+        # algorithm preset (its results were float32's, bit for bit); GPUs run this the same.
+        return jnp.matmul(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16),
+                          preferred_element_type=jnp.float32).astype(out_type)
+    return jnp.matmul(a, b, precision=resolve_precision(precision)).astype(out_type)
 
 
 def map_rows(fn, x, chunk_size: int = DEFAULT_CHUNK):

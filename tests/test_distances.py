@@ -95,3 +95,18 @@ def test_greedy_unique_match_under_vmap_equals_each_run():
     both = jax.vmap(lambda c: distances.greedy_unique_match(pts, c, num_candidates=2))(cen)
     np.testing.assert_array_equal(np.asarray(both), np.stack(each))
     np.testing.assert_array_equal(each[1], np.arange(30))
+
+
+def test_bfloat16_precision_rounds_the_inputs():
+    """"bfloat16" is bfloat16 inputs with float32 accumulation on every backend (XLA's CPU
+    backend ignored the algorithm preset and gave float32's product bit for bit)."""
+    import ml_dtypes
+
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(64, 96)).astype(np.float32), rng.normal(size=(96, 32)).astype(np.float32)
+    low = np.asarray(distances.matmul(jnp.asarray(a), jnp.asarray(b), "bfloat16"))
+    full = np.asarray(distances.matmul(jnp.asarray(a), jnp.asarray(b), "float32"))
+    want = (a.astype(ml_dtypes.bfloat16).astype(np.float64)
+            @ b.astype(ml_dtypes.bfloat16).astype(np.float64))
+    np.testing.assert_allclose(low, want, rtol=1e-5, atol=1e-5)
+    assert low.dtype == np.float32 and np.abs(low - full).max() > 1e-2
