@@ -147,8 +147,9 @@ def write_text_atomic(path, text: str) -> None:
     write_bytes_atomic(path, text.encode("utf-8"))
 
 
-def write_json_atomic(path, obj, indent: int | None = None) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=indent) + "\n")
+def write_json_atomic(path, obj, indent: int | None = None, allow_nan: bool = True) -> None:
+    """`obj` as JSON, atomically; `allow_nan=False` refuses NaN/inf (not strict JSON)."""
+    write_text_atomic(path, json.dumps(obj, indent=indent, allow_nan=allow_nan) + "\n")
 
 
 def save_npz_atomic(path, **arrays) -> None:

@@ -130,8 +130,14 @@ def check_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, ..
         if name == "temperature":
             for v in vals.astype(float):
                 V.check_temperature(v, "grid value temperature")
-        if np.unique(vals).size != vals.size:
-            raise ValueError(f"grid parameter {name!r} repeats a value: {list(vals.astype(float))}")
+        # The settings run in float32 (float64 only with float64 features): values must stay
+        # finite and distinct there.
+        as32 = vals.astype(np.float32)
+        if not np.isfinite(as32).all():
+            raise ValueError(f"grid values of {name!r} must fit float32, got {list(vals.astype(float))}")
+        if np.unique(as32).size != vals.size:
+            raise ValueError(f"grid parameter {name!r} repeats a value (in float32): "
+                             f"{list(vals.astype(float))}")
         out[name] = tuple(float(v) for v in vals)
     return out
 
@@ -484,20 +490,25 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
 
 
 def to_records(out: SweepOutput) -> list[dict]:
-    """One flat JSON-ready dict per setting (parameters, measures, core setting)."""
+    """One flat JSON-ready dict per setting (parameters, measures, core setting); a measure
+    that is not finite (a diverged or zero-step ActiveFT loss) is None (JSON null)."""
+    def num(v):
+        v = float(v)
+        return v if math.isfinite(v) else None
+
     records = []
     for i in range(out.indices.shape[0]):
         s = int(out.core_setting[i])
         rec = {name: float(out.params[name][i]) for name in TRACEABLE_PARAMS}
         rec.update(
             core_setting=s,
-            activeft_final_loss=float(out.core_loss[s]),
-            core_mean_distance=float(out.core_mean_distance[s]),
-            mean_distance=float(out.mean_distance[i]),
-            selected_balance=float(out.selected_balance[i]),
-            pool_balance=float(out.pool_balance[i]),
+            activeft_final_loss=num(out.core_loss[s]),
+            core_mean_distance=num(out.core_mean_distance[s]),
+            mean_distance=num(out.mean_distance[i]),
+            selected_balance=num(out.selected_balance[i]),
+            pool_balance=num(out.pool_balance[i]),
         )
         if out.label_count is not None:
-            rec.update(label_count=int(out.label_count[i]), label_balance=float(out.label_balance[i]))
+            rec.update(label_count=int(out.label_count[i]), label_balance=num(out.label_balance[i]))
         records.append(rec)
     return records

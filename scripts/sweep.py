@@ -124,13 +124,16 @@ def run(args) -> int:
                   grid={k: list(v) for k, v in grid.items()}, num_steps=args.steps,
                   batch_size=args.batch_size, num_neighbors=args.num_neighbors,
                   normalize=args.normalize, precision=args.precision, mode="paper",
+                  # the boundary stage may work on normalised rows; the measures do not
+                  measures_on="features as given (Euclidean)",
                   settings_per_batch=per_batch,
                   seed=args.seed, has_labels=labels is not None, seconds=round(seconds, 3),
                   device=str(jax.devices()[0].device_kind), bilaf_jax=__version__, jax=jax.__version__,
                   mesh=None if mesh is None else mesh.size, processes=jax.process_count())
     if not is_main_process():
         return 0
-    io.write_json_atomic(args.out, {"config": config, "records": records}, indent=1)
+    io.write_json_atomic(args.out, {"config": config, "records": records}, indent=1,
+                         allow_nan=False)
     print(markdown(records, labels is not None))
     print(f"\n{len(records)} settings in {seconds:.1f} s; wrote {args.out}")
     return 0

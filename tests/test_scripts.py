@@ -139,6 +139,14 @@ def test_bench_scale_plan_steps(capsys, monkeypatch):
     assert batches[0] > batches[1] and steps[0] > steps[1] > 0
 
 
+def test_bench_scale_refuses_a_batch_larger_than_the_pool(capsys, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = _load_script("bench_scale")
+    assert bench.main(["--full-pipeline", "--n", "3000", "--k", "30", "--budget", "300",
+                       "--in-process"]) == 2  # the default --batch-size is 100,000
+    assert "--batch-size <= n" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("extra", [[], ["--full-pipeline", "--steps", "3", "--batch-size", "2000"]])
 def test_bench_scale_on_a_mesh(tmp_path, monkeypatch, extra):
     """--mesh shards the pool over the 8 simulated devices (3001 rows: padded) and the boundary

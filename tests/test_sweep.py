@@ -205,6 +205,8 @@ def test_entropy_and_label_coverage():
     (["ring_fraction=0"], r"out of range \(0, 1\]"),
     (["opponent_penalty=nan"], "out of range"),
     (["learning_rate=0.1,0.1"], "repeats a value"),
+    (["temperature=0.1,0.1000000001"], r"repeats a value \(in float32\)"),  # one setting twice
+    (["opponent_penalty=1e308"], "must fit float32"),
 ])
 def test_bad_grid_specs(specs, match):
     with pytest.raises(ValueError, match=match):
@@ -257,6 +259,11 @@ def test_cli_writes_records(pool, tmp_path, capsys):
             "label_balance"} <= set(data["records"][0])
     table = capsys.readouterr().out
     assert table.startswith("| temperature |") and table.count("\n| 0.07 |") == 8
+    # No ActiveFT step: no final loss, written as null (NaN is not JSON)
+    code = _cli().main([str(tmp_path / "f.npz"), "--budget", str(BUDGET), "--cores", "4",
+                        "--steps", "0", "--out", str(out)])
+    assert code == 0 and "NaN" not in out.read_text()
+    assert json.loads(out.read_text())["records"][0]["activeft_final_loss"] is None
 
 
 @pytest.mark.parametrize("extra, match", [
