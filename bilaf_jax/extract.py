@@ -232,10 +232,45 @@ def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch
 def read_meta(path) -> dict:
     """The `meta` JSON of a feature file written by `extract_to_file`."""
     try:
-        with np.load(path, allow_pickle=False) as z:
+        z = np.load(path, allow_pickle=False)
+        if not isinstance(z, np.lib.npyio.NpzFile):  # a plain .npy array
+            raise KeyError("meta")
+        with z:
             return json.loads(str(z["meta"]))
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
         raise InputError(f"{path} has no readable extraction metadata ({e})") from None
+
+
+def pool_identity(path) -> dict | None:
+    """{dataset, split, source} of the rows a feature file made by `extract_to_file` holds
+    (source: the data's fingerprint); None for files without extraction metadata."""
+    try:
+        meta = read_meta(path)
+    except InputError:
+        return None
+    return {k: meta.get(k) for k in ("dataset", "split", "source")}
+
+
+def check_selection_pool(selection_path, pool: dict | None, what: str) -> None:
+    """Refuse a selection that `bilaf select` made on rows of another data set, split or data
+    than `pool` ({dataset, split, source}, as `pool_identity`; None values are not compared).
+    Selections without a provenance record, or whose features had no extraction metadata,
+    are not checked."""
+    from bilaf_jax.cli.cmd_select import meta_path
+
+    record = meta_path(selection_path)
+    try:
+        made_on = json.loads(record.read_text())["features"].get("pool")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return
+    if not isinstance(made_on, dict) or pool is None:
+        return
+    for key in ("dataset", "split", "source"):
+        a, b = made_on.get(key), pool.get(key)
+        if a is not None and b is not None and a != b:
+            raise InputError(f"{selection_path} was selected on {key} {a!r} (its record "
+                             f"{record.name}), but {what} is {key} {b!r}: its indices would "
+                             "label other images")
 
 
 # What must agree between a pool's and a test split's features for a model fitted on one to be

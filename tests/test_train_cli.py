@@ -199,3 +199,41 @@ def test_features_of_another_embedding_or_the_same_split_are_refused(bilaf, feat
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and needle in err, err
     assert not (feats / "run").exists()
+
+
+def test_a_selection_made_on_other_rows_is_refused(bilaf, feats, capsys):
+    """`bilaf select` records which data its feature rows are; `bilaf finetune` refuses to label
+    rows of another data set with those indices (it used to train on them, exit 0)."""
+    def with_meta(name, dataset, split):
+        with np.load(feats / f"{name}.npz") as f:
+            x, y = f["features"], f["labels"]
+        meta = {"dataset": dataset, "split": split, "source": f"{dataset}/{split}/src_x",
+                "backbone": "efficientnet_lite0", "weights_sha256": "a" * 64, "taps": None,
+                "dim": 12, "image_size": 48, "resize": "bicubic", "mean": [0.5] * 3,
+                "std": [0.5] * 3}
+        np.savez(feats / f"{name}.npz", features=x, labels=y, meta=np.asarray(json.dumps(meta)))
+
+    with_meta("pool", "fashion_mnist", "train")
+    sel = feats / "picked.json"
+    assert bilaf(["select", str(feats / "pool.npz"), "--budget", "20", "--method", "random",
+                  "--out", str(sel)]) == 0
+    record = json.loads((feats / "picked.meta.json").read_text())
+    assert record["features"]["pool"] == {"dataset": "fashion_mnist", "split": "train",
+                                          "source": "fashion_mnist/train/src_x"}
+    with_meta("pool", "mnist_5k", "train")  # the same file name, other rows
+    with_meta("test", "mnist_5k", "test")
+    capsys.readouterr()
+    args = _args(feats, feats / "run", sel=sel)
+    args.remove("--dataset"), args.remove("fashion_mnist")
+    assert bilaf(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "selected on dataset 'fashion_mnist'" in err, err
+    assert not (feats / "run").exists()
+    # --dataset must agree with the features' own data set
+    assert bilaf(_args(feats, feats / "run")) == 2
+    assert "--dataset fashion_mnist but --features" in capsys.readouterr().err
+    # full finetuning on another data set than the selection's
+    assert bilaf(["finetune", "--dataset", "mnist_5k", "--selection", str(sel), "--mode", "full",
+                  "--steps", "2", "--image-size", "32", "--workdir", str(feats / "full")]) == 2
+    assert "selected on dataset 'fashion_mnist'" in capsys.readouterr().err
+    assert not (feats / "full").exists()

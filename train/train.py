@@ -295,6 +295,7 @@ def _load_feature_pair(config: Config):
 
 
 def _run_on_features(config: Config, workdir: Path) -> dict:
+    from bilaf_jax.extract import check_selection_pool, pool_identity
     from train.knn import knn_eval
     from train.linear import linear_probe
 
@@ -302,6 +303,8 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
     if config.pool_size is not None:
         pool_x, pool_y = pool_x[: config.pool_size], pool_y[: config.pool_size]
     sel = np.asarray(load_index_list(config.selection, n=len(pool_y)), np.int64)
+    check_selection_pool(config.selection, pool_identity(config.features),
+                         f"--features {config.features}")
     identity = _identity(config)
     _check_workdir(workdir, identity)
     num_classes = config.num_classes or int(max(pool_y.max(), test_y.max())) + 1
@@ -614,6 +617,11 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     pool = data.data_source(config.dataset, "train", data_dir=config.data_dir)
     n_pool = len(pool) if config.pool_size is None else min(config.pool_size, len(pool))
     sel = np.asarray(load_index_list(config.selection, n=n_pool), np.int64)
+    from bilaf_jax.extract import check_selection_pool
+
+    check_selection_pool(config.selection, {"dataset": config.dataset, "split": "train",
+                                            "source": pool.fingerprint},
+                         f"this run's pool ({config.dataset} train)")
     identity = _identity(config)
     _check_workdir(workdir, identity)
     test_src = data.data_source(config.dataset, data.eval_split(config.dataset),

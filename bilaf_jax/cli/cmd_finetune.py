@@ -94,6 +94,16 @@ def run(args) -> int:
         if value is not None:
             overrides[field] = value
     mode = overrides.get("mode", "full")
+    if mode in ("linear", "knn") and overrides.get("features"):
+        # The features say which data set their rows are; --dataset must not say otherwise.
+        from bilaf_jax.extract import pool_identity
+
+        rows = pool_identity(overrides["features"])
+        if rows is not None and rows["dataset"] is not None:
+            given = overrides.setdefault("dataset", rows["dataset"])
+            if given != rows["dataset"]:
+                raise UsageError(f"--dataset {given} but --features {overrides['features']} holds "
+                                 f"{rows['dataset']} rows")
     if mode in ("linear", "knn"):
         ignored = [f"--{flag.replace('_', '-')}" for flag in _FULL_ONLY if getattr(args, flag) is not None]
         if ignored:

@@ -256,13 +256,16 @@ def _provenance(features_path, features, settings, timings, count, mesh=None) ->
 
     import bilaf_jax
     from bilaf_jax import io
+    from bilaf_jax.extract import pool_identity
 
     device = jax.devices()[0]
     return {
         "selection": settings,
         "count": count,
         "features": {"path": str(Path(features_path).resolve()), "sha256": io.sha256_file(features_path),
-                     "n": int(features.shape[0]), "d": int(features.shape[1]), "dtype": str(features.dtype)},
+                     "n": int(features.shape[0]), "d": int(features.shape[1]), "dtype": str(features.dtype),
+                     # which images the rows are (checked by `bilaf finetune`)
+                     "pool": pool_identity(features_path)},
         "versions": {"bilaf_jax": bilaf_jax.__version__, "jax": jax.__version__,
                      "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else None,
                      "python": platform.python_version()},
