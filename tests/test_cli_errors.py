@@ -262,6 +262,27 @@ def test_good_input_writes_list_and_sidecar_and_verifies(files, tmp_path, capsys
     assert call(["select", "--verify", out, "--mesh", "1"]) == 0
 
 
+def test_official_repeats_are_one_note_and_unique_keeps_first_occurrences(tmp_path, capsys):
+    """The authors' allocation can exceed a denoised class: official mode then repeats samples,
+    as their script. `bilaf select` says so in one line; --unique writes what finetuning takes."""
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.normal(size=(20, 2)) + 10 * i for i in range(3)])
+    np.save(tmp_path / "x.npy", x)
+    args = ["select", tmp_path / "x.npy", "--budget", "60", "--cores", "3", "--core-method",
+            "kcenter", "--mode", "official"]
+    capsys.readouterr()
+    assert call([*args, "--out", tmp_path / "rep.json"]) == 0
+    err = capsys.readouterr().err
+    rep = json.loads((tmp_path / "rep.json").read_text())
+    assert len(rep) == 60 > len(set(rep))
+    assert err.count("\n") == 2 and f"note: {len(set(rep))} unique of 60" in err, err
+    assert "Warning" not in err
+    assert call([*args, "--unique", "--out", tmp_path / "uni.json"]) == 0
+    assert json.loads((tmp_path / "uni.json").read_text()) == list(dict.fromkeys(rep))
+    assert "--unique kept" in capsys.readouterr().err
+    assert call(["select", "--verify", tmp_path / "uni.json"]) == 0
+
+
 def test_installed_command_prints_no_traceback(files, tmp_path):
     exe = shutil.which("bilaf", path=os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
     if exe is None:

@@ -21,6 +21,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -74,6 +75,10 @@ def register(sub) -> None:
     g.add_argument("--opponent-penalty", type=float, default=1.1,
                    help="delta, penalty factor per pick facing the same opponent")
     g.add_argument("--normalize", action="store_true", help="L2-normalise features in the boundary stage")
+    g.add_argument("--unique", action="store_true",
+                   help="keep only the first occurrence of each index (official mode repeats "
+                   "samples where the authors' allocation exceeds a class, as their script; "
+                   "`bilaf finetune` needs unique indices)")
     p.add_argument("--out", help="where to write the JSON list of indices (required unless --verify)")
     p.add_argument("--verify", metavar="SELECTION", help="re-run the selection recorded beside SELECTION and compare")
     # What --verify takes from its record, not from the command line: given with --verify, these
@@ -154,7 +159,7 @@ def _selection_settings(a, n: int) -> dict:
         "batch_size": a.batch_size, "temperature": a.temperature, "learning_rate": a.learning_rate,
         "balance": a.balance, "num_neighbors": a.num_neighbors, "ring_fraction": a.ring_fraction,
         "remove_fraction": a.remove_fraction, "opponent_penalty": a.opponent_penalty,
-        "normalize": a.normalize, "precision": a.precision,
+        "normalize": a.normalize, "precision": a.precision, "unique": a.unique,
     }
 
 
@@ -164,7 +169,7 @@ def run_selection(features, settings: dict, labeled=None, mesh=None):
     import jax
     import numpy as np
 
-    from bilaf_jax.pipeline import default_num_cores, select
+    from bilaf_jax.pipeline import default_num_cores
     from bilaf_jax.sharding import place
 
     budget = settings["budget"]
@@ -179,16 +184,28 @@ def run_selection(features, settings: dict, labeled=None, mesh=None):
         num_cores = default_num_cores(budget)
     start = time.perf_counter()
     features, num_rows = place(features, mesh)
-    out = select(jax.random.key(settings["seed"]), features, budget, method=settings["method"],
+    with warnings.catch_warnings():  # repeats are reported by `run`, in one line
+        warnings.filterwarnings("ignore", message="official mode: the authors' allocation")
+        out = _select(features, budget, settings, num_cores, core_options, labeled, num_rows)
+    indices = np.asarray(jax.block_until_ready(out.indices)).tolist()
+    if settings.get("unique"):  # records older than --unique lack it
+        indices = list(dict.fromkeys(indices))
+    timings = {"total_seconds": round(time.perf_counter() - start, 4)}
+    return indices, timings, num_cores
+
+
+def _select(features, budget, settings, num_cores, core_options, labeled, num_rows):
+    import jax
+
+    from bilaf_jax.pipeline import select
+
+    return select(jax.random.key(settings["seed"]), features, budget, method=settings["method"],
                  num_cores=num_cores, core_method=settings["core_method"], mode=settings["mode"],
                  core_options=core_options, num_neighbors=settings["num_neighbors"],
                  ring_fraction=settings["ring_fraction"], remove_fraction=settings["remove_fraction"],
                  opponent_penalty=settings["opponent_penalty"], normalize=settings["normalize"],
                  labeled=labeled, num_rows=num_rows,
                  precision=settings.get("precision", "float32"))  # records older than --precision lack it
-    indices = np.asarray(jax.block_until_ready(out.indices)).tolist()
-    timings = {"total_seconds": round(time.perf_counter() - start, 4)}
-    return indices, timings, num_cores
 
 
 def run(a) -> int:
@@ -239,6 +256,14 @@ def run(a) -> int:
     io.write_json_atomic(out_path, indices)
     sys.stderr.write(f"bilaf select: wrote {len(indices)} indices to {out_path} "
                      f"({timings['total_seconds']:.2f} s)\n")
+    unique = len(set(indices))
+    if unique < len(indices):
+        sys.stderr.write(f"bilaf select: note: {unique} unique of {len(indices)}: official mode "
+                         "repeats samples where the authors' allocation exceeds a class, as their "
+                         "script does; `bilaf finetune` needs unique indices (--unique)\n")
+    elif a.unique and unique < settings["budget"]:
+        sys.stderr.write(f"bilaf select: note: --unique kept {unique} of the "
+                         f"{settings['budget']} picks\n")
     return 0
 
 
