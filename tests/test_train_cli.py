@@ -237,3 +237,21 @@ def test_a_selection_made_on_other_rows_is_refused(bilaf, feats, capsys):
                   "--steps", "2", "--image-size", "32", "--workdir", str(feats / "full")]) == 2
     assert "selected on dataset 'fashion_mnist'" in capsys.readouterr().err
     assert not (feats / "full").exists()
+
+
+def test_warmup_steps_flag_reaches_the_config(bilaf, feats, capsys):
+    """The warm-up error names a flag that exists, and the flag sets warmup_steps."""
+    from bilaf_jax.data import raw_data_dir
+
+    if not (raw_data_dir("fashion_mnist", None) / "train-labels-idx1-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST is not installed")
+    args = ["finetune", "--dataset", "fashion_mnist", "--selection", str(feats / "sel.json"),
+            "--mode", "full", "--steps", "6", "--image-size", "16", "--pool-size", "300",
+            "--test-size", "8", "--workdir", str(feats / "full")]
+    capsys.readouterr()
+    assert bilaf([*args, "--warmup-steps", "6"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "(warmup_steps 6)" in err and "(--warmup-steps)" in err, err
+    assert not (feats / "full").exists()
+    assert bilaf([*args, "--warmup-steps", "6", "--mode", "linear"]) == 2
+    assert "--warmup-steps" in capsys.readouterr().err  # full mode only

@@ -653,8 +653,8 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
         source = (f"warmup_steps {warmup}" if config.warmup_steps is not None else
                   f"{config.warmup_epochs:g} warm-up epochs of {steps_per_epoch} steps = {warmup}")
         raise InputError(f"the warm-up ({source}) is not shorter than the run ({total} steps), "
-                         "so the cosine decay would never start; lower warmup_epochs / "
-                         "warmup_steps or run more steps")
+                         "so the cosine decay would never start; lower warmup_steps "
+                         "(--warmup-steps) / warmup_epochs or run more steps (--steps)")
 
     ft = build_finetune(config, bb, num_classes, total, warmup)
     state, schedule, commit, shard = ft.state, ft.schedule, ft.commit, ft.shard

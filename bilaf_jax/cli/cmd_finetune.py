@@ -30,11 +30,12 @@ _FLAGS = {
     "features": "features", "test_features": "test_features", "data_dir": "data_dir",
     "pool_size": "pool_size", "test_size": "test_size", "batch_size": "batch_size",
     "learning_rate": "learning_rate", "eval_every": "eval_every", "num_devices": "num_devices",
+    "warmup_steps": "warmup_steps",
 }
 
 # Flags that only full finetuning uses (linear/knn run on cached features).
 _FULL_ONLY = ("backbone", "weights", "steps", "checkpoint_every", "image_size", "data_dir",
-              "batch_size", "learning_rate", "eval_every", "num_devices")
+              "batch_size", "learning_rate", "eval_every", "num_devices", "warmup_steps")
 
 
 def register(subparsers) -> None:
@@ -63,6 +64,8 @@ def register(subparsers) -> None:
     p.add_argument("--learning-rate", type=float,
                    help="full mode: peak learning rate (default 3e-3)")
     p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--warmup-steps", type=int,
+                   help="full mode: linear warm-up steps (default: warmup_epochs of the config, 5)")
     p.add_argument("--num-devices", type=int,
                    help="full mode: split each batch over this many devices (data parallel; "
                    "default 1). A run resumed on another count goes on, but is not bit-identical "
