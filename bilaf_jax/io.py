@@ -186,6 +186,11 @@ def load_features(path, label_column: bool = False, key: str = "features"):
     try:
         loaded = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        with open(path, "rb") as f:
+            head = f.read(64).lstrip()
+        if head[:1] in (b"[", b"{"):  # numpy's own message would advise unpickling it
+            raise InputError(f"{path} is JSON (a selection or results file?), not a NumPy "
+                             ".npy/.npz feature file") from None
         raise InputError(f"{path} is not a NumPy .npy/.npz file ({str(e).splitlines()[0]})") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
@@ -240,6 +245,11 @@ def load_index_list(path, n: int | None = None, name: str = "selection") -> list
         obj = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise InputError(f"{name} file {path} is not valid JSON ({e})") from None
+    if isinstance(obj, dict) and "indices" in obj:
+        # a `bilaf run` selection record: its bare list is beside it
+        stem = path.name[:-5] if path.name.endswith(".json") else path.name
+        raise InputError(f"{name} file {path} is a `bilaf run` selection record, not a JSON list; "
+                         f"use the list beside it, {stem}.indices.json")
     if not isinstance(obj, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in obj
     ):

@@ -66,8 +66,16 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
             raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
         if ":" not in coordinator:
             raise ValueError(f"coordinator must be host:port, got {coordinator!r}")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
-                               process_id=process_id)
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    except ValueError as e:
+        if any(given):
+            raise
+        # JAX found no cluster it knows (SLURM, Open MPI, Cloud TPU, ...) to read them from
+        raise ValueError(f"no cluster detected ({str(e).strip()}); give the coordinator "
+                         "host:port, the number of processes and this process's id "
+                         "(--coordinator, --num-processes, --process-id)") from None
 
 
 def is_main_process() -> bool:

@@ -51,7 +51,8 @@ def files(tmp_path_factory):
              labels=rng.integers(0, 3, 12))
     lists = {"sel.json": [0, 1, 2], "repeat.json": [1, 1, 2], "range.json": [0, N],
              "negative.json": [0, -1], "notlist.json": {"a": 1}, "strings.json": ["0", "1"],
-             "emptylist.json": [], "many.json": list(range(N - 2))}
+             "emptylist.json": [], "many.json": list(range(N - 2)),
+             "b3_s0.json": {"method": "random", "budget": 3, "seed": 0, "indices": [0, 1, 2]}}
     for name, obj in lists.items():
         (d / name).write_text(json.dumps(obj))
     (d / "notjson.json").write_text("[1, 2,")
@@ -136,6 +137,7 @@ SELECT_CASES = {
     "out-folder-missing": ["select", "{d}/good.npy", "--budget", "5", "--out", "{d}/nodir/sel.json"],
     "out-is-folder": ["select", "{d}/good.npy", "--budget", "5", "--out", "{d}"],
     "out-not-json": ["select", "{d}/good.npy", "--budget", "5", "--out", "{d}/sel"],
+    "features-are-json": ["select", "{d}/sel.json", *SEL],
     "verify-missing": ["select", "--verify", "{d}/missing.json"],
     "verify-without-record": ["select", "--verify", "{d}/sel.json"],
 }
@@ -159,6 +161,9 @@ OTHER_CASES = {
     "finetune-selection-not-list": ["finetune", "--mode", "knn", "--selection", "{d}/notlist.json",
                                     "--features", "{d}/pool.npz", "--test-features",
                                     "{d}/test.npz", "--workdir", "{out}"],
+    "finetune-selection-run-record": ["finetune", "--mode", "knn", "--selection",
+                                      "{d}/b3_s0.json", "--features", "{d}/pool.npz",
+                                      "--test-features", "{d}/test.npz", "--workdir", "{out}"],
     "finetune-selection-missing": ["finetune", "--mode", "knn", "--selection", "{d}/missing.json",
                                    "--features", "{d}/pool.npz", "--test-features",
                                    "{d}/test.npz", "--workdir", "{out}"],
@@ -281,6 +286,17 @@ def test_official_repeats_are_one_note_and_unique_keeps_first_occurrences(tmp_pa
     assert json.loads((tmp_path / "uni.json").read_text()) == list(dict.fromkeys(rep))
     assert "--unique kept" in capsys.readouterr().err
     assert call(["select", "--verify", tmp_path / "uni.json"]) == 0
+
+
+def test_distributed_without_a_cluster_names_the_flags(files, tmp_path):
+    # A fresh process: jax.distributed.initialize must come before any other JAX call.
+    proc = subprocess.run([sys.executable, "-c", "import sys; from bilaf_jax.cli import main; "
+                           "sys.exit(main(sys.argv[1:]))", "select", str(files / "good.npy"),
+                           "--budget", "5", "--distributed", "--out", str(tmp_path / "o.json")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no cluster detected" in proc.stderr and "--coordinator, --num-processes" in proc.stderr
+    assert not (tmp_path / "o.json").exists()
 
 
 def test_installed_command_prints_no_traceback(files, tmp_path):
@@ -417,6 +433,9 @@ def test_extract_never_writes_over_its_weight_file(files, tmp_path, capsys):
     ("finetune-config-none", "has no get_config()"),
     ("finetune-full-only-flag", "--steps, --learning-rate apply to --mode full only"),
     ("out-not-json", "--out must name a .json file"),
+    ("features-are-json", "sel.json is JSON (a selection or results file?), not a NumPy"),
+    ("finetune-selection-run-record", "is a `bilaf run` selection record, not a JSON list; use "
+                                      "the list beside it, b3_s0.indices.json"),
 ])
 def test_error_messages_name_the_cause(case, needle, files, tmp_path, capsys):
     argv = {**SELECT_CASES, **OTHER_CASES}[case]
