@@ -40,7 +40,15 @@ FEATURE_FIELDS = ("dataset", "pool_size", "test_size", "backbone", "image_size",
 
 def share_features(base: Path, config, target: Path) -> None:
     """Copy base/features into target/features if base was run with the same feature settings."""
-    saved = json.loads((base / "results.json").read_text())["config"]
+    # run.json is written when a run starts: an interrupted run's features count too
+    try:
+        saved = json.loads((base / "run.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise SystemExit(f"ablation.py: {base} is not a `bilaf run` workdir (no readable "
+                         "run.json); give a finished or started default run, or leave out "
+                         "--features-from") from None
+    if not (base / "features").is_dir():
+        raise SystemExit(f"ablation.py: {base} has no features/ yet; leave out --features-from")
     differ = [f for f in FEATURE_FIELDS if saved.get(f) != getattr(config, f)]
     if differ:
         raise SystemExit(f"ablation.py: {base} was run with other feature settings "

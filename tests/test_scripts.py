@@ -115,7 +115,10 @@ def test_ablation_refuses_features_of_other_settings_and_bad_values(tmp_path, ca
     ablation = _load_script("ablation")
     base = tmp_path / "base"
     base.mkdir()
-    (base / "results.json").write_text(json.dumps({"config": {"dataset": "cifar10"}}))
+    with pytest.raises(SystemExit, match="is not a `bilaf run` workdir"):  # was a traceback
+        ablation.main(["--features-from", str(base), "--workdir", str(tmp_path / "w")])
+    (base / "run.json").write_text(json.dumps({"config": {"dataset": "cifar10"}}))
+    (base / "features").mkdir()
     with pytest.raises(SystemExit, match="other feature settings"):
         ablation.main(["--features-from", str(base), "--workdir", str(tmp_path / "w")])
     with pytest.raises(SystemExit) as bad:
