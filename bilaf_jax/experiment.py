@@ -56,6 +56,9 @@ from bilaf_jax.io import (
 
 METHODS = ("random", "kcenter", "kmeans", "activeft", "bilaf-paper", "bilaf-official")
 EVALS = ("linear", "knn", "full")
+EVAL_TITLES = {"linear": "Linear probe on frozen features",
+               "knn": "Weighted k-NN on frozen features (k = 20, cosine, as DINO)",
+               "full": "Full finetuning of the backbone"}
 FORMAT = 1
 
 LOCK_NAME = ".lock"  # held by the run working in a workdir
@@ -804,7 +807,7 @@ def results_markdown(config: RunConfig, records, budgets, meta: dict) -> str:
                  "sample std over seeds.")
     lines.append("")
     for ev in config.evals:
-        lines.append(f"## {ev}")
+        lines.append(f"## {EVAL_TITLES[ev]} (`{ev}`)")
         lines.append("")
         head = "| method | " + " | ".join(
             f"B = {b} ({100 * b / pool_n:g}%)" for b in budgets) + " | selection s (B = "

@@ -80,8 +80,9 @@ def test_outputs_and_records(tmp_path):
         elif m != "bilaf-official":
             assert sel["num_unique"] == 24
     md = (wd / "results.md").read_text()
-    assert "| bilaf-paper |" in md and "## linear" in md and "## knn" in md
-    assert "- B = 12:" in md and "bilaf-paper" in md and "vs" not in md.split("## linear")[0]
+    assert "| bilaf-paper |" in md and "## Linear probe on frozen features (`linear`)" in md
+    assert "## Weighted k-NN on frozen features (k = 20, cosine, as DINO) (`knn`)" in md
+    assert "- B = 12:" in md and "bilaf-paper" in md and "vs" not in md.split("## Linear")[0]
 
 
 def test_resume_after_interruptions_gives_identical_records(tmp_path):
