@@ -126,6 +126,8 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
     is extracting to the same `out` (they would share its partial folder).
     """
     out = check_output_path(out, inputs=() if weights in (None, "random") else (weights,))
+    if out.suffix != ".npz":  # the file is an .npz archive; another name would mislead readers
+        raise InputError(f"output must be a .npz file, got {out}")
     with exclusive_lock(out.with_name(f".{out.name}.lock"), f"output {out}"):
         return _extract(out, dataset=dataset, split=split, backbone=backbone, weights=weights,
                         image_size=image_size, limit=limit, batch_size=batch_size,
@@ -181,6 +183,16 @@ def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch
         "mean": list(backbone.mean),
         "std": list(backbone.std),
     }
+    done = _finished_meta(out)
+    if done is not None:
+        same = {k: v for k, v in done.items() if k not in ("seconds", "weights_path")} == \
+            {k: v for k, v in meta.items() if k != "weights_path"}
+        if same:  # already extracted with these settings
+            return ExtractOutput(out, n, backbone.dim, num_batches, 0, 0.0)
+        changed = ", ".join(f"{k} {done.get(k)!r} (now {meta[k]!r})" for k in meta
+                            if k != "weights_path" and done.get(k) != meta[k])
+        raise InputError(f"{out} holds features extracted with other settings ({changed}); "
+                         "remove it or choose another output path")
     partial = out.with_name(out.name + ".partial")
     _prepare_partial(partial, {**meta, "batch_size": batch_size, "format": 1})
 
@@ -227,6 +239,18 @@ def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch
                     indices=np.arange(n, dtype=np.int64), meta=np.asarray(json.dumps(meta)))
     shutil.rmtree(partial, ignore_errors=True)
     return ExtractOutput(out, n, backbone.dim, reused, len(todo), seconds)
+
+
+def _finished_meta(out: Path) -> dict | None:
+    """The metadata of a feature file already at `out` (None: no file there). A file there
+    that is not one this module wrote is refused: extraction would overwrite it."""
+    if not out.exists():
+        return None
+    try:
+        return read_meta(out)
+    except InputError:
+        raise InputError(f"{out} exists and is not a feature file written by `bilaf extract`; "
+                         "remove it or choose another output path") from None
 
 
 def read_meta(path) -> dict:

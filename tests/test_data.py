@@ -236,9 +236,10 @@ def test_prefetch_keeps_order_reads_ahead_and_stops_cleanly(monkeypatch):
     assert len(started) <= 4
     monkeypatch.setenv("BILAF_READ_WORKERS", "3")
     assert read_workers() == 3
-    monkeypatch.setenv("BILAF_READ_WORKERS", "many")
-    with pytest.raises(InputError, match="BILAF_READ_WORKERS"):
-        read_workers()
+    for bad in ("many", "-1", "0"):  # -1 used to mean one thread, as --read-workers refuses it
+        monkeypatch.setenv("BILAF_READ_WORKERS", bad)
+        with pytest.raises(InputError, match="BILAF_READ_WORKERS must be a positive integer"):
+            read_workers()
 
 
 def test_load_rows_in_threads_equals_one_thread(tmp_path):

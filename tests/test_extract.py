@@ -99,19 +99,32 @@ def test_corrupt_shard_is_recomputed_and_other_settings_refused(pool, tmp_path):
     (partial / "batch_000000.npz").write_bytes(b"half a file")
     res = extract_to_file(out, progress=False, **CFG, **dirs)
     assert (res.reused_batches, res.computed_batches) == (1, 2)
+    finished = out.read_bytes()
+    cfg = dict(CFG, seed=1)  # other weights
+    # A finished file is reused by the same settings and not overwritten by others.
+    again = extract_to_file(out, progress=False, on_batch=stop, **CFG, **dirs)
+    assert again.computed_batches == 0 and out.read_bytes() == finished
+    with pytest.raises(InputError, match=r"f.npz holds features extracted with other settings "
+                       r"\(weights_sha256 'random\(seed=0\)' \(now 'random\(seed=1\)'\)\); "
+                       "remove it or choose another output path"):
+        extract_to_file(out, progress=False, **cfg, **dirs)
+    assert out.read_bytes() == finished
+    out.unlink()
     with pytest.raises(KeyboardInterrupt):
         extract_to_file(out, progress=False, on_batch=stop, **CFG, **dirs)
-    cfg = dict(CFG, seed=1)  # other weights: the old shards are neither reused nor discarded
-    before = sorted(p.read_bytes() for p in partial.iterdir()), out.read_bytes()
+    # An unfinished extraction's shards are neither reused nor discarded by other settings.
+    before = sorted(p.read_bytes() for p in partial.iterdir())
     with pytest.raises(InputError, match=r"f.npz.partial holds 2 finished batches of an "
                        r"extraction with other settings \(weights_sha256 'random\(seed=0\)' "
                        r"\(now 'random\(seed=1\)'\)\); finish .* or remove the folder"):
         extract_to_file(out, progress=False, **cfg, **dirs)
-    assert (sorted(p.read_bytes() for p in partial.iterdir()), out.read_bytes()) == before
+    assert sorted(p.read_bytes() for p in partial.iterdir()) == before and not out.exists()
     shutil.rmtree(partial)
     res = extract_to_file(out, progress=False, **cfg, **dirs)
     assert res.reused_batches == 0
     assert json.loads(str(np.load(out)["meta"]))["weights_sha256"] == "random(seed=1)"
+    with pytest.raises(InputError, match="output must be a .npz file"):
+        extract_to_file(tmp_path / "f.npy", progress=False, **CFG, **dirs)
 
 
 def test_interrupted_cli_exits_130_without_output(pool, tmp_path, monkeypatch, capsys):
@@ -196,8 +209,9 @@ def test_output_inside_the_data_folder_is_refused(pool, tmp_path):
     dirs, _ = pool
     idx_file = next(dirs["data_dir"].iterdir())
     before = idx_file.read_bytes()
-    for out in (idx_file, dirs["data_dir"] / "features.npz"):
-        with pytest.raises(InputError, match="inside the data folder .* an input"):
+    for out, match in ((idx_file, "output must be a .npz file"),
+                       (dirs["data_dir"] / "features.npz", "inside the data folder .* an input")):
+        with pytest.raises(InputError, match=match):
             extract_to_file(out, progress=False, **CFG, **dirs)
     assert idx_file.read_bytes() == before
     assert not (dirs["data_dir"] / "features.npz").exists()
@@ -220,7 +234,7 @@ def test_image_folder_of_mixed_sizes(tmp_path):
         assert z["features"].shape == (5, 24) and np.isfinite(z["features"]).all()
         np.testing.assert_array_equal(z["labels"], [0, 0, 0, 1, 1])
     with pytest.raises(InputError, match="inside the data folder"):
-        extract_to_file(tmp_path / "imgs" / "a" / "0.png", data_dir=tmp_path / "imgs",
+        extract_to_file(tmp_path / "imgs" / "a" / "f.npz", data_dir=tmp_path / "imgs",
                         progress=False, **cfg)
 
 

@@ -439,9 +439,12 @@ def read_workers() -> int:
     value = os.environ.get("BILAF_READ_WORKERS")
     if value:
         try:
-            return max(1, int(value))
+            workers = int(value)
         except ValueError:
-            raise InputError(f"BILAF_READ_WORKERS must be an integer, got {value!r}") from None
+            workers = 0
+        if workers < 1:
+            raise InputError(f"BILAF_READ_WORKERS must be a positive integer, got {value!r}")
+        return workers
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return max(1, min(cores or 1, 8))
 
