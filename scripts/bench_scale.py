@@ -264,7 +264,7 @@ def main(argv=None) -> int:
         sys.stderr.write(f"bench_scale.py: error: need 1 <= k <= budget <= n, got k={args.k} "
                          f"budget={args.budget} n={args.n}\n")
         return 2
-    if args.batch_size is not None and not 1 <= args.batch_size <= args.n:
+    if args.full_pipeline and args.batch_size is not None and not 1 <= args.batch_size <= args.n:
         sys.stderr.write(f"bench_scale.py: error: need 0 <= --batch-size <= n (0: full batch), "
                          f"got {args.batch_size} with n={args.n}\n")
         return 2
