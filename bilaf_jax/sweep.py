@@ -132,7 +132,8 @@ def check_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, ..
                 V.check_temperature(v, "grid value temperature")
         # The settings run in float32 (float64 only with float64 features): values must stay
         # finite and distinct there.
-        as32 = vals.astype(np.float32)
+        with np.errstate(over="ignore"):  # an overflow is reported below
+            as32 = vals.astype(np.float32)
         if not np.isfinite(as32).all():
             raise ValueError(f"grid values of {name!r} must fit float32, got {list(vals.astype(float))}")
         if np.unique(as32).size != vals.size:
