@@ -492,9 +492,11 @@ def _check_feature_meta(config: RunConfig, path: Path, part: str) -> None:
     meta = read_meta(path)
     for key, value in expected_feature_meta(config, part).items():
         if meta.get(key) != value:
+            why = (" (the backbone's preprocessing; an earlier version of bilaf_jax made them)"
+                   if key in ("resize", "mean", "std") else "")
             raise InputError(f"{path} was made with {key} {meta.get(key)!r}, but this run's "
-                             f"config asks for {value!r}; move {path.parent} away to extract "
-                             "the features again")
+                             f"config asks for {value!r}{why}; move {path.parent} away to "
+                             "extract the features again")
 
 
 # ----------------------------------------------------------------------------- stage 2: selections
