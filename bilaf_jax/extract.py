@@ -101,9 +101,14 @@ def _prepare_partial(partial: Path, config: dict) -> None:
                                     if before.get(k) != config.get(k))
             else:
                 changed = "settings unreadable"
+            fixed = isinstance(before, dict) and any(
+                before.get(k) != config.get(k) for k in ("resize", "mean", "std", "source"))
+            advice = ("the backbone's preprocessing or the data changed since (an earlier "
+                      "version?): remove the folder to start over" if fixed else
+                      "finish that extraction with its own settings, or remove the folder to "
+                      "start over")
             raise InputError(f"{partial} holds {len(shards)} finished batches of an extraction "
-                             f"with other settings ({changed}); finish that extraction with "
-                             "its own settings, or remove the folder to start over")
+                             f"with other settings ({changed}); {advice}")
         for p in partial.iterdir():  # only what this module writes
             if p.name == "config.json" or p.name.endswith(".tmp"):
                 p.unlink()
@@ -289,6 +294,13 @@ def check_selection_pool(selection_path, pool: dict | None, what: str) -> None:
         return
     if not isinstance(made_on, dict) or pool is None:
         return
+    made_on, pool = dict(made_on), dict(pool)
+    if made_on.get("dataset") == "image_folder" == pool.get("dataset"):
+        # "all" and "train" read the same folder; the folder's fingerprint includes file
+        # times, which a copy of the same images changes
+        for d in (made_on, pool):
+            d["split"] = "train" if d.get("split") == "all" else d.get("split")
+            d["source"] = None
     for key in ("dataset", "split", "source"):
         a, b = made_on.get(key), pool.get(key)
         if a is not None and b is not None and a != b:

@@ -248,8 +248,11 @@ def load_index_list(path, n: int | None = None, name: str = "selection") -> list
     if isinstance(obj, dict) and "indices" in obj:
         # a `bilaf run` selection record: its bare list is beside it
         stem = path.name[:-5] if path.name.endswith(".json") else path.name
-        raise InputError(f"{name} file {path} is a `bilaf run` selection record, not a JSON list; "
-                         f"use the list beside it, {stem}.indices.json")
+        beside = path.with_name(stem + ".indices.json")
+        hint = (f"use the list beside it, {beside.name}" if beside.is_file() else
+                "write its 'indices' list to a file of its own")
+        raise InputError(f"{name} file {path} is a `bilaf run` selection record, not a JSON "
+                         f"list; {hint}")
     if not isinstance(obj, list) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in obj
     ):

@@ -120,7 +120,10 @@ def check_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, ..
         if vals.dtype.kind not in "iuf":
             raise ValueError(f"grid values of {name!r} must be numbers, got {values!r}")
         _, lo, lo_ok, hi, hi_ok = {**ACTIVEFT_PARAMS, **BOUNDARY_PARAMS}[name]
-        for v in vals.astype(float):
+        # as given and as the float32 the settings run in (1e-46 is 0 there)
+        with np.errstate(over="ignore", under="ignore"):
+            as_run = vals.astype(np.float32).astype(float)
+        for v in [*vals.astype(float), *as_run[np.isfinite(as_run)]]:
             bad = (not math.isfinite(v) or (v < lo if lo_ok else v <= lo)
                    or (hi is not None and (v > hi if hi_ok else v >= hi)))
             if bad:
@@ -313,7 +316,7 @@ def mean_nearest_distance(features, indices, *, chunk_size: int = distances.DEFA
     >>> float(mean_nearest_distance(x, np.array([0])))
     5.0
     """
-    features = real_rows(jnp.asarray(features), num_rows)
+    features = _measured_rows(features, indices, num_rows)
     centres = features[jnp.asarray(indices)]
     # Distances do not change under translation; measured from a selected row, the Gram
     # expansion does not lose the nearest centre to a large common offset of the features.
@@ -337,8 +340,23 @@ def _mean_nearest_many(features, indices, *, chunk_size):
 def mean_nearest_distances(features, indices, *, chunk_size: int = distances.DEFAULT_CHUNK,
                            num_rows: int | None = None):
     """`mean_nearest_distance` for each row of `indices` [S, B] -> f[S], in one program."""
-    features = real_rows(jnp.asarray(features), num_rows)
+    features = _measured_rows(features, indices, num_rows)
     return _mean_nearest_many(features, jnp.asarray(indices), chunk_size=chunk_size)
+
+
+def _measured_rows(features, indices, num_rows):
+    """The real rows of a (padded) pool, with concrete `num_rows` and indices checked against
+    them (an out-of-range gather would clamp silently)."""
+    features = jnp.asarray(features)
+    if num_rows is not None:
+        num_rows = V.check_count(num_rows, "num_rows", 1, features.shape[0])
+    features = real_rows(features, num_rows)
+    if not V.is_traced(indices):
+        idx = np.asarray(indices)
+        if idx.size and (idx.min() < 0 or idx.max() >= features.shape[0]):
+            raise ValueError(f"indices must lie in [0, {features.shape[0]}), got "
+                             f"{int(idx.min())}..{int(idx.max())}")
+    return features
 
 
 def normalized_entropy(counts) -> float:

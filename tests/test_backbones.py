@@ -514,3 +514,19 @@ def test_real_lite0_input_matches_its_first_batchnorm_statistics():
     assert 0.5 < ratio < 2.0, ratio
     assert backbones.preprocessing("efficientnet_lite0") == {
         "resize": "bicubic", "mean": [127 / 255] * 3, "std": [128 / 255] * 3}
+
+
+def test_resize_on_host_only_for_pillow_backbones():
+    from PIL import Image
+
+    from bilaf_jax.data import ImageArrays
+
+    images = np.random.default_rng(7).integers(0, 256, (2, 20, 20, 1), dtype=np.uint8)
+    arrays = ImageArrays(images, np.array([3, 4], np.int32))
+    assert backbones.resize_on_host(arrays, 32, "bicubic") is arrays  # the device resizes
+    out = backbones.resize_on_host(arrays, 32, "pil-bicubic")
+    want = np.stack([np.asarray(Image.fromarray(im[..., 0]).resize((32, 32), Image.BICUBIC))
+                     for im in images])[..., None]
+    np.testing.assert_array_equal(out.images, want)
+    np.testing.assert_array_equal(out.labels, [3, 4])
+    assert backbones.resize_on_host(out, 32, "pil-bicubic") is out

@@ -434,8 +434,8 @@ def test_extract_never_writes_over_its_weight_file(files, tmp_path, capsys):
     ("finetune-full-only-flag", "--steps, --learning-rate apply to --mode full only"),
     ("out-not-json", "--out must name a .json file"),
     ("features-are-json", "sel.json is JSON (a selection or results file?), not a NumPy"),
-    ("finetune-selection-run-record", "is a `bilaf run` selection record, not a JSON list; use "
-                                      "the list beside it, b3_s0.indices.json"),
+    ("finetune-selection-run-record", "is a `bilaf run` selection record, not a JSON list; "
+                                      "write its 'indices' list to a file of its own"),
 ])
 def test_error_messages_name_the_cause(case, needle, files, tmp_path, capsys):
     argv = {**SELECT_CASES, **OTHER_CASES}[case]

@@ -292,3 +292,38 @@ def test_a_second_extraction_to_the_same_output_is_refused(pool, tmp_path):
         holder.wait()
     extract_to_file(out, progress=False, **CFG, **dirs)  # the lock died with its holder
     assert out.exists()
+
+
+def test_partial_of_another_preprocessing_says_to_remove_it(tmp_path):
+    """Batches made with a resize or normalisation this version no longer has cannot be
+    finished with their own settings: the refusal says to remove them."""
+    from bilaf_jax.extract import _prepare_partial
+
+    partial = tmp_path / "f.npz.partial"
+    old = {"backbone": "efficientnet_lite0", "resize": "bilinear", "mean": [0.485] * 3}
+    _prepare_partial(partial, old)
+    (partial / "batch_000000.npz").write_bytes(b"x")
+    with pytest.raises(InputError, match=r"preprocessing or the data changed since .*: remove "
+                                         r"the folder to start over"):
+        _prepare_partial(partial, {**old, "resize": "bicubic"})
+    with pytest.raises(InputError, match="finish that extraction with its own settings"):
+        _prepare_partial(partial, {**old, "backbone": "vit_s16"})
+
+
+def test_selection_check_treats_image_folder_all_as_train(tmp_path):
+    from bilaf_jax.extract import check_selection_pool
+
+    sel = tmp_path / "sel.json"
+    sel.write_text("[0, 1]")
+    record = {"features": {"pool": {"dataset": "image_folder", "split": "all",
+                                    "source": "image_folder/aaa"}}}
+    (tmp_path / "sel.meta.json").write_text(json.dumps(record))
+    # the same folder read as "train", copied (other file times, another fingerprint)
+    check_selection_pool(sel, {"dataset": "image_folder", "split": "train",
+                               "source": "image_folder/bbb"}, "the pool")
+    with pytest.raises(InputError, match="selected on dataset 'image_folder'"):
+        check_selection_pool(sel, {"dataset": "mnist_5k", "split": "train", "source": None},
+                             "the pool")
+    with pytest.raises(InputError, match="selected on split 'train'"):
+        check_selection_pool(sel, {"dataset": "image_folder", "split": "val", "source": None},
+                             "the pool")

@@ -168,6 +168,16 @@ def test_mean_nearest_distance_equals_naive(digits):
     np.testing.assert_allclose(S.mean_nearest_distance(x, idx[0], chunk_size=64), want[0], rtol=1e-6)
 
 
+def test_mean_nearest_distance_checks_num_rows_and_indices():
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    for bad, match in ((dict(num_rows=0), "num_rows"), (dict(num_rows=99), "num_rows"),
+                       (dict(num_rows=3), r"indices must lie in \[0, 3\)")):
+        with pytest.raises(ValueError, match=match):
+            S.mean_nearest_distance(x, np.array([0, 5]), **bad)
+        with pytest.raises(ValueError, match=match):
+            S.mean_nearest_distances(x, np.array([[0, 5]]), **bad)
+
+
 def test_selected_rows_are_at_zero_from_themselves():
     # Large offsets make the Gram expansion's cancellation noise visible; the measure re-measures
     # the nearest pair from differences, so selecting every row gives exactly 0.
@@ -207,6 +217,7 @@ def test_entropy_and_label_coverage():
     (["learning_rate=0.1,0.1"], "repeats a value"),
     (["temperature=0.1,0.1000000001"], r"repeats a value \(in float32\)"),  # one setting twice
     (["opponent_penalty=1e308"], "must fit float32"),
+    (["balance=1e-46"], r"balance=0 is out of range \(0, inf\)"),  # 0 in float32
 ])
 def test_bad_grid_specs(specs, match):
     with pytest.raises(ValueError, match=match):

@@ -231,7 +231,7 @@ def test_a_selection_made_on_other_rows_is_refused(bilaf, feats, capsys):
     assert not (feats / "run").exists()
     # --dataset must agree with the features' own data set
     assert bilaf(_args(feats, feats / "run")) == 2
-    assert "--dataset fashion_mnist but --features" in capsys.readouterr().err
+    assert "dataset fashion_mnist (--dataset or --config) but --features" in capsys.readouterr().err
     # full finetuning on another data set than the selection's
     assert bilaf(["finetune", "--dataset", "mnist_5k", "--selection", str(sel), "--mode", "full",
                   "--steps", "2", "--image-size", "32", "--workdir", str(feats / "full")]) == 2
@@ -255,3 +255,16 @@ def test_warmup_steps_flag_reaches_the_config(bilaf, feats, capsys):
     assert not (feats / "full").exists()
     assert bilaf([*args, "--warmup-steps", "6", "--mode", "linear"]) == 2
     assert "--warmup-steps" in capsys.readouterr().err  # full mode only
+
+
+def test_full_finetune_identity_records_the_backbones_preprocessing(feats):
+    """A full-finetune workdir of another input preprocessing (an earlier version's) is not
+    resumed: its checkpoints were trained on other inputs."""
+    from bilaf_jax.backbones import preprocessing
+    from train.train import _identity, make_config
+
+    cfg = make_config(mode="full", selection=str(feats / "sel.json"))
+    assert _identity(cfg)["preprocessing"] == preprocessing("efficientnet_lite0")
+    assert "preprocessing" not in _identity(make_config(
+        mode="linear", selection=str(feats / "sel.json"), features=str(feats / "pool.npz"),
+        test_features=str(feats / "test.npz")))

@@ -57,6 +57,7 @@ __all__ = [
     "make_embedder",
     "preprocess",
     "preprocessing",
+    "resize_on_host",
 ]
 
 
@@ -243,18 +244,28 @@ def read_rows(images, lo: int, hi: int, image_size: int, resample: str = "biline
     With a "pil-" `resample`, every image not already image_size square is resized with Pillow
     here (fixed-size ones too); otherwise only sources whose images differ in size are.
     """
-    from bilaf_jax.data import ImageArrays, _resize_uint8, load_rows
+    from bilaf_jax.data import ImageArrays, load_rows
 
     if hasattr(images, "get_batch"):  # one read in this thread (callers read batches ahead)
         out = load_rows(images, np.arange(lo, hi), image_size=image_size, chunk=max(hi - lo, 1),
                         resample=resample, workers=1)
     else:
         out = ImageArrays(np.asarray(images[lo:hi]), np.full(hi - lo, -1, np.int32))
-    if resample.startswith("pil-") and out.images.shape[1:3] != (image_size, image_size):
-        _check_batch_shape(out.images.shape)
-        out = ImageArrays(np.stack([_resize_uint8(im, image_size, resample)
-                                    for im in out.images]), out.labels)
-    return out
+    return resize_on_host(out, image_size, resample)
+
+
+def resize_on_host(arrays, image_size: int, resample: str):
+    """ImageArrays with every image resized to image_size square by Pillow where `resample` is
+    a "pil-" method (a backbone's `resize_method`) and they are not that size yet; else as
+    given (the device resizes them)."""
+    from bilaf_jax.data import ImageArrays, _resize_uint8
+
+    images = arrays.images
+    if not resample.startswith("pil-") or images.shape[1:3] == (image_size, image_size):
+        return arrays
+    _check_batch_shape(images.shape)
+    return ImageArrays(np.stack([_resize_uint8(im, image_size, resample) for im in images]),
+                       arrays.labels)
 
 
 def extract_features(backbone: Backbone, images, *, image_size: int | None = None,

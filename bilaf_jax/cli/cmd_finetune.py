@@ -105,8 +105,8 @@ def run(args) -> int:
         if rows is not None and rows["dataset"] is not None:
             given = overrides.setdefault("dataset", rows["dataset"])
             if given != rows["dataset"]:
-                raise UsageError(f"--dataset {given} but --features {overrides['features']} holds "
-                                 f"{rows['dataset']} rows")
+                raise UsageError(f"dataset {given} (--dataset or --config) but --features "
+                                 f"{overrides['features']} holds {rows['dataset']} rows")
     if mode in ("linear", "knn"):
         ignored = [f"--{flag.replace('_', '-')}" for flag in _FULL_ONLY if getattr(args, flag) is not None]
         if ignored:
