@@ -34,6 +34,7 @@ from bilaf_jax.io import (
     check_output_path,
     exclusive_lock,
     save_npz_atomic,
+    selection_record_path,
     write_json_atomic,
 )
 
@@ -285,9 +286,7 @@ def check_selection_pool(selection_path, pool: dict | None, what: str) -> None:
     than `pool` ({dataset, split, source}, as `pool_identity`; None values are not compared).
     Selections without a provenance record, or whose features had no extraction metadata,
     are not checked."""
-    from bilaf_jax.cli.cmd_select import meta_path
-
-    record = meta_path(selection_path)
+    record = selection_record_path(selection_path)
     try:
         made_on = json.loads(record.read_text())["features"].get("pool")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):

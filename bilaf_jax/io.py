@@ -236,6 +236,13 @@ def load_features(path, label_column: bool = False, key: str = "features"):
     return features, labels
 
 
+def selection_record_path(selection_path) -> Path:
+    """sel.json -> sel.meta.json: the provenance record `bilaf select` writes beside a list."""
+    path = Path(selection_path)
+    stem = path.name[:-5] if path.name.endswith(".json") else path.name
+    return path.with_name(stem + ".meta.json")
+
+
 def load_index_list(path, n: int | None = None, name: str = "selection") -> list[int]:
     """Read a JSON list of unique non-negative ints (a selection file), checking range if n given."""
     path = Path(path)

@@ -28,6 +28,7 @@ from pathlib import Path
 from bilaf_jax.cli import DefaultsFormatter, UsageError, add_mesh_options, seed_type, setup_mesh
 from bilaf_jax.cli.cmd_run import add_compile_cache_option, enable_compile_cache
 from bilaf_jax.distances import PRECISIONS
+from bilaf_jax.io import selection_record_path as meta_path
 
 METHODS = ("bilaf", "activeft", "kcenter", "kmeans", "random")
 SELECTION_KEYS = ("method", "core_method", "mode", "budget", "num_cores", "seed", "label_column",
@@ -89,13 +90,6 @@ def register(sub) -> None:
     add_compile_cache_option(p, "so that a later call on the same pool (any budget) skips "
                              "compiling")
     p.set_defaults(func=run, _verify_ignores=verify_ignores)
-
-
-def meta_path(selection_path) -> Path:
-    """sel.json -> sel.meta.json (the provenance sidecar)."""
-    path = Path(selection_path)
-    stem = path.name[:-5] if path.name.endswith(".json") else path.name
-    return path.with_name(stem + ".meta.json")
 
 
 def parse_budget(text, n: int) -> int:
