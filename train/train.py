@@ -633,14 +633,10 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     n_test = len(test_src) if config.test_size is None else min(config.test_size, len(test_src))
     bb = backbone if backbone is not None else _load_backbone(config)
     s = config.image_size
-    from bilaf_jax.backbones import resize_on_host
-
     resample = getattr(bb, "resize_method", "bilinear")
-    labelled = resize_on_host(data.load_rows(pool, sel, image_size=s, resample=resample), s,
-                              resample)
-    test = resize_on_host(data.load_rows(test_src, np.arange(n_test), image_size=s,
-                                         resample=resample,
-                                         crop_fraction=config.eval_crop_fraction), s, resample)
+    labelled = data.load_rows(pool, sel, image_size=s, resample=resample)
+    test = data.load_rows(test_src, np.arange(n_test), image_size=s, resample=resample,
+                          crop_fraction=config.eval_crop_fraction)
 
     import jax
     import jax.numpy as jnp

@@ -242,15 +242,15 @@ def read_rows(images, lo: int, hi: int, image_size: int, resample: str = "biline
     """Rows [lo, hi) of an image array or ImageSource as ImageArrays (labels -1 for arrays).
 
     With a "pil-" `resample`, every image not already image_size square is resized with Pillow
-    here (fixed-size ones too); otherwise only sources whose images differ in size are.
+    here (fixed-size ones too, as `data.load_rows` does for sources); otherwise only sources
+    whose images differ in size are.
     """
     from bilaf_jax.data import ImageArrays, load_rows
 
     if hasattr(images, "get_batch"):  # one read in this thread (callers read batches ahead)
-        out = load_rows(images, np.arange(lo, hi), image_size=image_size, chunk=max(hi - lo, 1),
-                        resample=resample, workers=1)
-    else:
-        out = ImageArrays(np.asarray(images[lo:hi]), np.full(hi - lo, -1, np.int32))
+        return load_rows(images, np.arange(lo, hi), image_size=image_size,
+                         chunk=max(hi - lo, 1), resample=resample, workers=1)
+    out = ImageArrays(np.asarray(images[lo:hi]), np.full(hi - lo, -1, np.int32))
     return resize_on_host(out, image_size, resample)
 
 

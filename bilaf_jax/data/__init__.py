@@ -481,8 +481,9 @@ def load_rows(src: ImageSource, rows, *, image_size: int | None = None,
     (chunks in `workers` threads, see `prefetch`).
 
     rows: int [m]. Returns ImageArrays(uint8 [m, h, w, c], int32 [m]). Where the source's
-    images differ in size (ImageNet, image folders) each is resized to `image_size` square on
-    the host; fixed-size images are kept as they are (backbones resize them on the device).
+    images differ in size (ImageNet, image folders), or `resample` is a backbone's "pil-"
+    method, each is resized to `image_size` square on the host; other fixed-size images are
+    kept as they are (backbones resize them on the device).
     With `crop_fraction` every image is resized to `image_size` on the host by DeiT's
     evaluation transform (shorter side to image_size / crop_fraction, centre crop; see
     `_resize_uint8`). Only these m images are ever held, not the whole split.
@@ -492,7 +493,9 @@ def load_rows(src: ImageSource, rows, *, image_size: int | None = None,
         raise InputError(f"{src.name} split '{src.split}': no rows asked for")
     if (src.image_shape is None or crop_fraction is not None) and image_size is None:
         raise InputError(f"{src.name}: images differ in size or are centre-cropped; pass an image size")
-    size = None if src.image_shape is not None and crop_fraction is None else image_size
+    # A backbone resizing with Pillow ("pil-" resample) has fixed-size images resized here too.
+    keep = src.image_shape is not None and crop_fraction is None and not resample.startswith("pil-")
+    size = None if keep else image_size
 
     def read(start):
         return src.get_batch(rows[start: start + chunk], image_size=size, resample=resample,
