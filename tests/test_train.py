@@ -24,24 +24,30 @@ def knn_reference(train_x, train_y, test_x, k, temperature, num_classes):
     tn = train_x / np.linalg.norm(train_x, axis=1, keepdims=True)
     qn = test_x / np.linalg.norm(test_x, axis=1, keepdims=True)
     votes = np.zeros((len(test_x), num_classes))
+    top = np.zeros(len(test_x))
     for i, q in enumerate(qn):
         sims = np.array([float(q @ t) for t in tn])
         order = sorted(range(len(sims)), key=lambda j: (-sims[j], j))[: min(k, len(sims))]
+        top[i] = sims[order[0]]
         for j in order:
             votes[i, train_y[j]] += np.exp(sims[j] / temperature)
-    return votes.argmax(1), votes
+    return votes.argmax(1), votes, top
 
 
-@pytest.mark.parametrize("n_train,k", [(60, 20), (7, 20), (30, 1)])
-def test_knn_matches_numpy_reference(n_train, k):
+@pytest.mark.parametrize("n_train,k,temperature", [(60, 20, 0.07), (7, 20, 0.07), (30, 1, 0.07),
+                                                   (60, 20, 0.005)])
+def test_knn_matches_numpy_reference(n_train, k, temperature):
+    # T = 0.005: exp(sim / T) overflows float32 (DINO's own votes would be inf, then NaN)
     rng = np.random.default_rng(n_train)
     x, y = _blobs(rng, n_train + 40, spread=1.5)
-    out = knn.knn_eval(x[:n_train], y[:n_train], x[n_train:], y[n_train:], k=k, temperature=0.07,
-                       num_classes=4, return_output=True)
-    pred, votes = knn_reference(x[:n_train].astype(np.float64), y[:n_train],
-                                x[n_train:].astype(np.float64), k, 0.07, 4)
+    out = knn.knn_eval(x[:n_train], y[:n_train], x[n_train:], y[n_train:], k=k,
+                       temperature=temperature, num_classes=4, return_output=True)
+    pred, votes, top = knn_reference(x[:n_train].astype(np.float64), y[:n_train],
+                                     x[n_train:].astype(np.float64), k, temperature, 4)
     np.testing.assert_array_equal(np.asarray(out.predictions), pred)
-    np.testing.assert_allclose(np.asarray(out.votes), votes, rtol=2e-3)
+    # our votes are DINO's scaled by exp(-top / T) per test row
+    np.testing.assert_allclose(np.asarray(out.votes), votes / np.exp(top / temperature)[:, None],
+                               rtol=2e-3, atol=1e-30)
     assert float(out.accuracy) == pytest.approx(np.mean(pred == y[n_train:]))
 
 

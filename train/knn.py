@@ -59,14 +59,17 @@ def knn_classify(train_x, train_y, train_mask, test_x, test_y, temperature=0.07,
 
     train_x [p, d], train_y int[p], train_mask bool[p] (False rows never vote),
     test_x [m, d], test_y int[m]. With fewer than k valid rows, all valid rows vote.
-    Ties in the vote go to the lower class id.
+    Ties in the vote go to the lower class id. `votes` are DINO's divided by
+    exp(max_sim / temperature) per test row (the nearest neighbour weighs 1), so that small
+    temperatures do not overflow; the prediction is DINO's.
     """
     k = min(k, train_x.shape[0])
     nb = distances.knn(test_x, train_x, k, "cosine", point_mask=train_mask,
                        chunk_size=chunk_size)
     valid = nb.index >= 0
-    sim = 1.0 - nb.distance
-    weight = jnp.where(valid, jnp.exp(jnp.where(valid, sim, 0.0) / temperature), 0.0)
+    sim = jnp.where(valid, 1.0 - nb.distance, -jnp.inf)
+    top = jnp.max(sim, axis=1, keepdims=True)
+    weight = jnp.where(valid, jnp.exp((sim - jnp.where(valid, top, 0.0)) / temperature), 0.0)
     labels = train_y[jnp.maximum(nb.index, 0)]
     votes = jnp.einsum("mk,mkc->mc", weight, jax.nn.one_hot(labels, num_classes,
                                                             dtype=weight.dtype))
