@@ -32,12 +32,18 @@ def main(argv=None) -> int:
             cfg[key] = json.loads(value)
         except ValueError:
             cfg[key] = value
-    try:
-        summary = summary_without_state(train_and_evaluate(make_config(**cfg), args.workdir))
-    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
-        # Bad config values and input files: one line, as `bilaf finetune` reports them.
+    def fail(e: Exception) -> int:  # one line, as `bilaf finetune` reports errors
         sys.stderr.write(f"python -m train.main: error: {' '.join(str(e).split())}\n")
         return 2
+
+    try:
+        config = make_config(**cfg)
+    except (ValueError, TypeError) as e:  # a bad value of a config key
+        return fail(e)
+    try:
+        summary = summary_without_state(train_and_evaluate(config, args.workdir))
+    except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
+        return fail(e)  # bad input files
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
     return 0
 

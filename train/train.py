@@ -150,14 +150,14 @@ def validate_config(c: Config) -> None:
     if c.batch_size % c.num_devices:
         raise ValueError(f"batch_size ({c.batch_size}) must be a multiple of num_devices "
                          f"({c.num_devices}): each device takes an equal share of a batch")
-    def in_range(name, lo, hi, *, lo_open=False, optional=False):
+    def in_range(name, lo, hi, *, lo_open=False, hi_closed=False, optional=False):
         v = getattr(c, name)
         if v is None and optional:
             return
         ok = (isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)
-              and (v > lo if lo_open else v >= lo) and v < hi)
+              and (v > lo if lo_open else v >= lo) and (v <= hi if hi_closed else v < hi))
         if not ok:
-            bounds = f"{'(' if lo_open else '['}{lo}, {hi})"
+            bounds = f"{'(' if lo_open else '['}{lo}, {hi}{']' if hi_closed else ')'}"
             raise ValueError(f"{name} must be a number in {bounds}, got {v!r}")
 
     if isinstance(c.seed, bool) or not isinstance(c.seed, int) or not 0 <= c.seed < 2**32:
@@ -172,17 +172,11 @@ def validate_config(c: Config) -> None:
     in_range("warmup_epochs", 0.0, inf)
     in_range("drop_path", 0.0, 1.0)
     in_range("grad_clip_norm", 0.0, inf, lo_open=True, optional=True)
-    v = c.eval_crop_fraction
-    if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))
-                          or not 0.0 < v <= 1.0):
-        raise ValueError(f"eval_crop_fraction must be a number in (0, 1] or None, got {v!r}")
+    in_range("eval_crop_fraction", 0.0, 1.0, lo_open=True, hi_closed=True, optional=True)
     in_range("knn_temperature", 0.0, inf, lo_open=True)
-    if not 0.0 <= c.ema_decay < 1.0:
-        raise ValueError(f"ema_decay must be in [0, 1), got {c.ema_decay}")
-    if not 0.0 <= c.label_smoothing < 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {c.label_smoothing}")
-    if not 0.0 < c.crop_scale_min <= 1.0:
-        raise ValueError(f"crop_scale_min must be in (0, 1], got {c.crop_scale_min}")
+    in_range("ema_decay", 0.0, 1.0)
+    in_range("label_smoothing", 0.0, 1.0)
+    in_range("crop_scale_min", 0.0, 1.0, lo_open=True, hi_closed=True)
     if c.mode in ("linear", "knn"):
         if c.features is None:
             raise ValueError(f"mode {c.mode} needs pool features (--features FILE.npz)")
