@@ -189,6 +189,8 @@ def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch
         "mean": list(backbone.mean),
         "std": list(backbone.std),
     }
+    if source.class_names is not None:  # an image folder's labels are positions in this list
+        meta["class_names"] = list(source.class_names)
     done = _finished_meta(out)
     if done is not None:
         same = {k: v for k, v in done.items() if k not in ("seconds", "weights_path")} == \
@@ -315,7 +317,8 @@ _SAME_EMBEDDING = ("backbone", "weights_sha256", "taps", "dim", "image_size", "r
 
 def check_feature_pair(pool_path, test_path) -> None:
     """Refuse pool and test feature files that `extract_to_file` made with different embeddings
-    (backbone, weights, taps, image size, preprocessing), from different data sets, or from the
+    (backbone, weights, taps, image size, preprocessing), from different data sets or class
+    folders (an image folder's label i is its i-th class folder), or from the
     same split of the same data (test rows would be labelled for training). Files without
     extraction metadata (made elsewhere) are not checked."""
     metas = []
@@ -325,7 +328,7 @@ def check_feature_pair(pool_path, test_path) -> None:
         except InputError:
             return
     pool, test = metas
-    for key in _SAME_EMBEDDING + ("dataset",):
+    for key in _SAME_EMBEDDING + ("dataset", "class_names"):
         if pool.get(key) != test.get(key):
             raise InputError(f"{pool_path} and {test_path} differ in {key} ({pool.get(key)!r} vs "
                              f"{test.get(key)!r}): features of one embedding and data set are needed")

@@ -233,6 +233,7 @@ def test_image_folder_of_mixed_sizes(tmp_path):
     with np.load(tmp_path / "f.npz") as z:
         assert z["features"].shape == (5, 24) and np.isfinite(z["features"]).all()
         np.testing.assert_array_equal(z["labels"], [0, 0, 0, 1, 1])
+    assert read_meta(tmp_path / "f.npz")["class_names"] == ["a", "b"]
     with pytest.raises(InputError, match="inside the data folder"):
         extract_to_file(tmp_path / "imgs" / "a" / "f.npz", data_dir=tmp_path / "imgs",
                         progress=False, **cfg)

@@ -161,6 +161,11 @@ def test_train_main_reports_bad_input_on_one_line(feats, capsys):
     assert train_main(args + ["knn_temperature=0"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "knn_temperature must be a number in (0.0, inf)" in err
+    for bad, needle in (("ema_decay=abc", "ema_decay must be a number in [0.0, 1.0), got 'abc'"),
+                        ("crop_scale_min=[1]", "crop_scale_min must be a number in (0.0, 1.0]")):
+        assert train_main(args + [bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
     (feats / "dup.json").write_text("[1, 1]")
     assert train_main(args + [f"selection={feats / 'dup.json'}"]) == 2
     assert "repeats index 1" in capsys.readouterr().err
@@ -174,6 +179,7 @@ def test_train_main_reports_bad_input_on_one_line(feats, capsys):
     ({"weights_sha256": "f" * 64}, "differ in weights_sha256"),
     ({"image_size": 32}, "differ in image_size"),
     ({"dataset": "mnist_5k"}, "differ in dataset"),
+    ({"class_names": ["a", "c"]}, "differ in class_names (['a', 'b', 'c'] vs ['a', 'c'])"),
     ({"split": "train"}, "both of split 'train': the test features must come from the held-out split"),
 ])
 def test_features_of_another_embedding_or_the_same_split_are_refused(bilaf, feats, capsys, change,
@@ -183,6 +189,8 @@ def test_features_of_another_embedding_or_the_same_split_are_refused(bilaf, feat
     meta = {"dataset": "fashion_mnist", "split": "train", "source": "fashion_mnist/train/src_x",
             "backbone": "efficientnet_lite0", "weights_sha256": "a" * 64, "taps": None, "dim": 12,
             "image_size": 48, "resize": "bilinear", "mean": [0.5] * 3, "std": [0.2] * 3}
+    if "class_names" in change:  # image folders: label i is the i-th class folder of each
+        meta["class_names"] = ["a", "b", "c"]
     test_meta = {**meta, "split": "test", "source": "fashion_mnist/test/src_x"}
     if change.get("split") == "train":
         test_meta = dict(meta)

@@ -370,3 +370,71 @@ def test_ema_averages_batchnorm_statistics_too(tmp_path):
     np.testing.assert_allclose(mean, 0.25 * init_mean + 0.75 * live_mean, rtol=1e-6, atol=1e-7)
     assert not np.allclose(mean, live_mean)
     assert _tree_equal(ema_rest["backbone"]["drop"], live_rest["backbone"]["drop"])
+
+
+def _image_folder(root, classes, seed, n=(6, 3)):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, count in zip(("train", "test"), n, strict=True):
+        for cls in classes[split]:
+            (root / split / cls).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                    root / split / cls / f"{i}.png")
+    return root
+
+
+def test_full_mode_workdir_refuses_other_images_but_resumes_on_a_copy(tmp_path):
+    """data_dir is a path, not identity: other images in its place are refused, a copy of the
+    same images (new file times) resumes."""
+    import shutil
+
+    classes = {"train": ["a", "b"], "test": ["a", "b"]}
+    folder_a = _image_folder(tmp_path / "A", classes, seed=0)
+    folder_b = _image_folder(tmp_path / "B", classes, seed=1)  # same names, other pixels
+    folder_c = tmp_path / "C"
+    shutil.copytree(folder_a, folder_c, copy_function=shutil.copy)  # file times not kept
+    sel = _selection(tmp_path, list(range(12)))
+    base = dict(dataset="image_folder", selection=sel, image_size=16, steps=4, batch_size=4,
+                warmup_steps=1, checkpoint_every=1, log_every=1)
+    whole = train_and_evaluate(make_config(**base, data_dir=str(folder_a)), tmp_path / "whole",
+                               backbone=TinyBackbone())
+    train_and_evaluate(make_config(**base, data_dir=str(folder_a)), tmp_path / "w",
+                       backbone=TinyBackbone(), max_steps_this_run=2)
+    with pytest.raises(ValueError, match="different config.*data_sha256"):
+        train_and_evaluate(make_config(**base, data_dir=str(folder_b)), tmp_path / "w",
+                           backbone=TinyBackbone())
+    resumed = train_and_evaluate(make_config(**base, data_dir=str(folder_c)), tmp_path / "w",
+                                 backbone=TinyBackbone())
+    assert resumed["resumed_from_step"] == 2
+    assert _tree_equal(whole["state"], resumed["state"])
+
+
+def test_full_mode_image_folders_with_other_classes_are_refused(tmp_path):
+    folder = _image_folder(tmp_path / "A", {"train": ["a", "b", "c"], "test": ["a", "c"]}, seed=0)
+    sel = _selection(tmp_path, list(range(9)))
+    cfg = make_config(dataset="image_folder", data_dir=str(folder), selection=sel, image_size=16,
+                      steps=2, batch_size=4, warmup_steps=1)
+    with pytest.raises(ValueError, match=r"different class folders \(\['a', 'b', 'c'\] vs "
+                                         r"\['a', 'c'\]\)"):
+        train_and_evaluate(cfg, tmp_path / "w", backbone=TinyBackbone())
+    assert not (tmp_path / "w").exists()
+
+
+def test_epochs_and_warmup_epochs_count_the_same_steps(tmp_path):
+    """An epoch is ceil(labelled / batch) steps for the run and its warm-up alike: 20 labels in
+    batches of 32, 8 epochs of 1 step with 5 of warm-up, runs 8 steps."""
+    _fashion_mnist_or_skip()
+    from train.input_pipeline import steps_for_epochs
+
+    assert steps_for_epochs(8, 20, 32) == 8 and steps_for_epochs(20, 500, 32) == 320
+    assert steps_for_epochs(0.1, 300, 10) == 3 and steps_for_epochs(0.01, 5, 10) == 1
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    cfg = make_config(selection=sel, image_size=16, epochs=8, warmup_epochs=5, batch_size=32,
+                      pool_size=80, test_size=8, log_every=1)
+    out = train_and_evaluate(cfg, tmp_path / "w", backbone=TinyBackbone())
+    assert out["step"] == 8
+    lrs = [r["learning_rate"] for r in map(json.loads, open(tmp_path / "w" / "metrics.jsonl"))
+           if "learning_rate" in r]
+    assert np.argmax(lrs) == 5  # 5 warm-up steps: step 6 takes the peak rate, schedule(5)

@@ -6,7 +6,7 @@ from a checkpoint at step t sees exactly the batches and crops an uninterrupted 
 
 Data order: positions step * b .. step * b + b - 1 of the endless stream formed by
 concatenating epoch permutations; the permutation of epoch e is
-`jax.random.permutation(fold_in(key(seed), e), n)`.
+`jax.random.permutation(fold_in(fold_in(key(seed), 0x0DA7A), e), n)`.
 """
 
 from __future__ import annotations
@@ -134,4 +134,9 @@ def random_resized_crop_and_flip(key, images, *, out_size: int, scale_min=0.08,
 
 
 def steps_for_epochs(epochs: float, num_examples: int, batch_size: int) -> int:
-    return max(1, math.ceil(epochs * num_examples / batch_size))
+    """Steps in `epochs` epochs of ceil(n / b) batches each (a data loader's epoch that keeps its
+    last, short batch; here every batch is full, taken from the stream), at least 1. The run's
+    length and its warm-up both count epochs this way."""
+    per_epoch = -(-num_examples // batch_size)
+    # rounded first: 0.1 * 30 is 3.0000000000000004 in floating point
+    return max(1, math.ceil(round(epochs * per_epoch, 9)))

@@ -72,7 +72,7 @@ class Config:
     image_size: int = 48
     # Full finetune.
     steps: int | None = None  # None: from epochs
-    epochs: float = 100.0
+    epochs: float = 100.0  # an epoch is ceil(labelled / batch_size) steps, warm-up epochs too
     batch_size: int = 32
     optimizer: str = "sgd"  # sgd (momentum) | adamw
     learning_rate: float = 3e-3
@@ -188,7 +188,9 @@ def validate_config(c: Config) -> None:
 # ----------------------------------------------------------------------------- workdir
 
 
-def _identity(config: Config) -> dict:
+def _identity(config: Config, data_sha256: str | None = None) -> dict:
+    """What a workdir's run depends on. Full mode: `data_sha256` is the digest of the labelled
+    and test images and labels it reads (data_dir, a path, is not identity: a copy resumes)."""
     ident = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY}
     ident["selection_sha256"] = sha256_file(config.selection)
     for name in ("features", "test_features"):
@@ -199,7 +201,17 @@ def _identity(config: Config) -> dict:
         from bilaf_jax.backbones import preprocessing
 
         ident["preprocessing"] = preprocessing(config.backbone)
+        ident["data_sha256"] = data_sha256
     return ident
+
+
+def _arrays_sha256(*arrays) -> str:
+    digest = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        digest.update(f"{a.dtype.str}{a.shape}".encode())
+        digest.update(memoryview(a).cast("B"))
+    return digest.hexdigest()
 
 
 def _check_workdir(workdir: Path, identity: dict) -> bool:
@@ -620,10 +632,13 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     check_selection_pool(config.selection, {"dataset": config.dataset, "split": "train",
                                             "source": pool.fingerprint},
                          f"this run's pool ({config.dataset} train)")
-    identity = _identity(config)
-    _check_workdir(workdir, identity)
     test_src = data.data_source(config.dataset, data.eval_split(config.dataset),
                                 data_dir=config.data_dir)
+    if pool.class_names is not None and test_src.class_names != pool.class_names:
+        # labels are positions in each split's own class list
+        raise InputError(f"the {pool.split} and {test_src.split} image folders have different "
+                         f"class folders ({pool.class_names} vs {test_src.class_names}), so "
+                         "their labels would mean different classes; give both the same classes")
     n_test = len(test_src) if config.test_size is None else min(config.test_size, len(test_src))
     bb = backbone if backbone is not None else _load_backbone(config)
     s = config.image_size
@@ -631,6 +646,9 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     labelled = data.load_rows(pool, sel, image_size=s, resample=resample)
     test = data.load_rows(test_src, np.arange(n_test), image_size=s, resample=resample,
                           crop_fraction=config.eval_crop_fraction)
+    identity = _identity(config, _arrays_sha256(labelled.images, labelled.labels,
+                                                test.images, test.labels))
+    _check_workdir(workdir, identity)
 
     import jax
     import jax.numpy as jnp

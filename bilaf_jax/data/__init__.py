@@ -119,6 +119,8 @@ class ImageSource:
         self.image_shape = image_shape
         # identifies the exact data (e.g. source checksums), for caches and resuming
         self.fingerprint = fingerprint or f"{name}/{split}/{length}"
+        # class folder names, where the data has them (label i is class_names[i])
+        self.class_names: list[str] | None = None
 
     def __len__(self) -> int:
         return self._length
