@@ -101,12 +101,15 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
     core_key, boundary_key = jax.random.split(key)
     options = dict(core_options or {})
     stage1 = core_method if method == "bilaf" else method
-    for name, use in (("exclude", "labeled="), ("num_rows", "num_rows=")):
-        if name in options:  # given to stage 1 only, the boundary stage would not know of them
+    for name, use in (("exclude", "labeled="), ("num_rows", "num_rows="), ("key", "key"),
+                      ("features", "features"),
+                      ("num_samples", "the budget (and num_cores= for bilaf)")):
+        # given to stage 1 only, the boundary stage would not know of them; or select's own
+        if name in options:
             raise ValueError(f"core_options may not hold {name!r}: pass {use} to select")
     accepted = inspect.signature(_CORE_SELECTORS[stage1]).parameters
     open_ended = any(p.kind is p.VAR_KEYWORD for p in accepted.values())
-    unknown = sorted(set(options) - set(accepted) - {"key", "features"})
+    unknown = sorted(set(options) - set(accepted))
     if unknown and not open_ended:
         raise ValueError(f"core_options {unknown} are not options of the {stage1} selector")
     if precision is not None and stage1 == "activeft":

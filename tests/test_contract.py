@@ -139,6 +139,11 @@ def test_misleading_options_are_refused():
     for opt, use in (("exclude", "labeled="), ("num_rows", "num_rows=")):
         with pytest.raises(ValueError, match=f"core_options may not hold '{opt}': pass {use}"):
             select(key, x, 20, num_cores=4, core_options={opt: [1, 2]})
+    # select's own arguments (they were TypeErrors from deep inside)
+    for method in ("bilaf", "activeft", "kmeans"):
+        for opt in ("key", "features", "num_samples"):
+            with pytest.raises(ValueError, match=f"core_options may not hold '{opt}'"):
+                select(key, x, 20, method=method, num_cores=4, core_options={opt: 3})
     with pytest.raises(ValueError, match=r"core_options \['num_steps'\] are not options of the kcenter"):
         select(key, x, 20, num_cores=4, core_method="kcenter", core_options=dict(num_steps=5))
     with pytest.raises(ValueError, match="unknown precision 'garbage'"):
