@@ -62,12 +62,13 @@ def _authors_style_torch(features, init, num_steps, tau=0.07, lr=1e-3, lam=1.0):
     taken = []
     for row in order.tolist():
         taken.append(next(i for i in row if i not in taken))
-    return np.sort(taken)
+    return np.asarray(taken)  # centroid order
 
 
 @pytest.mark.parametrize("dataset", ["digits", "fashion_mnist_pixels"])
 def test_agrees_with_pytorch_port_on_real_images(dataset, digits):
-    """Same init, 300 steps: at least 90% of the same samples as the authors' formulation."""
+    """Same init, 300 steps: the same samples as the authors' formulation, centroid by
+    centroid (float32 both; a tie-breaking or Adam-constant slip changes some)."""
     if dataset == "digits":
         x, k = digits[0], 50
     else:
@@ -82,9 +83,8 @@ def test_agrees_with_pytorch_port_on_real_images(dataset, digits):
         x, k = x.astype(np.float32), 30
     init = np.random.default_rng(0).choice(len(x), k, replace=False)
     want = _authors_style_torch(x, init, 300)
-    got = np.asarray(activeft(jax.random.key(0), x, k, init_indices=init).indices)
-    overlap = len(set(want) & set(got)) / k
-    assert overlap >= 0.9, overlap
+    got = np.asarray(activeft(jax.random.key(0), x, k, init_indices=init).matched_indices)
+    np.testing.assert_array_equal(got, want)
 
 
 def test_an_all_zero_row_as_a_starting_centroid(digits):
