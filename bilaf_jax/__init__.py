@@ -14,6 +14,9 @@ Modules, one per stage:
   sweep       vmapped hyperparameter grids with label-free quality measures
 Edges: io (files, atomic writes), data (datasets), backbones (Flax NNX feature extractors),
 extract (resumable feature extraction), experiment (`bilaf run`), cli (`bilaf`).
+
+`bilaf_jax.activeft` here is the function, which hides the module of that name as a package
+attribute: `from bilaf_jax.activeft import activeft_loss` reaches the module's other names.
 """
 
 from bilaf_jax import distances

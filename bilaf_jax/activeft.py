@@ -11,8 +11,9 @@ normalised features while staying spread out:
 then each centroid, in order, takes its most similar pool sample not yet taken.
 
 The data term's gradient reaches only each row's argmax centroid, so the assignment is computed
-without gradient (one chunked matmul) and the loss reads `c[p(i)]` by gather: its backward pass
-is a scatter-add of features by assignment, not a second [n, K] matmul. The loss is evaluated
+without gradient (one chunked matmul), and the similarity s_i,p(i) has a custom gradient
+(`custom_vjp`) whose backward pass is a scatter-add of features by assignment (`segment_sum`),
+not a second [n, K] matmul. The loss is evaluated
 in log space (logsumexp, softplus), which equals the authors' exp/log form but cannot overflow
 for small temperatures.
 """

@@ -27,7 +27,7 @@ class RandomOutput(NamedTuple):
 class KCenterOutput(NamedTuple):
     """indices: int32[K] ascending; order: int32[K] in pick order;
     radius: [K], the covering radius (max distance to the chosen set) before each pick
-    (+inf before the first)."""
+    (+inf before the first, or the distance to the labelled rows when `exclude` is given)."""
 
     indices: jax.Array
     order: jax.Array
