@@ -11,13 +11,13 @@ The paper fixes K per data set across budgets: CIFAR-10 (10 classes, 50,000 imag
 B = 250 / 500 / 1,000) uses K = 50, i.e. K = B_min / 5 at its smallest budget and 5 cores
 per class. Here B_min = 100 (1% of 10,000). K must be <= B_min, and the authors' allocation
 (official mode: floor(p_i B), zero for small pseudo-classes) fails when B / K is small: on
-the default pool at B = 100, K = 100 gives 8-11 pseudo-classes no sample (the script would
+the default pool at B = 100, K = 100 gives 7-9 pseudo-classes no sample (the script would
 divide by zero); K = 50 worked for all five seeds. We keep the paper's CIFAR-10 ratio at the
 smallest budget, K = B_min / 5 = 20 (2 cores per class), fixed across the three budgets, so
 BiLAF spends 80% / 90% / 96% of B = 100 / 200 / 500 on boundary samples (paper, CIFAR-10:
 80% / 90% / 95%). `scripts/ablation.py` measures K = 20 / 50 / 100 (README, "Does K
-matter?"): K = 50 does better here, but that comparison is on test accuracy, so it does not
-pick the default.
+matter?"): K = 50 does better at B = 100 and 200 (not at B = 500), but that comparison is on
+test accuracy, so it does not pick the default.
 """
 
 from __future__ import annotations
