@@ -41,6 +41,7 @@ a batch), T (opponent cores kept per sample), S (picks kept per class).
 from __future__ import annotations
 
 import concurrent.futures
+import fractions
 import os
 import warnings
 from typing import NamedTuple
@@ -360,23 +361,58 @@ def _class_distances(xc, valid, rows, *, direct):
     return lax.fori_loop(0, nb * (nb + 1) // 2, fill, jnp.zeros((num, p, p), xc.dtype))
 
 
+class Ratio(NamedTuple):
+    """A fraction hyperparameter: its float `value`, and where it was given as a number, the
+    same as `num / den` in lowest terms (int32; den = 0 when traced), so paper mode's floors are
+    exact: float32 cannot tell 1001 x 0.999 = 999.999 from 1000."""
+
+    value: jax.Array
+    num: jax.Array
+    den: jax.Array
+
+    @classmethod
+    def of(cls, p) -> Ratio:
+        if isinstance(p, cls):
+            return p
+        if is_traced(p):
+            return cls(p, jnp.int32(0), jnp.int32(0))
+        v = np.asarray(p)[()]
+        # the shortest decimal of the value (0.1 for float32(0.1)): the number the user wrote
+        exact = fractions.Fraction(np.format_float_positional(v, unique=True, trim="0"))
+        num, den = exact.numerator, exact.denominator
+        if not 0 <= num <= den or den * max(num, 1) >= 2**31:  # int32 products would overflow
+            num = den = 0
+        return cls(p, jnp.int32(num), jnp.int32(den))
+
+
+def _times(m, f: Ratio, *, ftype, ceil=False):
+    """floor(m f) (or ceil) for int32 m: exact from num / den where known, else in float
+    allowing a few ulps towards the nearest integer (90 (1 - 0.3) is 63, not 62.99999)."""
+    den = jnp.maximum(f.den, 1)
+    q, r = m // den, m % den  # m num / den = q num + r num / den, with r num < 2**31
+    exact = q * f.num + ((r * f.num + den - 1) // den if ceil else (r * f.num) // den)
+    x = m.astype(ftype) * jnp.asarray(f.value, ftype)
+    slack = 8 * jnp.finfo(ftype).eps * x
+    approx = (jnp.ceil(x - slack) if ceil else jnp.floor(x + slack)).astype(jnp.int32)
+    return jnp.where(f.den > 0, exact, approx).astype(jnp.int32)
+
+
 def _ring_plan(m, ring_fraction, remove_fraction, *, mode, ftype):
     """Ring size, cluster target and kept count of IDC for a class of `m` samples.
 
     The kept count depends only on m, so the budget can be split before denoising runs.
     """
-    if mode == "official":  # the script's float64 arithmetic: int(90 * (1 - 0.3)) is 62
-        floor = jnp.floor
-    else:  # the equations' floor: 90 * (1 - 0.3) is 63 in float32 and float64 alike
-        def floor(x):
-            return jnp.floor(x + 8 * jnp.finfo(ftype).eps * x)
-    ring = jnp.maximum(1, floor(m.astype(ftype) * ring_fraction).astype(jnp.int32))
-    # Official: the remainder after the last full ring is dropped.
-    target = ring * (m // ring) if mode == "official" else m
-    keep = floor(target.astype(ftype) * (1.0 - remove_fraction)).astype(jnp.int32)
-    if mode == "official":
+    ring_fraction, remove_fraction = Ratio.of(ring_fraction), Ratio.of(remove_fraction)
+    if mode == "official":  # the script's float arithmetic: int(90 * (1 - 0.3)) is 62
+        ring = jnp.floor(m.astype(ftype) * ring_fraction.value).astype(jnp.int32)
+        ring = jnp.maximum(1, ring)
+        target = ring * (m // ring)  # the remainder after the last full ring is dropped
+        keep = jnp.floor(target.astype(ftype) * (1.0 - remove_fraction.value)).astype(jnp.int32)
         return ring, target, jnp.where(m < 10, m, keep)  # the script skips small classes
-    return ring, target, jnp.where(m > 0, jnp.maximum(keep, 1), 0)
+    # The equations' floors: floor(m (1 - P_rm)) = m - ceil(m P_rm).
+    ring = jnp.maximum(1, _times(m, ring_fraction, ftype=ftype))
+    keep = m - _times(m, remove_fraction, ftype=ftype, ceil=True)
+    return ring, m, jnp.where(m > 0, jnp.maximum(keep, 1), 0)
 
 
 class _RingState(NamedTuple):
@@ -917,6 +953,8 @@ def check_options(*, mode, num_neighbors, ring_fraction, remove_fraction, oppone
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     num_neighbors = check_count(num_neighbors, "num_neighbors", 1, 1 << 30)
+    ring_fraction, remove_fraction = (f.value if isinstance(f, Ratio) else f
+                                      for f in (ring_fraction, remove_fraction))
     check_fraction(ring_fraction, "ring_fraction", low_open=True)
     check_fraction(remove_fraction, "remove_fraction")
     if mode == "official" and not is_traced(remove_fraction) and float(remove_fraction) >= 1:
@@ -969,8 +1007,9 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     class); IDC grows each class from its core in rings of max(1, floor(m P_in)) samples of
     lowest density distance rho(x) = mean distance to its k nearest cluster members (Eq. 3),
     the last ring possibly partial, then keeps the first max(1, floor(m (1 - P_rm))) included
-    (the core first); both floors are those of exact arithmetic, within a few ulps, so they
-    do not depend on the float type (90 (1 - 0.3) keeps 63). The budget goes by largest
+    (the core first); both floors are exact for the decimal a fraction prints as, in any
+    float type (90 (1 - 0.3) keeps 63, 1001 (1 - 0.001) keeps 999); a fraction traced by your
+    own jit/vmap is floored in float arithmetic, within a few ulps. The budget goes by largest
     remainder in proportion to the kept sizes with 1 <= B_i <= |U_i|; if the kept samples
     number fewer than B, denoising is waived (the candidates are the whole pseudo-classes).
     Each class starts with its core; after each pick the floor(|U_i| / B_i) candidates
@@ -1031,6 +1070,7 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
 
     num_nearest = min(num_classes, 2 if mode == "official" else NUM_OPPONENTS + 1)
     core_j = jnp.asarray(core, jnp.int32)
+    ring_fraction, remove_fraction = Ratio.of(ring_fraction), Ratio.of(remove_fraction)
     a = _assign_jit(features, core_j, jnp.int32(budget), ring_fraction, remove_fraction,
                     num_nearest=num_nearest, normalize=normalize, direct=direct,
                     chunk_size=chunk_size, mode=mode, precision=precision)

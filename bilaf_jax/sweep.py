@@ -265,7 +265,7 @@ def sweep_boundary(key, features, core_indices, budget: int,
     >>> out.indices.shape
     (2, 12)
     """
-    from bilaf_jax.boundary import bilaf
+    from bilaf_jax.boundary import Ratio, bilaf
 
     grid = check_grid(grid or {})
     features, n = V.check_pool(features, num_rows)
@@ -291,6 +291,10 @@ def sweep_boundary(key, features, core_indices, budget: int,
             continue
         take = np.minimum(np.arange(start, start + per_batch), stop - 1)
         hp = {k: jnp.asarray(v[take], dtype) for k, v in params.items()}
+        for k in ("ring_fraction", "remove_fraction"):  # exact floors, as separate runs have
+            parts_k = [Ratio.of(float(x)) for x in params[k][take]]
+            hp[k] = Ratio(hp[k], *(jnp.stack([getattr(r, f) for r in parts_k])
+                                   for f in ("num", "den")))
         res = jax.vmap(one)(hp)
         parts.append(jax.tree.map(lambda a, m=stop - start: a[:m], res))
     indices, labels, kept, alloc = (jnp.concatenate(a) for a in zip(*parts, strict=True))

@@ -512,15 +512,51 @@ def test_official_whole_shares_end_to_end():
 
 @pytest.mark.parametrize("x64", [False, True])
 def test_paper_ring_and_kept_sizes_are_exact_floors(x64):
+    R = boundary.Ratio.of
     with jax.enable_x64(x64):
         ftype = jnp.result_type(float)
         m = jnp.asarray([90, 70, 10, 33], jnp.int32)
-        ring, _, keep = boundary._ring_plan(m, 0.1, 0.3, mode="paper", ftype=ftype)
+        ring, _, keep = boundary._ring_plan(m, R(0.1), R(0.3), mode="paper", ftype=ftype)
         assert keep.tolist() == [63, 49, 7, 23] and ring.tolist() == [9, 7, 1, 3]
-        _, _, keep = boundary._ring_plan(m, 0.1, 0.3, mode="official", ftype=ftype)
+        _, _, keep = boundary._ring_plan(m, R(0.1), R(0.3), mode="official", ftype=ftype)
         if x64:  # the script's float64 floor: int(90 * 0.7) is 62
             assert keep.tolist() == [int(v * (1 - 0.3)) for v in (90, 70, 10, 33)] \
                 == [62, 49, 7, 23]
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_paper_floors_are_exact_where_float32_cannot_tell(x64):
+    """floor(m P_in) and floor(m (1 - P_rm)) against exact rationals for every m up to 20,000
+    and fractions of up to three decimals (float32's 1001 x 0.999 rounds to 1000), given as
+    Python floats and as float32 scalars."""
+    from fractions import Fraction
+
+    m = np.arange(1, 20001)
+    with jax.enable_x64(x64):
+        ftype = jnp.result_type(float)
+        for p in (0.001, 0.01, 0.017, 0.1, 0.3, 0.999):
+            for given in (p, np.float32(p)):
+                ring, _, keep = boundary._ring_plan(
+                    jnp.asarray(m, jnp.int32), boundary.Ratio.of(given),
+                    boundary.Ratio.of(given), mode="paper", ftype=ftype)
+                q = Fraction(str(p))
+                want_ring = np.maximum(1, [int(v * q) for v in m])
+                want_keep = np.maximum(1, [int(v * (1 - q)) for v in m])
+                np.testing.assert_array_equal(np.asarray(ring), want_ring, err_msg=str(p))
+                np.testing.assert_array_equal(np.asarray(keep), want_keep, err_msg=str(p))
+
+
+def test_paper_kept_count_of_a_large_class_is_exact_end_to_end():
+    """A 1001-sample pseudo-class with remove_fraction = 0.001 keeps 999 in float32 (was 1000);
+    a vmapped sweep over the fraction floors the same way."""
+    from bilaf_jax.sweep import sweep_boundary
+
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(size=(1001, 2)), 100 + rng.normal(size=(5, 2))]).astype(np.float32)
+    out = bilaf(KEY, x, [0, 1001], 20, remove_fraction=0.001)
+    assert int(np.asarray(out.kept)[:1001].sum()) == 999
+    sw = sweep_boundary(KEY, x, [0, 1001], 20, {"remove_fraction": [0.001, 0.1]})
+    assert np.asarray(sw.kept)[:, :1001].sum(1).tolist() == [999, 900]
 
 
 def test_official_remove_fraction_one_is_refused():
