@@ -7,6 +7,10 @@ Feeds random uint8 images of `--input-size` (default 28x28 grey, Fashion-MNIST's
 the host each batch, as `bilaf extract` does (vit_s16 resizes them with Pillow on the host,
 every other backbone on the device), and times `--batches` batches after `--warmup`
 (compilation). Prints a markdown table, or JSON with `--json`. Works on any JAX backend.
+
+`--compare-depthwise` (CPU): EfficientNet-Lite0 once more with XLA's grouped convolution for
+its depthwise layers instead of our shifted products, with the largest absolute difference
+of its embeddings from the default's on the same images (`max_abs_diff`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ def main(argv=None) -> int:
                    "random weights unless --vit-weights is given")
     p.add_argument("--vit-weights", default="random")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--compare-depthwise", action="store_true",
+                   help="also time efficientnet_lite0 with XLA's grouped depthwise convolution")
     args = p.parse_args(argv)
 
     import jax
@@ -41,9 +47,19 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (args.batch_size, args.input_size, args.input_size,
                                    args.channels), dtype=np.uint8)
+    from bilaf_jax.backbones import efficientnet
+
     device = jax.devices()[0]
     rows = []
-    for name in [b.strip() for b in args.backbones.split(",") if b.strip()]:
+    names = [b.strip() for b in args.backbones.split(",") if b.strip()]
+    if args.compare_depthwise:
+        names += ["efficientnet_lite0 (XLA grouped conv)"]
+    outputs = {}
+    for label in names:
+        name = label.split(" ")[0]
+        grouped = label != name
+        efficientnet.SHIFTED_DEPTHWISE_ON_CPU = not grouped
+        jax.clear_caches()  # the choice is read when the forward pass traces
         size = args.image_size
         if name == "vit_s16" and size % 16:
             size = max(16, 16 * round(size / 16))
@@ -67,14 +83,22 @@ def main(argv=None) -> int:
             out = run(images)
         secs = time.perf_counter() - t0
         assert out.shape == (args.batch_size, bb.dim) and np.isfinite(out).all()
+        outputs[label] = np.asarray(out)
+        extra = {}
+        if args.compare_depthwise:
+            base = outputs.get(name)
+            extra["max_abs_diff"] = (f"{np.abs(outputs[label] - base).max():.1e}"
+                                     if grouped and base is not None else "-")
         rows.append({
-            "backbone": name, "weights": "random" if bb.weights_sha256 is None else "pretrained",
+            "backbone": label, "weights": "random" if bb.weights_sha256 is None else "pretrained",
             "image_size": size, "batch_size": args.batch_size, "batches": args.batches,
             "img_per_s": round(args.batch_size * args.batches / secs, 1),
             "ms_per_batch": round(1000 * secs / args.batches, 1),
             "warmup_s": round(warm_s, 2), "load_s": round(load_s, 2),
             "device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__,
+            **extra,
         })
+    efficientnet.SHIFTED_DEPTHWISE_ON_CPU = True
     if args.json:
         print(json.dumps(rows, indent=1))
     else:

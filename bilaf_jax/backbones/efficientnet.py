@@ -59,16 +59,22 @@ def taps_dim(taps) -> int:
     return sum(HEAD_CHANNELS if t == "head" else LITE0_BLOCKS[t][3] for t in taps)
 
 
+# CPU depthwise convolutions as shifted products (False: XLA's own grouped convolution, which
+# `scripts/bench_extract.py --compare-depthwise` times against it; read when a forward traces).
+SHIFTED_DEPTHWISE_ON_CPU = True
+
+
 def depthwise_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                    dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """`lax.conv_general_dilated` drop-in: on CPU, depthwise NHWC convs as k*k shifted products.
 
-    XLA's CPU grouped convolution is 10-30x slower than this fused sum of shifted slices (measured
-    on the Lite0 shapes); other backends and other convolutions go to `lax.conv_general_dilated`.
+    XLA's CPU grouped convolution is several times slower than this fused sum of shifted slices
+    on the Lite0 shapes (`scripts/bench_extract.py --compare-depthwise`); other backends and
+    other convolutions go to `lax.conv_general_dilated`.
     """
     nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     simple = (
-        jax.default_backend() == "cpu"
+        SHIFTED_DEPTHWISE_ON_CPU and jax.default_backend() == "cpu"
         and lhs.ndim == 4 and rhs.shape[2] == 1 and feature_group_count == lhs.shape[-1]
         and rhs.shape[3] == lhs.shape[-1]
         and all(d == 1 for d in (lhs_dilation or (1, 1)))
