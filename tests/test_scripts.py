@@ -221,3 +221,19 @@ def test_finetune_recipe_ablation_reruns_a_finished_run_with_changes(tmp_path, c
     as_run = json.loads((tmp_path / "abl" / "as_run" / "summary.json").read_text())
     assert as_run["params_digest"] == first["params_digest"]
     assert text in capsys.readouterr().out
+
+
+def test_bench_extract_compares_the_depthwise_convolutions(monkeypatch, capsys):
+    """Both depthwise paths give the same embeddings (random weights: no weight file needed),
+    and the module's choice is restored afterwards."""
+    from bilaf_jax.backbones import efficientnet
+
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    assert _load_script("bench_extract").main(["--backbones", "efficientnet_lite0", "--weights", "random",
+                               "--compare-depthwise", "--image-size", "16", "--batch-size", "4",
+                               "--batches", "1", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["backbone"] for r in rows] == ["efficientnet_lite0",
+                                             "efficientnet_lite0 (XLA grouped conv)"]
+    assert rows[0]["max_abs_diff"] == "-" and float(rows[1]["max_abs_diff"]) < 1e-4
+    assert efficientnet.SHIFTED_DEPTHWISE_ON_CPU
