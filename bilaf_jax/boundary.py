@@ -380,7 +380,7 @@ class Ratio(NamedTuple):
         # the shortest decimal of the value (0.1 for float32(0.1)): the number the user wrote
         exact = fractions.Fraction(np.format_float_positional(v, unique=True, trim="0"))
         num, den = exact.numerator, exact.denominator
-        if not 0 <= num <= den or den * max(num, 1) >= 2**31:  # int32 products would overflow
+        if not 0 <= num <= den or den * (num + 1) >= 2**31:  # int32 sums would overflow
             num = den = 0
         return cls(p, jnp.int32(num), jnp.int32(den))
 
