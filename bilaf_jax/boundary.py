@@ -361,6 +361,11 @@ def _class_distances(xc, valid, rows, *, direct):
     return lax.fori_loop(0, nb * (nb + 1) // 2, fill, jnp.zeros((num, p, p), xc.dtype))
 
 
+class ScriptFailure(ValueError):
+    """Official mode reached a state where the authors' script fails (divides by zero, or loses
+    a core); `bilaf run` records these as failed selections."""
+
+
 class Ratio(NamedTuple):
     """A fraction hyperparameter: its float `value`, and where it was given as a number, the
     same as `num / den` in lowest terms (int32; den = 0 when traced), so paper mode's floors are
@@ -1079,7 +1084,7 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
         wrong = np.nonzero(labels[core] != np.arange(num_classes))[0]
         if wrong.size:
             j = int(wrong[0])
-            raise ValueError(
+            raise ScriptFailure(
                 f"official mode: core {int(core[j])} (class {j}) is nearest to core "
                 f"{int(core[labels[core[j]]])} (class {int(labels[core[j]])}), so it is not in "
                 "its own pseudo-class (duplicate core features?); the authors' script fails "
@@ -1091,7 +1096,7 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     if mode == "official" and concrete:
         zero = np.nonzero(alloc_host == 0)[0]
         if zero.size:
-            raise ValueError(
+            raise ScriptFailure(
                 f"official mode: the authors' allocation gives 0 samples to "
                 f"{zero.size} pseudo-class(es) (e.g. class {int(zero[0])}, core "
                 f"{int(core[zero[0]])}); their script divides by zero there. Raise the "
@@ -1124,7 +1129,7 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     if mode == "official" and concrete:
         lost = int(core_lost)
         if lost >= 0:
-            raise ValueError(
+            raise ScriptFailure(
                 f"official mode: denoising removed core {int(core[lost])} from its own "
                 f"pseudo-class {lost} (duplicate rows around the core?); the authors' script "
                 "fails here. Use mode='paper'.")

@@ -28,6 +28,9 @@ measured when the selection was made, stored with it).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import hashlib
 import io
 import json
 import math
@@ -180,10 +183,10 @@ def validate(config: RunConfig) -> RunConfig:
     changes["seeds"] = tuple(int(s) for s in seeds)
     fractions = distinct("budget_fractions", lambda f: number(f) and 0 < f <= 1,
                          "numbers in (0, 1]")
-    changes["budget_fractions"] = tuple(float(f) for f in fractions)
+    changes["budget_fractions"] = tuple(_as_written(f) for f in fractions)
     if not number(config.remove_fraction) or not 0 <= config.remove_fraction < 1:
         fail(f"remove_fraction must be a number in [0, 1), got {config.remove_fraction!r}")
-    changes["remove_fraction"] = float(config.remove_fraction)
+    changes["remove_fraction"] = _as_written(config.remove_fraction)
     if config.finetune is not None:
         if not isinstance(config.finetune, dict) or not all(isinstance(k, str) for k in config.finetune):
             fail(f"finetune must be a dict of train settings or None, got {config.finetune!r}")
@@ -200,6 +203,12 @@ def validate(config: RunConfig) -> RunConfig:
         except (TypeError, ValueError) as e:
             fail(f"finetune: {' '.join(str(e).split())}")
     return config
+
+
+def _as_written(value) -> float:
+    """A Python float of the decimal a number prints as: np.float32(0.01) is 0.01, not
+    0.009999999776482582 (which would make 1% of 10,000 a budget of 99)."""
+    return float(np.format_float_positional(np.asarray(value)[()], unique=True, trim="0"))
 
 
 def check_budgets(config: RunConfig, pool_size: int) -> list[int]:
@@ -245,9 +254,46 @@ def weights_id(backbone: str, weights: str | None) -> str | None:
 
 def identity(config: RunConfig) -> dict:
     ident = {k: v for k, v in config._asdict().items() if k not in _NOT_IDENTITY}
-    ident["weights"] = weights_id(config.backbone, config.weights)
+    ident["weights"] = _weights_id_once(config.backbone, config.weights)
     ident["format"] = FORMAT
     return json.loads(json.dumps(ident))
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_id_once(backbone: str, weights: str | None) -> str | None:
+    return weights_id(backbone, weights)  # hashes the file: once per process
+
+
+# What a selection (or BiLAF's cores) depends on besides method, budget and seed: the pool and
+# its selection features, and the method's own settings.
+_POOL_SETTINGS = ("dataset", "pool_size", "backbone", "weights", "image_size", "selection_dim",
+                  "format")
+_METHOD_SETTINGS = {"activeft": ("activeft_steps", "activeft_batch_size"),
+                    "cores": ("activeft_steps", "activeft_batch_size", "num_cores"),
+                    "bilaf": ("activeft_steps", "activeft_batch_size", "num_cores",
+                              "remove_fraction")}
+
+
+def selection_settings(config: RunConfig, method: str) -> dict:
+    """The settings a cached selection record of `method` ("cores": BiLAF's cores) was made
+    with: records copied in from another workdir are checked against them."""
+    ident = identity(config)
+    keys = _POOL_SETTINGS + _METHOD_SETTINGS.get(method.split("-")[0], ())
+    return {k: ident[k] for k in keys}
+
+
+def _check_made_with(path: Path, rec: dict, settings: dict) -> None:
+    made = rec.get("made_with")
+    if made == settings:
+        return
+    if not isinstance(made, dict):
+        why = "records no settings (an earlier version made it)"
+    else:
+        why = "was made with " + ", ".join(
+            f"{k} {made.get(k)!r} (this run: {settings.get(k)!r})"
+            for k in sorted(set(made) | set(settings)) if made.get(k) != settings.get(k))
+    raise InputError(f"{path} {why}; remove it (or the selections folder) to make it again "
+                     "with this run's settings")
 
 
 def _make_workdir(workdir: Path) -> None:
@@ -275,6 +321,7 @@ def _check_workdir(workdir: Path, config: RunConfig) -> None:
         # Nothing was made under those settings (say, a run that stopped at a mistyped
         # --weights), so there is nothing to protect: this run takes the workdir over.
     _check_features_present(config, workdir)  # features copied in: this config's, before it claims them
+    _check_selections_present(config, workdir)  # and selections
     write_json_atomic(path, {"identity": ident, "config": config._asdict(),
                              "created": _utc_now()}, indent=1)
 
@@ -296,6 +343,21 @@ def preflight(config: RunConfig, workdir) -> None:
     if (workdir / "run.json").exists() and _holds_pieces(workdir):
         check_identity(workdir / "run.json", identity(config), workdir)
     _check_features_present(config, workdir)
+    _check_selections_present(config, workdir)
+
+
+def _check_selections_present(config: RunConfig, workdir: Path) -> None:
+    """Refuse selection and core records (copied in, or left by another config) that this
+    config would reuse but were made with other settings. Unreadable ones are left to be made
+    again."""
+    folder = workdir / "selections"
+    paths = [(p, m) for m in config.methods if (folder / m).is_dir()
+             for p in sorted((folder / m).glob("b*_s*.json")) if not p.name.endswith(".indices.json")]
+    paths += [(p, "cores") for p in sorted((folder / "cores").glob(f"activeft_k{config.num_cores}_s*.json"))]
+    for path, method in paths:
+        rec = _json_or_none(path)
+        if isinstance(rec, dict):
+            _check_made_with(path, rec, selection_settings(config, method))
 
 
 def _holds_pieces(workdir: Path) -> bool:
@@ -557,9 +619,11 @@ def _bilaf_cores(config: RunConfig, workdir: Path, features: np.ndarray, seed: i
 
     path = _cores_path(workdir, config, seed)
     n = len(features)
+    settings = selection_settings(config, "cores")
     cached = _read_record(path, lambda r: _is_indices(r.get("indices"), n)
                           and len(r["indices"]) == config.num_cores and _is_number(r.get("seconds")))
     if cached is not None:
+        _check_made_with(path, cached, settings)
         return cached
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -568,7 +632,7 @@ def _bilaf_cores(config: RunConfig, workdir: Path, features: np.ndarray, seed: i
     out = select(jax.random.key(seed), features, config.num_cores, method="activeft",
                  core_options=_core_options(config))
     indices = np.sort(np.asarray(out.indices)).tolist()
-    rec = {"indices": indices, "seconds": time.perf_counter() - t0}
+    rec = {"indices": indices, "seconds": time.perf_counter() - t0, "made_with": settings}
     write_json_atomic(path, rec)
     counter.tick()
     return rec
@@ -606,17 +670,21 @@ def _valid_selection(rec: dict, job: Job, n: int) -> bool:
 
 
 def run_selection(config: RunConfig, workdir: Path, features: np.ndarray, job: Job, counter) -> dict:
-    """Compute (or read) one selection record."""
+    """Compute (or read) one selection record; official mode's failures where the authors'
+    script fails are recorded (and reported), any other error stops the run."""
     import jax
 
+    from bilaf_jax.boundary import ScriptFailure
     from bilaf_jax.pipeline import select
 
     path = _selection_path(workdir, job)
+    settings = selection_settings(config, job.method)
     cached = _read_record(path, lambda r: _valid_selection(r, job, len(features)))
     if cached is not None:
+        _check_made_with(path, cached, settings)
         return cached
     path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"method": job.method, "budget": job.budget, "seed": job.seed}
+    rec = {"method": job.method, "budget": job.budget, "seed": job.seed, "made_with": settings}
     caught = []
     try:
         with warnings.catch_warnings(record=True) as caught:
@@ -641,7 +709,7 @@ def run_selection(config: RunConfig, workdir: Path, features: np.ndarray, job: J
         rec["indices"] = [int(i) for i in indices]
         rec["num_unique"] = int(len(np.unique(indices)))
         rec["seconds"] = seconds
-    except ValueError as e:  # e.g. official mode where the authors' script would crash
+    except ScriptFailure as e:  # official mode where the authors' script would crash
         rec["error"] = " ".join(str(e).split())
     rec["warnings"] = sorted({" ".join(str(w.message).split()) for w in caught})
     write_json_atomic(path, rec)
@@ -663,23 +731,44 @@ def _json_or_none(path: Path):
         return None
 
 
+def _eval_basis(config: RunConfig, workdir: Path, job: Job, ev: str, selection: dict,
+                pool_size: int) -> dict:
+    """What an evaluation record was computed from: its selection's indices (or failure) and,
+    for full finetuning, the resolved training settings."""
+    made_from = json.dumps(selection.get("indices", selection.get("error")))
+    basis = {"selection_sha256": hashlib.sha256(made_from.encode()).hexdigest()}
+    if ev == "full" and "error" not in selection:
+        sel_path = _selection_path(workdir, job).with_suffix(".indices.json")
+        cfg = dataclasses.asdict(finetune_config(config, sel_path, job.seed, pool_size))
+        basis["finetune"] = json.loads(json.dumps({k: v for k, v in cfg.items()
+                                                   if k != "selection"}))
+    return basis
+
+
 def run_evaluation(config: RunConfig, workdir: Path, feats: Features, job: Job, ev: str,
                    selection: dict, counter, num_classes: int) -> dict:
     path = _eval_path(workdir, job, ev)
+    basis = _eval_basis(config, workdir, job, ev, selection, len(feats.pool_labels))
     cached = _read_record(path, lambda r: _is_for(r, job) and r.get("eval") == ev
                           and (r.get("accuracy") is None or _is_number(r["accuracy"]))
                           and (r.get("selection_seconds") is None
                                or _is_number(r["selection_seconds"])))
-    if cached is not None:
+    if cached is not None and cached.get("basis") == basis:
         return cached
+    if cached is not None:
+        sys.stderr.write(f"bilaf run: {path} was made from another selection or finetuning "
+                         "settings; making it again\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = {"method": job.method, "budget": job.budget, "seed": job.seed, "eval": ev,
-           "accuracy": None, "selection_seconds": selection.get("seconds")}
+           "accuracy": None, "selection_seconds": selection.get("seconds"), "basis": basis}
     if "error" in selection:
         rec["error"] = "selection failed: " + selection["error"]
     else:
+        # each selected sample is labelled once, whatever the evaluation (official mode can
+        # repeat samples)
         idx = np.asarray(selection["indices"], np.int64)
-        rec["num_labelled"] = int(len(np.unique(idx)))
+        idx = idx[np.sort(np.unique(idx, return_index=True)[1])]  # first occurrences, in order
+        rec["num_labelled"] = int(len(idx))
         t0 = time.perf_counter()
         if ev == "linear":
             from train import linear_probe
@@ -695,7 +784,7 @@ def run_evaluation(config: RunConfig, workdir: Path, feats: Features, job: Job, 
             from train.train import train_and_evaluate
 
             sel_path = _selection_path(workdir, job).with_suffix(".indices.json")
-            labelled = sorted(set(int(i) for i in idx))
+            labelled = sorted(int(i) for i in idx)
             if _json_or_none(sel_path) != labelled:  # absent, or damaged from outside
                 write_json_atomic(sel_path, labelled)
             cfg = finetune_config(config, sel_path, job.seed, len(feats.pool_labels))
@@ -741,11 +830,25 @@ def summarize(records: list[dict]) -> dict:
     for key, accs in groups.items():
         vals = np.asarray([a for a in accs if a is not None], np.float64)
         if len(vals):
-            out[key] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+            # one seed has no spread to show: NaN, printed as "-"
+            out[key] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else math.nan,
                         len(vals))
         else:
             out[key] = (math.nan, math.nan, 0)
     return out
+
+
+def _or_none(v: float) -> float | None:
+    return None if math.isnan(v) else v
+
+
+def format_cell(mean: float, std: float, count: int, total: int | None = None) -> str:
+    """A table cell in %: "mean ± std", the mean alone for one seed, "failed" for none, and
+    "(n=count)" where fewer than `total` seeds are in it."""
+    if count == 0:
+        return "failed"
+    cell = f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if count > 1 else "")
+    return cell + ("" if total is None or count == total else f" (n={count})")
 
 
 def _paired(records, method, other, budget, ev):
@@ -757,12 +860,11 @@ def _paired(records, method, other, budget, ev):
     return np.asarray([a[s] - b[s] for s in seeds], np.float64)
 
 
-# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (then 2.0).
-_T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
-
-
 def t_critical(df: int) -> float:
-    return _T95[df - 1] if 1 <= df <= len(_T95) else 2.0
+    """Two-sided 5% critical value of Student's t with `df` degrees of freedom."""
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, df))
 
 
 def verdict(records, method, other, budget, ev) -> str:
@@ -773,20 +875,21 @@ def verdict(records, method, other, budget, ev) -> str:
         return f"{method} vs {other}: no comparable runs"
     mean = d.mean()
     wins = int((d > 0).sum())
+    shown = round(100 * mean, 1)  # the words follow the number printed
     if len(d) > 1:
         se = d.std(ddof=1) / math.sqrt(len(d))
-        clear = abs(mean) > t_critical(len(d) - 1) * se and mean != 0
+        clear = abs(mean) > t_critical(len(d) - 1) * se and shown != 0
     else:
         se, clear = math.nan, False
-    if mean > 0:
+    if shown > 0:
         word = "beats" if clear else "is ahead of"
-    elif mean < 0:
+    elif shown < 0:
         word = "loses to" if clear else "is behind"
     else:
-        word = "ties"
+        word = "is level with"
     se_txt = f", s.e. {100 * se:.1f}" if len(d) > 1 else ""
-    sig = "" if clear or mean == 0 else f", not significant over {len(d)} seeds"
-    return (f"{method} {word} {other} ({100 * mean:+.1f} points{se_txt}; "
+    sig = "" if clear or shown == 0 else f", not significant over {len(d)} seeds"
+    return (f"{method} {word} {other} ({shown:+.1f} points{se_txt}; "
             f"ahead on {wins}/{len(d)} seeds{sig})")
 
 
@@ -819,12 +922,8 @@ def results_markdown(config: RunConfig, records, budgets, meta: dict) -> str:
         for m in config.methods:
             cells = []
             for b in budgets:
-                mean, std, count = stats.get((m, b, ev), (math.nan, math.nan, 0))
-                if count == 0:
-                    cells.append("failed")
-                else:
-                    extra = "" if count == len(config.seeds) else f" (n={count})"
-                    cells.append(f"{100 * mean:.1f} ± {100 * std:.1f}{extra}")
+                cells.append(format_cell(*stats.get((m, b, ev), (math.nan, math.nan, 0)),
+                                         total=len(config.seeds)))
             secs = [r["selection_seconds"] for r in records if r["method"] == m
                     and r["budget"] == budgets[-1] and r["eval"] == ev
                     and r["selection_seconds"] is not None]
@@ -836,7 +935,8 @@ def results_markdown(config: RunConfig, records, budgets, meta: dict) -> str:
         if bilafs and others:
             lines.append("Does BiLAF beat random and ActiveFT? (differences paired by seed; "
                          "'beats' / 'loses to' only where a two-sided paired t-test over the "
-                         "seeds is significant at 5%)")
+                         "seeds is significant at 5%, each test on its own: with this many "
+                         "comparisons, some at 5% are expected by chance)")
             lines.append("")
             for b in budgets:
                 parts = [verdict(records, m, o, b, ev) for m in bilafs for o in others]
@@ -852,6 +952,17 @@ def results_markdown(config: RunConfig, records, budgets, meta: dict) -> str:
             if key not in seen:
                 seen.add(key)
                 lines.append(f"- {r['method']} B = {r['budget']} seed {r['seed']}: {r['error']}")
+        lines.append("")
+    short = sorted({(r["method"], r["budget"], r["seed"], r["num_labelled"]) for r in records
+                    if r.get("num_labelled") is not None and r["num_labelled"] < r["budget"]})
+    if short:
+        lines.append("## Selections with repeated samples")
+        lines.append("")
+        lines.append("Official mode repeats samples where the authors' allocation exceeds a "
+                     "denoised class; every evaluation labels each sample once:")
+        lines.append("")
+        for m, b, seed, k in short:
+            lines.append(f"- {m} B = {b} seed {seed}: {k} distinct samples")
         lines.append("")
     lines.append("Median selection time is wall-clock on this machine, including JAX compilation "
                  "where a shape is seen first; bilaf's includes its ActiveFT cores.")
@@ -880,6 +991,7 @@ def plot_accuracy(config: RunConfig, records, budgets, path: Path) -> None:
             if not pts:
                 continue
             b, mean, std = (np.asarray(v) for v in zip(*pts, strict=False))
+            std = np.nan_to_num(std)  # one seed: no error bar
             style = "-o" if m.startswith("bilaf") else "--o"
             ax.errorbar(b, 100 * mean, yerr=100 * std, fmt=style, capsize=3, label=m,
                         markersize=4, linewidth=1.5 if m.startswith("bilaf") else 1.0)
@@ -891,7 +1003,8 @@ def plot_accuracy(config: RunConfig, records, budgets, path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{config.dataset}: {ev}")
         ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:  # nothing to plot where every run failed
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     write_bytes_atomic(path, _png_bytes(fig))
     plt.close(fig)
@@ -950,6 +1063,7 @@ class RunOutput(NamedTuple):
     results: dict  # the content of results.json
     markdown: str  # the content of results.md
     workdir: Path
+    written: tuple = ()  # the report files written in workdir
 
 
 def plan(config: RunConfig, pool_size: int) -> tuple[list[int], list[Job]]:
@@ -1037,7 +1151,8 @@ def _run_experiment(config, workdir, progress, stop_after, command, backbone) ->
         "retained_energy": feats.retained_energy,
         "features_meta": feats.meta,
         "records": records,
-        "summary": [{"method": m, "budget": b, "eval": e, "mean": mean, "std": std, "count": c}
+        "summary": [{"method": m, "budget": b, "eval": e, "mean": _or_none(mean),
+                     "std": _or_none(std), "count": c}
                     for (m, b, e), (mean, std, c) in sorted(summarize(records).items(),
                                                             key=lambda kv: str(kv[0]))],
         "environment": environment(),
@@ -1050,13 +1165,19 @@ def _run_experiment(config, workdir, progress, stop_after, command, backbone) ->
     write_json_atomic(workdir / "results.json", results, indent=1)
     write_text_atomic(workdir / "results.md", markdown)
     plot_accuracy(config, records, budgets, workdir / "accuracy_vs_budget.png")
+    written = ["results.json", "results.md", "accuracy_vs_budget.png"]
     bilaf_method = next((m for m in ("bilaf-paper", "bilaf-official") if m in config.methods), None)
+    sel = None
     if bilaf_method is not None:
         b = budgets[len(budgets) // 2]
         sel = selections[Job(bilaf_method, b, config.seeds[0])]
-        if "error" not in sel:
-            plot_pca_map(feats, sel, workdir / "pca_map.png",
-                         f"{bilaf_method}, B = {b}, K = {config.num_cores}, seed "
-                         f"{config.seeds[0]} ({config.dataset}, first 2 PCs of the pool)")
-    _readable(workdir, ("results.json", "results.md", "accuracy_vs_budget.png", "pca_map.png"))
-    return RunOutput(results, markdown, workdir)
+    if sel is not None and "error" not in sel:
+        plot_pca_map(feats, sel, workdir / "pca_map.png",
+                     f"{bilaf_method}, B = {b}, K = {config.num_cores}, seed "
+                     f"{config.seeds[0]} ({config.dataset}, first 2 PCs of the pool)")
+        written.append("pca_map.png")
+    else:  # an earlier run's map would show another selection
+        with contextlib.suppress(FileNotFoundError):
+            (workdir / "pca_map.png").unlink()
+    _readable(workdir, written)
+    return RunOutput(results, markdown, workdir, tuple(written))

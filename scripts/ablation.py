@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bilaf_jax import experiment, run_configs  # noqa: E402
-from bilaf_jax.io import write_text_atomic  # noqa: E402
+from bilaf_jax.io import atomic_open, write_text_atomic  # noqa: E402
 
 PARAMS = {"num_cores": ("K", int), "remove_fraction": ("P_rm", float)}
 FEATURE_FILES = ("pool.npz", "test.npz", "selection.npz")
@@ -56,8 +56,9 @@ def share_features(base: Path, config, target: Path) -> None:
     (target / "features").mkdir(parents=True, exist_ok=True)
     for name in FEATURE_FILES:
         src, dst = base / "features" / name, target / "features" / name
-        if src.exists() and not dst.exists():
-            shutil.copyfile(src, dst)
+        if src.exists() and not dst.exists():  # atomically: a killed copy leaves no stub
+            with open(src, "rb") as fin, atomic_open(dst, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
 
 
 def report(by_row: dict, budgets, label: str, command: str, seeds, default: str) -> str:
@@ -72,8 +73,9 @@ def report(by_row: dict, budgets, label: str, command: str, seeds, default: str)
             stats = experiment.summarize(records)
             cells = []
             for b in budgets:
-                mean, std, count = stats.get((method, b, ev), (float("nan"), float("nan"), 0))
-                cells.append("failed" if count == 0 else f"{100 * mean:.1f} ± {100 * std:.1f}")
+                cells.append(experiment.format_cell(
+                    *stats.get((method, b, ev), (float("nan"), float("nan"), 0)),
+                    total=len(seeds)))
             lines.append(f"| {method} | {value} | " + " | ".join(cells) + " |")
         lines.append("")
 

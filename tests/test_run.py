@@ -528,3 +528,141 @@ def test_a_workdir_in_use_by_another_run_is_refused(tmp_path):
         holder.wait()
     _inject_features(wd)  # the lock file left behind is no piece of a run
     experiment.run_experiment(tiny_config(methods=("random",), seeds=(0,)), wd, progress=False)
+
+
+def test_selections_copied_from_a_run_of_other_settings_are_refused(tmp_path):
+    """A selection or core record says what it was made with; one copied in from a workdir of
+    another K (or an earlier version, which did not say) is refused, not reused."""
+    import shutil
+
+    src, dst = tmp_path / "k4", tmp_path / "k6"
+    _inject_features(src)
+    config = tiny_config(methods=("bilaf-paper", "activeft"), seeds=(0,), evals=("knn",))
+    experiment.run_experiment(config, src, progress=False)
+    rec = json.loads((src / "selections" / "bilaf-paper" / "b12_s0.json").read_text())
+    assert rec["made_with"]["num_cores"] == 4 and rec["made_with"]["remove_fraction"] == 0.1
+    _inject_features(dst)
+    shutil.copytree(src / "selections", dst / "selections")
+    with pytest.raises(ValueError, match=r"b12_s0.json was made with num_cores 4 \(this run: 6\); "
+                                         r"remove it"):
+        experiment.run_experiment(config._replace(num_cores=6), dst, progress=False)
+    assert not (dst / "run.json").exists()  # refused before the workdir is claimed
+    # activeft's records do not depend on K: reused by a K = 6 run
+    experiment.run_experiment(config._replace(num_cores=6, methods=("activeft",)), dst,
+                              progress=False)
+    dst = tmp_path / "again"
+    _inject_features(dst)
+    shutil.copytree(src / "selections", dst / "selections")
+    old = dst / "selections" / "activeft" / "b24_s0.json"
+    rec = json.loads(old.read_text())
+    del rec["made_with"]
+    old.write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="b24_s0.json records no settings"):
+        experiment.run_experiment(config._replace(methods=("activeft",)), dst, progress=False)
+
+
+def test_evaluations_follow_their_selection(tmp_path, capsys):
+    """An evaluation record remembers the selection it evaluated; a selection made again
+    differently (its record removed, another seed's cores) gets a new evaluation."""
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    config = tiny_config(methods=("random",), seeds=(0,), evals=("knn",))
+    first = experiment.run_experiment(config, wd, progress=False).results["records"]
+    sel = wd / "selections" / "random" / "b12_s0.json"
+    rec = json.loads(sel.read_text())
+    rec["indices"] = list(range(12))
+    sel.write_text(json.dumps(rec))
+    capsys.readouterr()
+    again = experiment.run_experiment(config, wd, progress=False).results["records"]
+    assert "random_b12_s0.json was made from another selection" in capsys.readouterr().err
+    changed = [a for a, b in zip(again, first, strict=True) if a["budget"] == 12]
+    assert changed and changed[0]["basis"] != first[0]["basis"]
+
+
+def test_statistics_edge_cases():
+    from scipy import stats
+
+    assert experiment.t_critical(11) == pytest.approx(stats.t.ppf(0.975, 11))
+    assert experiment.t_critical(11) > 2.2  # was 2.0 beyond 10 degrees of freedom
+
+    def recs(method, accs):
+        return [{"method": method, "budget": 10, "seed": s, "eval": "knn", "accuracy": a}
+                for s, a in enumerate(accs)]
+
+    # two seeds, each one test image (of 10,000) ahead: no spread, but +0.0 points shown
+    tiny = recs("random", [0.5, 0.6]) + recs("bilaf-paper", [0.5001, 0.6001])
+    text = experiment.verdict(tiny, "bilaf-paper", "random", 10, "knn")
+    assert text.startswith("bilaf-paper is level with random (+0.0 points")
+    # 12 seeds, paired p = 0.06: not significant (the old 2.0 cut-off said "beats")
+    d = np.array([2.0, 1.5, 2.5, -1.0, 1.0, 2.0, 1.2, -0.8, 1.8, 0.4, 1.1, -0.2]) / 100
+    p = stats.ttest_rel(0.5 + d, np.full(12, 0.5)).pvalue
+    rows = recs("random", [0.5] * 12) + recs("bilaf-paper", list(0.5 + d))
+    text = experiment.verdict(rows, "bilaf-paper", "random", 10, "knn")
+    assert ("beats" in text) == (p < 0.05), (p, text)
+    one = experiment.summarize(recs("random", [0.9]))[("random", 10, "knn")]
+    assert one[2] == 1 and np.isnan(one[1])
+    assert experiment.format_cell(*one, total=5) == "90.0 (n=1)"
+    assert experiment.format_cell(0.5, 0.01, 5, total=5) == "50.0 ± 1.0"
+    assert experiment.format_cell(np.nan, np.nan, 0) == "failed"
+
+
+def test_numpy_float32_budget_fractions_are_taken_as_written():
+    got = experiment.validate(tiny_config(budget_fractions=(np.float32(0.01), np.float32(0.02),
+                                                            np.float32(0.05)), pool_size=10_000))
+    assert experiment.budgets_for(got, 10_000) == [100, 200, 500]
+
+
+def test_only_the_authors_script_failures_are_recorded_as_failed_selections(tmp_path,
+                                                                           monkeypatch):
+    import bilaf_jax.pipeline
+    from bilaf_jax.boundary import ScriptFailure
+
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    config = tiny_config(methods=("kmeans",), seeds=(0,), evals=("knn",))
+
+    def broken(*args, **kwargs):
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(bilaf_jax.pipeline, "select", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        experiment.run_experiment(config, wd, progress=False)
+    assert not (wd / "selections" / "kmeans" / "b12_s0.json").exists()
+
+    def script_fails(*args, **kwargs):
+        raise ScriptFailure("official mode: the authors' script divides by zero")
+
+    monkeypatch.setattr(bilaf_jax.pipeline, "select", script_fails)
+    out = experiment.run_experiment(config, wd, progress=False)
+    assert all("divides by zero" in r["error"] for r in out.results["records"])
+    assert "## Failed runs" in out.markdown
+
+
+def test_repeated_samples_are_labelled_once_and_reported(tmp_path, monkeypatch):
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    config = tiny_config(methods=("random",), seeds=(0,), evals=("knn",))
+    experiment.run_experiment(config, wd, progress=False)
+    sel = wd / "selections" / "random" / "b12_s0.json"
+    rec = json.loads(sel.read_text())
+    rec["indices"] = rec["indices"][:10] + rec["indices"][:2]  # 12 picks, 10 samples
+    sel.write_text(json.dumps(rec))
+    out = experiment.run_experiment(config, wd, progress=False)
+    knn = [r for r in out.results["records"] if r["budget"] == 12][0]
+    assert knn["num_labelled"] == 10
+    assert "- random B = 12 seed 0: 10 distinct samples" in out.markdown
+
+
+def test_a_stale_pca_map_is_removed(tmp_path, capsys):
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    experiment.run_experiment(tiny_config(methods=("random", "bilaf-paper"), seeds=(0,),
+                                          evals=("knn",)), wd, progress=False)
+    assert (wd / "pca_map.png").is_file()
+    out = experiment.run_experiment(tiny_config(methods=("random", "bilaf-paper"), seeds=(0,),
+                                                evals=("knn",), name="tiny2"), wd, progress=False)
+    assert "pca_map.png" in out.written
+    (wd / "selections" / "bilaf-paper").rename(wd / "elsewhere")
+    config = tiny_config(methods=("random",), seeds=(0,), evals=("knn",))
+    out = experiment.run_experiment(config, wd, progress=False)
+    assert "pca_map.png" not in out.written and not (wd / "pca_map.png").exists()

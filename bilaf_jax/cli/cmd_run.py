@@ -117,6 +117,5 @@ def run(args) -> int:
     out = experiment.run_experiment(config, workdir, progress=not args.no_progress,
                                     command=command)
     sys.stdout.write(out.markdown)
-    sys.stdout.write(f"\nwrote {workdir / 'results.json'}, results.md, accuracy_vs_budget.png, "
-                     "pca_map.png\n")
+    sys.stdout.write(f"\nwrote {workdir / out.written[0]}, {', '.join(out.written[1:])}\n")
     return 0
