@@ -254,7 +254,7 @@ def test_official_zero_allocation_raises():
     cores = [0, 100, 105]
     with pytest.raises(ValueError, match="allocation gives 0"):
         bilaf(KEY, x, cores, 3, mode="official")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="zero allocation"):
         official_reference(x, cores, 3)
     out = bilaf(KEY, x, cores, 3)  # paper mode: every class gets at least its core
     np.testing.assert_array_equal(np.asarray(out.indices), cores)

@@ -35,7 +35,8 @@ def test_load_features_formats_and_errors(tmp_path):
     np.save(tmp_path / "f.npy", x)
     np.savez(tmp_path / "f.npz", features=x, labels=np.arange(4))
     got, labels = io.load_features(tmp_path / "f.npy")
-    np.testing.assert_array_equal(got, x) and labels is None
+    np.testing.assert_array_equal(got, x)
+    assert labels is None
     got, labels = io.load_features(tmp_path / "f.npz")
     np.testing.assert_array_equal(labels, np.arange(4))
     got, labels = io.load_features(tmp_path / "f.npy", label_column=True)

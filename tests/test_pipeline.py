@@ -1,5 +1,7 @@
 """`select`, the one-call pipeline."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -99,10 +101,12 @@ def test_precision_reaches_both_stages(pool, monkeypatch):
     assert len(np.unique(np.asarray(out.indices))) == 40
 
 
-@pytest.mark.parametrize("bad", [dict(mode="official", precision="bfloat16"),
-                                 dict(mode="official", remove_fraction=1.0),
-                                 dict(ring_fraction=0.0), dict(opponent_penalty=0.0)])
-def test_bad_boundary_settings_fail_before_stage_1(monkeypatch, bad):
+@pytest.mark.parametrize("bad,message", [
+    (dict(mode="official", precision="bfloat16"), "official mode computes in float64"),
+    (dict(mode="official", remove_fraction=1.0), "remove_fraction = 1 keeps no sample"),
+    (dict(ring_fraction=0.0), r"ring_fraction must be in \(0, 1\]"),
+    (dict(opponent_penalty=0.0), "opponent_penalty")])
+def test_bad_boundary_settings_fail_before_stage_1(monkeypatch, bad, message):
     from bilaf_jax import pipeline
 
     def stage_1(*args, **kwargs):
@@ -110,6 +114,28 @@ def test_bad_boundary_settings_fail_before_stage_1(monkeypatch, bad):
 
     monkeypatch.setitem(pipeline._CORE_SELECTORS, "activeft", stage_1)
     x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
-    with pytest.raises(ValueError) as e:
+    with pytest.raises(ValueError, match=message):  # not the AssertionError of stage_1
         select(jax.random.key(0), x, 10, num_cores=3, **bad)
-    assert not isinstance(e.value, AssertionError)
+
+
+def test_official_mode_through_select_and_the_commands_matches_the_script(digits, tmp_path):
+    """`select`, `bilaf select` and `bilaf run`'s boundary stage compute official mode in
+    float64 as the script does: on float32 features far from the origin (where float32
+    distances lose the last digits), their picks equal the script's reference."""
+    from bilaf_jax.cli import main
+    from bilaf_jax.experiment import boundary_from_cores
+    from tests.reference_boundary import official_reference
+
+    noise = np.random.default_rng(0).normal(size=(500, 64))
+    x = (digits[0][:500] / 16 + 30 + 1e-3 * noise).astype(np.float32)
+    out = select(jax.random.key(0), x, 120, num_cores=12, core_method="kcenter", mode="official")
+    cores = np.asarray(out.core_indices)
+    want = official_reference(x.astype(np.float64), cores, 120)[0]
+    np.testing.assert_array_equal(np.asarray(out.indices), want)
+    np.testing.assert_array_equal(
+        np.asarray(boundary_from_cores(0, x, cores, 120, mode="official").indices), want)
+    np.save(tmp_path / "f.npy", x)
+    assert main(["select", str(tmp_path / "f.npy"), "--budget", "120", "--cores", "12",
+                 "--core-method", "kcenter", "--mode", "official", "--seed", "0",
+                 "--out", str(tmp_path / "sel.json")]) == 0
+    assert json.loads((tmp_path / "sel.json").read_text()) == [int(i) for i in want]
