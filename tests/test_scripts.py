@@ -194,12 +194,9 @@ def test_bench_sweep_runs_and_checks_equality(monkeypatch, capsys):
 def test_finetune_recipe_ablation_reruns_a_finished_run_with_changes(tmp_path, capsys):
     """The unchanged variant reproduces the finished run exactly; the others change only the
     settings they name."""
-    from bilaf_jax import data
+    from tests.conftest import fashion_mnist_or_skip
 
-    try:
-        data.load_arrays("fashion_mnist", "test", limit=8)
-    except Exception as e:  # noqa: BLE001 - any failure means the data is not here
-        pytest.skip(f"Fashion-MNIST not available: {e}")
+    fashion_mnist_or_skip()
     from train.train import make_config, train_and_evaluate
 
     sel = tmp_path / "sel.json"

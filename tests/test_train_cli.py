@@ -249,10 +249,9 @@ def test_a_selection_made_on_other_rows_is_refused(bilaf, feats, capsys):
 
 def test_warmup_steps_flag_reaches_the_config(bilaf, feats, capsys):
     """The warm-up error names a flag that exists, and the flag sets warmup_steps."""
-    from bilaf_jax.data import raw_data_dir
+    from tests.conftest import fashion_mnist_or_skip
 
-    if not (raw_data_dir("fashion_mnist", None) / "train-labels-idx1-ubyte.gz").exists():
-        pytest.skip("Fashion-MNIST is not installed")
+    fashion_mnist_or_skip()
     args = ["finetune", "--dataset", "fashion_mnist", "--selection", str(feats / "sel.json"),
             "--mode", "full", "--steps", "6", "--image-size", "16", "--pool-size", "300",
             "--test-size", "8", "--workdir", str(feats / "full")]

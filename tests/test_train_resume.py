@@ -26,12 +26,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _fashion_mnist_or_skip():
-    from bilaf_jax import data
+    from tests.conftest import fashion_mnist_or_skip
 
-    try:
-        data.load_arrays("fashion_mnist", "test", limit=8)
-    except Exception as e:  # noqa: BLE001 - any failure means the data is not here
-        pytest.skip(f"Fashion-MNIST not available: {e}")
+    fashion_mnist_or_skip()
 
 
 class _TinyNet(nnx.Module):
