@@ -92,3 +92,24 @@ def test_kcenter_with_labelled_rows_starts_from_them(digits):
         want.append(int(np.argmax(d)))
         chosen.append(want[-1])
     np.testing.assert_array_equal(out.order, want)
+
+
+def test_kmeans_plus_plus_seeds_follow_squared_distances():
+    """k-means++: the first seed uniform, the next with probability D(x)^2 / sum D^2. Points
+    0, 1 and 3 on a line, K = 2, no Lloyd step (the centres are the seeds): the frequency of
+    each (first, second) pair over 3,000 keys against its exact probability (a uniform second
+    seed, say, would give 1/6 each)."""
+    x = np.array([[0.0], [1.0], [3.0]], np.float32)
+    keys = jax.random.split(jax.random.key(0), 3000)
+    centres = jax.vmap(lambda k: kmeans_select(k, x, 2, num_iters=0).centres)(keys)
+    pairs = np.asarray(centres)[:, :, 0]
+    exact = {}
+    for a in (0.0, 1.0, 3.0):
+        d2 = {b: (a - b) ** 2 for b in (0.0, 1.0, 3.0) if b != a}
+        for b, w in d2.items():
+            exact[(a, b)] = w / sum(d2.values()) / 3
+    for (a, b), p in exact.items():
+        freq = np.mean((pairs[:, 0] == a) & (pairs[:, 1] == b))
+        sd = np.sqrt(p * (1 - p) / len(keys))
+        assert abs(freq - p) < 4 * sd, ((a, b), freq, p)
+    assert sum(np.mean((pairs[:, 0] == a) & (pairs[:, 1] == b)) for a, b in exact) == 1.0
