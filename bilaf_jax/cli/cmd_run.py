@@ -53,7 +53,8 @@ def enable_compile_cache(folder) -> str | None:
     """Point JAX's persistent compilation cache at `folder` (None: the default; 'off': none).
 
     Many selection programs have data-dependent static shapes (budgets, BiLAF's per-class
-    buckets); a later run on the same pool then skips recompiling them.
+    buckets); a later run on the same pool then skips recompiling them. Programs that compile
+    in under $BILAF_COMPILE_CACHE_MIN_SECONDS (default 0.2 s) are not worth a file.
     """
     import os
 
@@ -68,7 +69,11 @@ def enable_compile_cache(folder) -> str | None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(path))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+    try:
+        min_secs = float(os.environ.get("BILAF_COMPILE_CACHE_MIN_SECONDS", "0.2"))
+    except ValueError:
+        min_secs = 0.2  # a cache is an optimisation only
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", max(min_secs, 0.0))
     return str(path)
 
 
