@@ -446,3 +446,23 @@ def test_error_messages_name_the_cause(case, needle, files, tmp_path, capsys):
     out = tmp_path / ("out.json" if argv[0] == "select" else "out")
     err = expect_usage_error(expand(argv, files, out), outputs_of(argv[0], out), capsys)
     assert needle in err, err
+
+
+def test_verify_exits_1_and_says_how_the_rerun_differs(files, tmp_path, capsys, monkeypatch):
+    """A re-run that disagrees with the list on file: exit code 1, and the message tells a
+    reordering (same samples) from other samples."""
+    from bilaf_jax.cli import cmd_select
+
+    out = tmp_path / "out.json"
+    assert call(["select", files / "good.npy", "--budget", "6", "--cores", "2", "--core-method",
+                 "kcenter", "--out", out]) == 0
+    capsys.readouterr()
+    on_file = json.loads(out.read_text())
+    real = cmd_select.run_selection
+    for rerun, says in ((on_file[::-1], "6 shared with the 6 on file (same set, different order)"),
+                        (on_file[:5] + [max(set(range(N)) - set(on_file))],
+                         "5 shared with the 6 on file\n")):
+        monkeypatch.setattr(cmd_select, "run_selection",
+                            lambda *a, r=rerun, **k: (r, *real(*a, **k)[1:]))
+        assert call(["select", "--verify", out]) == 1
+        assert says in capsys.readouterr().out

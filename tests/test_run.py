@@ -132,7 +132,10 @@ def test_projection_keeps_geometry():
     z, kept = experiment.project(x, 20)
     assert kept == 1.0
     z, kept = experiment.project(x, 6)
-    assert z.shape == (100, 6) and 0.9 < kept < 1.0
+    s = np.linalg.svd(x.astype(np.float64), compute_uv=False)  # singular values, descending
+    assert z.shape == (100, 6) and kept == pytest.approx(np.sum(s[:6] ** 2) / np.sum(s ** 2), rel=1e-6)
+    # the projection is onto the top 6 right singular vectors: it keeps exactly that energy
+    assert np.sum(z.astype(np.float64) ** 2) == pytest.approx(np.sum(s[:6] ** 2), rel=1e-5)
     z2, _ = experiment.project(x, 6)
     np.testing.assert_array_equal(z, z2)
     full, _ = experiment.project(np.pad(x, ((0, 0), (0, 5))), 20)

@@ -86,6 +86,8 @@ def test_resume_after_interrupt_is_exact_real_backbone(tmp_path):
     part = train_and_evaluate(cfg, tmp_path / "b", backbone=bb, max_steps_this_run=3)
     assert part == {"interrupted": True, "step": 3, "resumed_from_step": 0}
     assert not (tmp_path / "b" / "summary.json").exists()
+    with open(tmp_path / "b" / "metrics.jsonl", "a") as f:  # a kill in the middle of a line
+        f.write('{"step": 4, "train_lo')
     rest = train_and_evaluate(cfg, tmp_path / "b", backbone=bb)
     assert rest["resumed_from_step"] == 2 and full["resumed_from_step"] == 0
     assert _tree_equal(full["state"], rest["state"])  # params, BN stats, optimiser, EMA, RNG
@@ -96,7 +98,8 @@ def test_resume_after_interrupt_is_exact_real_backbone(tmp_path):
     assert sa["step"] == sb["step"] == 4
     assert {k: v for k, v in sa.items() if k != "resumed_from_step"} == \
         {k: v for k, v in sb.items() if k != "resumed_from_step"}
-    # Metrics: the line of step 3 (written before the interrupt) is not duplicated.
+    # Metrics: the line of step 3 (written before the interrupt) is not duplicated, the cut
+    # line is gone.
     ma = (tmp_path / "a" / "metrics.jsonl").read_text()
     mb = (tmp_path / "b" / "metrics.jsonl").read_text()
     assert ma == mb
