@@ -21,6 +21,19 @@ from bilaf_jax.backbones import _init, efficientnet, vit
 from bilaf_jax.backbones.torch_pickle import load_torch_checkpoint
 from bilaf_jax.io import InputError
 
+# EfficientNet-Lite0's stages as published (Tan & Le's B0 stages; Lite drops squeeze-excite and
+# uses ReLU6): expand ratio, kernel, stride of the first block, output channels, repeats. The
+# reference forward below builds its blocks from this table, not from the module's.
+LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+LITE0_BLOCKS = tuple((e, k, s if r == 0 else 1, c)
+                     for e, k, s, c, n in LITE0_STAGES for r in range(n))
+
+
+def test_lite0_block_table_is_the_published_one():
+    assert efficientnet.LITE0_BLOCKS == LITE0_BLOCKS and len(LITE0_BLOCKS) == 16
+
+
 # ---------------------------------------------------------------- checkpoint reader
 
 
@@ -196,7 +209,7 @@ def random_lite0_state_dict(seed=0):
     conv("_conv_stem", 32, 3, 3)
     bn("_bn0", 32)
     cin = 32
-    for i, (e, k, _, cout) in enumerate(efficientnet.LITE0_BLOCKS):
+    for i, (e, k, _, cout) in enumerate(LITE0_BLOCKS):
         mid, p = cin * e, f"_blocks.{i}."
         if e != 1:
             conv(p + "_expand_conv", mid, cin, 1)
@@ -235,7 +248,7 @@ def torch_lite0_reference(torch, sd, x_nhwc, taps):
     h = F.relu6(bn(same_conv(h, t["_conv_stem.weight"], 2), "_bn0"))
     pooled = {}
     cin = 32
-    for i, (e, _, s, cout) in enumerate(efficientnet.LITE0_BLOCKS):
+    for i, (e, _, s, cout) in enumerate(LITE0_BLOCKS):
         p, x0 = f"_blocks.{i}.", h
         if e != 1:
             h = F.relu6(bn(F.conv2d(h, t[p + "_expand_conv.weight"]), p + "_bn0"))
