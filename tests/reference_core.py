@@ -48,14 +48,14 @@ def activeft_loss_and_grad(theta, feats, tau, lam):
     return loss, g_theta
 
 
-def greedy_match(points, centres, similarity=False):
-    """Centres in order take their nearest (or most similar) point not yet taken (lowest index
-    on ties)."""
+def greedy_match(points, centres, similarity=False, exclude=()):
+    """Centres in order take their nearest (or most similar) point not yet taken and not
+    excluded (lowest index on ties)."""
     if similarity:
         score = -(centres @ points.T)
     else:
         score = ((centres[:, None, :].astype(np.float64) - points[None].astype(np.float64)) ** 2).sum(-1)
-    taken, out = set(), []
+    taken, out = {int(i) for i in exclude}, []
     for j in range(centres.shape[0]):
         for i in np.argsort(score[j], kind="stable"):
             if int(i) not in taken:
@@ -65,8 +65,9 @@ def greedy_match(points, centres, similarity=False):
     return np.array(out)
 
 
-def activeft(features, init_indices, num_steps=300, tau=0.07, lr=1e-3, lam=1.0):
+def activeft(features, init_indices, num_steps=300, tau=0.07, lr=1e-3, lam=1.0, exclude=()):
     """Full-batch ActiveFT with a NumPy Adam (torch defaults: betas 0.9/0.999, eps 1e-8).
+    `exclude`: labelled rows, part of the objective but never matched.
 
     Returns (indices ascending, matched in centroid order, losses)."""
     feats = normalize(np.asarray(features, np.float64))
@@ -83,7 +84,7 @@ def activeft(features, init_indices, num_steps=300, tau=0.07, lr=1e-3, lam=1.0):
         mhat = m / (1 - b1**t)
         vhat = v / (1 - b2**t)
         theta = theta - lr * mhat / (np.sqrt(vhat) + eps)
-    matched = greedy_match(feats, normalize(theta), similarity=True)
+    matched = greedy_match(feats, normalize(theta), similarity=True, exclude=exclude)
     return np.sort(matched), matched, np.array(losses)
 
 

@@ -196,3 +196,21 @@ def test_zero_steps_empty_exclude_and_unrepresentable_temperature(digits):
     np.testing.assert_array_equal(np.asarray(a.indices), np.asarray(b.indices))
     with pytest.raises(ValueError, match="not representable in float32"):
         activeft(key, x, 8, num_steps=5, temperature=1e-39)
+
+
+def test_labelled_rows_shape_the_objective_but_are_never_picked(digits):
+    """exclude: labelled rows are never initial centroids and never matched, but stay in the
+    loss (they pull centroids towards covered regions); against the NumPy reference with the
+    same initial rows."""
+    x = _features(digits)
+    labeled = np.arange(0, len(x), 7)  # a seventh of the pool
+    with jax.enable_x64(True):
+        out = activeft(jax.random.key(3), x.astype(np.float64), 15, num_steps=60,
+                       learning_rate=1e-2, exclude=labeled)
+    init = np.asarray(out.init_indices)
+    assert not set(init.tolist()) & set(labeled.tolist())
+    want_idx, want_matched, want_losses = ref.activeft(x, init, num_steps=60, lr=1e-2,
+                                                       exclude=labeled)
+    np.testing.assert_allclose(out.losses, want_losses, rtol=1e-5)
+    np.testing.assert_array_equal(out.matched_indices, want_matched)
+    assert not set(want_matched.tolist()) & set(labeled.tolist())

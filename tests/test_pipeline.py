@@ -139,3 +139,18 @@ def test_official_mode_through_select_and_the_commands_matches_the_script(digits
                  "--core-method", "kcenter", "--mode", "official", "--seed", "0",
                  "--out", str(tmp_path / "sel.json")]) == 0
     assert json.loads((tmp_path / "sel.json").read_text()) == [int(i) for i in want]
+
+
+def test_labelled_rows_act_as_cores_and_are_not_picked_again(digits):
+    """A labelled pool in paper mode equals the reference run with the labelled rows added to
+    the new cores and the budget raised by their number, labelled rows then left out."""
+    from tests.reference_boundary import paper_reference
+
+    x = (digits[0][:300] @ np.random.default_rng(0).normal(size=(64, 8))).astype(np.float32)
+    labeled = np.array([5, 77, 150, 299])
+    out = select(jax.random.key(1), x, 40, num_cores=6, core_method="kcenter", labeled=labeled)
+    cores = np.asarray(out.core_indices)
+    assert not set(cores.tolist()) & set(labeled.tolist())
+    ref = paper_reference(x.astype(np.float64), np.sort(np.concatenate([cores, labeled])), 44)[0]
+    want = [i for i in ref if i not in set(labeled.tolist())]
+    np.testing.assert_array_equal(np.asarray(out.indices), want)
