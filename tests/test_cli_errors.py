@@ -466,3 +466,31 @@ def test_verify_exits_1_and_says_how_the_rerun_differs(files, tmp_path, capsys, 
                             lambda *a, r=rerun, **k: (r, *real(*a, **k)[1:]))
         assert call(["select", "--verify", out]) == 1
         assert says in capsys.readouterr().out
+
+
+def test_a_kill_between_record_and_list_leaves_a_list_verify_refuses(files, tmp_path, capsys,
+                                                                      monkeypatch):
+    """The record is written first and names its list's sha256: a run stopped after the
+    record and before the list (here, over an earlier selection) leaves an old list that
+    --verify refuses instead of verifying against the new record."""
+    from bilaf_jax import io
+
+    out = tmp_path / "out.json"
+    args = ["select", files / "good.npy", "--cores", "2", "--core-method", "kcenter", "--out", out]
+    assert call([*args, "--budget", "6"]) == 0
+    old_list = out.read_text()
+    real = io.write_json_atomic
+
+    def killed_at_the_list(path, *a, **k):
+        if Path(path) == out:
+            raise KeyboardInterrupt  # stands in for the kill
+        return real(path, *a, **k)
+
+    monkeypatch.setattr(io, "write_json_atomic", killed_at_the_list)
+    assert call([*args, "--budget", "7"]) == 130  # "interrupted"
+    monkeypatch.setattr(io, "write_json_atomic", real)
+    assert out.read_text() == old_list
+    assert json.loads((tmp_path / "out.meta.json").read_text())["selection"]["budget"] == 7
+    capsys.readouterr()
+    err = expect_usage_error(["select", "--verify", out], [], capsys)
+    assert "is not the list its record out.meta.json describes" in err

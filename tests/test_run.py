@@ -669,3 +669,22 @@ def test_a_stale_pca_map_is_removed(tmp_path, capsys):
     config = tiny_config(methods=("random",), seeds=(0,), evals=("knn",))
     out = experiment.run_experiment(config, wd, progress=False)
     assert "pca_map.png" not in out.written and not (wd / "pca_map.png").exists()
+
+
+def test_features_of_other_data_are_refused(tmp_path):
+    """Where the data set is on this machine, feature files must come from exactly that data
+    (its fingerprint), not only from a data set of the same name."""
+    from tests.conftest import fashion_mnist_or_skip
+
+    fashion_mnist_or_skip()
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    path = wd / "features" / "pool.npz"
+    with np.load(path) as f:
+        arrays = dict(f)
+    meta = json.loads(str(arrays["meta"]))
+    assert meta["source"]  # injected as this machine's data
+    arrays["meta"] = np.asarray(json.dumps({**meta, "source": "fashion_mnist/train/other"}))
+    np.savez(path, **arrays)
+    with pytest.raises(ValueError, match="pool.npz was made with source 'fashion_mnist/train/other'"):
+        experiment.run_experiment(tiny_config(), wd, progress=False)
