@@ -7,6 +7,7 @@ features), so no backbone or data set is needed.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -688,3 +689,14 @@ def test_features_of_other_data_are_refused(tmp_path):
     np.savez(path, **arrays)
     with pytest.raises(ValueError, match="pool.npz was made with source 'fashion_mnist/train/other'"):
         experiment.run_experiment(tiny_config(), wd, progress=False)
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("run_*.py")),
+                         ids=lambda p: p.stem)
+def test_every_run_config_file_passes_a_dry_run(path, tmp_path, capsys):
+    """The config files the README names load, validate and plan (the paper's with random
+    weights: DINO's file is not on this machine)."""
+    extra = ["--weights", "random"] if path.stem.startswith("run_paper_") else []
+    assert main(["run", "--config", str(path), "--dry-run", "--workdir", str(tmp_path / "w"),
+                 *extra]) == 0, capsys.readouterr().err
+    assert "selections" in capsys.readouterr().out and not (tmp_path / "w").exists()
