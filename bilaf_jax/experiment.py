@@ -875,7 +875,7 @@ def verdict(records, method, other, budget, ev) -> str:
         return f"{method} vs {other}: no comparable runs"
     mean = d.mean()
     wins = int((d > 0).sum())
-    shown = round(100 * mean, 1)  # the words follow the number printed
+    shown = round(100 * mean, 1) + 0.0  # the words follow the number printed (+ 0.0: no -0.0)
     if len(d) > 1:
         se = d.std(ddof=1) / math.sqrt(len(d))
         clear = abs(mean) > t_critical(len(d) - 1) * se and shown != 0

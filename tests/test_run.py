@@ -597,6 +597,9 @@ def test_statistics_edge_cases():
     tiny = recs("random", [0.5, 0.6]) + recs("bilaf-paper", [0.5001, 0.6001])
     text = experiment.verdict(tiny, "bilaf-paper", "random", 10, "knn")
     assert text.startswith("bilaf-paper is level with random (+0.0 points")
+    behind = recs("random", [0.5001, 0.6001]) + recs("bilaf-paper", [0.5, 0.6])
+    assert "is level with random (+0.0 points" in experiment.verdict(behind, "bilaf-paper",
+                                                                     "random", 10, "knn")
     # 12 seeds, paired p = 0.06: not significant (the old 2.0 cut-off said "beats")
     d = np.array([2.0, 1.5, 2.5, -1.0, 1.0, 2.0, 1.2, -0.8, 1.8, 0.4, 1.1, -0.2]) / 100
     p = stats.ttest_rel(0.5 + d, np.full(12, 0.5)).pvalue
