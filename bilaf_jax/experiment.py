@@ -830,7 +830,7 @@ def summarize(records: list[dict]) -> dict:
     for key, accs in groups.items():
         vals = np.asarray([a for a in accs if a is not None], np.float64)
         if len(vals):
-            # one seed has no spread to show: NaN, printed as "-"
+            # one seed has no spread to show: NaN (format_cell prints the mean alone)
             out[key] = (float(vals.mean()), float(vals.std(ddof=1)) if len(vals) > 1 else math.nan,
                         len(vals))
         else:
