@@ -14,18 +14,16 @@ frozen features; configs/run_finetune_cpu_noclip.py reruns the Fashion-MNIST com
 without it, and this the MNIST-5k one.
 """
 
-from bilaf_jax import run_configs
+from pathlib import Path
+
+from bilaf_jax.io import call_get_config
 
 
 def get_config():
-    return run_configs.mnist_5k()._replace(
+    clipped = call_get_config(Path(__file__).with_name("run_finetune_cpu_mnist_5k.py"))
+    return clipped._replace(
         name="finetune_cpu_mnist_5k_noclip",
-        methods=("random", "activeft", "bilaf-paper", "bilaf-official"),
-        budget_fractions=(0.10,),
-        seeds=(0, 1, 2),
-        evals=("full",),
-        finetune=dict(run_configs.CPU_FINETUNE, grad_clip_norm=None),
+        finetune=dict(clipped.finetune, grad_clip_norm=None),
         notes="Full finetuning of EfficientNet-Lite0 at 48 px, 500 steps of 32, on the CPU, "
               "without gradient clipping; selection as the mnist_5k config (K = 16), B = 10% "
-              "only.",
-    )
+              "only.")
