@@ -5,6 +5,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
+  # The environment takes about 2.2 GB (jaxlib, and torch for the parity tests); say so up front
+  # rather than leave pip's "No space left on device" half-way through.
+  free_kb=$(df -Pk . | awk 'NR == 2 {print $4}')
+  if [ -n "$free_kb" ] && [ "$free_kb" -lt 3000000 ]; then
+    echo "warning: $((free_kb / 1024)) MB free here; the environment needs about 2.2 GB (3 GB to be safe)" >&2
+  fi
   "$PY" -m venv .venv
 fi
 . .venv/bin/activate
