@@ -7,7 +7,7 @@ import gzip
 import numpy as np
 import pytest
 
-from bilaf_jax.data import DATASETS, ImageArrays, data_source, eval_split, load_arrays, load_rows
+from bilaf_jax.data import DATASETS, ImageArrays, _image_array, data_source, eval_split, load_arrays, load_rows
 from bilaf_jax.data.idx import read_idx, write_idx
 from bilaf_jax.io import InputError
 
@@ -150,6 +150,10 @@ def test_image_folder(tmp_path):
     (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")
     src = data_source("image_folder", "train", data_dir=tmp_path)
     assert len(src) == 5 and src.class_names == ["cat", "dog"]
+    # "all" on a folder with split subfolders would make "train" (and "test") classes
+    with pytest.raises(InputError, match="has split subfolders"):
+        data_source("image_folder", "all", data_dir=tmp_path)
+    assert len(data_source("image_folder", "all", data_dir=tmp_path / "train")) == 5
     with pytest.raises(InputError, match="differ in size"):
         load_arrays("image_folder", "train", data_dir=tmp_path)
     got = load_arrays("image_folder", "train", data_dir=tmp_path, image_size=8)
@@ -380,21 +384,29 @@ def test_image_folder_scales_16_bit_images_and_refuses_ambiguous_ones(tmp_path):
 
     values = np.array([[0, 18, 300, 40000, 65380, 65535]])
     want = np.round(values * 255 / 65535).astype(np.uint8)  # [0, 0, 1, 156, 254, 255]
-    cases = {  # 16-bit PNGs open as I;16 (as I in older Pillow); Pillow's convert() clipped them
+    cases = {  # 16-bit PNGs open as I;16 (as I in older Pillow), 16-bit PGMs as I; Pillow's
+        # convert() clipped them
         "png16.png": Image.fromarray(values.astype(np.uint16)),
         "be16.tif": Image.frombytes("I;16B", (6, 1), values.astype(">u2").tobytes()),
-        "int32.tif": Image.fromarray(values.astype(np.int32)),
+        "pgm16.pgm": Image.fromarray(values.astype(np.uint16)),
     }
     for name, image in cases.items():
         one_image_folder(tmp_path / name, image, name)
         img, label = data_source("image_folder", "all", data_dir=tmp_path / name)[0]
         assert img.dtype == np.uint8 and img.shape == (1, 6, 1), name
         np.testing.assert_array_equal(img[..., 0], want, err_msg=name)
+    with Image.open(tmp_path / "pgm16.pgm" / "a" / "pgm16.pgm") as im:
+        assert im.mode == "I"  # the 32-bit mode, from a 16-bit file
+    with Image.open(tmp_path / "png16.png" / "a" / "png16.png") as im:
+        older = im.convert("I")  # a 16-bit PNG as older Pillow opens it
+        older.format = im.format
+    np.testing.assert_array_equal(_image_array(older, "x"), want)
     rgb = one_image_folder(tmp_path / "rgb", Image.fromarray(np.full((2, 3, 3), 7, np.uint8)))
     assert data_source("image_folder", "all", data_dir=rgb.parent.parent)[0][0].shape == (2, 3, 3)
     refused = {  # no one mapping to 8 bits: the float image became all 0
-        "wide.tif": (Image.fromarray(np.array([[0, 70000]], np.int32)), "outside 0..65535"),
-        "negative.tif": (Image.fromarray(np.array([[-1, 5]], np.int32)), "outside 0..65535"),
+        # 32-bit TIFFs: values that fit 8 bits were scaled as 16-bit ones to near black
+        "int32.tif": (Image.fromarray(np.array([[0, 50, 128, 200, 255]], np.int32)), "32-bit"),
+        "wide.tif": (Image.fromarray(np.array([[0, 70000]], np.int32)), "32-bit"),
         "float.tif": (Image.fromarray(np.array([[0.0, 0.5, 1.0]], np.float32)), "floating"),
     }
     for name, (image, match) in refused.items():

@@ -27,7 +27,8 @@ TensorFlow; preparing it needs TensorFlow (`pip install 'bilaf_jax[tf]'`), netwo
 `data_dir` is the TFDS data dir (default: the cache).
 
 `image_folder` reads a user's own images (`data_dir/<split>/<class>/*.jpg`, or
-`data_dir/<class>/*.jpg` with split "all"/"train") with torchvision's `ImageFolder` rules, so
+`data_dir/<class>/*.jpg` with split "all"/"train"; "all" is refused on a folder that has a
+`train/` subfolder) with torchvision's `ImageFolder` rules, so
 rows and labels are index-for-index those of the authors' datasets: classes are the sorted
 subfolder names (hidden ones included, symbolic links followed), and each class lists
 `sorted(os.walk(class_folder, followlinks=True))`, each folder's sorted file names with an
@@ -308,6 +309,10 @@ def _image_folder_root(split, data_dir) -> Path:
         raise InputError(f"image folder not found: {root}")
     if (root / split).is_dir():
         return root / split
+    if split == "all" and (root / "train").is_dir():
+        # a split folder would be read as a class, and the held-out images with it
+        raise InputError(f"image folder {root} has split subfolders (train/ ...); split 'all' "
+                         "would read them as classes: name the split (--split train)")
     if split in ("all", "train"):
         return root
     raise InputError(f"image folder {root} has no split subfolder '{split}'")
@@ -318,12 +323,18 @@ _MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")
 
 def _image_array(im, path) -> np.ndarray:
     """An opened PIL image as uint8 [h, w] (grey) or [h, w, 3]."""
+    if im.mode == "I" and im.format not in ("PNG", "PPM"):
+        # 32-bit integer pixels (TIFF): 8-bit values stored wide and dark 16-bit ones look
+        # alike, so no scaling is right for both
+        raise InputError(f"image {path} has 32-bit integer pixels, which have no one 8-bit "
+                         "mapping; convert it to 8-bit")
     if im.mode in _MODES_16BIT or im.mode == "I":
-        # Pillow's convert() clips these to 0..255 instead of scaling them
+        # 16 bits (PNG and 16-bit PGM open as "I" in some Pillow versions): Pillow's convert()
+        # clips these to 0..255 instead of scaling them
         arr = np.asarray(im)
-        if im.mode == "I" and arr.size and (arr.min() < 0 or arr.max() > 65535):
-            raise InputError(f"image {path} has 32-bit integer values outside 0..65535, which "
-                             "have no one 8-bit mapping; convert it to 8-bit")
+        if arr.size and (arr.min() < 0 or arr.max() > 65535):
+            raise InputError(f"image {path} has values outside 0..65535, which have no one "
+                             "8-bit mapping; convert it to 8-bit")
         return ((arr.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)
     if im.mode == "F":
         raise InputError(f"image {path} has floating-point pixels, which have no one 8-bit "
