@@ -10,7 +10,7 @@ backbone and writes `out` (npz) with
 
 Completed batches go to `<out>.partial/batch_<b>.npz` (each written atomically) beside a
 `config.json`. A killed run started again with the same configuration reuses them; a different
-configuration discards them. The final file is written atomically and the partial folder removed,
+configuration is refused (the batches are kept). The final file is written atomically and the partial folder removed,
 so `out` is either absent or complete, never truncated.
 """
 
@@ -82,6 +82,20 @@ def _remove_stale_temps(out: Path) -> None:
                 p.unlink()
 
 
+def _check_outside_data(out: Path, dataset: str, data_dir) -> None:
+    from bilaf_jax import data
+
+    raw = data.raw_data_dir(dataset, data_dir)
+    if raw is not None and out.resolve().is_relative_to(raw.resolve()):
+        # Would overwrite a data file, or add a file to the data (an image folder's class).
+        raise InputError(f"output path {out} is inside the data folder {raw}, an input: choose "
+                         "an output path outside it")
+
+
+# Not part of what the features depend on: the same weights moved (a new venv) resume.
+_NOT_SETTINGS = ("weights_path",)
+
+
 def _prepare_partial(partial: Path, config: dict) -> None:
     """Make `partial` hold shards of exactly `config`: keep them if it matches; refuse to
     discard finished batches of an extraction with other settings (hours of work on a large
@@ -92,14 +106,19 @@ def _prepare_partial(partial: Path, config: dict) -> None:
             before = json.loads(cfg_path.read_text())
         except (OSError, ValueError):
             before = None
-        if before == config:
+        def settings(c):
+            return {k: v for k, v in c.items() if k not in _NOT_SETTINGS}
+
+        if isinstance(before, dict) and settings(before) == settings(config):
+            if before != config:
+                write_json_atomic(cfg_path, config, indent=1)
             return
         shards = sorted(partial.glob("batch_*.npz"))
         if shards:
             if isinstance(before, dict):
                 changed = ", ".join(f"{k} {before.get(k)!r} (now {config.get(k)!r})"
                                     for k in sorted(set(before) | set(config))
-                                    if before.get(k) != config.get(k))
+                                    if k not in _NOT_SETTINGS and before.get(k) != config.get(k))
             else:
                 changed = "settings unreadable"
             fixed = isinstance(before, dict) and any(
@@ -134,6 +153,7 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
     out = check_output_path(out, inputs=() if weights in (None, "random") else (weights,))
     if out.suffix != ".npz":  # the file is an .npz archive; another name would mislead readers
         raise InputError(f"output must be a .npz file, got {out}")
+    _check_outside_data(out, dataset, data_dir)  # before the lock file, which would be added there
     with exclusive_lock(out.with_name(f".{out.name}.lock"), f"output {out}"):
         return _extract(out, dataset=dataset, split=split, backbone=backbone, weights=weights,
                         image_size=image_size, limit=limit, batch_size=batch_size,
@@ -163,11 +183,6 @@ def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch
         backbone = bbs.load(backbone, weights, taps=taps, seed=seed)
     size = backbone._size(image_size)
     source = data.data_source(dataset, split, data_dir=data_dir, cache_dir=cache_dir)
-    raw = data.raw_data_dir(dataset, data_dir)
-    if raw is not None and out.resolve().is_relative_to(raw.resolve()):
-        # Would overwrite a data file, or add a file to the data (an image folder's class).
-        raise InputError(f"output path {out} is inside the data folder {raw}, an input: choose "
-                         "an output path outside it")
     n = len(source) if limit is None else min(int(limit), len(source))
     if n == 0:
         raise InputError(f"{dataset} split '{split}' is empty")
@@ -193,12 +208,12 @@ def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch
         meta["class_names"] = list(source.class_names)
     done = _finished_meta(out)
     if done is not None:
-        same = {k: v for k, v in done.items() if k not in ("seconds", "weights_path")} == \
-            {k: v for k, v in meta.items() if k != "weights_path"}
+        same = {k: v for k, v in done.items() if k not in ("seconds", *_NOT_SETTINGS)} == \
+            {k: v for k, v in meta.items() if k not in _NOT_SETTINGS}
         if same:  # already extracted with these settings
             return ExtractOutput(out, n, backbone.dim, num_batches, 0, 0.0)
         changed = ", ".join(f"{k} {done.get(k)!r} (now {meta[k]!r})" for k in meta
-                            if k != "weights_path" and done.get(k) != meta[k])
+                            if k not in _NOT_SETTINGS and done.get(k) != meta[k])
         raise InputError(f"{out} holds features extracted with other settings ({changed}); "
                          "remove it or choose another output path")
     partial = out.with_name(out.name + ".partial")
@@ -332,6 +347,10 @@ def check_feature_pair(pool_path, test_path) -> None:
         if pool.get(key) != test.get(key):
             raise InputError(f"{pool_path} and {test_path} differ in {key} ({pool.get(key)!r} vs "
                              f"{test.get(key)!r}): features of one embedding and data set are needed")
-    if pool.get("split") == test.get("split") and pool.get("source") == test.get("source"):
-        raise InputError(f"{pool_path} and {test_path} are both of split {pool.get('split')!r}: "
+    same_source = pool.get("source") is not None and pool.get("source") == test.get("source")
+    if same_source or (pool.get("split") == test.get("split")
+                       and pool.get("source") == test.get("source")):
+        # an image folder's "all" and "train" read the same images: the source tells
+        raise InputError(f"{pool_path} and {test_path} hold the same images (split "
+                         f"{pool.get('split')!r} and {test.get('split')!r} of one source): "
                          "the test features must come from the held-out split")

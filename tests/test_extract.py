@@ -215,6 +215,7 @@ def test_output_inside_the_data_folder_is_refused(pool, tmp_path):
             extract_to_file(out, progress=False, **CFG, **dirs)
     assert idx_file.read_bytes() == before
     assert not (dirs["data_dir"] / "features.npz").exists()
+    assert not (dirs["data_dir"] / ".features.npz.lock").exists()  # nothing added to the data
 
 
 def test_image_folder_of_mixed_sizes(tmp_path):
@@ -237,6 +238,25 @@ def test_image_folder_of_mixed_sizes(tmp_path):
     with pytest.raises(InputError, match="inside the data folder"):
         extract_to_file(tmp_path / "imgs" / "a" / "f.npz", data_dir=tmp_path / "imgs",
                         progress=False, **cfg)
+    assert sorted(p.name for p in (tmp_path / "imgs" / "a").iterdir()) == ["0.png", "1.png", "2.png"]
+
+
+def test_unfinished_batches_resume_after_the_weights_file_moved(tmp_path):
+    """The same weights at another path (a new venv, a moved file) are the same settings; other
+    weights are not."""
+    from bilaf_jax.extract import _prepare_partial
+
+    partial = tmp_path / "f.npz.partial"
+    config = {"weights_sha256": "a" * 64, "weights_path": "/old/w.pth", "image_size": 32}
+    _prepare_partial(partial, config)
+    (partial / "batch_000000.npz").write_bytes(b"a finished batch")
+    moved = dict(config, weights_path="/new/w.pth")
+    _prepare_partial(partial, moved)
+    assert json.loads((partial / "config.json").read_text()) == moved
+    assert (partial / "batch_000000.npz").read_bytes() == b"a finished batch"
+    with pytest.raises(InputError, match=r"weights_sha256 'a+' \(now 'b+'\)\); finish"):
+        _prepare_partial(partial, dict(moved, weights_sha256="b" * 64, weights_path="/x.pth"))
+    assert json.loads((partial / "config.json").read_text()) == moved
 
 
 def test_imagenet_through_mocked_tfds(tmp_path):

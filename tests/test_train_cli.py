@@ -180,7 +180,10 @@ def test_train_main_reports_bad_input_on_one_line(feats, capsys):
     ({"image_size": 32}, "differ in image_size"),
     ({"dataset": "mnist_5k"}, "differ in dataset"),
     ({"class_names": ["a", "c"]}, "differ in class_names (['a', 'b', 'c'] vs ['a', 'c'])"),
-    ({"split": "train"}, "both of split 'train': the test features must come from the held-out split"),
+    ({"split": "train"}, "hold the same images (split 'train' and 'train' of one source): the test "
+                         "features must come from the held-out split"),
+    # an image folder's "all" and "train" are one folder: the source, not the split name, tells
+    ({"split": "all", "source": "fashion_mnist/train/src_x"}, "hold the same images (split 'train' and 'all'"),
 ])
 def test_features_of_another_embedding_or_the_same_split_are_refused(bilaf, feats, capsys, change,
                                                                      needle):
