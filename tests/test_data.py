@@ -121,6 +121,9 @@ def test_tfds_own_builders_through_mock_data(tmp_path):
         assert got.images.shape == (2, 32, 32, 3)
         src = data_source("imagenet2012", "validation", cache_dir=tmp_path)
         assert src.image_shape is None and src.num_classes == 1000  # sizes vary
+        # the release's version is part of the data's identity, not only name, split and size
+        version = tfds.builder("imagenet2012", data_dir=str(tmp_path)).info.version
+        assert src.fingerprint == f"imagenet2012/validation/6/v{version}"
         got = load_arrays("imagenet2012", "validation", cache_dir=tmp_path, image_size=24)
         assert got.images.shape == (6, 24, 24, 3)
 

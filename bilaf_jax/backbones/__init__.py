@@ -39,7 +39,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 # of the TensorFlow release, trained on (pixel - 127) / 128 with bicubic resizing in float (the
 # first BatchNorm's running statistics match that input and not ImageNet mean/std, which gives
 # 4.4x their variance). DINO trained on ImageNet mean/std, and the authors extract with
-# torchvision's Resize(224, bicubic) on PIL images: "pil-bicubic" resizes every image with
+# torchvision's Resize((224, 224), bicubic) on PIL images (a square, aspect not kept):
+# "pil-bicubic" resizes every image with
 # Pillow on the host, so features match theirs (a float resize differs by up to ~20 grey levels
 # near edges of upsampled 32 px images).
 _LITE0 = {"resize": "bicubic", "mean": (127 / 255,) * 3, "std": (128 / 255,) * 3}

@@ -247,8 +247,13 @@ def _tfds_own_source(name, split, data_dir, cache_dir) -> ImageSource:
             )
         except Exception as e:  # tfds raises many types for a broken data dir
             raise InputError(f"{name}: TFDS cannot open its builder in {root} ({e})") from None
+        # The data's identity (caches, resuming, selection checks): TFDS keeps no checksum of
+        # prepared files, but the dataset version tells copies prepared by other releases apart.
+        version = f"v{builder.info.version}"
         if builder.is_prepared():
-            return _builder_source(name, builder, split)
+            src = _builder_source(name, builder, split)
+            src.fingerprint = f"{name}/{split}/{len(src)}/{version}"
+            return src
         try:  # tfds.testing.mock_data patches this path
             src = tfds.data_source(
                 _TFDS_NAMES[name], split=split, data_dir=str(root), download=False,
@@ -257,7 +262,9 @@ def _tfds_own_source(name, split, data_dir, cache_dir) -> ImageSource:
         except Exception:
             src = None
         if src is not None:
-            return _wrap_tfds_source(name, split, src, builder.info.features)
+            src = _wrap_tfds_source(name, split, src, builder.info.features)
+            src.fingerprint = f"{name}/{split}/{len(src)}/{version}"
+            return src
         try:
             import tensorflow  # noqa: F401
         except ImportError:
