@@ -717,7 +717,10 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
         # Tracked opponents laid out [C, T1, P]: the min over them runs across the leading
         # axis with the samples as vector lanes.
         od_t, oi_t, other_t = (jnp.swapaxes(v, 1, 2) for v in (od, oi, other))
-    intra0 = jnp.einsum("cij,cj->ci", dist, pool.astype(ftype))        # sums to the pool
+    # Pinned, as every product of the stage: a GPU's default float32 dot is TF32, whose 10-bit
+    # inputs would make these sums (and so the scores) differ from the CPU's.
+    intra0 = jnp.einsum("cij,cj->ci", dist, pool.astype(ftype),         # sums to the pool
+                        precision=lax.Precision.HIGHEST)
     size = jnp.sum(pool, axis=1).astype(jnp.int32)
     sizef = size.astype(ftype)
     budget = jnp.where(c.count > 0, alloc[c.cls], 0)                      # padding: nothing
@@ -803,7 +806,8 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
             # Large quotas (small budgets): one bisection instead of many extractions.
             out = _smallest_set(cand, key, tie, quota_now)
             if mode == "paper":
-                intra = intra - jnp.einsum("cij,cj->ci", dist, out.astype(ftype))
+                intra = intra - jnp.einsum("cij,cj->ci", dist, out.astype(ftype),
+                                           precision=lax.Precision.HIGHEST)
             return cand & ~out, intra
 
         cand, intra = lax.cond(
