@@ -79,3 +79,26 @@ class PhaseTimer:
     def restore(self):
         for attr, fn in self.saved.items():
             setattr(self.module, attr, fn)
+
+
+class CompileClock:
+    """Seconds XLA spent compiling (its backend-compile events) since the last `take()`: a run
+    timed as steady state that compiled something is not steady (on a GPU, ActiveFT's scatter-add
+    is not deterministic, so a rerun's cores, and with them the boundary stage's shapes, can
+    differ)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        import jax.monitoring
+
+        self.total = 0.0
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event, duration_secs, **_):
+        if event == self.EVENT:
+            self.total += duration_secs
+
+    def take(self) -> float:
+        secs, self.total = self.total, 0.0
+        return round(secs, 3)

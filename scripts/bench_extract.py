@@ -6,7 +6,8 @@
 Feeds random uint8 images of `--input-size` (default 28x28 grey, Fashion-MNIST's shape) from
 the host each batch, as `bilaf extract` does (vit_s16 resizes them with Pillow on the host,
 every other backbone on the device), and times `--batches` batches after `--warmup`
-(compilation). Prints a markdown table, or JSON with `--json`. Works on any JAX backend.
+(compilation). Prints a markdown table, or with `--json` one JSON object per line, each as
+soon as it is measured (a run cut short keeps the finished ones). Works on any JAX backend.
 
 `--compare-depthwise` (CPU): EfficientNet-Lite0 once more with XLA's grouped convolution for
 its depthwise layers instead of our shifted products, with the largest absolute difference
@@ -98,10 +99,10 @@ def main(argv=None) -> int:
             "device": f"{device.platform}:{device.device_kind}", "jax": jax.__version__,
             **extra,
         })
+        if args.json:
+            print(json.dumps(rows[-1]), flush=True)
     efficientnet.SHIFTED_DEPTHWISE_ON_CPU = True
-    if args.json:
-        print(json.dumps(rows, indent=1))
-    else:
+    if not args.json:
         keys = list(rows[0])
         print("| " + " | ".join(keys) + " |")
         print("|" + "---|" * len(keys))

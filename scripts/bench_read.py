@@ -8,7 +8,8 @@ noise) into a temporary image folder, then times `bilaf_jax.data.load_rows` over
 (decode + resize to --image-size on the host, chunks of 64) for each worker count. With
 --extract it also times `bilaf extract`'s path (`extract_to_file`, EfficientNet-Lite0 with
 random weights, batches of 64, `read_workers` each worker count), where reading overlaps the
-forward pass. Prints a markdown table, or JSON with --json.
+forward pass. Prints a markdown table, or with --json one JSON object per line: the set-up
+first, then each measurement as soon as it is made (a run cut short keeps the finished ones).
 """
 
 from __future__ import annotations
@@ -56,12 +57,29 @@ def main(argv=None) -> int:
 
     from bilaf_jax import data
 
+    load_at_start = round(os.getloadavg()[0], 2)
     rows = []
+
+    def measured(row):
+        rows.append(row)
+        if args.json:
+            print(json.dumps(row), flush=True)
+
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"  # the features go beside it, not into the data
         t0 = time.perf_counter()
         write_folder(root, args.images, args.width, args.height)
         write_s = time.perf_counter() - t0
+        meta = {"image_files": f"{args.images} JPEG {args.width}x{args.height}",
+                "resize_to": args.image_size, "write_s": round(write_s, 1),
+                "cpu_cores": os.cpu_count(), "load_at_start": load_at_start}
+        if args.extract:
+            import jax
+
+            device = jax.devices()[0]
+            meta["device"] = f"{device.platform}:{device.device_kind}"
+        if args.json:
+            print(json.dumps({"meta": meta}), flush=True)
         src = data.data_source("image_folder", "all", data_dir=root)
         every = np.arange(len(src))
         data.load_rows(src, every[:64], image_size=args.image_size, chunk=64, workers=1)  # warm
@@ -70,7 +88,7 @@ def main(argv=None) -> int:
             got = data.load_rows(src, every, image_size=args.image_size, chunk=64, workers=w)
             secs = time.perf_counter() - t0
             assert got.images.shape == (len(src), args.image_size, args.image_size, 3)
-            rows.append({"what": "load_rows", "workers": w, "images": len(src),
+            measured({"what": "load_rows", "workers": w, "images": len(src),
                          "img_per_s": round(len(src) / secs, 1), "seconds": round(secs, 2)})
         if args.extract:
             from bilaf_jax import backbones
@@ -94,14 +112,9 @@ def main(argv=None) -> int:
                 if first is None:
                     first = feats
                 assert np.array_equal(feats, first)  # the same features however read
-                rows.append({"what": "extract_to_file", "workers": w, "images": len(src),
+                measured({"what": "extract_to_file", "workers": w, "images": len(src),
                              "img_per_s": round(len(src) / secs, 1), "seconds": round(secs, 2)})
-    meta = {"image_files": f"{args.images} JPEG {args.width}x{args.height}",
-            "resize_to": args.image_size, "write_s": round(write_s, 1),
-            "cpu_cores": os.cpu_count(), "load_at_start": round(os.getloadavg()[0], 2)}
-    if args.json:
-        print(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    else:
+    if not args.json:
         print("# " + ", ".join(f"{k} {v}" for k, v in meta.items()))
         print("| what | workers | images | img/s | seconds |\n|---|---|---|---|---|")
         for r in rows:

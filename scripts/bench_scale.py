@@ -4,13 +4,17 @@ Usage:
   # (a) boundary stage, random cores, in a fresh subprocess (so peak RSS is the stage's own)
   python scripts/bench_scale.py [--n 1281167] [--d 384] [--k 6405] [--budget 64058]
       [--mode paper] [--clusters 1000] [--repeats 1] [--profile] [--timeout SECONDS]
-      [--batch-elements N] [--assign-precision float32|bfloat16|tensorfloat32] [--out RESULT.json]
+      [--batch-elements N[,N2,...]] [--assign-precision float32|bfloat16|tensorfloat32]
+      [--out RESULT.json]
+  # several class-batch sizes in one process (each: a first run that compiles, then --repeats)
   # how the classes would be batched for batch elements 2^E (no timing)
   python scripts/bench_scale.py --plan-steps 21,23,25,27
   # (b) full pipeline (meant for a GPU): ActiveFT (--steps of --batch-size rows), then the
-  #     boundary stage on its cores; run twice, the second run is reported as steady state
+  #     boundary stage on its cores; per ActiveFT precision a first run, then --repeats more
+  #     (steady state); each run records the seconds XLA spent compiling in it and whether its
+  #     cores equal the first run's (a GPU's scatter-add is not deterministic)
   python scripts/bench_scale.py --full-pipeline [--steps 100] [--batch-size 100000]
-      [--precision default|high|highest] [--out RESULT.json]
+      [--precision highest[,default,high]] [--out RESULT.json]
   # either, with the pool's rows sharded over N devices (several processes: --distributed,
   # the same command on each; each reports its own process's memory)
   python scripts/bench_scale.py ... --mesh N|all [--distributed]
@@ -41,7 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import PhaseTimer, cpu_name, mixture
+from _common import CompileClock, PhaseTimer, cpu_name, mixture
 
 from bilaf_jax.cli import add_mesh_options, setup_mesh
 from bilaf_jax.distances import PRECISIONS
@@ -102,10 +106,16 @@ def measure(args) -> dict:
     res["rss_after_features_gib"] = round(rss_gib(), 3)
     key = jax.random.key(args.seed)
     core_key, boundary_key = jax.random.split(key)
-    if args.batch_elements is not None:  # class batch size, on any device
-        boundary._BATCH_ELEMENTS = boundary._ACCELERATOR_BATCH_ELEMENTS = args.batch_elements
-    res["batch_elements"] = boundary._batch_elements(xd)
+
+    def use_batch_elements(value):
+        if value is not None:  # class batch size, on any device
+            boundary._BATCH_ELEMENTS = boundary._ACCELERATOR_BATCH_ELEMENTS = value
+        return boundary._batch_elements(xd)
+
+    sizes = args.batch_elements or [None]
+    res["batch_elements"] = use_batch_elements(sizes[0])
     timer = PhaseTimer(boundary) if args.profile else None
+    clock = CompileClock()
     runs = []
     res["runs"] = runs
 
@@ -118,37 +128,50 @@ def measure(args) -> dict:
     if args.full_pipeline:
         from bilaf_jax.activeft import activeft
 
-        precision = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH,
-                     "highest": lax.Precision.HIGHEST}[args.precision]
-        for _ in range(2 + max(0, args.repeats - 1)):
-            if timer:
-                timer.reset()
-            t0 = time.perf_counter()
-            core = jax.block_until_ready(
-                activeft(core_key, xd, args.k, num_steps=args.steps, batch_size=args.batch_size,
-                         precision=precision, num_rows=num_rows))
-            t1 = time.perf_counter()
-            cores = np.sort(to_host(core.indices))
-            out = jax.block_until_ready(boundary.bilaf(boundary_key, x_real, cores, args.budget,
-                                                       mode=args.mode, precision=args.assign_precision))
-            t2 = time.perf_counter()
-            runs.append(dict(activeft_s=round(t1 - t0, 3), boundary_s=round(t2 - t1, 3),
-                             total_s=round(t2 - t0, 3), phases=dict(timer.totals) if timer else None,
-                             check=check_selection(out.indices, cores, args.budget, args.mode)))
-            save_partial()
+        res.update(steps=args.steps, batch_size=args.batch_size, precision=args.precision)
+        for name in args.precision:
+            precision = {"default": lax.Precision.DEFAULT, "high": lax.Precision.HIGH,
+                         "highest": lax.Precision.HIGHEST}[name]
+            first_cores = None
+            for _ in range(1 + args.repeats):
+                if timer:
+                    timer.reset()
+                clock.take()
+                t0 = time.perf_counter()
+                core = jax.block_until_ready(
+                    activeft(core_key, xd, args.k, num_steps=args.steps, batch_size=args.batch_size,
+                             precision=precision, num_rows=num_rows))
+                t1 = time.perf_counter()
+                cores = np.sort(to_host(core.indices))
+                out = jax.block_until_ready(boundary.bilaf(boundary_key, x_real, cores, args.budget,
+                                                           mode=args.mode,
+                                                           precision=args.assign_precision))
+                t2 = time.perf_counter()
+                same = None if first_cores is None else bool(np.array_equal(cores, first_cores))
+                first_cores = cores if first_cores is None else first_cores
+                runs.append(dict(precision=name, activeft_s=round(t1 - t0, 3),
+                                 boundary_s=round(t2 - t1, 3), total_s=round(t2 - t0, 3),
+                                 compile_s=clock.take(), cores_as_first=same,
+                                 phases=dict(timer.totals) if timer else None,
+                                 check=check_selection(out.indices, cores, args.budget, args.mode)))
+                save_partial()
     else:
         cores = np.sort(np.random.default_rng(args.seed + 1).choice(args.n, args.k, replace=False))
-        for _ in range(1 + args.repeats):
-            if timer:
-                timer.reset()
-            t0, c0 = time.perf_counter(), time.process_time()
-            out = jax.block_until_ready(boundary.bilaf(boundary_key, x_real, cores, args.budget,
-                                                       mode=args.mode, precision=args.assign_precision))
-            runs.append(dict(boundary_s=round(time.perf_counter() - t0, 3),
-                             boundary_cpu_s=round(time.process_time() - c0, 3),
-                             phases=dict(timer.totals) if timer else None,
-                             check=check_selection(out.indices, cores, args.budget, args.mode)))
-            save_partial()
+        for size in sizes:
+            elements = use_batch_elements(size)
+            for _ in range(1 + args.repeats):
+                if timer:
+                    timer.reset()
+                clock.take()
+                t0, c0 = time.perf_counter(), time.process_time()
+                out = jax.block_until_ready(boundary.bilaf(boundary_key, x_real, cores, args.budget,
+                                                           mode=args.mode,
+                                                           precision=args.assign_precision))
+                runs.append(dict(batch_elements=elements, boundary_s=round(time.perf_counter() - t0, 3),
+                                 boundary_cpu_s=round(time.process_time() - c0, 3),
+                                 compile_s=clock.take(), phases=dict(timer.totals) if timer else None,
+                                 check=check_selection(out.indices, cores, args.budget, args.mode)))
+                save_partial()
     sizes = np.bincount(np.asarray(out.pseudo_labels), minlength=args.k)
     res.update(runs=runs, class_size_min=int(sizes.min()), class_size_median=float(np.median(sizes)),
                class_size_max=int(sizes.max()), kept=int(np.asarray(out.kept).sum()),
@@ -186,11 +209,25 @@ def plan_steps(args) -> str:
     return "\n".join(lines)
 
 
+def steady_runs(res) -> dict:
+    """The runs after each group's first (group: ActiveFT precision, or class-batch size)."""
+    groups: dict = {}
+    for r in res["runs"]:
+        if "precision" in r:
+            name = f"ActiveFT precision {r['precision']}"
+        else:
+            name = f"batch elements {r.get('batch_elements', res.get('batch_elements'))}"
+        groups.setdefault(name, []).append(r)
+    return {name: rs[1:] for name, rs in groups.items() if len(rs) > 1}
+
+
 def markdown(res) -> str:
     lines = [f"# BiLAF scale benchmark on {res['device']} (host {res['host']}, load at start "
              f"{res['load_at_start']}); JAX {res['jax']}",
              f"# n={res['n']} d={res['d']} K={res['k']} B={res['budget']} mode={res['mode']} "
              f"clusters={res['clusters']} batch elements={res.get('batch_elements')} "
+             + (f"ActiveFT {res['steps']} steps of {res['batch_size'] or 'all'} rows, "
+                if "steps" in res else "") +
              f"assignment precision={res.get('assign_precision', 'float32')}"
              + (f" mesh={res['mesh']} devices, {res['processes']} process(es)" if res.get("mesh") else "") + (
                  "; PARTIAL (killed by --timeout after the runs below)" if res.get("partial") else
@@ -200,14 +237,24 @@ def markdown(res) -> str:
     phases = []
     for r in res["runs"]:
         phases += [p for p in (r.get("phases") or {}) if p not in phases]
-    lines += ["| run | activeft s | boundary s | boundary CPU s | total s | " + "".join(f"{p} s | " for p in phases)
-              + "peak RSS GiB | device peak GiB | check |",
-              "|---|---|---|---|---|" + "---|" * len(phases) + "---|---|---|"]
+    lines += ["| run | activeft s | boundary s | boundary CPU s | total s | compile s | "
+              + "".join(f"{p} s | " for p in phases) + "peak RSS GiB | device peak GiB | check |",
+              "|---|---|---|---|---|---|" + "---|" * len(phases) + "---|---|---|"]
     dev_peak = res.get("device_peak_gib")
     if res.get("partial"):
         dev_peak = None
-    for i, r in enumerate(res["runs"]):
+    seen: dict = {}
+    for r in res["runs"]:
+        # runs are grouped by ActiveFT precision or class-batch size; each group's first compiles
+        group = r.get("precision", r.get("batch_elements"))
+        i = seen[group] = seen.get(group, -1) + 1
         label = "first (compile)" if i == 0 else ("steady" if i == 1 else f"steady {i}")
+        if "precision" in r:
+            label = f"{r['precision']}: {label}"
+            if r.get("cores_as_first") is False:
+                label += ", other cores than the first"
+        elif len(res["runs"]) > 1 and any(q.get("batch_elements") != group for q in res["runs"]):
+            label = f"2^{int(group).bit_length() - 1} elements: {label}"
         ph = r.get("phases") or {}
         cells = [f"{ph[p]:.1f}" if p in ph else "-" for p in phases]
         c = r["check"]
@@ -215,12 +262,38 @@ def markdown(res) -> str:
         check += ("all in" if c["all_cores_selected"] else "MISSING") + ")"
         lines.append(f"| {label} | {r.get('activeft_s', '-')} | {r['boundary_s']} | "
                      f"{r.get('boundary_cpu_s', '-')} | "
-                     f"{r.get('total_s', r['boundary_s'])} | " + "".join(c + " | " for c in cells) +
+                     f"{r.get('total_s', r['boundary_s'])} | {r.get('compile_s', '-')} | "
+                     + "".join(c + " | " for c in cells) +
                      f"{res['peak_rss_gib']:.2f} | "
                      f"{'-' if dev_peak is None else f'{dev_peak:.2f}'} | {check} |")
+    for group, rs in steady_runs(res).items():
+        best = min(rs, key=lambda r: r.get("total_s", r["boundary_s"]))
+        lines.append(f"\n{group}: steady state {best.get('total_s', best['boundary_s'])} s (the fastest "
+                     f"of {len(rs)} later run(s); {best.get('compile_s', 0)} s of it compiling)")
     lines.append(f"\nRSS after generating the features: {res['rss_after_features_gib']:.2f} GiB "
                  f"(peak RSS is the process maximum over all runs).")
     return "\n".join(lines)
+
+
+def _names(*choices):
+    def parse(text):
+        names = text.split(",")
+        bad = [n for n in names if n not in choices]
+        if bad or len(set(names)) != len(names):
+            raise argparse.ArgumentTypeError(f"expected distinct names from {', '.join(choices)}, "
+                                             f"got {text!r}")
+        return names
+    return parse
+
+
+def _positive_ints(text):
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {text!r}")
+    return values
 
 
 def build_parser():
@@ -233,20 +306,22 @@ def build_parser():
     p.add_argument("--clusters", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--repeats", type=int, default=1,
-                   help="steady-state runs after the first (boundary-only mode)")
+                   help="steady-state runs after the first (per precision / batch size)")
     p.add_argument("--full-pipeline", action="store_true")
     p.add_argument("--steps", type=int, default=100, help="ActiveFT steps (--full-pipeline)")
     p.add_argument("--batch-size", type=int, default=100_000,
                    help="ActiveFT rows per step (--full-pipeline); 0 = full batch")
-    p.add_argument("--precision", choices=("default", "high", "highest"), default="default",
-                   help="ActiveFT's matmuls (--full-pipeline)")
+    p.add_argument("--precision", type=_names("default", "high", "highest"), default=["highest"],
+                   help="ActiveFT's matmuls (--full-pipeline), comma-separated to run several: "
+                   "highest is float32 (the library's default), default is TF32 on recent GPUs")
     p.add_argument("--assign-precision", choices=PRECISIONS,
                    default="float32", help="the boundary stage's assignment matmuls")
     p.add_argument("--profile", action="store_true", help="per-phase times of the boundary stage")
     p.add_argument("--plan-steps", default=None, metavar="E1,E2,...",
                    help="only print the class batching for batch elements 2^E1, 2^E2, ...")
-    p.add_argument("--batch-elements", type=int, default=None,
-                   help="elements per class batch array (default: boundary's for the device)")
+    p.add_argument("--batch-elements", type=_positive_ints, default=None,
+                   help="elements per class batch array (default: boundary's for the device); "
+                   "comma-separated: each in turn, in one process (not with --full-pipeline)")
     p.add_argument("--timeout", type=float, default=None, help="kill the measurement after this")
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process (peak RSS then includes the parent)")
@@ -267,6 +342,12 @@ def main(argv=None) -> int:
     if args.full_pipeline and args.batch_size is not None and not 1 <= args.batch_size <= args.n:
         sys.stderr.write(f"bench_scale.py: error: need 0 <= --batch-size <= n (0: full batch), "
                          f"got {args.batch_size} with n={args.n}\n")
+        return 2
+    if args.full_pipeline and args.batch_elements and len(args.batch_elements) > 1:
+        sys.stderr.write("bench_scale.py: error: --full-pipeline takes one --batch-elements\n")
+        return 2
+    if args.repeats < 0:
+        sys.stderr.write(f"bench_scale.py: error: --repeats must be >= 0, got {args.repeats}\n")
         return 2
     if args.plan_steps:
         print(plan_steps(args))

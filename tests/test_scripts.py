@@ -34,21 +34,33 @@ def test_gpu_bench_smoke(tmp_path):
     assert "FAILED" not in proc.stdout
 
     scale = json.loads((out / "scale_full.json").read_text())
-    assert len(scale["runs"]) == 2 and all(r["check"]["ok"] for r in scale["runs"])
+    # float32 (the library's default) and TF32, each a first run and more (two on the GPU, one
+    # here) that are checked for compiling and for other cores than the first
+    assert [r["precision"] for r in scale["runs"]] == ["highest"] * 2 + ["default"] * 2
+    assert all(r["check"]["ok"] for r in scale["runs"])
     assert all(r["activeft_s"] > 0 and r["boundary_s"] > 0 for r in scale["runs"])
-    read = json.loads((out / "read.json").read_text())
-    assert [(r["what"], r["workers"]) for r in read["rows"]] == [
+    assert [r["cores_as_first"] for r in scale["runs"]] == [None, True] * 2
+    assert scale["runs"][0]["compile_s"] > 0 and scale["runs"][1]["compile_s"] == 0
+    assert (scale["steps"], scale["batch_size"]) == (5, 5000)
+
+    def lines(name):  # one JSON object per line, each written as it was measured
+        return [json.loads(line) for line in (out / name).read_text().splitlines()]
+
+    read = lines("read.jsonl")
+    assert read[0]["meta"]["device"].startswith("cpu:")
+    assert [(r["what"], r["workers"]) for r in read[1:]] == [
         ("load_rows", 1), ("load_rows", 2), ("extract_to_file", 1), ("extract_to_file", 2)]
-    extract = json.loads((out / "extract.json").read_text())
+    extract = lines("extract.jsonl")
     assert {e["backbone"] for e in extract} == {"efficientnet_lite0", "vit_s16"}
     assert all(e["image_size"] == 64 and e["img_per_s"] > 0 for e in extract)
-    finetune = json.loads((out / "finetune.json").read_text())
-    assert finetune["image_size"] == 64 and finetune["train_images_per_s"] > 0
-    for e in (23, 25, 27):  # the boundary stage alone, per class-batch size, with phases
-        sweep = json.loads((out / f"boundary_2e{e}.json").read_text())
-        assert sweep["batch_elements"] == 1 << e and sweep["runs"][0]["phases"]["bucket"] > 0
-        assert all(r["check"]["ok"] for r in sweep["runs"])
-    assert len(list(out.iterdir())) <= 8  # the most files a device run brings back
+    train, evaluation = lines("finetune.jsonl")  # the train step's line comes before the eval's
+    assert train["image_size"] == 64 and train["train_images_per_s"] > 0
+    assert evaluation["eval_images_per_s"] > 0 and train["device"] == evaluation["device"] != "cpu:0"
+    # the boundary stage alone, per class-batch size (the default first), in one process
+    sweep = json.loads((out / "boundary_sweep.json").read_text())
+    assert [r["batch_elements"] for r in sweep["runs"]] == [1 << e for e in (25, 25, 23, 23, 27, 27)]
+    assert all(r["check"]["ok"] and r["phases"]["bucket"] > 0 for r in sweep["runs"])
+    assert len(list(out.iterdir())) <= 6  # a device run brings back 8 files at most
     log = (out / "log.txt").read_text()
     assert "| jax |" in log  # ActiveFT's table
     assert log.rstrip().endswith("done")
@@ -229,7 +241,7 @@ def test_bench_extract_compares_the_depthwise_convolutions(monkeypatch, capsys):
     assert _load_script("bench_extract").main(["--backbones", "efficientnet_lite0", "--weights", "random",
                                "--compare-depthwise", "--image-size", "16", "--batch-size", "4",
                                "--batches", "1", "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["backbone"] for r in rows] == ["efficientnet_lite0",
                                              "efficientnet_lite0 (XLA grouped conv)"]
     assert rows[0]["max_abs_diff"] == "-" and float(rows[1]["max_abs_diff"]) < 1e-4
