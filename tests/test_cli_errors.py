@@ -186,6 +186,13 @@ OTHER_CASES = {
     "finetune-full-only-flag": ["finetune", "--mode", "linear", "--selection", "{d}/sel.json",
                                 "--features", "{d}/pool.npz", "--test-features", "{d}/test.npz",
                                 "--steps", "5000", "--learning-rate", "10", "--workdir", "{out}"],
+    # the probe is deterministic: a seed would change nothing but the workdir's identity
+    "finetune-seed-linear": ["finetune", "--mode", "linear", "--selection", "{d}/sel.json",
+                             "--features", "{d}/pool.npz", "--test-features", "{d}/test.npz",
+                             "--seed", "3", "--workdir", "{out}"],
+    # full finetuning reads images: features given to it would be ignored
+    "finetune-features-full": ["finetune", "--mode", "full", "--selection", "{d}/sel.json",
+                               "--features", "{d}/pool.npz", "--workdir", "{out}"],
     "unknown-command": ["frobnicate"],
 }
 KNOWN_BUGS: dict[str, str] = {}
@@ -436,6 +443,8 @@ def test_extract_never_writes_over_its_weight_file(files, tmp_path, capsys):
     ("finetune-config-raises", "get_config() raised AttributeError"),
     ("finetune-config-none", "has no get_config()"),
     ("finetune-full-only-flag", "--steps, --learning-rate apply to --mode full only"),
+    ("finetune-seed-linear", "--seed applies to --mode full only"),
+    ("finetune-features-full", "apply to --mode linear and knn only: full finetuning reads the images"),
     ("out-not-json", "--out must name a .json file"),
     ("features-are-json", "sel.json is JSON (a selection or results file?), not a NumPy"),
     ("finetune-selection-run-record", "is a `bilaf run` selection record, not a JSON list; "

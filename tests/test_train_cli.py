@@ -117,12 +117,41 @@ def test_workdir_of_another_config_is_refused(bilaf, feats, capsys):
     capsys.readouterr()
     other = feats / "other.json"
     other.write_text(json.dumps(list(range(50))))
+    steps = feats / "steps.py"
+    steps.write_text("def get_config():\n    return {'linear_steps': 7}\n")
     for args in (_args(feats, wd, "knn"), _args(feats, wd, "linear", sel=other),
-                 _args(feats, wd, "linear") + ["--seed", "3"]):
+                 _args(feats, wd, "linear") + ["--config", str(steps)]):
         assert bilaf(args) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and "different config" in err
     assert _snapshot(wd) == before
+
+
+def test_config_file_values_of_numpy_and_pathlib_types(bilaf, feats, capsys):
+    """A .py config may compute its values: NumPy scalars and paths run as the plain values they
+    stand for (they were a traceback after the workdir was made, or a false range error)."""
+    cfg = feats / "np_cfg.py"
+    cfg.write_text("import numpy as np\nfrom pathlib import Path\n\ndef get_config():\n"
+                   "    return {'mode': 'knn', 'knn_k': np.int64(5), 'knn_temperature': np.float32(0.25),\n"
+                   f"            'features': Path({str(feats / 'pool.npz')!r})}}\n")
+    args = ["finetune", "--selection", str(feats / "sel.json"), "--config", str(cfg),
+            "--test-features", str(feats / "test.npz")]
+    assert bilaf(args + ["--workdir", str(feats / "np")]) == 0
+    saved = json.loads((feats / "np" / "config.json").read_text())["config"]
+    assert (saved["knn_k"], saved["knn_temperature"]) == (5, 0.25)
+    assert saved["features"] == str(feats / "pool.npz")
+    plain = ["finetune", "--selection", str(feats / "sel.json"), "--mode", "knn",
+             "--features", str(feats / "pool.npz"), "--test-features", str(feats / "test.npz")]
+    plain_cfg = feats / "plain.py"
+    plain_cfg.write_text("def get_config():\n    return {'knn_k': 5, 'knn_temperature': 0.25}\n")
+    assert bilaf(plain + ["--config", str(plain_cfg), "--workdir", str(feats / "np")]) == 0  # resumes
+    capsys.readouterr()
+    bad = feats / "bad_cfg.py"
+    bad.write_text("def get_config():\n    return {'mode': 'knn', 'features': [1]}\n")
+    assert bilaf(args + ["--config", str(bad), "--workdir", str(feats / "bad")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "features must be a string (a path), got [1]" in err
+    assert not (feats / "bad").exists()
 
 
 def test_missing_inputs_are_one_line_errors(bilaf, feats, capsys):

@@ -31,6 +31,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -116,12 +117,27 @@ def make_config(**overrides) -> Config:
     unknown = sorted(set(overrides) - known)
     if unknown:
         raise ValueError(f"unknown config key(s): {', '.join(unknown)}")
-    config = Config(**overrides)
+    config = Config(**{k: _plain(v) for k, v in overrides.items()})
     validate_config(config)
     return config
 
 
+def _plain(value):
+    """A .py config's NumPy scalars and paths as the plain values a run's config.json holds."""
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.generic) and not isinstance(value, (np.str_, np.bytes_)):
+        return value.item()
+    return value
+
+
 def validate_config(c: Config) -> None:
+    for name in ("dataset", "backbone", "selection", "features", "test_features", "data_dir",
+                 "backbone_weights"):
+        v = getattr(c, name)
+        if v is not None and not isinstance(v, str):
+            raise ValueError(f"{name} must be a string{'' if name in ('dataset', 'backbone') else ' (a path)'}"
+                             f", got {v!r}")
     if c.mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {c.mode!r}")
     if c.optimizer not in ("sgd", "adamw"):

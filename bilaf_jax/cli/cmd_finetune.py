@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -35,7 +36,8 @@ _FLAGS = {
 
 # Flags that only full finetuning uses (linear/knn run on cached features).
 _FULL_ONLY = ("backbone", "weights", "steps", "checkpoint_every", "image_size", "data_dir",
-              "batch_size", "learning_rate", "eval_every", "num_devices", "warmup_steps")
+              "batch_size", "learning_rate", "eval_every", "num_devices", "warmup_steps",
+              "seed")  # the probe and k-NN are deterministic: no order, augmentation or init
 
 
 def register(subparsers) -> None:
@@ -52,7 +54,7 @@ def register(subparsers) -> None:
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--image-size", type=int, help="input side in pixels (full mode)")
     p.add_argument("--seed", type=seed_type,
-                   help="seed of the data order, augmentation and head (default 0)")
+                   help="--mode full: seed of the data order, augmentation and head (default 0)")
     p.add_argument("--features", help="pool features .npz (features, labels) for linear/knn")
     p.add_argument("--test-features", help="test features .npz (features, labels) for linear/knn")
     p.add_argument("--config", help="configs/NAME.py or a path to a config file")
@@ -97,7 +99,8 @@ def run(args) -> int:
         if value is not None:
             overrides[field] = value
     mode = overrides.get("mode", "full")
-    if mode in ("linear", "knn") and overrides.get("features"):
+    if mode in ("linear", "knn") and isinstance(overrides.get("features"), (str, os.PathLike)):
+        # (other values are refused by make_config below)
         # The features say which data set their rows are; --dataset must not say otherwise.
         from bilaf_jax.extract import pool_identity
 
@@ -112,6 +115,9 @@ def run(args) -> int:
         if ignored:
             raise UsageError(f"{', '.join(ignored)} appl{'y' if len(ignored) > 1 else 'ies'} to "
                              f"--mode full only (the {mode} mode on features would ignore it)")
+    elif overrides.get("features") or overrides.get("test_features"):
+        raise UsageError("--features / --test-features (or features / test_features in --config) "
+                         "apply to --mode linear and knn only: full finetuning reads the images")
     try:
         config = make_config(**overrides)
     except TypeError as e:
