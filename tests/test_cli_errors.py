@@ -119,6 +119,13 @@ SELECT_CASES = {
     "cores-0": ["select", "{d}/good.npy", "--cores", "0", *SEL],
     "cores-abc": ["select", "{d}/good.npy", "--cores", "abc", *SEL],
     "cores-with-baseline": ["select", "{d}/good.npy", "--method", "random", "--cores", "2", *SEL],
+    # ignored settings were recorded as used (an official-mode, P_rm = 0.9 k-means selection)
+    "boundary-flags-with-baseline": ["select", "{d}/good.npy", "--method", "kmeans", "--mode",
+                                     "official", "--remove-fraction", "0.9", *SEL],
+    "activeft-flags-with-kcenter-cores": ["select", "{d}/good.npy", "--core-method", "kcenter",
+                                          "--steps", "5", "--temperature", "0.5", *SEL],
+    "activeft-flags-with-random": ["select", "{d}/good.npy", "--method", "random", "--lr", "0.1",
+                                   *SEL],
     "unknown-method": ["select", "{d}/good.npy", "--method", "foo", *SEL],
     "unknown-core-method": ["select", "{d}/good.npy", "--core-method", "foo", *SEL],
     "unknown-mode": ["select", "{d}/good.npy", "--mode", "foo", *SEL],
@@ -446,6 +453,10 @@ def test_extract_never_writes_over_its_weight_file(files, tmp_path, capsys):
     ("finetune-seed-linear", "--seed applies to --mode full only"),
     ("finetune-features-full", "apply to --mode linear and knn only: full finetuning reads the images"),
     ("out-not-json", "--out must name a .json file"),
+    ("boundary-flags-with-baseline", "--mode, --remove-fraction apply to --method bilaf only"),
+    ("activeft-flags-with-kcenter-cores", "--steps, --temperature apply to ActiveFT only, which "
+                                          "--core-method kcenter does not run"),
+    ("activeft-flags-with-random", "--lr applies to ActiveFT only, which --method random does not run"),
     ("features-are-json", "sel.json is JSON (a selection or results file?), not a NumPy"),
     ("finetune-selection-run-record", "is a `bilaf run` selection record, not a JSON list; "
                                       "write its 'indices' list to a file of its own"),

@@ -116,6 +116,30 @@ def parse_budget(text, n: int) -> int:
     return int(value)
 
 
+# Settings only some methods read: given to another, they would be ignored and yet recorded.
+_BILAF_ONLY = ("core_method", "mode", "num_neighbors", "ring_fraction", "remove_fraction",
+               "opponent_penalty", "normalize", "unique")
+_ACTIVEFT_ONLY = ("num_steps", "batch_size", "temperature", "learning_rate", "balance")
+
+
+def _refuse_unused(a) -> None:
+    flags = getattr(a, "_verify_ignores", {})  # dest -> (flag, default)
+
+    def given(names):
+        return [flags[d][0] for d in names if d in flags and getattr(a, d) != flags[d][1]]
+
+    def verb(names):
+        return "apply" if len(names) > 1 else "applies"
+
+    if a.method != "bilaf" and (unused := given(_BILAF_ONLY)):
+        raise UsageError(f"{', '.join(unused)} {verb(unused)} to --method bilaf only")
+    core = a.core_method if a.method == "bilaf" else a.method
+    if core != "activeft" and (unused := given(_ACTIVEFT_ONLY)):
+        where = f"--core-method {core}" if a.method == "bilaf" else f"--method {core}"
+        raise UsageError(f"{', '.join(unused)} {verb(unused)} to ActiveFT only, which {where} "
+                         "does not run")
+
+
 def _check_args(a) -> None:
     if a.method not in METHODS:
         raise UsageError(f"unknown --method {a.method!r}; expected one of {', '.join(METHODS)}")
@@ -125,6 +149,7 @@ def _check_args(a) -> None:
         raise UsageError(f"unknown --mode {a.mode!r}; expected paper or official")
     if a.num_cores is not None and a.method != "bilaf":
         raise UsageError("--cores applies to --method bilaf only")
+    _refuse_unused(a)
     if a.num_steps < 0:
         raise UsageError(f"--steps must be >= 0, got {a.num_steps}")
     for name in ("temperature", "balance"):
