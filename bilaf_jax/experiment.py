@@ -211,6 +211,20 @@ def _as_written(value) -> float:
     return float(np.format_float_positional(np.asarray(value)[()], unique=True, trim="0"))
 
 
+# Train images of the data sets whose size is fixed (image folders: known after reading).
+TRAIN_SIZES = {"fashion_mnist": 60_000, "mnist_5k": 4_000, "cifar10": 50_000, "cifar100": 50_000,
+               "imagenet2012": 1_281_167}
+
+
+def check_pool_size(config: RunConfig, available: int) -> None:
+    """Refuse a pool_size beyond the data's train images: the budgets, K's check and the report
+    would be of a pool that is not there."""
+    if config.pool_size is not None and config.pool_size > available:
+        raise InputError(f"run config {config.name}: pool_size {config.pool_size} exceeds the "
+                         f"{available} train images of {config.dataset}; lower it or use None "
+                         "(every image)")
+
+
 def check_budgets(config: RunConfig, pool_size: int) -> list[int]:
     budgets = budgets_for(config, pool_size)
     if len(set(budgets)) != len(budgets):
@@ -479,6 +493,9 @@ def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True,
     paths = {"pool": folder / "pool.npz", "test": folder / "test.npz"}
     limits = {"pool": config.pool_size, "test": config.test_size}
     splits = {"pool": "train", "test": data.eval_split(config.dataset)}
+    if not paths["pool"].exists() and config.pool_size is not None:
+        check_pool_size(config, len(data.data_source(config.dataset, "train",
+                                                     data_dir=config.data_dir)))
     if not all(p.exists() for p in paths.values()):
         from bilaf_jax import backbones
 
@@ -494,6 +511,8 @@ def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True,
                             batch_size=config.extract_batch_size, data_dir=config.data_dir,
                             progress=progress, on_batch=on_batch)
     pool, test = _read_npz(paths["pool"]), _read_npz(paths["test"])
+    if config.pool_size is not None:
+        check_pool_size(config, pool["features"].shape[0])
     if test["features"].shape[1] != pool["features"].shape[1]:
         raise _damaged(paths["test"], f"{test['features'].shape[1]}-d features, the pool's are "
                                       f"{pool['features'].shape[1]}-d")

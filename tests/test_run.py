@@ -16,6 +16,7 @@ import pytest
 from bilaf_jax import experiment, run_configs
 from bilaf_jax.cli import main
 from bilaf_jax.experiment import METHODS, Interrupted, RunConfig
+from bilaf_jax.io import InputError
 
 
 def _blobs(n, num_classes, d, seed):
@@ -186,6 +187,20 @@ def test_dry_run_checks_the_workdir_and_data_folder(tmp_path, capsys):
                  "--workdir", str(tmp_path / "q")]) == 2
     assert "data folder not found" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+    # a pool larger than the data: the plan printed would not be the run's
+    (tmp_path / "big").mkdir()
+    big = _tiny_config_file(tmp_path / "big", dataset="mnist_5k", pool_size=10_000)
+    assert main(["run", "--config", big, "--dry-run", "--workdir", str(tmp_path / "b")]) == 2
+    assert "pool_size 10000 exceeds the 4000 train images of mnist_5k" in capsys.readouterr().err
+
+
+def test_a_pool_size_beyond_the_features_is_refused(tmp_path):
+    """An extraction with limit 300 of a 240-image data set: the budgets would be of 240."""
+    wd = tmp_path / "w"
+    config = tiny_config(pool_size=300, methods=("random",))
+    _inject_features(wd, config=config)  # 240 rows
+    with pytest.raises(InputError, match="pool_size 300 exceeds the 240 train images"):
+        experiment.run_experiment(config, wd, progress=False)
 
 
 def test_default_and_full_config_contents(tmp_path):
@@ -318,7 +333,8 @@ def test_features_come_from_the_labelled_held_out_split(name, test_split, tmp_pa
                  meta=np.asarray(json.dumps({**meta, "dim": 5})))
 
     monkeypatch.setattr(ex, "extract_to_file", record)
-    config = run_configs.get(name)._replace(selection_dim=None, weights="random")
+    # (the mock's 12 rows are the whole pool)
+    config = run_configs.get(name)._replace(selection_dim=None, weights="random", pool_size=None)
     experiment.load_or_extract_features(config, tmp_path, progress=False, backbone=object())
     dataset = config.dataset
     assert calls == [("pool.npz", dataset, "train"), ("test.npz", dataset, test_split)]

@@ -96,8 +96,10 @@ def dry_run(config, workdir: Path) -> int:
 
     config = experiment.validate(config)  # also checks the finetuning settings of "full"
     experiment.preflight(config, workdir)
-    pool = config.pool_size or {"fashion_mnist": 60_000, "mnist_5k": 4_000, "cifar10": 50_000,
-                                "cifar100": 50_000, "imagenet2012": 1_281_167}.get(config.dataset)
+    available = experiment.TRAIN_SIZES.get(config.dataset)
+    if available is not None:
+        experiment.check_pool_size(config, available)
+    pool = config.pool_size or available
     if pool is None:
         sys.stdout.write(f"config {config.name}: pool size known only after loading the data\n")
         return 0
