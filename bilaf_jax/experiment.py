@@ -925,8 +925,11 @@ def results_markdown(config: RunConfig, records, budgets, meta: dict) -> str:
                  + (f"a rank-{config.selection_dim} projection (retained energy "
                     f"{meta['retained_energy']:.4f})" if meta["selection_dim"] else "the raw features")
                  + ".  ")
-    lines.append(f"BiLAF: K = {config.num_cores} ActiveFT cores ({config.activeft_steps} steps), "
-                 f"fixed across budgets. {config.notes}  ")
+    if any(m.startswith("bilaf") for m in config.methods):
+        lines.append(f"BiLAF: K = {config.num_cores} ActiveFT cores ({config.activeft_steps} "
+                     f"steps), fixed across budgets.  ")
+    if config.notes:
+        lines.append(f"{config.notes}  ")
     lines.append(f"Seeds: {', '.join(str(s) for s in config.seeds)}. Accuracy in %, mean ± "
                  "sample std over seeds.")
     lines.append("")

@@ -169,5 +169,6 @@ def _from_file(path: str) -> RunConfig:
         unknown = sorted(set(cfg) - set(base))
         if unknown:
             raise InputError(f"{p}: unknown run config key(s): {', '.join(unknown)}")
-        return RunConfig(**{**base, "name": p.stem, **cfg})
+        # The default's notes explain its own choices (K = B_min / 5): not this config's.
+        return RunConfig(**{**base, "name": p.stem, "notes": "", **cfg})
     raise InputError(f"{p}: get_config() must return a RunConfig or a dict")

@@ -91,6 +91,7 @@ def test_outputs_and_records(tmp_path):
         elif m != "bilaf-official":
             assert sel["num_unique"] == 24
     md = (wd / "results.md").read_text()
+    assert "BiLAF: K = 4 ActiveFT cores (20 steps), fixed across budgets.  \ntiny test config  \n" in md
     assert "| bilaf-paper |" in md and "## Linear probe on frozen features (`linear`)" in md
     assert "## Weighted k-NN on frozen features (k = 20, cosine, as DINO) (`knn`)" in md
     assert "- B = 12:" in md and "bilaf-paper" in md and "vs" not in md.split("## Linear")[0]
@@ -232,6 +233,8 @@ def test_config_file(tmp_path):
     p.write_text("def get_config():\n    return {'seeds': (0, 1, 2), 'num_cores': 10}\n")
     c = run_configs.get(str(p))
     assert c.name == "mine" and c.seeds == (0, 1, 2) and c.num_cores == 10
+    # the default's notes explain the default's K, not this config's
+    assert run_configs.default().notes and c.notes == ""
     p.write_text("def get_config():\n    return {'bogus': 1}\n")
     with pytest.raises(ValueError, match="bogus"):
         run_configs.get(str(p))
