@@ -190,6 +190,12 @@ def validate(config: RunConfig) -> RunConfig:
     if config.finetune is not None:
         if not isinstance(config.finetune, dict) or not all(isinstance(k, str) for k in config.finetune):
             fail(f"finetune must be a dict of train settings or None, got {config.finetune!r}")
+        # The run sets these per evaluation (finetune_config); given here, they would be
+        # overwritten without a word.
+        owned = sorted(set(config.finetune) & set(FINETUNE_SET_BY_RUN))
+        if owned:
+            fail(f"finetune sets {', '.join(owned)}, which the run sets itself ("
+                 + "; ".join(f"{k}: {FINETUNE_SET_BY_RUN[k]}" for k in owned) + ")")
         try:  # it is part of the identity in run.json
             json.dumps(config.finetune, allow_nan=False)
         except (TypeError, ValueError) as e:
@@ -235,6 +241,15 @@ def check_budgets(config: RunConfig, pool_size: int) -> list[int]:
         raise InputError(f"run config {config.name}: num_cores K = {config.num_cores} exceeds the "
                          f"smallest budget {min(budgets)}")
     return budgets
+
+
+# train Config keys that `finetune_config` sets from the run config, and from where.
+FINETUNE_SET_BY_RUN = {
+    "mode": "full, the evaluation's", "dataset": "the run's dataset",
+    "data_dir": "the run's data_dir", "selection": "each selection's file",
+    "pool_size": "the pool's", "seed": "each selection's seed",
+    "backbone": "set finetune_backbone", "backbone_weights": "the run's weights",
+}
 
 
 def finetune_config(config: RunConfig, selection_path, seed: int, pool_size: int | None):

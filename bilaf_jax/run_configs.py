@@ -98,9 +98,10 @@ def full() -> RunConfig:
 def _paper(name: str, dataset: str, train_config: str, fractions, num_cores: int,
            **extra) -> RunConfig:
     from bilaf_jax.cli.cmd_finetune import load_config_file
+    from bilaf_jax.experiment import FINETUNE_SET_BY_RUN
 
     finetune = load_config_file(train_config)
-    for k in ("mode", "dataset", "pool_size", "backbone", "selection"):
+    for k in FINETUNE_SET_BY_RUN:  # the run sets these per evaluation
         finetune.pop(k, None)
     return RunConfig(
         **{**default()._asdict(), "name": name, "dataset": dataset,

@@ -228,6 +228,16 @@ def test_default_and_full_config_contents(tmp_path):
     assert (cfg.backbone, cfg.backbone_weights, cfg.learning_rate) == ("vit_s16", "w.pth", 3e-3)
 
 
+def test_finetune_settings_the_run_sets_itself_are_refused(tmp_path, capsys):
+    """They were overwritten without a word: a finetune backbone of vit_s16 trained Lite0."""
+    cfg = _tiny_config_file(tmp_path, evals=("full",),
+                            finetune={"steps": 5, "backbone": "vit_s16", "seed": 7})
+    err = _one_line_exit_2(capsys, ["run", "--config", cfg, "--dry-run", "--workdir",
+                                    str(tmp_path / "w")])
+    assert ("finetune sets backbone, seed, which the run sets itself (backbone: set "
+            "finetune_backbone; seed: each selection's seed)") in err
+
+
 def test_config_file(tmp_path):
     p = tmp_path / "mine.py"
     p.write_text("def get_config():\n    return {'seeds': (0, 1, 2), 'num_cores': 10}\n")
