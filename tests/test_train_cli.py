@@ -234,6 +234,15 @@ def test_features_of_another_embedding_or_the_same_split_are_refused(bilaf, feat
         np.savez(feats / f"{name}.npz", features=x, labels=y, meta=np.asarray(json.dumps(m)))
     if needle is None:
         assert bilaf(_args(feats, feats / "run")) == 0
+        # python -m train.main names its data set itself: it must be the features'
+        from train.main import main as train_main
+
+        capsys.readouterr()
+        assert train_main(["--config", "fashion_mnist", "--workdir", str(feats / "other"),
+                           "mode=linear", "dataset=mnist_5k", f"selection={feats / 'sel.json'}",
+                           f"features={feats / 'pool.npz'}", f"test_features={feats / 'test.npz'}"]) == 2
+        assert "dataset mnist_5k but the features" in capsys.readouterr().err
+        assert not (feats / "other").exists()
         return
     assert bilaf(_args(feats, feats / "run")) == 2
     err = capsys.readouterr().err

@@ -329,8 +329,12 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
     if config.pool_size is not None:
         pool_x, pool_y = pool_x[: config.pool_size], pool_y[: config.pool_size]
     sel = np.asarray(load_index_list(config.selection, n=len(pool_y)), np.int64)
-    check_selection_pool(config.selection, pool_identity(config.features),
-                         f"--features {config.features}")
+    rows = pool_identity(config.features)
+    check_selection_pool(config.selection, rows, f"--features {config.features}")
+    if rows is not None and rows["dataset"] not in (None, config.dataset):
+        # the run's records would name a data set its numbers are not of
+        raise InputError(f"dataset {config.dataset} but the features {config.features} hold "
+                         f"{rows['dataset']} rows")
     identity = _identity(config)
     _check_workdir(workdir, identity)
     num_classes = config.num_classes or int(max(pool_y.max(), test_y.max())) + 1
