@@ -8,7 +8,7 @@ Expected (paper, top-1 %, mean of 3): BiLAF 81.0 / 89.2 / 92.5 at B = 0.5 / 1 / 
 (Random 77.3 / 82.2 / 88.9). Not reproduced here: no CIFAR or DINO weights offline.
 
 Recipe: SGD momentum 0.9, lr 3e-3, weight decay 1e-4, cosine schedule with 5 warm-up epochs,
-label smoothing 0.1, drop-path 0.1, RandomResizedCrop 224 + flip, 1000 epochs. As the authors'
+label smoothing 0.1, drop-path 0.1, RandomResizedCrop 224 (bicubic, as DeiT) + flip, 1000 epochs. As the authors'
 finetuning script (BiLAF's deit/main.py and README command): Nesterov momentum (timm's "sgd")
 and gradient clipping at global norm 2.0. The batch size is not given in the spec; 128 is our
 choice. Test images as DeiT evaluates them: the shorter side resized to 256, the centre 224
@@ -38,6 +38,7 @@ def get_config() -> dict:
         label_smoothing=0.1,
         drop_path=0.1,
         crop_scale_min=0.08,
+        crop_interpolation="bicubic",  # DeiT's training crops
         grad_clip_norm=2.0,
         eval_crop_fraction=0.875,
         eval_every=None,

@@ -8,7 +8,7 @@ Expected (paper, top-1 %, mean of 3): BiLAF 31.8 / 43.5 / 62.8 / 73.7 at B = 1 /
 (Random 14.9 / 24.3 / 50.8 / 69.3). Not reproduced here: no CIFAR or DINO weights offline.
 
 Recipe as configs/cifar10.py (Nesterov SGD 0.9, lr 3e-3, wd 1e-4, cosine, 5 warm-up epochs,
-label smoothing 0.1, drop-path 0.1, gradient clipping at 2.0, RandomResizedCrop 224 + flip,
+label smoothing 0.1, drop-path 0.1, gradient clipping at 2.0, RandomResizedCrop 224 (bicubic) + flip,
 1000 epochs).
 """
 

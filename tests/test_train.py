@@ -159,20 +159,21 @@ def test_crop_box_matches_torchvision_algorithm(height, width, scale, ratio):
     assert (top >= 0).all() and (left >= 0).all() and (top + h <= height).all() and (left + w <= width).all()
 
 
+@pytest.mark.parametrize("method", ["bilinear", "bicubic"])
 @pytest.mark.parametrize("in_shape,box,out_size", [
     ((20, 24), (3, 5, 9, 14), 16), ((20, 24), (0, 0, 20, 24), 7), ((9, 9), (2, 1, 4, 7), 33),
     ((30, 30), (4, 4, 25, 13), 11)])
-def test_crop_resize_matches_torch_interpolate(in_shape, box, out_size):
-    """The crop alone, resized as torchvision's resized_crop does on tensors (bilinear,
-    antialias=True): shrinking, enlarging and mixed boxes."""
+def test_crop_resize_matches_torch_interpolate(in_shape, box, out_size, method):
+    """The crop alone, resized as torchvision's resized_crop does on tensors (antialias=True,
+    bicubic as DeiT's training crops): shrinking, enlarging and mixed boxes."""
     torch = pytest.importorskip("torch")
     image = np.random.default_rng(0).normal(size=(*in_shape, 3)).astype(np.float32)
     top, left, h, w = box
-    rows = input_pipeline.resize_weights(top, h, in_shape[0], out_size)
-    cols = input_pipeline.resize_weights(left, w, in_shape[1], out_size)
+    rows = input_pipeline.resize_weights(top, h, in_shape[0], out_size, method)
+    cols = input_pipeline.resize_weights(left, w, in_shape[1], out_size, method)
     got = np.asarray(jnp.einsum("oh,hwc,pw->opc", rows, image, cols))
     crop = torch.from_numpy(image[top:top + h, left:left + w].transpose(2, 0, 1)[None].copy())
-    want = torch.nn.functional.interpolate(crop, size=(out_size, out_size), mode="bilinear",
+    want = torch.nn.functional.interpolate(crop, size=(out_size, out_size), mode=method,
                                            antialias=True, align_corners=False)
     np.testing.assert_allclose(got, want[0].numpy().transpose(1, 2, 0), atol=1e-5)
 

@@ -313,6 +313,12 @@ def test_full_finetune_identity_records_the_backbones_preprocessing(feats):
 
     cfg = make_config(mode="full", selection=str(feats / "sel.json"))
     assert _identity(cfg)["preprocessing"] == preprocessing("efficientnet_lite0")
+    # a setting added later enters the identity only away from what earlier runs did
+    assert "crop_interpolation" not in _identity(cfg)
+    bicubic = make_config(mode="full", selection=str(feats / "sel.json"), crop_interpolation="bicubic")
+    assert _identity(bicubic)["crop_interpolation"] == "bicubic"
+    with pytest.raises(ValueError, match="crop_interpolation must be one of bilinear, bicubic"):
+        make_config(mode="full", selection=str(feats / "sel.json"), crop_interpolation="nearest")
     assert "preprocessing" not in _identity(make_config(
         mode="linear", selection=str(feats / "sel.json"), features=str(feats / "pool.npz"),
         test_features=str(feats / "test.npz")))

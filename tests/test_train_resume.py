@@ -284,9 +284,10 @@ def test_each_run_trains_with_its_own_settings_in_one_process(tmp_path):
     base = dict(selection=sel, image_size=16, steps=2, batch_size=4, log_every=1,
                 pool_size=80, test_size=8, warmup_steps=1, label_smoothing=0.0, ema_decay=0.0)
     variants = {"label_smoothing": 0.4, "ema_decay": 0.5, "crop_scale_min": 0.5,
-                "image_size": 24, "nesterov": True, "grad_clip_norm": 0.1}
+                "image_size": 24, "nesterov": True, "grad_clip_norm": 0.1,
+                "crop_interpolation": "bicubic"}
     bb = TinyBackbone()
-    train_and_evaluate(make_config(**base), tmp_path / "base", backbone=bb)
+    first = train_and_evaluate(make_config(**base), tmp_path / "base", backbone=bb)
     after_base = {}
     for name, value in variants.items():
         after_base[name] = train_and_evaluate(make_config(**{**base, name: value}),
@@ -296,6 +297,7 @@ def test_each_run_trains_with_its_own_settings_in_one_process(tmp_path):
         alone = train_and_evaluate(make_config(**{**base, name: value}),
                                    tmp_path / f"{name}_2", backbone=bb)
         assert _tree_equal(after_base[name]["state"], alone["state"]), name
+        assert not _tree_equal(first["state"], alone["state"]), name  # the setting took effect
 
 
 def test_eval_every_need_not_align_with_log_every(tmp_path):

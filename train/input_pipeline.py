@@ -94,38 +94,58 @@ def box_from_uniforms(u_area, u_ratio, u_top, u_left, height: int, width: int, s
     return top, left, h, w
 
 
-def resize_weights(start, length, in_size: int, out_size: int):
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def _filter(x, method: str):
+    """PIL's resampling filters (as torch's antialiased interpolate): the triangle, or Keys'
+    cubic with a = -0.5."""
+    x = jnp.abs(x)
+    if method == "bilinear":
+        return jnp.maximum(0.0, 1.0 - x)
+    a = -0.5
+    near = ((a + 2) * x - (a + 3)) * x * x + 1
+    far = ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+    return jnp.where(x < 1, near, jnp.where(x < 2, far, 0.0))
+
+
+def resize_weights(start, length, in_size: int, out_size: int, method: str = "bilinear"):
     """[out_size, in_size] weights that resample pixels start .. start + length - 1 of an axis to
-    out_size pixels: bilinear, antialiased when shrinking (PIL's filter, as torch's
-    `interpolate(mode="bilinear", antialias=True)`); pixels outside the crop get no weight.
+    out_size pixels: bilinear or bicubic, antialiased when shrinking (PIL's filters, as torch's
+    `interpolate(mode=method, antialias=True)`); pixels outside the crop get no weight.
     """
+    if method not in INTERPOLATIONS:
+        raise ValueError(f"method must be one of {', '.join(INTERPOLATIONS)}, got {method!r}")
     scale = length / out_size
-    support = jnp.maximum(scale, 1.0)  # the triangle widens with the shrink factor
+    filter_scale = jnp.maximum(scale, 1.0)  # the filter widens with the shrink factor
+    support = (1.0 if method == "bilinear" else 2.0) * filter_scale
     centre = scale * (jnp.arange(out_size) + 0.5)
     lo = jnp.maximum(jnp.floor(centre - support + 0.5), 0.0)
     hi = jnp.minimum(jnp.floor(centre + support + 0.5), length)
     x = jnp.arange(in_size) - start  # crop-local pixel index
-    w = jnp.maximum(0.0, 1.0 - jnp.abs((x[None, :] + 0.5 - centre[:, None]) / support))
+    w = _filter((x[None, :] + 0.5 - centre[:, None]) / filter_scale, method)
     w = jnp.where((x[None, :] >= lo[:, None]) & (x[None, :] < hi[:, None]), w, 0.0)
     return w / w.sum(axis=1, keepdims=True)
 
 
-@functools.partial(jax.jit, static_argnames=("out_size", "scale_min", "ratio_min", "ratio_max"))
+@functools.partial(jax.jit, static_argnames=("out_size", "scale_min", "ratio_min", "ratio_max",
+                                              "interpolation"))
 def random_resized_crop_and_flip(key, images, *, out_size: int, scale_min=0.08,
-                                 ratio_min=3.0 / 4.0, ratio_max=4.0 / 3.0):
+                                 ratio_min=3.0 / 4.0, ratio_max=4.0 / 3.0,
+                                 interpolation: str = "bilinear"):
     """torchvision's RandomResizedCrop(out_size, scale=(scale_min, 1)) + RandomHorizontalFlip, in JAX.
 
     images: float [b, h, w, c] (already preprocessed/normalised) -> [b, out_size, out_size, c].
-    Integer crop boxes as `crop_box`; bilinear resampling of the crop alone, antialiased when
-    shrinking (`resize_weights`).
+    Integer crop boxes as `crop_box`; bilinear or bicubic (DeiT's training crops) resampling of
+    the crop alone, antialiased when shrinking (`resize_weights`).
     """
     b, height, width, c = images.shape
 
     def one(key, image):
         k_box, k_flip = jax.random.split(key)
         top, left, h, w = crop_box(k_box, height, width, (scale_min, 1.0), (ratio_min, ratio_max))
-        rows = resize_weights(top, h, height, out_size).astype(image.dtype)
-        cols = resize_weights(left, w, width, out_size).astype(image.dtype)
+        rows = resize_weights(top, h, height, out_size, interpolation).astype(image.dtype)
+        cols = resize_weights(left, w, width, out_size, interpolation).astype(image.dtype)
         out = jnp.einsum("oh,hwc,pw->opc", rows, image, cols)
         flip = jax.random.bernoulli(k_flip)
         return jnp.where(flip, out[:, ::-1], out)

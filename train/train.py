@@ -87,6 +87,8 @@ class Config:
     # statistics (as timm's ModelEma averages the whole state)
     drop_path: float = 0.0  # stochastic depth, by the backbone's rule (train.models.set_drop_path)
     crop_scale_min: float = 0.08
+    # resampling of the training crops: bilinear, or bicubic as DeiT's (the authors' finetuning)
+    crop_interpolation: str = "bilinear"
     # Test images: None = the whole image resized to image_size; else DeiT's evaluation crop,
     # the shorter side resized to image_size / eval_crop_fraction, then the centre crop (0.875).
     eval_crop_fraction: float | None = None
@@ -104,6 +106,10 @@ class Config:
     knn_k: int = 20
     knn_temperature: float = 0.07
 
+
+# Fields added after runs were made, at the value those runs used: left out of identities there,
+# so that such runs still resume (and `bilaf run` keeps their evaluations).
+LATER_FIELDS = {"crop_interpolation": "bilinear"}
 
 # Fields that do not change the result (num_devices: only the float summation order): a resumed
 # run may change them freely.
@@ -193,6 +199,11 @@ def validate_config(c: Config) -> None:
     in_range("ema_decay", 0.0, 1.0)
     in_range("label_smoothing", 0.0, 1.0)
     in_range("crop_scale_min", 0.0, 1.0, lo_open=True, hi_closed=True)
+    from train.input_pipeline import INTERPOLATIONS
+
+    if c.crop_interpolation not in INTERPOLATIONS:
+        raise ValueError(f"crop_interpolation must be one of {', '.join(INTERPOLATIONS)}, "
+                         f"got {c.crop_interpolation!r}")
     if c.mode in ("linear", "knn"):
         if c.features is None:
             raise ValueError(f"mode {c.mode} needs pool features (--features FILE.npz)")
@@ -207,7 +218,8 @@ def validate_config(c: Config) -> None:
 def _identity(config: Config, data_sha256: str | None = None) -> dict:
     """What a workdir's run depends on. Full mode: `data_sha256` is the digest of the labelled
     and test images and labels it reads (data_dir, a path, is not identity: a copy resumes)."""
-    ident = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY}
+    ident = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY
+             and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
     ident["selection_sha256"] = sha256_file(config.selection)
     for name in ("features", "test_features"):
         path = getattr(config, name)
@@ -453,11 +465,11 @@ _STEP_CACHE: dict = {}
 
 
 def _train_step_fn(train_def, tx, key_tuple, *, image_size, num_classes, label_smoothing,
-                   ema_decay, crop_scale_min):
+                   ema_decay, crop_scale_min, crop_interpolation="bilinear"):
     # Everything the traced step closes over is in the key: a run with other settings must not
     # reuse a step compiled for the first one.
     cache_key = ("train", train_def, key_tuple, image_size, num_classes, label_smoothing,
-                 ema_decay, crop_scale_min)
+                 ema_decay, crop_scale_min, crop_interpolation)
     if cache_key in _STEP_CACHE:
         return _STEP_CACHE[cache_key]
     import jax
@@ -468,7 +480,8 @@ def _train_step_fn(train_def, tx, key_tuple, *, image_size, num_classes, label_s
 
     def train_step(state, images, labels, key):
         images = random_resized_crop_and_flip(key, images, out_size=image_size,
-                                              scale_min=crop_scale_min)
+                                              scale_min=crop_scale_min,
+                                              interpolation=crop_interpolation)
         targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
 
         def loss_fn(params, rest):
@@ -615,7 +628,7 @@ def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
     train_step = _train_step_fn(
         train_def, tx, key_tuple, image_size=config.image_size, num_classes=num_classes,
         label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
-        crop_scale_min=config.crop_scale_min)
+        crop_scale_min=config.crop_scale_min, crop_interpolation=config.crop_interpolation)
     return Finetune(state, train_step, _eval_step_fn(eval_def), schedule, commit, shard)
 
 
