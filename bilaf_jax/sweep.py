@@ -351,7 +351,10 @@ def mean_nearest_distances(features, indices, *, chunk_size: int = distances.DEF
 def _measured_rows(features, indices, num_rows):
     """The real rows of a (padded) pool, with concrete `num_rows` and indices checked against
     them (an out-of-range gather would clamp silently)."""
-    features = jnp.asarray(features)
+    from bilaf_jax.sharding import as_auto_sharded
+
+    # (a pool placed on `jax.make_mesh`'s explicit axes, as the selectors take it)
+    features = jnp.asarray(as_auto_sharded(features))
     if num_rows is not None:
         num_rows = V.check_count(num_rows, "num_rows", 1, features.shape[0])
     features = real_rows(features, num_rows)

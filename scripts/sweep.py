@@ -18,7 +18,8 @@ a markdown table. When the .npz carries `labels`, records also hold label_count 
 labels selected) and label_balance (normalised entropy of their histogram).
 --mesh shards the pool's rows over devices and --distributed spreads one sweep over several
 processes (the same command on each; process 0 writes), as in `bilaf select`; the records are
-those of a one-device sweep.
+those of a one-device sweep (selections equal; losses and distances summed in another order
+may differ in the last bits).
 Bad input: one line on stderr, exit code 2.
 """
 
@@ -44,7 +45,7 @@ def build_parser():
     p = _Parser(prog="sweep.py", description=__doc__.splitlines()[0])
     p.add_argument("features", help=".npy [n, d] or .npz with 'features' (and optional 'labels')")
     p.add_argument("--budget", type=int, required=True, help="B, samples to select")
-    p.add_argument("--cores", type=int, default=None, help="K core samples (default B // 10)")
+    p.add_argument("--cores", type=int, default=None, help="K core samples (default max(1, B // 10))")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="values of one traceable hyperparameter (repeatable)")
     p.add_argument("--steps", type=int, default=300, help="ActiveFT optimiser steps")

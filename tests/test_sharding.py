@@ -50,6 +50,12 @@ def test_explicit_mesh_from_make_mesh_is_accepted():
         want = select(jax.random.key(1), x, 20, method=method, **kw).indices
         got = select(jax.random.key(1), xs, 20, method=method, **kw).indices
         np.testing.assert_array_equal(got, want)
+    from bilaf_jax.sweep import mean_nearest_distance, mean_nearest_distances
+
+    idx = np.arange(0, 1008, 50)  # the measures take such a pool too (they raised)
+    np.testing.assert_allclose(mean_nearest_distance(xs, idx), mean_nearest_distance(x, idx), rtol=1e-6)
+    np.testing.assert_allclose(mean_nearest_distances(xs, idx[None]), mean_nearest_distances(x, idx[None]),
+                               rtol=1e-6)
 
 
 def test_minibatch_activeft_sharded_with_padding():
@@ -107,6 +113,10 @@ def test_sweep_sharded_with_padding_equals_unsharded():
     np.testing.assert_array_equal(got.indices, want.indices)
     np.testing.assert_allclose(got.mean_distance, want.mean_distance, rtol=1e-5)
     np.testing.assert_array_equal(got.selected_balance, want.selected_balance)
+    # the measures of the core stage see no padding rows either
+    np.testing.assert_allclose(got.core_mean_distance, want.core_mean_distance, rtol=1e-5)
+    np.testing.assert_allclose(got.core_loss, want.core_loss, rtol=1e-5)
+    np.testing.assert_array_equal(got.pool_balance, want.pool_balance)
 
 
 # ---- the command line: --mesh, and one selection spread over two processes -----------------
