@@ -662,7 +662,8 @@ def _smallest_set(mask, key, tie, count):
     one = jnp.asarray(1, u.dtype)
 
     def bit(b, t):
-        trial = t | (one << (nbits - 1 - b).astype(u.dtype))
+        # (b is a Python int when jit is disabled)
+        trial = t | (one << jnp.asarray(nbits - 1 - b).astype(u.dtype))
         below = jnp.sum(mask & (u < trial[:, None]), axis=1)
         return jnp.where(below < count, trial, t)
 
@@ -1001,9 +1002,12 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
       opponent_penalty: delta of the opponent penalty (traceable).
       chunk_size: rows per block in the assignment pass (static).
       direct: Euclidean distances from explicit differences (as scipy's cdist) instead of the
-        Gram expansion. Default: True in official mode with float64 features (exact parity
-        with the script), else False (faster; two identical rows may then lie at distances
-        that differ in the last bits, so ties between exact duplicates need direct=True).
+        Gram expansion ||x||^2 + ||y||^2 - 2 x.y. Default: True in official mode with float64
+        features (exact parity with the script), else False (faster). The Gram form's error
+        grows with the features' distance from the origin, about sqrt(eps) ||x|| (two
+        identical rows of norm 50 in float32 can lie 0.05 apart), so features far from the
+        origin should be centred first (distances do not change), and ties between exact
+        duplicates need direct=True.
       precision: of the assignment's [n, K] distance matmuls, paper mode: "float32" (default),
         "bfloat16" or "tensorfloat32" (NVIDIA GPUs), both accumulating in float32 (see
         `bilaf_jax.distances`). They only shortlist each sample's nearest cores: the

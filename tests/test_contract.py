@@ -105,6 +105,20 @@ def test_jit_eager_parity(name, pool):
     np.testing.assert_array_equal(jitted, eager)
 
 
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_boundary_stage_jit_eager_parity(mode, pool):
+    """Eager runs (jax.disable_jit, for debugging) of the boundary stage: its loops then hand
+    Python ints to their bodies."""
+    from bilaf_jax.boundary import bilaf
+
+    x = pool.astype(np.float64) if mode == "official" else pool
+    with jax.enable_x64(mode == "official"):
+        jitted = bilaf(jax.random.key(0), x, [0, 20, 40], 12, mode=mode)
+        with jax.disable_jit():
+            eager = bilaf(jax.random.key(0), x, [0, 20, 40], 12, mode=mode)
+    np.testing.assert_array_equal(np.asarray(eager.indices), np.asarray(jitted.indices))
+
+
 @pytest.mark.parametrize("name", [*SELECTORS, "bilaf"])
 def test_feature_dtypes_and_values_too_large_to_square(name, pool):
     from bilaf_jax.pipeline import select
