@@ -57,8 +57,9 @@ def default_num_cores(budget: int) -> int:
 def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int | None = None,
            core_method: str = "activeft", mode: str = "paper", core_options: dict | None = None,
            num_neighbors: int = 10, ring_fraction=0.1, remove_fraction=0.1,
-           opponent_penalty=1.1, normalize: bool = False, labeled=None,
-           num_rows: int | None = None, precision: str | None = None) -> SelectOutput:
+           opponent_penalty=1.1, normalize: bool = False, direct: bool | None = None,
+           labeled=None, num_rows: int | None = None,
+           precision: str | None = None) -> SelectOutput:
     """Choose `budget` rows of `features` [n, d] to label.
 
     method: "bilaf" (core stage with `core_method` picking `num_cores` cores, then BiLAF's
@@ -67,8 +68,9 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
     num_cores: K for "bilaf"; default `default_num_cores(budget)` = max(1, budget // 10).
     core_options: extra keyword arguments for the core selector (e.g. num_steps, temperature,
       batch_size for ActiveFT).
-    mode, num_neighbors, ring_fraction, remove_fraction, opponent_penalty, normalize: passed to
-      `bilaf_jax.boundary.bilaf` (see there). In "official" mode the boundary stage runs in
+    mode, num_neighbors, ring_fraction, remove_fraction, opponent_penalty, normalize, direct:
+      passed to `bilaf_jax.boundary.bilaf` (see there); for the other methods they must keep
+      their defaults (they would be ignored). In "official" mode the boundary stage runs in
       float64 under `jax.enable_x64`, as the authors' scipy code does, so that its list matches
       theirs index for index.
     labeled: int[m] rows already labelled (multi-round active finetuning). They are never
@@ -139,11 +141,25 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
     if method != "bilaf":
         if num_cores is not None and num_cores != budget:
             raise ValueError(f"num_cores applies to method='bilaf' only (got {num_cores} with {method!r})")
+        given = [name for name, value, default in (
+            ("mode", mode, "paper"), ("num_neighbors", num_neighbors, 10),
+            ("ring_fraction", ring_fraction, 0.1), ("remove_fraction", remove_fraction, 0.1),
+            ("opponent_penalty", opponent_penalty, 1.1), ("normalize", normalize, False),
+            ("direct", direct, None))
+            if V.is_traced(value) or not (value is default or value == default)]
+        if given:
+            raise ValueError(f"{', '.join(given)} configure BiLAF's boundary stage, which "
+                             f"method={method!r} does not run")
         core = _CORE_SELECTORS[method](core_key, features, budget, **options)
         return process_local(SelectOutput(core.indices, core.indices, core, None))
 
     from bilaf_jax.boundary import bilaf, check_options
 
+    if V.is_traced(key) or any(V.is_traced(v) for v in options.values()):
+        # The boundary stage plans its class programs from concrete cores (host arrays).
+        raise ValueError("method='bilaf' needs a concrete key and core_options: it cannot run "
+                         "under jax.vmap / jit over them; vmap the core selector and call "
+                         "boundary.bilaf per core set, or loop in Python")
     # Before stage 1: a bad boundary setting should not cost a whole ActiveFT run first.
     check_options(mode=mode, num_neighbors=num_neighbors, ring_fraction=ring_fraction,
                   remove_fraction=remove_fraction, opponent_penalty=opponent_penalty,
@@ -160,7 +176,7 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
         bilaf, boundary_key, core_indices=all_cores, budget=budget + (0 if labeled is None else labeled.size),
         mode=mode, num_neighbors=num_neighbors, ring_fraction=ring_fraction,
         remove_fraction=remove_fraction, opponent_penalty=opponent_penalty, normalize=normalize,
-        precision=precision)
+        direct=direct, precision=precision)
     # The boundary stage works per pseudo-class on gathered rows; hand it the real rows.
     features = real_rows(features, n)
     if mode == "official":

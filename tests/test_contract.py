@@ -105,6 +105,18 @@ def test_jit_eager_parity(name, pool):
     np.testing.assert_array_equal(jitted, eager)
 
 
+def test_direct_distances_through_select_do_not_depend_on_the_origin(pool):
+    """Euclidean distances do not change under a shift; with direct=True neither do the picks
+    (the Gram form loses precision far from the origin: see boundary.bilaf's `direct`)."""
+    from bilaf_jax.pipeline import select
+
+    def picks(x):
+        return np.asarray(select(jax.random.key(0), x, 24, num_cores=4, core_method="kcenter",
+                                 direct=True).indices)
+
+    np.testing.assert_array_equal(picks(pool + np.float32(1000)), picks(pool))
+
+
 @pytest.mark.parametrize("mode", ["paper", "official"])
 def test_boundary_stage_jit_eager_parity(mode, pool):
     """Eager runs (jax.disable_jit, for debugging) of the boundary stage: its loops then hand
@@ -160,6 +172,16 @@ def test_misleading_options_are_refused():
                 select(key, x, 20, method=method, num_cores=4, core_options={opt: 3})
     with pytest.raises(ValueError, match=r"core_options \['num_steps'\] are not options of the kcenter"):
         select(key, x, 20, num_cores=4, core_method="kcenter", core_options=dict(num_steps=5))
+    # boundary-stage options for a single-stage method (ignored, even when invalid)
+    for method, opts in (("kcenter", dict(mode="official")), ("random", dict(remove_fraction=5.0)),
+                         ("kmeans", dict(num_neighbors=0, normalize=True))):
+        with pytest.raises(ValueError, match=f"{', '.join(opts)} configure BiLAF's boundary "
+                                             f"stage, which method='{method}' does not run"):
+            select(key, x, 10, method=method, **opts)
+    select(key, x, 10, method="kcenter", remove_fraction=np.float64(0.1))  # the default, as given
+    # bilaf under vmap over keys: a clear error before ActiveFT runs, not one from inside
+    with pytest.raises(ValueError, match="needs a concrete key and core_options"):
+        jax.vmap(lambda k: select(k, x, 10, num_cores=3).indices)(jax.random.split(key, 2))
     with pytest.raises(ValueError, match="unknown precision 'garbage'"):
         select(key, x, 10, method="kmeans", precision="garbage")
     with pytest.raises(ValueError, match="'kcenter' computes in float32"):
