@@ -202,7 +202,10 @@ def _kmeans(key, features, tol, unavailable, num_rows, *, num_samples, num_iters
     seeds = _SeedState(jnp.zeros((num_samples, d), x.dtype).at[0].set(first), sq_to(first))
     centres = lax.fori_loop(1, num_samples, seed_step, seeds).centres
     weight = real.astype(x.dtype)
-    scale = jnp.sum(weight * jnp.sum(x * x, axis=1)) / num_rows
+    # Mean squared norm, each term divided first: the plain sum overflows for features that
+    # validation accepts (each squared norm fits, n of them need not), which stopped Lloyd's
+    # iterations before the first.
+    scale = jnp.sum(weight * (jnp.sum(x * x, axis=1) / num_rows))
 
     def lloyd_cond(state: _LloydState):
         return (state.it < num_iters) & (state.shift > tol * scale)

@@ -52,6 +52,17 @@ def test_kmeans_handles_duplicate_rows():
     assert len(set(np.asarray(out.indices).tolist())) == 8
 
 
+def test_kmeans_iterates_on_features_whose_squared_norms_only_just_fit():
+    """Each row's squared norm fits float32 (validation's bound), the pool's sum does not: the
+    stopping threshold overflowed and no Lloyd iteration ran. Picks are scale-free."""
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(300, 8)) + 3 * rng.normal(size=(6, 8))[rng.integers(0, 6, 300)]).astype(np.float32)
+    small = kmeans_select(jax.random.key(0), x, 6)
+    large = kmeans_select(jax.random.key(0), x * np.float32(2e17), 6)
+    assert int(large.num_iters) == int(small.num_iters) > 0
+    np.testing.assert_array_equal(large.indices, small.indices)
+
+
 def test_random_select_is_uniform_enough():
     x = np.zeros((50, 2), np.float32)
     counts = np.zeros(50)
