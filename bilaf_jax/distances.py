@@ -266,6 +266,13 @@ def greedy_unique_match(points, centres, metric: str = "sqeuclidean", *,
     points, centres = jnp.asarray(points), jnp.asarray(centres)
     n = points.shape[0]
     num_centres = centres.shape[0]
+    # Too few free points would hand out taken or repeated ones without a word.
+    if num_centres > n:
+        raise ValueError(f"{num_centres} centres but only {n} points: each centre takes its own point")
+    if taken is not None and not isinstance(taken, jax.core.Tracer):
+        free = n - int(jnp.count_nonzero(jnp.asarray(taken)))
+        if num_centres > free:
+            raise ValueError(f"{num_centres} centres but only {free} points not taken")
     t = min(num_candidates, n)
 
     # Top-t candidates per centre: scan the pool in chunks, merging running top-t lists.

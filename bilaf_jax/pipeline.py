@@ -32,10 +32,13 @@ class SelectOutput(NamedTuple):
     """Result of `select`.
 
     indices: int32[budget]. For "bilaf": class blocks in ascending core order, each starting with
-      its core (the authors' output order); for the other methods: ascending.
+      its core (the authors' output order); for the other methods: ascending. With `labeled`
+      rows, their classes' blocks remain without their first row (the labelled core).
     core_indices: int32[K] ascending (for the baselines: the same as `indices`).
     core: the core stage's output (ActiveFTOutput, KCenterOutput, ...).
-    boundary: the boundary stage's output (BilafOutput) for "bilaf", else None.
+    boundary: the boundary stage's output (BilafOutput) for "bilaf", else None. With `labeled`
+      rows its classes are those of sort(labeled + core_indices), K + m of them:
+      `pseudo_labels` and `allocation` index that sorted list, not `core_indices`.
     """
 
     indices: jax.Array

@@ -84,6 +84,17 @@ def test_greedy_unique_match_equals_naive_greedy():
     np.testing.assert_array_equal(np.asarray(got), want)
 
 
+def test_greedy_unique_match_refuses_more_centres_than_free_points():
+    """It handed out repeated and taken points ([0 1 2 0 0 0], [8 9 0 0])."""
+    x = np.random.default_rng(0).normal(size=(10, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="6 centres but only 3 points"):
+        distances.greedy_unique_match(x[:3], x[:6])
+    with pytest.raises(ValueError, match="4 centres but only 2 points not taken"):
+        distances.greedy_unique_match(x, x[:4], taken=np.arange(10) < 8)
+    got = distances.greedy_unique_match(x, x[:2], taken=np.arange(10) < 8)
+    assert sorted(np.asarray(got).tolist()) == [8, 9]
+
+
 def test_greedy_unique_match_under_vmap_equals_each_run():
     # Under vmap the exact-scan fallback runs for the settings that need it (and others keep
     # their candidate pick): the same picks as one call per centre set.
