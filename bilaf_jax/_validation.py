@@ -28,8 +28,9 @@ _max_abs = jax.jit(lambda x: jnp.max(jnp.abs(x)))
 def check_features(features, name: str = "features"):
     """Return `features` as a floating JAX/NumPy array of shape [n, d], or raise ValueError.
 
-    Checks: array-like, 2-D, n > 0 and d > 0, real numbers, all finite and small enough that
-    squared norms do not overflow (when concrete). Integer and 16-bit float inputs are converted
+    Checks: array-like, 2-D, n > 0 and d > 0, real numbers, all finite, small enough that
+    squared norms do not overflow and (unless all zero) large enough that squares do not
+    underflow (when concrete). Integer and 16-bit float inputs are converted
     to float32 (distances and scores need its precision; `precision=` chooses low-precision
     matmuls), other byte orders and widths to native float32 / float64; float32 and float64
     are kept.
@@ -75,10 +76,17 @@ def check_features(features, name: str = "features"):
             raise ValueError(f"{name} contains NaN or Inf values")
         # The type JAX computes in: float64 input becomes float32 unless x64 is enabled.
         computed = jax.dtypes.canonicalize_dtype(features.dtype)
-        if d * largest * largest > float(np.finfo(computed).max) / 4:
+        info = np.finfo(computed)
+        if d * largest * largest > float(info.max) / 4:
             raise ValueError(
                 f"{name} hold values up to {largest:.3g}: squared distances between rows "
                 f"overflow {np.dtype(computed).name}; rescale the features")
+        if 0 < largest and largest * largest < float(info.tiny) / float(info.eps):
+            # Squares below the normal range lose their precision (CPUs flush them to zero):
+            # every distance would look alike, and the picks would be the first rows.
+            raise ValueError(
+                f"{name} hold values of at most {largest:.3g}: squared distances between rows "
+                f"underflow {np.dtype(computed).name}; rescale the features")
     return features
 
 

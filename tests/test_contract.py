@@ -151,6 +151,10 @@ def test_feature_dtypes_and_values_too_large_to_square(name, pool):
         run(pool.astype(np.float64) * 1e25)
     with pytest.raises(ValueError, match="NaN or Inf"):
         run(np.where(np.arange(157)[:, None] == 3, np.nan, pool).astype(np.float32))
+    # squares below float32's normal range: every distance alike, the first rows picked
+    with pytest.raises(ValueError, match="underflow float32; rescale"):
+        run(pool * np.float32(1e-20))
+    np.testing.assert_array_equal(run(pool * np.float32(2 ** -40)), expected)  # small, still exact
 
 
 def test_misleading_options_are_refused():
