@@ -504,13 +504,14 @@ def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True,
     from bilaf_jax.extract import extract_to_file, read_meta
 
     folder = workdir / "features"
-    folder.mkdir(exist_ok=True)
     paths = {"pool": folder / "pool.npz", "test": folder / "test.npz"}
-    limits = {"pool": config.pool_size, "test": config.test_size}
-    splits = {"pool": "train", "test": data.eval_split(config.dataset)}
     if not paths["pool"].exists() and config.pool_size is not None:
+        # before extracting (features made elsewhere, or injected, are taken as they are)
         check_pool_size(config, len(data.data_source(config.dataset, "train",
                                                      data_dir=config.data_dir)))
+    folder.mkdir(exist_ok=True)
+    limits = {"pool": config.pool_size, "test": config.test_size}
+    splits = {"pool": "train", "test": data.eval_split(config.dataset)}
     if not all(p.exists() for p in paths.values()):
         from bilaf_jax import backbones
 
@@ -526,8 +527,6 @@ def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True,
                             batch_size=config.extract_batch_size, data_dir=config.data_dir,
                             progress=progress, on_batch=on_batch)
     pool, test = _read_npz(paths["pool"]), _read_npz(paths["test"])
-    if config.pool_size is not None:
-        check_pool_size(config, pool["features"].shape[0])
     if test["features"].shape[1] != pool["features"].shape[1]:
         raise _damaged(paths["test"], f"{test['features'].shape[1]}-d features, the pool's are "
                                       f"{pool['features'].shape[1]}-d")

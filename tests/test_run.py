@@ -195,13 +195,14 @@ def test_dry_run_checks_the_workdir_and_data_folder(tmp_path, capsys):
     assert "pool_size 10000 exceeds the 4000 train images of mnist_5k" in capsys.readouterr().err
 
 
-def test_a_pool_size_beyond_the_features_is_refused(tmp_path):
-    """An extraction with limit 300 of a 240-image data set: the budgets would be of 240."""
+def test_a_pool_size_beyond_the_data_is_refused_before_extracting(tmp_path):
+    """MNIST-5k has 4,000 train images: a pool of 5,000 would run on 4,000 with other budgets
+    than the dry run printed."""
     wd = tmp_path / "w"
-    config = tiny_config(pool_size=300, methods=("random",))
-    _inject_features(wd, config=config)  # 240 rows
-    with pytest.raises(InputError, match="pool_size 300 exceeds the 240 train images"):
+    config = tiny_config(dataset="mnist_5k", pool_size=5000, methods=("random",))
+    with pytest.raises(InputError, match="pool_size 5000 exceeds the 4000 train images of mnist_5k"):
         experiment.run_experiment(config, wd, progress=False)
+    assert not (wd / "features").exists()
 
 
 def test_default_and_full_config_contents(tmp_path):
