@@ -772,12 +772,12 @@ def _eval_basis(config: RunConfig, workdir: Path, job: Job, ev: str, selection: 
     basis = {"selection_sha256": hashlib.sha256(made_from.encode()).hexdigest()}
     if ev == "full" and "error" not in selection:
         sel_path = _selection_path(workdir, job).with_suffix(".indices.json")
-        from train.train import LATER_FIELDS
+        from train.train import without_later_defaults
 
-        cfg = dataclasses.asdict(finetune_config(config, sel_path, job.seed, pool_size))
-        basis["finetune"] = json.loads(json.dumps({
-            k: v for k, v in cfg.items()
-            if k != "selection" and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}))
+        cfg = without_later_defaults(dataclasses.asdict(
+            finetune_config(config, sel_path, job.seed, pool_size)))
+        basis["finetune"] = json.loads(json.dumps({k: v for k, v in cfg.items()
+                                                   if k != "selection"}))
     return basis
 
 

@@ -111,6 +111,11 @@ class Config:
 # so that such runs still resume (and `bilaf run` keeps their evaluations).
 LATER_FIELDS = {"crop_interpolation": "bilinear"}
 
+
+def without_later_defaults(fields: dict) -> dict:
+    """`fields` (a Config as a dict) less the LATER_FIELDS at the value earlier runs used."""
+    return {k: v for k, v in fields.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+
 # Fields that do not change the result (num_devices: only the float summation order): a resumed
 # run may change them freely.
 _NOT_IDENTITY = ("data_dir", "checkpoint_every", "max_checkpoints", "selection", "features",
@@ -218,8 +223,8 @@ def validate_config(c: Config) -> None:
 def _identity(config: Config, data_sha256: str | None = None) -> dict:
     """What a workdir's run depends on. Full mode: `data_sha256` is the digest of the labelled
     and test images and labels it reads (data_dir, a path, is not identity: a copy resumes)."""
-    ident = {k: v for k, v in dataclasses.asdict(config).items() if k not in _NOT_IDENTITY
-             and not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
+    ident = {k: v for k, v in without_later_defaults(dataclasses.asdict(config)).items()
+             if k not in _NOT_IDENTITY}
     ident["selection_sha256"] = sha256_file(config.selection)
     for name in ("features", "test_features"):
         path = getattr(config, name)

@@ -100,8 +100,8 @@ def run(args) -> int:
             overrides[field] = value
     mode = overrides.get("mode", "full")
     if mode in ("linear", "knn") and isinstance(overrides.get("features"), (str, os.PathLike)):
-        # (other values are refused by make_config below)
-        # The features say which data set their rows are; --dataset must not say otherwise.
+        # The features say which data set their rows are; --dataset must not say otherwise
+        # (a features value of another type is refused by make_config below).
         from bilaf_jax.extract import pool_identity
 
         rows = pool_identity(overrides["features"])
