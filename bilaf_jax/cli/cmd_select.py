@@ -82,14 +82,15 @@ def register(sub) -> None:
                    "`bilaf finetune` needs unique indices)")
     p.add_argument("--out", help="where to write the JSON list of indices (required unless --verify)")
     p.add_argument("--verify", metavar="SELECTION", help="re-run the selection recorded beside SELECTION and compare")
-    # What --verify takes from its record, not from the command line: given with --verify, these
-    # would be silently ignored, so they are refused (the device options may change).
-    verify_ignores = {a.dest: (a.option_strings[0] if a.option_strings else a.dest.upper(), a.default)
-                      for a in p._actions if a.dest not in ("help", "verify")}
+    # The selection's own options, dest -> (flag, default), to tell which were given: --verify
+    # takes them all from its record and a method ignores some (both are refused when given;
+    # the device options added below may change).
+    selection_flags = {a.dest: (a.option_strings[0] if a.option_strings else a.dest.upper(), a.default)
+                       for a in p._actions if a.dest not in ("help", "verify")}
     add_mesh_options(p)
     add_compile_cache_option(p, "so that a later call on the same pool (any budget) skips "
                              "compiling")
-    p.set_defaults(func=run, _verify_ignores=verify_ignores)
+    p.set_defaults(func=run, _selection_flags=selection_flags)
 
 
 def parse_budget(text, n: int) -> int:
@@ -123,7 +124,7 @@ _ACTIVEFT_ONLY = ("num_steps", "batch_size", "temperature", "learning_rate", "ba
 
 
 def _refuse_unused(a) -> None:
-    flags = getattr(a, "_verify_ignores", {})  # dest -> (flag, default)
+    flags = getattr(a, "_selection_flags", {})  # dest -> (flag, default)
 
     def given(names):
         return [flags[d][0] for d in names if d in flags and getattr(a, d) != flags[d][1]]
@@ -235,7 +236,7 @@ def run(a) -> int:
             raise UsageError("--out is required")
         _check_args(a)
     if a.verify:
-        given = [flag for dest, (flag, default) in getattr(a, "_verify_ignores", {}).items()
+        given = [flag for dest, (flag, default) in getattr(a, "_selection_flags", {}).items()
                  if getattr(a, dest, default) != default]
         if given:
             raise UsageError(f"--verify re-runs the selection its record describes; it takes no "
