@@ -144,12 +144,13 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
     if method != "bilaf":
         if num_cores is not None and num_cores != budget:
             raise ValueError(f"num_cores applies to method='bilaf' only (got {num_cores} with {method!r})")
-        given = [name for name, value, default in (
-            ("mode", mode, "paper"), ("num_neighbors", num_neighbors, 10),
-            ("ring_fraction", ring_fraction, 0.1), ("remove_fraction", remove_fraction, 0.1),
-            ("opponent_penalty", opponent_penalty, 1.1), ("normalize", normalize, False),
-            ("direct", direct, None))
-            if V.is_traced(value) or not (value is default or value == default)]
+        defaults = inspect.signature(select).parameters
+        given = [name for name, value in (
+            ("mode", mode), ("num_neighbors", num_neighbors), ("ring_fraction", ring_fraction),
+            ("remove_fraction", remove_fraction), ("opponent_penalty", opponent_penalty),
+            ("normalize", normalize), ("direct", direct))
+            if V.is_traced(value) or not (value is defaults[name].default
+                                          or value == defaults[name].default)]
         if given:
             raise ValueError(f"{', '.join(given)} configure BiLAF's boundary stage, which "
                              f"method={method!r} does not run")
