@@ -254,7 +254,8 @@ def markdown(res) -> str:
             if r.get("cores_as_first") is False:
                 label += ", other cores than the first"
         elif len(res["runs"]) > 1 and any(q.get("batch_elements") != group for q in res["runs"]):
-            label = f"2^{int(group).bit_length() - 1} elements: {label}"
+            e = int(group).bit_length() - 1
+            label = f"{f'2^{e}' if group == 1 << e else group} elements: {label}"
         ph = r.get("phases") or {}
         cells = [f"{ph[p]:.1f}" if p in ph else "-" for p in phases]
         c = r["check"]
