@@ -166,7 +166,8 @@ def kmeans_select(key, features, num_samples: int, *, num_iters: int = 100, tol:
     """K-Means baseline: k-means++ seeding, Lloyd iterations, nearest distinct sample per centre.
 
     Lloyd stops after `num_iters` iterations or when the total squared movement of the centres
-    falls below `tol` times the mean squared norm of the features. A centre that loses all its
+    falls below `tol` times the pool's mean squared distance from its mean (its total variance;
+    scikit-learn's `tol` is relative to the mean variance per feature, d times less). A centre that loses all its
     points stays where it was. Each centre, in order, then takes its nearest row not already
     taken, so the K indices are distinct. `exclude`: rows already labelled, never chosen.
     `num_rows`: real rows of a padded, sharded pool (`bilaf_jax.sharding`); the rest are ignored.
@@ -202,10 +203,15 @@ def _kmeans(key, features, tol, unavailable, num_rows, *, num_samples, num_iters
     seeds = _SeedState(jnp.zeros((num_samples, d), x.dtype).at[0].set(first), sq_to(first))
     centres = lax.fori_loop(1, num_samples, seed_step, seeds).centres
     weight = real.astype(x.dtype)
-    # Mean squared norm, each term divided first: the plain sum overflows for features that
-    # validation accepts (each squared norm fits, n of them need not), which stopped Lloyd's
-    # iterations before the first.
-    scale = jnp.sum(weight * (jnp.sum(x * x, axis=1) / num_rows))
+    # Lloyd's assignments use the Gram form: a pool far from the origin is translated first
+    # (distances unchanged, centres moved back at the end; see distances.centring_shift).
+    shift = distances.centring_shift(x, weight)
+    x, centres = x - shift, centres - shift
+    # Mean squared distance from the mean (translation-free, like the selection), each term
+    # divided first: the plain sum overflows for features that validation accepts (each
+    # squared norm fits, n of them need not), which stopped Lloyd's iterations before the first.
+    mean = jnp.sum((weight / num_rows)[:, None] * x, axis=0)
+    scale = jnp.sum(weight * (jnp.sum((x - mean) ** 2, axis=1) / num_rows))
 
     def lloyd_cond(state: _LloydState):
         return (state.it < num_iters) & (state.shift > tol * scale)
@@ -222,4 +228,4 @@ def _kmeans(key, features, tol, unavailable, num_rows, *, num_samples, num_iters
                            _LloydState(centres, jnp.array(jnp.inf, x.dtype), jnp.array(0)))
     inertia = jnp.sum(weight * distances.nearest_centre(x, state.centres, chunk_size=chunk_size).distance)
     matched = distances.greedy_unique_match(x, state.centres, chunk_size=chunk_size, taken=unavailable)
-    return KMeansOutput(jnp.sort(matched), matched, state.centres, inertia, state.it)
+    return KMeansOutput(jnp.sort(matched), matched, state.centres + shift, inertia, state.it)

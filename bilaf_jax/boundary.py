@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import fractions
+import functools
 import os
 import warnings
 from typing import NamedTuple
@@ -136,8 +137,8 @@ class BilafOutput(NamedTuple):
 
 
 class _Assignment(NamedTuple):
-    features: jax.Array       # [n, d] normalised, or None without normalisation (returning
-                              # the input would copy it: the caller keeps its own)
+    features: jax.Array       # [n, d] rows measured (normalised and/or translated), or None
+                              # where they are the input (returning it would copy it)
     cores: jax.Array          # [K, d] core features
     labels: jax.Array         # int32[n]
     core_dist: jax.Array      # [n, T1] distances to the T1 nearest cores, ascending
@@ -151,9 +152,21 @@ def _direct_chunk(rows: int, d: int, chunk_size: int) -> int:
     return max(1, min(chunk_size, (1 << 24) // max(1, rows * d)))
 
 
-def _assign(features, core_indices, budget, ring_fraction, remove_fraction, *, num_nearest,
-            normalize, direct, chunk_size, mode, precision=None):
+def _rows(features, *, normalize, centre):
+    """The rows every distance is measured on: normalised if asked, then translated by
+    `distances.centring_shift` if `centre` (the Gram form's accuracy; distances unchanged)."""
     x = distances.normalize(features) if normalize else features
+    return x - distances.centring_shift(x) if centre else x
+
+
+@functools.partial(jax.jit, static_argnames=("normalize",))
+def _needs_centring(features, *, normalize):
+    return jnp.any(distances.centring_shift(_rows(features, normalize=normalize, centre=False)) != 0)
+
+
+def _assign(features, core_indices, budget, ring_fraction, remove_fraction, *, num_nearest,
+            normalize, centre, direct, chunk_size, mode, precision=None):
+    x = _rows(features, normalize=normalize, centre=centre)
     cores = x[core_indices]
     chunk = _direct_chunk(cores.shape[0], x.shape[1], chunk_size) if direct else chunk_size
     nb = distances.knn(x, cores, num_nearest, "euclidean", chunk_size=chunk, direct=direct,
@@ -166,11 +179,11 @@ def _assign(features, core_indices, budget, ring_fraction, remove_fraction, *, n
     sizes = jnp.bincount(labels, length=core_indices.shape[0]).astype(jnp.int32)
     alloc, use_all = _split_budget(sizes, budget, ring_fraction, remove_fraction, mode=mode,
                                    dtype=x.dtype)
-    return _Assignment(x if normalize else None, cores, labels, nb.distance, nb.index, alloc,
-                       use_all)
+    return _Assignment(x if normalize or centre else None, cores, labels, nb.distance, nb.index,
+                       alloc, use_all)
 
 
-_assign_jit = jax.jit(_assign, static_argnames=("num_nearest", "normalize", "direct",
+_assign_jit = jax.jit(_assign, static_argnames=("num_nearest", "normalize", "centre", "direct",
                                                 "chunk_size", "mode", "precision"))
 
 
@@ -1004,10 +1017,11 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
       direct: Euclidean distances from explicit differences (as scipy's cdist) instead of the
         Gram expansion ||x||^2 + ||y||^2 - 2 x.y. Default: True in official mode with float64
         features (exact parity with the script), else False (faster). The Gram form's error
-        grows with the features' distance from the origin, about sqrt(eps) ||x|| (two
-        identical rows of norm 50 in float32 can lie 0.05 apart), so features far from the
-        origin should be centred first (distances do not change), and ties between exact
-        duplicates need direct=True.
+        grows with the rows' distance from the origin, about sqrt(eps) ||x|| (two identical
+        rows of norm 50 in float32 can lie 0.05 apart); a pool whose mean lies farther from
+        the origin than its rows' RMS distance from that mean is therefore measured
+        translated to its mean (`distances.centring_shift`; distances do not change). Ties
+        between exact duplicates need direct=True.
       precision: of the assignment's [n, K] distance matmuls, paper mode: "float32" (default),
         "bfloat16" or "tensorfloat32" (NVIDIA GPUs), both accumulating in float32 (see
         `bilaf_jax.distances`). They only shortlist each sample's nearest cores: the
@@ -1084,8 +1098,11 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     num_nearest = min(num_classes, 2 if mode == "official" else NUM_OPPONENTS + 1)
     core_j = jnp.asarray(core, jnp.int32)
     ring_fraction, remove_fraction = Ratio.of(ring_fraction), Ratio.of(remove_fraction)
+    # Explicit differences need no translation; the Gram form does where the pool lies far
+    # from the origin (decided here, so a pool near it is not copied).
+    centre = not direct and bool(to_host(_needs_centring(features, normalize=normalize)))
     a = _assign_jit(features, core_j, jnp.int32(budget), ring_fraction, remove_fraction,
-                    num_nearest=num_nearest, normalize=normalize, direct=direct,
+                    num_nearest=num_nearest, normalize=normalize, centre=centre, direct=direct,
                     chunk_size=chunk_size, mode=mode, precision=precision)
     labels = to_host(a.labels)
     if mode == "official":

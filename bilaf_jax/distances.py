@@ -24,6 +24,9 @@ inputs, float32 accumulation). The faster two may flip near-ties in argmax/argmi
 `direct=True` computes Euclidean distances from explicit differences (as scipy's `cdist` does)
 instead of the Gram expansion ||x||^2 + ||y||^2 - 2 x.y: slower and [c, K, d] in memory, but free of
 cancellation error. The official mode uses it in float64 to reproduce the authors' orderings.
+The expansion's error grows with the rows' distance from the origin, about eps ||x||^2 in the
+squared distance; the selectors translate a pool that lies far from the origin first
+(`centring_shift`), which leaves its distances as they are.
 """
 
 from __future__ import annotations
@@ -69,6 +72,25 @@ def normalize(x, axis: int = -1, eps: float = 1e-12):
     positive = sq > 0
     norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, sq, 1.0)), 0.0)
     return x / jnp.maximum(norm, eps)
+
+
+def centring_shift(x, weight=None):
+    """The [d] translation the selectors subtract from a pool `x` [n, d] before Gram-form
+    distances: the mean row where it lies farther from the origin than the rows' RMS distance
+    from it, else exact zeros. `weight`: optional [n] row weights (0 for padding rows).
+
+    The Gram expansion loses about eps ||x||^2 to cancellation, so a pool offset far from the
+    origin (raw intensities, features of one sign) has its near-ties decided by rounding; after
+    the shift ||x|| is of the order of the pool's spread. Translation leaves every Euclidean
+    distance as it is, and a pool near the origin is left bit for bit (x - 0 == x).
+    """
+    x = jnp.asarray(x)
+    w = jnp.ones(x.shape[0], x.dtype) if weight is None else jnp.asarray(weight, x.dtype)
+    total = jnp.sum(w)
+    # Each row divided first: the plain sum can overflow where every row fits.
+    mean = jnp.sum((w / total)[:, None] * x, axis=0)
+    spread = jnp.sum((w / total) * jnp.sum((x - mean) ** 2, axis=1))
+    return jnp.where(jnp.sum(mean * mean) > spread, mean, jnp.zeros_like(mean))
 
 
 def pairwise(x, y, metric: str = "sqeuclidean", *, direct: bool = False, precision=None):

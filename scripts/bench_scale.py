@@ -192,7 +192,8 @@ def plan_steps(args) -> str:
     num_nearest = min(args.k, 2 if args.mode == "official" else boundary.NUM_OPPONENTS + 1)
     a = boundary._assign_jit(jax.device_put(x), jnp.asarray(cores, jnp.int32),
                              jnp.int32(args.budget), 0.1, 0.1, num_nearest=num_nearest,
-                             normalize=False, direct=False, chunk_size=boundary.distances.DEFAULT_CHUNK,
+                             normalize=False, centre=False, direct=False,
+                             chunk_size=boundary.distances.DEFAULT_CHUNK,
                              mode=args.mode)
     labels = np.asarray(a.labels)
     sizes = np.bincount(labels, minlength=args.k)

@@ -46,6 +46,21 @@ def test_kmeans_reaches_lloyd_fixed_point_and_matches_sklearn_quality(digits):
     assert float(out.inertia) <= 1.1 * best
 
 
+def test_kmeans_pool_far_from_origin_reaches_a_lloyd_fixed_point(digits):
+    """Digits (64 pixels in [0, 16]) moved 1000 from the origin, in float32: Lloyd still ends
+    at a fixed point of exact (float64) assignments, and the picks are the reference greedy
+    match. Untranslated, the Gram form's error (about eps ||x||^2 = 4 in squared distance)
+    decided assignments, and the centres were not the means of their points."""
+    x = digits[0].astype(np.float32) + np.float32(1000.0)
+    out = kmeans_select(jax.random.key(0), x, 10, num_iters=300, tol=0.0)
+    assert int(out.num_iters) < 300
+    centres = np.asarray(out.centres, np.float64)
+    assign = ((x[:, None, :].astype(np.float64) - centres[None]) ** 2).sum(-1).argmin(1)
+    for j in range(10):
+        np.testing.assert_allclose(centres[j], x[assign == j].mean(0, dtype=np.float64), atol=1e-3)
+    np.testing.assert_array_equal(out.matched_indices, ref.greedy_match(x, centres))
+
+
 def test_kmeans_handles_duplicate_rows():
     x = np.repeat(np.random.default_rng(0).normal(size=(5, 3)), 4, axis=0).astype(np.float32)
     out = kmeans_select(jax.random.key(0), x, 8)

@@ -137,6 +137,32 @@ def test_paper_float32_matches_reference(blobs):
     _check(out, paper_reference(x.astype(np.float32), cores, 40), x.shape[0])
 
 
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_float32_pool_far_from_origin_matches_reference(blobs, mode):
+    """Blobs moved 1000 from the origin in every coordinate (about 100 times their spread),
+    in float32: the selection is still the float64 reference's on the same inputs. The Gram
+    form's cancellation error grows as ||x||^2; untranslated, 9 of 40 picks changed."""
+    x, cores = blobs
+    far = (x + 1000.0).astype(np.float32)
+    reference = paper_reference if mode == "paper" else official_reference
+    out = bilaf(KEY, far, cores, 40, mode=mode)
+    _check(out, reference(far, cores, 40), x.shape[0])
+
+
+def test_pool_near_the_origin_is_not_translated(blobs, monkeypatch):
+    """A pool near the origin is measured as given (no copy, the same bits)."""
+    x, cores = blobs
+    seen = []
+    assign = boundary._assign_jit
+    monkeypatch.setattr(boundary, "_assign_jit",
+                        lambda *a, **k: seen.append(k["centre"]) or assign(*a, **k))
+    bilaf(KEY, x.astype(np.float32), cores, 40)
+    bilaf(KEY, (x + 1000.0).astype(np.float32), cores, 40)
+    with jax.enable_x64(True):
+        bilaf(KEY, x + 1000.0, cores, 40, mode="official")  # explicit differences: no need
+    assert seen == [False, True, False]
+
+
 def test_paper_bfloat16_assignment_matches_reference(blobs):
     """bfloat16 matmuls only shortlist the nearest cores; the shortlist is re-measured in
     float32, so on blobs (no near-ties) the selection is the float32 reference's."""
@@ -153,8 +179,8 @@ def test_reduced_precision_shortlist_is_remeasured_exactly(digit_features):
     x32 = x.astype(np.float32)
     core = np.sort(cores)
     a = boundary._assign_jit(x32, jnp.asarray(core, jnp.int32), jnp.int32(60), 0.1, 0.1,
-                             num_nearest=5, normalize=False, direct=False, chunk_size=256,
-                             mode="paper", precision="bfloat16")
+                             num_nearest=5, normalize=False, centre=False, direct=False,
+                             chunk_size=256, mode="paper", precision="bfloat16")
     idx, dist = np.asarray(a.core_index), np.asarray(a.core_dist)
     exact = np.linalg.norm(x[:, None, :] - x[core][idx], axis=-1)
     np.testing.assert_allclose(dist, exact, rtol=1e-5)

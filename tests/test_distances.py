@@ -121,3 +121,23 @@ def test_bfloat16_precision_rounds_the_inputs():
             @ b.astype(ml_dtypes.bfloat16).astype(np.float64))
     np.testing.assert_allclose(low, want, rtol=1e-5, atol=1e-5)
     assert low.dtype == np.float32 and np.abs(low - full).max() > 1e-2
+
+
+def test_centring_shift_moves_only_pools_far_from_the_origin():
+    """The mean where it lies farther from the origin than the rows' RMS distance from it
+    (weights drop padding rows), else exact zeros."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(200, 6)).astype(np.float32)
+    near = np.asarray(distances.centring_shift(x))
+    assert near.dtype == np.float32 and not near.any()
+    far = x + np.float32(50.0)
+    np.testing.assert_allclose(distances.centring_shift(far), far.mean(0), rtol=1e-6)
+    # Padding rows far away do not count; with them counted the mean would move.
+    padded = np.concatenate([far, np.full((56, 6), 1e6, np.float32)])
+    weight = np.arange(256) < 200
+    np.testing.assert_allclose(distances.centring_shift(padded, weight), far.mean(0), rtol=1e-6)
+    # The boundary: the mean's norm against the RMS distance from it.
+    two = np.array([[3.0, 0.0], [5.0, 0.0]], np.float32)  # mean 4, spread 1: far
+    np.testing.assert_array_equal(distances.centring_shift(two), [4.0, 0.0])
+    wide = np.array([[-3.0, 0.0], [5.0, 0.0]], np.float32)  # mean 1, spread 4: near
+    np.testing.assert_array_equal(distances.centring_shift(wide), [0.0, 0.0])
