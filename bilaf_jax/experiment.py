@@ -836,6 +836,40 @@ def run_evaluation(config: RunConfig, workdir: Path, feats: Features, job: Job, 
 # ----------------------------------------------------------------------------- stage 4: report
 
 
+def cpu_description() -> str:
+    """The CPU model and its widest vector instruction sets, from /proc/cpuinfo ("" where it
+    cannot be read). XLA compiles for the host's instruction set, so float results, and with
+    them near-tie decisions, can differ between CPU types."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    fields = {}
+    for line in lines:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+           if f in flags]
+    model = fields.get("model name", platform.processor())
+    ident = "/".join(fields[k] for k in ("cpu family", "model", "stepping") if k in fields)
+    return ", ".join(x for x in (model, ident and f"family/model/stepping {ident}",
+                                 " ".join(isa)) if x)
+
+
+def features_sha256(feats: "Features") -> dict:
+    """sha256 of the pool, test and selection feature arrays (their bytes, dtype and shape):
+    tells a rerun whose selections differ whether its features were the same."""
+    def digest(a):
+        a = np.ascontiguousarray(a)
+        h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.tobytes())
+        return h.hexdigest()
+
+    return {"pool": digest(feats.pool), "test": digest(feats.test),
+            "selection": digest(feats.selection)}
+
+
 def environment() -> dict:
     import jax
 
@@ -849,6 +883,7 @@ def environment() -> dict:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "machine": platform.machine(),
+        "cpu": cpu_description(),
         "cpu_count": os.cpu_count(),
         "jax": jax.__version__,
         "flax": flax_version,
@@ -1169,7 +1204,8 @@ def _run_experiment(config, workdir, progress, stop_after, command, backbone) ->
         "command": command or f"bilaf run --config {config.name} --workdir {workdir}",
         "date": _utc_now(),
         "started": _started(workdir),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, JAX devices: "
+        "machine": f"{platform.machine()}" + (f" ({cpu})" if (cpu := cpu_description()) else "")
+                   + f", {os.cpu_count()} CPU cores, JAX devices: "
                    + ", ".join(sorted({d.platform for d in __import__("jax").devices()})),
         "pool_size": n,
         "test_size": len(feats.test_labels),
@@ -1189,6 +1225,7 @@ def _run_experiment(config, workdir, progress, stop_after, command, backbone) ->
         "selection_dim": meta["selection_dim"],
         "retained_energy": feats.retained_energy,
         "features_meta": feats.meta,
+        "features_sha256": features_sha256(feats),
         "records": records,
         "summary": [{"method": m, "budget": b, "eval": e, "mean": _or_none(mean),
                      "std": _or_none(std), "count": c}

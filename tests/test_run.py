@@ -80,6 +80,14 @@ def test_outputs_and_records(tmp_path):
         if r.get("error") is None:
             assert 0.0 <= r["accuracy"] <= 1.0 and r["selection_seconds"] > 0
     assert res["environment"]["jax"] == jax.__version__
+    assert res["environment"]["cpu"] == experiment.cpu_description()
+    # The feature hashes are those of the arrays the run used.
+    feats = experiment.load_or_extract_features(config, wd, progress=False)
+    assert res["features_sha256"] == experiment.features_sha256(feats)
+    other = feats._replace(pool=feats.pool.copy())
+    other.pool[0, 0] = np.nextafter(other.pool[0, 0], np.float32(np.inf))
+    assert experiment.features_sha256(other)["pool"] != res["features_sha256"]["pool"]
+    assert experiment.features_sha256(other)["test"] == res["features_sha256"]["test"]
     assert res["config"]["name"] == "tiny" and res["selection_dim"] == 8
     # selections: right sizes, in range; bilaf blocks start with their cores
     for m in METHODS:
