@@ -118,7 +118,7 @@ if [[ " $PARTS " == *" run "* ]]; then
     "$PYTHON" - <<'EOF' || status=1
 import filecmp, json, os
 
-TIMING = ("seconds", "date", "timing_this_call")
+TIMING = ("seconds", "date", "timing_this_call", "run_started")
 
 
 def strip(obj, workdir):
