@@ -16,8 +16,8 @@ divide by zero); K = 50 worked for all five seeds. We keep the paper's CIFAR-10 
 smallest budget, K = B_min / 5 = 20 (2 cores per class), fixed across the three budgets, so
 BiLAF spends 80% / 90% / 96% of B = 100 / 200 / 500 on boundary samples (paper, CIFAR-10:
 80% / 90% / 95%). `scripts/ablation.py` measures K = 20 / 50 / 100 (README, "Does K
-matter?"): K = 50 does better at B = 100 and 200 (not at B = 500), but that comparison is on
-test accuracy, so it does not pick the default.
+matter?"): K = 50 does better at B = 100 and 200 (at B = 500 on k-NN only), but that
+comparison is on test accuracy, so it does not pick the default.
 """
 
 from __future__ import annotations
