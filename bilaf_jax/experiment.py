@@ -857,7 +857,7 @@ def cpu_description() -> str:
                                  " ".join(isa)) if x)
 
 
-def features_sha256(feats: "Features") -> dict:
+def features_sha256(feats: Features) -> dict:
     """sha256 of the pool, test and selection feature arrays (their bytes, dtype and shape):
     tells a rerun whose selections differ whether its features were the same."""
     def digest(a):
