@@ -98,6 +98,20 @@ def test_corrupt_files_are_one_line_errors(tmp_path, damage):
         load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=tmp_path / "cache")
     assert "\n" not in str(e.value)
     assert not list((tmp_path / "cache").glob("bilaf_fashion_mnist/*/1.0.0/dataset_info.json"))
+    # Nothing left behind for the failed source (an empty folder per attempt before).
+    assert not list((tmp_path / "cache").glob("bilaf_fashion_mnist/*"))
+
+
+def test_preparation_keeps_stdout_clean_and_says_once_what_it_does(fmnist, capsys):
+    """TFDS prints while it prepares; stdout belongs to the caller (`bilaf run` writes its
+    report there), so its output goes to stderr, as one line instead of progress bars."""
+    src, cache, arrays = fmnist
+    load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.count("preparing fashion_mnist in") == 1 and "%" not in err
+    load_arrays("fashion_mnist", "test", data_dir=src, cache_dir=cache)  # prepared: silent
+    assert capsys.readouterr() == ("", "")
 
 
 def test_bad_arguments(fmnist):

@@ -44,6 +44,8 @@ import hashlib
 import itertools
 import logging
 import os
+import shutil
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -225,15 +227,42 @@ def _local_tfds_source(name, data_dir, cache_dir):
             except OSError as e:
                 raise InputError(f"cannot create cache folder {cache}: {e.strerror or e}") from None
             try:
-                builder.download_and_prepare(
-                    download_config=tfds.download.DownloadConfig(manual_dir=str(source))
-                )
+                with _preparing(name, cache):
+                    builder.download_and_prepare(
+                        download_config=tfds.download.DownloadConfig(manual_dir=str(source))
+                    )
             except FileExistsError:
                 # Another process prepared the same source at the same time and moved its
                 # result into place first: the same files, so use them.
                 if not builder.is_prepared():
                     raise
+            except BaseException:
+                _remove_if_empty(Path(builder.data_dir_root) / builder.name / builder.builder_config.name)
+                raise
     return builder
+
+
+@contextlib.contextmanager
+def _preparing(name: str, cache: Path):
+    """While TFDS prepares a dataset: one line on stderr instead of its progress bars, and its
+    prints sent to stderr too (stdout is the caller's: `bilaf run` writes its report there)."""
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    sys.stderr.write(f"preparing {name} in {cache} (once: later runs reuse it)\n")
+    shown = getattr(tqdm_utils, "_active", True)
+    tfds.disable_progress_bar()
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        tfds.display_progress_bar(shown)
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """Remove `folder` if it holds no file at any depth (what a failed preparation leaves)."""
+    if folder.is_dir() and not any(p.is_file() for p in folder.rglob("*")):
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _tfds_own_source(name, split, data_dir, cache_dir) -> ImageSource:
@@ -279,7 +308,8 @@ def _tfds_own_source(name, split, data_dir, cache_dir) -> ImageSource:
                 "data dir where it was already prepared as array_record"
             ) from None
         try:
-            builder.download_and_prepare()
+            with _preparing(name, root):
+                builder.download_and_prepare()
         except Exception as e:
             raise InputError(f"{name}: TFDS could not prepare it in {root} ({e})") from None
     return _builder_source(name, builder, split)
