@@ -48,12 +48,13 @@ def make_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None, *, on_wait=None) -> None:
     """Join a multi-process run (`jax.distributed.initialize`); call before any other JAX call.
 
     With no arguments JAX detects the cluster (SLURM, Open MPI, Cloud TPU, ...); elsewhere give
     the coordinator's "host:port" (process 0's address), the number of processes and this
-    process's id in [0, num_processes).
+    process's id in [0, num_processes). `on_wait`: called once the arguments are checked, just
+    before joining, which blocks until every process has joined (JAX gives up after 5 min).
     """
     given = [v is not None for v in (coordinator, num_processes, process_id)]
     if any(given) and not all(given):
@@ -66,6 +67,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
             raise ValueError(f"process_id must be in [0, {num_processes}), got {process_id}")
         if ":" not in coordinator:
             raise ValueError(f"coordinator must be host:port, got {coordinator!r}")
+    if on_wait is not None:
+        on_wait()
     try:
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id)

@@ -742,3 +742,35 @@ def test_every_run_config_file_passes_a_dry_run(path, tmp_path, capsys):
     assert main(["run", "--config", str(path), "--dry-run", "--workdir", str(tmp_path / "w"),
                  *extra]) == 0, capsys.readouterr().err
     assert "selections" in capsys.readouterr().out and not (tmp_path / "w").exists()
+
+
+def test_unusable_compile_cache_is_said_when_asked_for(tmp_path, monkeypatch, capsys):
+    """A cache is an optimisation: a folder that cannot be one is run without, with a note
+    when the user named it (flag or environment), silently for the default."""
+    from bilaf_jax.cli.cmd_run import enable_compile_cache
+
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert enable_compile_cache(str(blocker)) is None
+    assert f"note: compilation cache {blocker} unusable" in capsys.readouterr().err
+    monkeypatch.setenv("BILAF_COMPILE_CACHE", str(blocker / "sub"))
+    assert enable_compile_cache(None) is None
+    assert "unusable" in capsys.readouterr().err
+    monkeypatch.delenv("BILAF_COMPILE_CACHE")
+    monkeypatch.setenv("HOME", str(blocker))  # the default folder cannot be made either
+    assert enable_compile_cache(None) is None
+    assert capsys.readouterr().err == ""
+
+
+def test_version_and_module_entry_point():
+    import subprocess
+    import sys
+
+    import bilaf_jax
+
+    out = subprocess.run([sys.executable, "-m", "bilaf_jax.cli", "--version"], capture_output=True,
+                         text=True, check=True)
+    assert out.stdout.strip() == f"bilaf {bilaf_jax.__version__}"
+    bad = subprocess.run([sys.executable, "-m", "bilaf_jax.cli", "select"], capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and bad.stderr.startswith("bilaf select: error:")

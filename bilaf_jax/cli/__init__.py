@@ -74,7 +74,9 @@ def setup_mesh(args):
     from bilaf_jax import sharding
 
     if args.distributed:
-        sharding.initialize_distributed(*manual)
+        where = f" at {args.coordinator}" if args.coordinator else ""
+        sharding.initialize_distributed(*manual, on_wait=lambda: sys.stderr.write(
+            f"note: joining the multi-process run{where}; this waits for every process\n"))
     count = sharding.parse_mesh("all" if args.distributed and args.mesh is None else args.mesh)
     return None if count is None else sharding.make_mesh(count)
 
@@ -85,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="BiLAF active finetuning in JAX: select samples to label, extract "
         "features, finetune, and run the end-to-end benchmark.",
     )
+    from bilaf_jax import __version__
+
+    parser.add_argument("--version", action="version", version=f"bilaf {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
     for name in COMMANDS:
@@ -107,6 +112,3 @@ def main(argv=None) -> int:
         return 2
     return int(code or 0)
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -58,14 +58,21 @@ def enable_compile_cache(folder) -> str | None:
     """
     import os
 
-    folder = folder or os.environ.get("BILAF_COMPILE_CACHE") or "~/.cache/bilaf_jax/jax_compile"
+    asked = folder or os.environ.get("BILAF_COMPILE_CACHE")
+    folder = asked or "~/.cache/bilaf_jax/jax_compile"
     if folder == "off":
         return None
     path = Path(folder).expanduser()
     try:
         path.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return None  # a cache is an optimisation only
+        usable = os.access(path, os.W_OK | os.X_OK)
+        why = "not writable"
+    except OSError as e:
+        usable, why = False, e.strerror or str(e)
+    if not usable:  # a cache is an optimisation only: run without it, but say so if asked for
+        if asked:
+            sys.stderr.write(f"note: compilation cache {path} unusable ({why}); running without it\n")
+        return None
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(path))
