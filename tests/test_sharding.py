@@ -263,3 +263,26 @@ def test_two_processes_select_and_sweep_equal_one_device(tmp_path):
     for g, w in zip(got["records"], want, strict=True):
         assert g.keys() == w.keys()
         np.testing.assert_allclose([g[k] for k in w], [w[k] for k in w], rtol=1e-5)
+
+
+def test_joining_with_a_coordinator_says_it_waits(monkeypatch, capsys):
+    """Joining blocks silently until every process has joined; the command says so first."""
+    import argparse
+
+    from bilaf_jax import sharding
+    from bilaf_jax.cli import setup_mesh
+
+    calls = []
+
+    def join(*args, on_wait=None):
+        calls.append(args)
+        if on_wait is not None:
+            on_wait()
+
+    monkeypatch.setattr(sharding, "initialize_distributed", join)
+    args = argparse.Namespace(distributed=True, coordinator="10.0.0.1:1234", num_processes=2,
+                              process_id=1, mesh="1")
+    setup_mesh(args)
+    assert calls == [("10.0.0.1:1234", 2, 1)]
+    assert capsys.readouterr().err == ("note: joining the run of 2 processes at 10.0.0.1:1234; "
+                                       "this waits for all of them\n")

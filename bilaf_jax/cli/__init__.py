@@ -74,9 +74,12 @@ def setup_mesh(args):
     from bilaf_jax import sharding
 
     if args.distributed:
-        where = f" at {args.coordinator}" if args.coordinator else ""
-        sharding.initialize_distributed(*manual, on_wait=lambda: sys.stderr.write(
-            f"note: joining the multi-process run{where}; this waits for every process\n"))
+        # With a coordinator given, joining waits silently for every process: say so. (Where
+        # JAX detects the cluster, a missing one is an error at once.)
+        note = (None if args.coordinator is None else lambda: sys.stderr.write(
+            f"note: joining the run of {args.num_processes} processes at {args.coordinator}; "
+            "this waits for all of them\n"))
+        sharding.initialize_distributed(*manual, on_wait=note)
     count = sharding.parse_mesh("all" if args.distributed and args.mesh is None else args.mesh)
     return None if count is None else sharding.make_mesh(count)
 
