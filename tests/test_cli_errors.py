@@ -283,22 +283,30 @@ def test_good_input_writes_list_and_sidecar_and_verifies(files, tmp_path, capsys
 
 def test_official_repeats_are_one_note_and_unique_keeps_first_occurrences(tmp_path, capsys):
     """The authors' allocation can exceed a denoised class: official mode then repeats samples,
-    as their script. `bilaf select` says so in one line; --unique writes what finetuning takes."""
+    as their script. `bilaf select` says so in one line, plainly where fewer than half the
+    picks are distinct; --unique writes what finetuning takes."""
     rng = np.random.default_rng(8)
     x = np.concatenate([rng.normal(size=(20, 2)) + 10 * i for i in range(3)])
     np.save(tmp_path / "x.npy", x)
-    args = ["select", tmp_path / "x.npy", "--budget", "60", "--cores", "3", "--core-method",
-            "kcenter", "--mode", "official"]
+    args = ["select", tmp_path / "x.npy", "--cores", "3", "--core-method", "kcenter", "--mode",
+            "official"]
     capsys.readouterr()
-    assert call([*args, "--out", tmp_path / "rep.json"]) == 0
+    assert call([*args, "--budget", "55", "--out", tmp_path / "some.json"]) == 0
+    err = capsys.readouterr().err
+    some = json.loads((tmp_path / "some.json").read_text())
+    assert len(some) == 55 > len(set(some)) >= 55 / 2
+    assert err.count("\n") == 2 and f"note: {len(set(some))} unique of 55" in err, err
+    assert "--mode paper" not in err
+    assert call([*args, "--budget", "60", "--out", tmp_path / "rep.json"]) == 0
     err = capsys.readouterr().err
     rep = json.loads((tmp_path / "rep.json").read_text())
-    assert len(rep) == 60 > len(set(rep))
-    assert err.count("\n") == 2 and f"note: {len(set(rep))} unique of 60" in err, err
-    assert "Warning" not in err
-    assert call([*args, "--unique", "--out", tmp_path / "uni.json"]) == 0
+    assert len(rep) == 60 > 2 * len(set(rep))
+    assert err.count("\n") == 2 and f"note: only {len(set(rep))} of the 60 picks are distinct" in err
+    assert "use --mode paper for 60 distinct samples" in err and "Warning" not in err
+    assert call([*args, "--budget", "60", "--unique", "--out", tmp_path / "uni.json"]) == 0
     assert json.loads((tmp_path / "uni.json").read_text()) == list(dict.fromkeys(rep))
-    assert "--unique kept" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--unique kept only {len(set(rep))} of the 60 picks" in err and "--mode paper" in err
     assert call(["select", "--verify", tmp_path / "uni.json"]) == 0
 
 
@@ -514,3 +522,74 @@ def test_a_kill_between_record_and_list_leaves_a_list_verify_refuses(files, tmp_
     capsys.readouterr()
     err = expect_usage_error(["select", "--verify", out], [], capsys)
     assert "is not the list its record out.meta.json describes" in err
+    # The old list beside its new record is still a selection: selecting again replaces both.
+    assert call([*args, "--budget", "7"]) == 0
+    assert call(["select", "--verify", out]) == 0
+
+
+def test_out_never_replaces_a_file_select_did_not_write(files, tmp_path, capsys):
+    """--out may replace an earlier selection (a list with its record beside it), never
+    another file: a user's JSON, a `bilaf run` results file, a list without a record."""
+    args = ["select", files / "good.npy", "--budget", "5", "--method", "random"]
+    notes = tmp_path / "notes.json"
+    for text in ('{"my": "notes"}', json.dumps({"method": "random", "indices": [0, 1]}), "[0, 1, 2]"):
+        notes.write_text(text)
+        err = expect_usage_error([*args, "--out", notes], [tmp_path / "notes.meta.json"], capsys)
+        assert "notes.json exists and is not a `bilaf select` selection (no record notes.meta.json" in err
+        assert notes.read_text() == text
+    # Nor the record's name, where a file of another kind has it.
+    (tmp_path / "new.meta.json").write_text('{"my": "notes"}')
+    err = expect_usage_error([*args, "--out", tmp_path / "new.json"], [tmp_path / "new.json"], capsys)
+    assert "new.meta.json exists and is not a `bilaf select` record" in err
+    assert (tmp_path / "new.meta.json").read_text() == '{"my": "notes"}'
+    # A selection's own list with something else written over it.
+    out = tmp_path / "sel.json"
+    assert call([*args, "--out", out]) == 0
+    first = json.loads(out.read_text())
+    assert call([*args, "--seed", "1", "--out", out]) == 0  # select again onto it: replaced
+    assert json.loads(out.read_text()) != first
+    out.write_text('{"my": "notes"}')
+    capsys.readouterr()
+    err = expect_usage_error([*args, "--out", out], [], capsys)
+    assert "(not a JSON list of indices)" in err and out.read_text() == '{"my": "notes"}'
+
+
+def test_paper_mode_says_and_records_when_denoising_is_waived(files, tmp_path, capsys):
+    """P_rm keeping fewer samples than the budget waives denoising (`boundary.bilaf`): the
+    picks are those of P_rm = 0, so the command says so and the record keeps it."""
+    args = ["select", files / "good.npy", "--budget", "20", "--cores", "2", "--core-method", "kcenter"]
+    picks, meta = {}, {}
+    for p_rm in ("0", "0.1", "0.99"):
+        out = tmp_path / f"p{p_rm}.json"
+        capsys.readouterr()
+        assert call([*args, "--remove-fraction", p_rm, "--out", out]) == 0
+        err = capsys.readouterr().err
+        picks[p_rm] = json.loads(out.read_text())
+        meta[p_rm] = json.loads((tmp_path / f"p{p_rm}.meta.json").read_text())
+        assert ("denoising waived" in err) == (p_rm == "0.99"), err
+    assert "--remove-fraction 0.99 keeps 2 samples, fewer than the 20 to pick" in err
+    assert err.count("\n") == 2
+    assert picks["0.99"] == picks["0"] != picks["0.1"]
+    assert [meta[p]["denoising_waived"] for p in ("0", "0.1", "0.99")] == [False, False, True]
+
+
+def test_num_neighbors_above_the_pool_records_the_k_that_takes_effect(files, tmp_path, capsys):
+    # No pseudo-class has more than N members: a larger k selects as k = N.
+    args = ["select", files / "good.npy", "--budget", "10", "--cores", "2", "--core-method", "kcenter"]
+    capsys.readouterr()
+    assert call([*args, "--num-neighbors", "5000", "--out", tmp_path / "big.json"]) == 0
+    assert f"--num-neighbors 5000 exceeds the pool's {N} rows; {N} takes effect" in capsys.readouterr().err
+    meta = json.loads((tmp_path / "big.meta.json").read_text())
+    assert meta["selection"]["num_neighbors"] == N
+    assert call([*args, "--num-neighbors", str(N), "--out", tmp_path / "n.json"]) == 0
+    assert "--num-neighbors" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "big.json").read_text()) == json.loads((tmp_path / "n.json").read_text())
+    assert call(["select", "--verify", tmp_path / "big.json"]) == 0
+
+
+def test_one_index_is_one_index(files, tmp_path, capsys):
+    out = tmp_path / "one.json"
+    assert call(["select", files / "good.npy", "--budget", "1", "--method", "random", "--out", out]) == 0
+    assert f"wrote 1 index to {out}" in capsys.readouterr().err
+    assert call(["select", "--verify", out]) == 0
+    assert "verified: 1 index identical" in capsys.readouterr().out

@@ -185,7 +185,8 @@ def _selection_settings(a, n: int) -> dict:
 
 def run_selection(features, settings: dict, labeled=None, mesh=None):
     """Run `bilaf_jax.select` with CLI settings, on one device or row-sharded over `mesh`.
-    Returns (indices list, timings, num_cores used)."""
+    Returns (indices list, timings, num_cores used, waiver): waiver is None unless paper mode
+    waived denoising, then (samples P_rm keeps, samples the boundary stage picks)."""
     import jax
     import numpy as np
 
@@ -211,7 +212,29 @@ def run_selection(features, settings: dict, labeled=None, mesh=None):
     if settings.get("unique"):  # records older than --unique lack it
         indices = list(dict.fromkeys(indices))
     timings = {"total_seconds": round(time.perf_counter() - start, 4)}
-    return indices, timings, num_cores
+    return indices, timings, num_cores, _denoising_waiver(out.boundary, settings)
+
+
+def _denoising_waiver(boundary, settings):
+    """(kept, picks) where paper mode waived denoising because the samples P_rm keeps number
+    fewer than its picks, else None."""
+    import numpy as np
+
+    if boundary is None or settings["mode"] != "paper" or settings["remove_fraction"] == 0:
+        return None
+    # A waived stage reports every sample as kept (its candidates are the whole classes).
+    # With P_rm > 0 denoising drops a sample from every class of two or more, so all kept
+    # means a waiver, unless every class is its core alone (nothing to drop).
+    kept = np.asarray(boundary.kept)
+    num_classes = np.asarray(boundary.allocation).size
+    if not kept.all() or kept.size == num_classes:
+        return None
+    # What P_rm keeps (Algorithm 1): max(1, floor(m (1 - P_rm))) of a class of m, exact for
+    # the decimal P_rm prints as.
+    sizes = np.bincount(np.asarray(boundary.pseudo_labels), minlength=num_classes)
+    p_rm = Fraction(repr(float(settings["remove_fraction"])))
+    keeps = [max(1, m - math.ceil(m * p_rm)) for m in sizes.tolist() if m > 0]
+    return sum(keeps), int(np.asarray(boundary.indices).size)
 
 
 def _select(features, budget, settings, num_cores, core_options, labeled, num_rows):
@@ -255,36 +278,95 @@ def run(a) -> int:
         raise UsageError(f"--out must name a .json file (its record goes beside it as "
                          f"NAME.meta.json), got {a.out}")
     io.check_output_path(meta_path(out_path), inputs=inputs)
+    _refuse_foreign_output(out_path)
 
     features, _ = io.load_features(a.features, label_column=a.label_column)
     n, d = features.shape
     settings = _selection_settings(a, n)
+    if a.method == "bilaf" and settings["num_neighbors"] > n:
+        # A pseudo-class has at most n members, and the density averages over
+        # min(k, members): any larger k selects the same; record the k that takes effect.
+        sys.stderr.write(f"bilaf select: note: --num-neighbors {a.num_neighbors} exceeds the "
+                         f"pool's {n} rows; {n} takes effect and is recorded\n")
+        settings["num_neighbors"] = n
     labeled = None
     if a.labeled:
         labeled = io.load_index_list(a.labeled, n, name="--labeled")
-    indices, timings, num_cores = run_selection(features, settings, labeled, mesh)
+    indices, timings, num_cores, waiver = run_selection(features, settings, labeled, mesh)
     settings["num_cores"] = num_cores
     if not is_main_process():  # every process holds the same indices; one writes them
         return 0
     meta = _provenance(a.features, features, settings, timings, len(indices), mesh)
     meta["indices_sha256"] = _indices_digest(indices)  # ties the record to this very list
+    if a.method == "bilaf" and a.mode == "paper":
+        meta["denoising_waived"] = waiver is not None
     if a.labeled:  # so that --verify can tell when the labelled list changed
         meta["labeled"] = {"path": str(Path(a.labeled).resolve()),
                            "sha256": io.sha256_file(a.labeled)}
     # Sidecar first, list last: a list on disk always has its record beside it.
     io.write_json_atomic(meta_path(out_path), meta, indent=2)
     io.write_json_atomic(out_path, indices)
-    sys.stderr.write(f"bilaf select: wrote {len(indices)} indices to {out_path} "
+    sys.stderr.write(f"bilaf select: wrote {_count(len(indices))} to {out_path} "
                      f"({timings['total_seconds']:.2f} s)\n")
-    unique = len(set(indices))
-    if unique < len(indices):
-        sys.stderr.write(f"bilaf select: note: {unique} unique of {len(indices)}: official mode "
-                         "repeats samples where the authors' allocation exceeds a class, as their "
-                         "script does; `bilaf finetune` needs unique indices (--unique)\n")
-    elif a.unique and unique < settings["budget"]:
-        sys.stderr.write(f"bilaf select: note: --unique kept {unique} of the "
-                         f"{settings['budget']} picks\n")
+    if waiver is not None:
+        kept, picks = waiver
+        more = " (the budget plus the labelled rows)" if a.labeled else ""
+        sys.stderr.write(f"bilaf select: note: denoising waived: --remove-fraction "
+                         f"{a.remove_fraction} keeps {kept} samples, fewer than the {picks} to "
+                         f"pick{more}, so every sample is a candidate, as with 0; lower "
+                         "--remove-fraction or the budget to denoise\n")
+    _note_repeats(indices, settings["budget"], a.unique)
     return 0
+
+
+def _count(n: int) -> str:
+    return f"{n} {'index' if n == 1 else 'indices'}"
+
+
+def _note_repeats(indices, budget: int, deduplicated: bool) -> None:
+    """One note where official mode repeated samples (only it does): a plain one where fewer
+    than half the picks are distinct, which the authors' allocation can give."""
+    unique = len(set(indices))
+    if unique == budget:
+        return
+    why = "official mode repeats samples where the authors' allocation exceeds a class, as their script does"
+    if 2 * unique < budget:
+        what = (f"--unique kept only {unique} of the {budget} picks" if deduplicated else
+                f"only {unique} of the {budget} picks are distinct")
+        note = f"{what}: {why}; use --mode paper for {budget} distinct samples"
+    elif deduplicated:
+        note = f"--unique kept {unique} of the {budget} picks"
+    else:
+        note = f"{unique} unique of {budget}: {why}; `bilaf finetune` needs unique indices (--unique)"
+    sys.stderr.write(f"bilaf select: note: {note}\n")
+
+
+def _refuse_foreign_output(out_path: Path) -> None:
+    """Refuse to replace files `bilaf select` did not write: --out may only be an earlier
+    selection (a JSON list with its record beside it), its record only such a record."""
+    record = meta_path(out_path)
+    meta = _read_json(record)
+    ours = isinstance(meta, dict) and isinstance(meta.get("selection"), dict) and "features" in meta
+    if record.exists() and not ours:
+        raise UsageError(f"{record} exists and is not a `bilaf select` record; move it away or "
+                         "choose another --out")
+    if not out_path.exists():
+        return
+    # The record is written before its list, so a `bilaf select` list always has one; a
+    # run stopped between the two leaves a new record beside the old list, still ours.
+    listed = _read_json(out_path)
+    if not ours or not (isinstance(listed, list) and all(type(i) is int for i in listed)):
+        why = (f"no record {record.name} beside it" if not ours else "not a JSON list of indices")
+        raise UsageError(f"--out {out_path} exists and is not a `bilaf select` selection ({why}); "
+                         "choose another --out or remove it")
+
+
+def _read_json(path: Path):
+    """The JSON in `path`, or None where it is missing or not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
 
 
 def _indices_digest(indices) -> str:
@@ -362,13 +444,13 @@ def verify(selection_path, mesh=None) -> int:
             raise UsageError(f"--labeled file {lpath} changed since the selection was made "
                              "(sha256 differs)")
         labeled = io.load_index_list(lpath, features.shape[0], name="--labeled")
-    indices, timings, _ = run_selection(features, settings, labeled, mesh)
+    indices, timings, *_ = run_selection(features, settings, labeled, mesh)
     if not is_main_process():
         return 0 if indices == selection else 1
     if indices == selection:
-        print(f"verified: {len(indices)} indices identical ({timings['total_seconds']:.2f} s)")
+        print(f"verified: {_count(len(indices))} identical ({timings['total_seconds']:.2f} s)")
         return 0
     same = len(set(indices) & set(selection))
-    print(f"MISMATCH: re-run gives {len(indices)} indices, {same} shared with the {len(selection)} on file"
+    print(f"MISMATCH: re-run gives {_count(len(indices))}, {same} shared with the {len(selection)} on file"
           f"{' (same set, different order)' if same == len(selection) == len(indices) else ''}")
     return 1
