@@ -229,8 +229,11 @@ def load_features(path, label_column: bool = False, key: str = "features"):
         if labels.dtype.kind not in "fiub" or (
                 labels.dtype.kind == "f" and not (np.isfinite(labels).all()
                                                   and (labels == np.round(labels)).all())):
-            raise InputError(f"{path}: labels must be whole numbers (class ids), "
-                             f"got {labels.dtype} values such as {labels.reshape(-1)[:3].tolist()}")
+            where = ("--label-column: its last column must hold class ids (whole numbers); "
+                     "without the flag every column is a feature" if label_column
+                     else "labels must be whole numbers (class ids)")
+            raise InputError(f"{path}: {where}, got {labels.dtype} values such as "
+                             f"{labels.reshape(-1)[:3].tolist()}")
         else:
             labels = labels.astype(np.int64)
     return features, labels

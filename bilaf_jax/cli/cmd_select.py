@@ -51,7 +51,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=seed_type, default=0,
                    help="seed of the selection's random key (ActiveFT initialisation, random)")
     p.add_argument("--label-column", action="store_true",
-                   help="the file is the authors' [n, d + 1] layout with a label last (ignored)")
+                   help="the file is the authors' [n, d + 1] layout: its last column holds "
+                   "class ids, dropped before selecting (labels never guide the selection)")
     p.add_argument("--labeled", default=None, metavar="FILE",
                    help="JSON list of already-labelled indices: never selected; existing cores in bilaf")
     p.add_argument("--precision", default="float32", choices=PRECISIONS,
@@ -153,19 +154,18 @@ def _check_args(a) -> None:
     _refuse_unused(a)
     if a.num_steps < 0:
         raise UsageError(f"--steps must be >= 0, got {a.num_steps}")
-    for name in ("temperature", "balance"):
-        if not getattr(a, name) > 0:
-            raise UsageError(f"--{name} must be > 0, got {getattr(a, name)}")
-    if not a.learning_rate >= 0:
-        raise UsageError(f"--lr must be >= 0, got {a.learning_rate}")
+    for flag, v in (("temperature", a.temperature), ("balance", a.balance),
+                    ("opponent-penalty", a.opponent_penalty)):
+        if not 0 < v < math.inf:
+            raise UsageError(f"--{flag} must be finite and > 0, got {v}")
+    if not 0 <= a.learning_rate < math.inf:
+        raise UsageError(f"--lr must be finite and >= 0, got {a.learning_rate}")
     if a.num_neighbors < 1:
         raise UsageError(f"--num-neighbors must be >= 1, got {a.num_neighbors}")
-    for name in ("ring_fraction", "remove_fraction"):
-        v = getattr(a, name)
-        if not 0 <= v <= 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be in [0, 1], got {v}")
-    if not a.opponent_penalty > 0:
-        raise UsageError(f"--opponent-penalty must be > 0, got {a.opponent_penalty}")
+    if not 0 < a.ring_fraction <= 1:
+        raise UsageError(f"--ring-fraction must be in (0, 1], got {a.ring_fraction}")
+    if not 0 <= a.remove_fraction <= 1:
+        raise UsageError(f"--remove-fraction must be in [0, 1], got {a.remove_fraction}")
     if a.precision != "float32" and a.method == "bilaf" and a.mode == "official":
         raise UsageError("--precision applies to --mode paper only (official mode is float64)")
 
