@@ -1,7 +1,7 @@
 """Sweep BiLAF hyperparameters on a feature file and report label-free quality measures.
 
 Usage:
-  python scripts/sweep.py FEATURES.npz --budget B [--cores K]
+  python scripts/sweep.py FEATURES.npz --budget B|P% [--cores K]
       --grid temperature=0.05,0.07,0.1 --grid remove_fraction=0.1,0.2 [...]
       [--steps 300] [--batch-size ROWS] [--num-neighbors 10] [--normalize]
       [--precision float32|bfloat16|tensorfloat32]
@@ -44,7 +44,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser():
     p = _Parser(prog="sweep.py", description=__doc__.splitlines()[0])
     p.add_argument("features", help=".npy [n, d] or .npz with 'features' (and optional 'labels')")
-    p.add_argument("--budget", type=int, required=True, help="B, samples to select")
+    p.add_argument("--budget", required=True,
+                   help="B, samples to select, or a percentage of the pool such as 1%%")
     p.add_argument("--cores", type=int, default=None, help="K core samples (default max(1, B // 10))")
     p.add_argument("--grid", action="append", default=[], metavar="NAME=V1,V2,...",
                    help="values of one traceable hyperparameter (repeatable)")
@@ -83,6 +84,7 @@ def markdown(records, has_labels):
 def run(args) -> int:
     from bilaf_jax import io
     from bilaf_jax import sweep as S
+    from bilaf_jax.cli.cmd_select import parse_budget
 
     grid = S.parse_grid(args.grid)
     if args.settings_per_batch is not None and args.settings_per_batch < 1:
@@ -91,8 +93,7 @@ def run(args) -> int:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     features, labels = io.load_features(args.features, key=args.key)
     n = features.shape[0]
-    if not 1 <= args.budget <= n:
-        raise ValueError(f"--budget must be in [1, {n}], got {args.budget}")
+    args.budget = parse_budget(args.budget, n)  # as `bilaf select` reads it
     if args.cores is not None and not 1 <= args.cores <= args.budget:
         raise ValueError(f"--cores must be in [1, {args.budget}], got {args.cores}")
     if args.batch_size is not None and not 1 <= args.batch_size <= n:

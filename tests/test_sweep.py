@@ -275,6 +275,10 @@ def test_cli_writes_records(pool, tmp_path, capsys):
                         "--steps", "0", "--out", str(out)])
     assert code == 0 and "NaN" not in out.read_text()
     assert json.loads(out.read_text())["records"][0]["activeft_final_loss"] is None
+    # A percentage of the pool, as `bilaf select` takes it.
+    code = _cli().main([str(tmp_path / "f.npz"), "--budget", f"{100 * BUDGET // len(x)}%",
+                        "--cores", "4", "--steps", "0", "--out", str(out)])
+    assert code == 0 and json.loads(out.read_text())["config"]["budget"] == BUDGET
 
 
 @pytest.mark.parametrize("extra, match", [
@@ -285,7 +289,8 @@ def test_cli_writes_records(pool, tmp_path, capsys):
     (["--cores", "99"], "--cores must be in"),
     (["--settings-per-batch", "0"], "--settings-per-batch"),
     (["--sequential", "--settings-per-batch", "2"], "not allowed with"),
-    (["--budget", "x"], "invalid int value"),
+    (["--budget", "x"], "--budget must be an integer or a percentage"),
+    (["--budget", "150%"], "--budget"),
 ])
 def test_cli_bad_input_exits_2_with_one_line(pool, tmp_path, capsys, extra, match):
     x, _, _ = pool
