@@ -246,8 +246,10 @@ def selection_record_path(selection_path) -> Path:
     return path.with_name(stem + ".meta.json")
 
 
-def load_index_list(path, n: int | None = None, name: str = "selection") -> list[int]:
-    """Read a JSON list of unique non-negative ints (a selection file), checking range if n given."""
+def load_index_list(path, n: int | None = None, name: str = "selection", *,
+                    allow_empty: bool = False) -> list[int]:
+    """Read a JSON list of unique non-negative ints (a selection file), checking range if n
+    given. `allow_empty`: [] is a valid list (no labelled rows yet), not an error."""
     path = Path(path)
     if not path.exists():
         raise InputError(f"{name} file not found: {path}")
@@ -267,7 +269,7 @@ def load_index_list(path, n: int | None = None, name: str = "selection") -> list
         isinstance(v, int) and not isinstance(v, bool) for v in obj
     ):
         raise InputError(f"{name} file {path} must be a JSON list of integers")
-    if not obj:
+    if not obj and not allow_empty:
         raise InputError(f"{name} file {path} is an empty list")
     if len(set(obj)) != len(obj):
         seen, dup = set(), None

@@ -604,3 +604,15 @@ def test_one_index_is_one_index(files, tmp_path, capsys):
     assert f"wrote 1 index to {out}" in capsys.readouterr().err
     assert call(["select", "--verify", out]) == 0
     assert "verified: 1 index identical" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("mode", ["paper", "official"])
+def test_empty_labeled_list_is_no_labelled_rows(files, tmp_path, mode):
+    """`--labeled` with [] (the first round of a labelling loop) selects as without it."""
+    plain, empty = tmp_path / "plain.json", tmp_path / "empty.json"
+    common = ["--budget", "10", "--cores", "3", "--mode", mode, "--steps", "20"]
+    assert call(["select", files / "good.npy", *common, "--out", plain]) == 0
+    assert call(["select", files / "good.npy", *common, "--labeled", files / "emptylist.json",
+                 "--out", empty]) == 0
+    assert json.loads(empty.read_text()) == json.loads(plain.read_text())
+    assert call(["select", "--verify", empty]) == 0

@@ -291,7 +291,8 @@ def run(a) -> int:
         settings["num_neighbors"] = n
     labeled = None
     if a.labeled:
-        labeled = io.load_index_list(a.labeled, n, name="--labeled")
+        # [] is the first round of a labelling loop: nothing labelled yet, as without it.
+        labeled = io.load_index_list(a.labeled, n, name="--labeled", allow_empty=True) or None
     indices, timings, num_cores, waiver = run_selection(features, settings, labeled, mesh)
     settings["num_cores"] = num_cores
     if not is_main_process():  # every process holds the same indices; one writes them
@@ -443,7 +444,8 @@ def verify(selection_path, mesh=None) -> int:
         if recorded_labeled and Path(lpath).is_file() and io.sha256_file(lpath) != recorded_labeled[1]:
             raise UsageError(f"--labeled file {lpath} changed since the selection was made "
                              "(sha256 differs)")
-        labeled = io.load_index_list(lpath, features.shape[0], name="--labeled")
+        labeled = io.load_index_list(lpath, features.shape[0], name="--labeled",
+                                     allow_empty=True) or None
     indices, timings, *_ = run_selection(features, settings, labeled, mesh)
     if not is_main_process():
         return 0 if indices == selection else 1
