@@ -239,6 +239,12 @@ def load_features(path, label_column: bool = False, key: str = "features"):
     return features, labels
 
 
+def indices_sha256(indices) -> str:
+    """sha256 of an index list's content (not of a file's bytes: reformatting keeps it); the
+    `indices_sha256` that ties a `bilaf select` record to its list."""
+    return hashlib.sha256(json.dumps([int(i) for i in indices]).encode()).hexdigest()
+
+
 def selection_record_path(selection_path) -> Path:
     """sel.json -> sel.meta.json: the provenance record `bilaf select` writes beside a list."""
     path = Path(selection_path)

@@ -322,3 +322,126 @@ def test_full_finetune_identity_records_the_backbones_preprocessing(feats):
     assert "preprocessing" not in _identity(make_config(
         mode="linear", selection=str(feats / "sel.json"), features=str(feats / "pool.npz"),
         test_features=str(feats / "test.npz")))
+
+
+def test_a_list_its_record_does_not_describe_is_refused(bilaf, feats, capsys):
+    """`bilaf select` records the sha256 of the list it wrote; a list copied beside another
+    selection's record was judged by that record (a false "selected on split 'test'"), or ran
+    recording that other selection's provenance."""
+    def with_meta(name, split):
+        with np.load(feats / f"{name}.npz") as f:
+            x, y = f["features"], f["labels"]
+        meta = {"dataset": "fashion_mnist", "split": split, "source": f"fashion_mnist/{split}/src_x",
+                "backbone": "efficientnet_lite0", "weights_sha256": "a" * 64, "taps": None,
+                "dim": 12, "image_size": 48, "resize": "bicubic", "mean": [0.5] * 3,
+                "std": [0.5] * 3}
+        np.savez(feats / f"{name}.npz", features=x, labels=y, meta=np.asarray(json.dumps(meta)))
+
+    with_meta("pool", "train")
+    with_meta("test", "test")
+    for name, features in (("picked", "pool"), ("on_test", "test"), ("other", "pool")):
+        assert bilaf(["select", str(feats / f"{features}.npz"), "--budget", "20", "--method",
+                      "random", "--seed", str(len(name)), "--out", str(feats / f"{name}.json")]) == 0
+    picked = (feats / "picked.json").read_text()
+    assert json.loads(picked) != json.loads((feats / "other.json").read_text())
+    (feats / "on_test.json").write_text(picked)  # beside a record of a selection on test rows
+    (feats / "other.json").write_text(picked)  # beside a record of another list of these rows
+    # The list's own record passes, however the list is laid out.
+    (feats / "picked.json").write_text(json.dumps(json.loads(picked), indent=2))
+    assert bilaf(_args(feats, feats / "ok", sel=feats / "picked.json")) == 0
+    capsys.readouterr()
+    for mode in ("linear", "full"):
+        if mode == "full":
+            from tests.conftest import fashion_mnist_or_skip
+
+            fashion_mnist_or_skip()  # full mode reads the pool's size from the images
+        for name in ("on_test", "other"):
+            args = _args(feats, feats / "run", mode, sel=feats / f"{name}.json")
+            if mode == "full":
+                args = args[:args.index("--features")] + ["--workdir", str(feats / "run")]
+            assert bilaf(args) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1, err
+            assert (f"{feats / name}.json is not the list its record {feats / name}.meta.json "
+                    "describes") in err, err
+            assert not (feats / "run").exists()
+
+
+@pytest.mark.parametrize("mode", ["linear", "knn"])
+def test_test_classes_no_labelled_sample_has_are_noted(bilaf, feats, capsys, mode):
+    """An accuracy of 0 because the labelled samples share no class with the test set is said,
+    not left silent; the run still goes on."""
+    pool_y, test_y = np.load(feats / "pool.npz")["labels"], np.load(feats / "test.npz")["labels"]
+    only_0 = feats / "only_0.json"
+    only_0.write_text(json.dumps([int(i) for i in np.flatnonzero(pool_y == 0)[:20]]))
+    capsys.readouterr()
+    assert bilaf(_args(feats, feats / "some", mode, sel=only_0)) == 0
+    err = capsys.readouterr().err
+    assert err == (f"bilaf finetune: note: {int((test_y != 0).sum())} of 200 test samples have "
+                   "labels never seen in training (2 of 3 test classes have no labelled sample); "
+                   "they count as wrong\n")
+    # No class shared: the accuracy is 0, and said why.
+    with np.load(feats / "test.npz") as f:
+        tx, ty = f["features"], f["labels"]
+    np.savez(feats / "test.npz", features=tx[ty != 0], labels=ty[ty != 0])
+    assert bilaf(_args(feats, feats / "none", mode, sel=only_0)) == 0
+    out, err = capsys.readouterr()
+    assert "final_accuracy 0.0000" in out
+    n = int((ty != 0).sum())
+    assert f"note: {n} of {n} test samples have labels never seen in training" in err
+    assert err.count("\n") == 1
+    assert bilaf(_args(feats, feats / "all", mode)) == 0  # every class labelled: no note
+    assert capsys.readouterr().err == ""
+
+
+def test_ctrl_c_during_a_checkpoint_save_is_one_line_and_resumes(bilaf, feats, capfd, monkeypatch):
+    """Ctrl-C while orbax writes a checkpoint: the save finishes (it was left running in the
+    background, and at exit printed tracebacks and left a tmp folder), only `interrupted` is
+    printed, and the run resumes from that checkpoint to the uninterrupted run's result."""
+    import signal
+    import threading
+
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    import train.train as tt
+    from tests.conftest import fashion_mnist_or_skip
+    from tests.test_train_resume import TinyBackbone
+
+    fashion_mnist_or_skip()
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("SIGINT reaches the main thread only")
+
+    def backbone(config):
+        bb = TinyBackbone()
+        bb.module.ballast = nnx.Param(jnp.zeros(1 << 24))  # 64 MB: a save takes a while
+        return bb
+
+    monkeypatch.setattr(tt, "_load_backbone", backbone)
+    args = ["finetune", "--dataset", "fashion_mnist", "--selection", str(feats / "sel.json"),
+            "--mode", "full", "--steps", "6", "--warmup-steps", "1", "--batch-size", "4",
+            "--image-size", "16", "--pool-size", "300", "--test-size", "16",
+            "--checkpoint-every", "2"]
+    assert bilaf([*args, "--workdir", str(feats / "ref")]) == 0
+    digest = capfd.readouterr().out.splitlines()[-1]
+
+    save = ocp.CheckpointManager.save
+
+    def save_with_ctrl_c(self, step, *a, **k):
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)  # as the save begins
+        saved = save(self, step, *a, **k)
+        if step == 4:
+            signal.raise_signal(signal.SIGINT)  # while it is written in the background
+        return saved
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", save_with_ctrl_c)
+    run = [*args, "--workdir", str(feats / "run")]
+    for kept in (["2"], ["2", "4"]):
+        assert bilaf(run) == 130
+        assert capfd.readouterr().err == "bilaf finetune: interrupted\n"
+        assert sorted(p.name for p in (feats / "run" / "checkpoints").iterdir()) == kept
+    assert bilaf(run) == 0
+    out = capfd.readouterr().out
+    assert "resumed from step 4" in out and out.splitlines()[-1] == digest

@@ -41,9 +41,12 @@ def main(argv=None) -> int:
     except (ValueError, TypeError) as e:  # a bad value of a config key
         return fail(e)
     try:
-        summary = summary_without_state(train_and_evaluate(config, args.workdir))
+        result = train_and_evaluate(config, args.workdir)
     except (ValueError, FileNotFoundError, PermissionError, IsADirectoryError) as e:
         return fail(e)  # bad input files
+    for note in result.get("notes", ()):
+        sys.stderr.write(f"python -m train.main: note: {note}\n")
+    summary = summary_without_state(result)
     print(json.dumps({k: v for k, v in summary.items() if k != "config"}))
     return 0
 

@@ -21,17 +21,20 @@ Workdir layout
 Exact resume: batch order and augmentation keys are functions of (seed, step) only
 (`train.input_pipeline`), and a checkpoint holds everything else (parameters, other model
 state such as BatchNorm statistics, optimiser state, EMA, the running loss sum, the step), so a
-run interrupted at any point and started again ends in the same state, bit for bit, as an
-uninterrupted one (on CPU; on GPUs XLA may pick non-deterministic kernels unless
-`--xla_gpu_deterministic_ops=true` is in XLA_FLAGS).
+run interrupted at any point (Ctrl-C waits for the checkpoint being written) and started again
+ends in the same state, bit for bit, as an uninterrupted one (on CPU; on GPUs XLA may pick
+non-deterministic kernels unless `--xla_gpu_deterministic_ops=true` is in XLA_FLAGS).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -41,8 +44,10 @@ import numpy as np
 from bilaf_jax.io import (
     InputError,
     check_identity,
+    indices_sha256,
     load_features,
     load_index_list,
+    selection_record_path,
     sha256_file,
     write_json_atomic,
     write_text_atomic,
@@ -305,7 +310,9 @@ def _write_summary(workdir: Path, summary: dict) -> None:
 
 def train_and_evaluate(config: Config, workdir, *, backbone=None,
                        max_steps_this_run: int | None = None) -> dict:
-    """Run (or resume) the finetuning run `config` in `workdir`; return the summary dict.
+    """Run (or resume) the finetuning run `config` in `workdir`; return the summary dict, with
+    "notes" added (remarks for the user on stderr, such as test classes no labelled sample has;
+    `summary_without_state` drops them).
 
     backbone: optional `bilaf_jax.backbones.Backbone`-like object (full mode) used instead of
       loading `config.backbone` (tests pass small ones).
@@ -317,6 +324,37 @@ def train_and_evaluate(config: Config, workdir, *, backbone=None,
     if config.mode == "full":
         return _run_full(config, workdir, backbone, max_steps_this_run)
     return _run_on_features(config, workdir)
+
+
+def _check_selection(path, indices, rows: dict | None, what: str) -> None:
+    """Refuse a selection that its `bilaf select` record does not describe (a list copied
+    beside another selection's record would be judged, and its run recorded, by that other
+    selection), then one selected on other rows than `rows` (see `check_selection_pool`)."""
+    from bilaf_jax.extract import check_selection_pool
+
+    record = selection_record_path(path)
+    try:
+        recorded = json.loads(record.read_text()).get("indices_sha256")
+    except (OSError, ValueError, AttributeError):
+        recorded = None  # no record, or not one `bilaf select` wrote: nothing to compare
+    if recorded is not None:
+        if recorded != indices_sha256(indices):
+            raise InputError(f"{path} is not the list its record {record} describes (indices_sha256 "
+                             "differs: the list was edited or copied beside another selection's "
+                             "record); put the list's own record beside it, or select again")
+    check_selection_pool(path, rows, what)
+
+
+def _unseen_classes_note(train_labels, test_labels) -> str | None:
+    """A note when some test classes have no labelled sample: their test samples cannot be
+    classified right, so the accuracy is lower than the model's (0 when no class is shared)."""
+    unseen = np.isin(test_labels, train_labels, invert=True)
+    if not unseen.any():
+        return None
+    classes = len(np.unique(test_labels[unseen]))
+    return (f"{int(unseen.sum())} of {len(test_labels)} test samples have labels never seen in "
+            f"training ({classes} of {len(np.unique(test_labels))} test classes have no labelled "
+            "sample); they count as wrong")
 
 
 def _load_feature_pair(config: Config):
@@ -338,7 +376,7 @@ def _load_feature_pair(config: Config):
 
 
 def _run_on_features(config: Config, workdir: Path) -> dict:
-    from bilaf_jax.extract import check_selection_pool, pool_identity
+    from bilaf_jax.extract import pool_identity
     from train.knn import knn_eval
     from train.linear import linear_probe
 
@@ -347,7 +385,7 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
         pool_x, pool_y = pool_x[: config.pool_size], pool_y[: config.pool_size]
     sel = np.asarray(load_index_list(config.selection, n=len(pool_y)), np.int64)
     rows = pool_identity(config.features)
-    check_selection_pool(config.selection, rows, f"--features {config.features}")
+    _check_selection(config.selection, sel, rows, f"--features {config.features}")
     if rows is not None and rows["dataset"] not in (None, config.dataset):
         # the run's records would name a data set its numbers are not of
         raise InputError(f"dataset {config.dataset} but the features {config.features} hold "
@@ -356,6 +394,7 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
     _check_workdir(workdir, identity)
     num_classes = config.num_classes or int(max(pool_y.max(), test_y.max())) + 1
     check_labels(num_classes, selected_pool_labels=pool_y[sel], test_labels=test_y)
+    note = _unseen_classes_note(pool_y[sel], test_y)
     _write_config(workdir, config, identity)
     metrics = MetricsWriter(workdir / "metrics.jsonl")
     metrics.truncate(-1)
@@ -386,6 +425,7 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
         "config": dataclasses.asdict(config),
     }
     _write_summary(workdir, summary)
+    summary["notes"] = [note] if note else []
     return summary
 
 
@@ -657,6 +697,24 @@ def _placement(num_devices: int):
     return (lambda tree: jax.device_put(tree, replicated)), (lambda x: jax.device_put(x, split))
 
 
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C (SIGINT) that comes during the block and act on it after the block.
+    Outside the main thread, or where SIGINT is ignored or default, the block runs as is."""
+    previous = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(previous):
+        yield
+        return
+    held = []
+    signal.signal(signal.SIGINT, lambda signum, frame: held.append(frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if held:
+        previous(signal.SIGINT, held[0])
+
+
 def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> dict:
     from bilaf_jax import data
 
@@ -665,11 +723,9 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     pool = data.data_source(config.dataset, "train", data_dir=config.data_dir)
     n_pool = len(pool) if config.pool_size is None else min(config.pool_size, len(pool))
     sel = np.asarray(load_index_list(config.selection, n=n_pool), np.int64)
-    from bilaf_jax.extract import check_selection_pool
-
-    check_selection_pool(config.selection, {"dataset": config.dataset, "split": "train",
-                                            "source": pool.fingerprint},
-                         f"this run's pool ({config.dataset} train)")
+    _check_selection(config.selection, sel, {"dataset": config.dataset, "split": "train",
+                                             "source": pool.fingerprint},
+                     f"this run's pool ({config.dataset} train)")
     test_src = data.data_source(config.dataset, data.eval_split(config.dataset),
                                 data_dir=config.data_dir)
     if pool.class_names is not None and test_src.class_names != pool.class_names:
@@ -699,6 +755,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     train_labels = np.asarray(labelled.labels, np.int32)
     test_labels = np.asarray(test.labels, np.int32)
     check_labels(num_classes, selected_pool_labels=train_labels, test_labels=test_labels)
+    note = _unseen_classes_note(train_labels, test_labels)
     steps_per_epoch = steps_for_epochs(1.0, len(sel), config.batch_size)
     total = config.steps or steps_for_epochs(config.epochs, len(sel), config.batch_size)
     warmup = (config.warmup_steps if config.warmup_steps is not None
@@ -721,58 +778,61 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     mngr = ocp.CheckpointManager(
         (workdir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True))
-    start = 0
-    latest = mngr.latest_step()
-    if latest is not None:
-        template = state
-        saved = _keys_to_data(template)
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
-        restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-        state = commit(_keys_from_data(restored, template))
-        start = int(state["step"])
-    metrics = MetricsWriter(workdir / "metrics.jsonl")
-    metrics.truncate(start)
+    try:
+        start = 0
+        latest = mngr.latest_step()
+        if latest is not None:
+            template = state
+            saved = _keys_to_data(template)
+            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
+            restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+            state = commit(_keys_from_data(restored, template))
+            start = int(state["step"])
+        metrics = MetricsWriter(workdir / "metrics.jsonl")
+        metrics.truncate(start)
 
-    order = BatchOrder(config.seed, len(sel), config.batch_size)
-    aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+        order = BatchOrder(config.seed, len(sel), config.batch_size)
+        aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
-    def eval_state(st):
-        """(params, rest) to evaluate: the EMA's where EMA is on."""
-        return st["ema"] if config.ema_decay > 0 else (st["params"], st["rest"])
+        def eval_state(st):
+            """(params, rest) to evaluate: the EMA's where EMA is on."""
+            return st["ema"] if config.ema_decay > 0 else (st["params"], st["rest"])
 
-    # Evaluation batches split evenly too (padding rows are masked, so the size is free).
-    eval_batch = -(-config.eval_batch_size // config.num_devices) * config.num_devices
-    t0 = time.perf_counter()
-    ran = 0
-    final_acc = None
-    step = start
-    while step < total:
-        if max_steps_this_run is not None and ran >= max_steps_this_run:
-            mngr.wait_until_finished()
+        # Evaluation batches split evenly too (padding rows are masked, so the size is free).
+        eval_batch = -(-config.eval_batch_size // config.num_devices) * config.num_devices
+        t0 = time.perf_counter()
+        ran = 0
+        final_acc = None
+        step = start
+        while step < total:
+            if max_steps_this_run is not None and ran >= max_steps_this_run:
+                return {"interrupted": True, "step": step, "resumed_from_step": start}
+            idx = order(step)
+            key = jax.random.fold_in(aug_key, step)
+            state, _ = train_step(state, shard(train_images.take(idx)), shard(train_labels[idx]), key)
+            step += 1
+            ran += 1
+            evaluate = step == total or (config.eval_every and step % config.eval_every == 0)
+            if step % config.log_every == 0 or evaluate:
+                record = {"step": step,
+                          "train_loss": float(state["loss_sum"]) / max(int(state["loss_count"]), 1),
+                          "learning_rate": float(schedule(step - 1))}
+                state["loss_sum"] = commit(jnp.zeros((), jnp.float32))
+                state["loss_count"] = commit(jnp.zeros((), jnp.int32))
+                if evaluate:
+                    record["eval_accuracy"] = _evaluate(eval_step, *eval_state(state), test_images,
+                                                        test_labels, eval_batch, shard)
+                    if step == total:
+                        final_acc = record["eval_accuracy"]
+                metrics.write(record)
+            if step % config.checkpoint_every == 0 or step == total:
+                with _sigint_deferred():  # a save cut short leaves its tmp folder behind
+                    mngr.save(step, args=ocp.args.StandardSave(_keys_to_data(state)))
+    finally:
+        # On Ctrl-C too, the save in flight is waited for: left to the interpreter's exit, its
+        # threads fail with tracebacks and leave a tmp folder; finished, the run resumes from it.
+        with _sigint_deferred():
             mngr.close()
-            return {"interrupted": True, "step": step, "resumed_from_step": start}
-        idx = order(step)
-        key = jax.random.fold_in(aug_key, step)
-        state, _ = train_step(state, shard(train_images.take(idx)), shard(train_labels[idx]), key)
-        step += 1
-        ran += 1
-        evaluate = step == total or (config.eval_every and step % config.eval_every == 0)
-        if step % config.log_every == 0 or evaluate:
-            record = {"step": step,
-                      "train_loss": float(state["loss_sum"]) / max(int(state["loss_count"]), 1),
-                      "learning_rate": float(schedule(step - 1))}
-            state["loss_sum"] = commit(jnp.zeros((), jnp.float32))
-            state["loss_count"] = commit(jnp.zeros((), jnp.int32))
-            if evaluate:
-                record["eval_accuracy"] = _evaluate(eval_step, *eval_state(state), test_images,
-                                                    test_labels, eval_batch, shard)
-                if step == total:
-                    final_acc = record["eval_accuracy"]
-            metrics.write(record)
-        if step % config.checkpoint_every == 0 or step == total:
-            mngr.save(step, args=ocp.args.StandardSave(_keys_to_data(state)))
-    mngr.wait_until_finished()
-    mngr.close()
     elapsed = time.perf_counter() - t0
 
     if final_acc is None:  # resumed from the final checkpoint
@@ -799,12 +859,13 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     if ran:
         summary["images_per_second"] = ran * config.batch_size / elapsed
     summary["state"] = state
+    summary["notes"] = [note] if note else []
     return summary
 
 
 def summary_without_state(summary: dict) -> dict[str, Any]:
-    """The summary as written to summary.json (drops the in-memory state and timing)."""
-    return {k: v for k, v in summary.items() if k not in ("state", "images_per_second")}
+    """The summary as written to summary.json (drops the in-memory state, timing and notes)."""
+    return {k: v for k, v in summary.items() if k not in ("state", "images_per_second", "notes")}
 
 
 __all__ = ["Config", "MODES", "make_config", "params_digest", "train_and_evaluate"]

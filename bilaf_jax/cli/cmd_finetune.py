@@ -122,7 +122,10 @@ def run(args) -> int:
         config = make_config(**overrides)
     except TypeError as e:
         raise UsageError(str(e)) from None
-    summary = summary_without_state(train_and_evaluate(config, args.workdir))
+    result = train_and_evaluate(config, args.workdir)
+    for note in result.get("notes", ()):
+        sys.stderr.write(f"bilaf finetune: note: {note}\n")
+    summary = summary_without_state(result)
     resumed = summary["resumed_from_step"]
     sys.stdout.write(
         f"{summary['mode']}: final_accuracy {summary['final_accuracy']:.4f} at step "

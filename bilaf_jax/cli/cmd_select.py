@@ -298,7 +298,7 @@ def run(a) -> int:
     if not is_main_process():  # every process holds the same indices; one writes them
         return 0
     meta = _provenance(a.features, features, settings, timings, len(indices), mesh)
-    meta["indices_sha256"] = _indices_digest(indices)  # ties the record to this very list
+    meta["indices_sha256"] = io.indices_sha256(indices)  # ties the record to this very list
     if a.method == "bilaf" and a.mode == "paper":
         meta["denoising_waived"] = waiver is not None
     if a.labeled:  # so that --verify can tell when the labelled list changed
@@ -370,13 +370,6 @@ def _read_json(path: Path):
         return None
 
 
-def _indices_digest(indices) -> str:
-    """sha256 of the list's content (not of the file's bytes: reformatting keeps it)."""
-    import hashlib
-
-    return hashlib.sha256(json.dumps([int(i) for i in indices]).encode()).hexdigest()
-
-
 def _provenance(features_path, features, settings, timings, count, mesh=None) -> dict:
     import platform
 
@@ -428,7 +421,7 @@ def verify(selection_path, mesh=None) -> int:
     if missing:
         raise UsageError(f"provenance record {mpath} lacks {', '.join(missing)}")
     recorded = meta.get("indices_sha256")  # absent in records made before it was kept
-    if recorded is not None and recorded != _indices_digest(selection):
+    if recorded is not None and recorded != io.indices_sha256(selection):
         # The sidecar is written first: a run killed between the two writes, or an edited
         # list, leaves a list its record does not describe.
         raise UsageError(f"{selection_path} is not the list its record {mpath.name} describes "
