@@ -401,17 +401,29 @@ def test_ctrl_c_during_a_checkpoint_save_is_one_line_and_resumes(bilaf, feats, c
     import signal
     import threading
 
+    from tests.conftest import fashion_mnist_or_skip
+
+    fashion_mnist_or_skip()
+    if threading.current_thread() is not threading.main_thread():
+        pytest.skip("SIGINT reaches the main thread only")
+    # Python's own Ctrl-C handler, whatever this process inherited: a shell that starts it in
+    # the background sets SIGINT to ignored, and Python then leaves it ignored.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _ctrl_c_during_saves(bilaf, feats, capfd, monkeypatch)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _ctrl_c_during_saves(bilaf, feats, capfd, monkeypatch):
+    import signal
+
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
     from flax import nnx
 
     import train.train as tt
-    from tests.conftest import fashion_mnist_or_skip
     from tests.test_train_resume import TinyBackbone
-
-    fashion_mnist_or_skip()
-    if threading.current_thread() is not threading.main_thread():
-        pytest.skip("SIGINT reaches the main thread only")
 
     def backbone(config):
         bb = TinyBackbone()
