@@ -13,5 +13,7 @@ fi
 TRAIN=(tests/test_train.py tests/test_train_cli.py tests/test_train_resume.py)
 ignore=()
 for f in "${TRAIN[@]}"; do ignore+=(--ignore="$f"); done
-python -m pytest -q "${ignore[@]}"
+# Two worker processes, a test file each at a time: most of the time is XLA compiling, on one
+# core per program, so two files at once use both cores (15.6 -> 11.0 min on 2 cores).
+python -m pytest -q -n 2 --dist loadfile "${ignore[@]}"
 python -m pytest -q "${TRAIN[@]}"
