@@ -203,13 +203,18 @@ def test_bench_sweep_runs_and_checks_equality(monkeypatch, capsys):
     assert len(rows) == 2 and all(r.endswith("| True |") for r in rows)
 
 
-def test_finetune_recipe_ablation_reruns_a_finished_run_with_changes(tmp_path, capsys):
+def test_finetune_recipe_ablation_reruns_a_finished_run_with_changes(tmp_path, capsys, monkeypatch):
     """The unchanged variant reproduces the finished run exactly; the others change only the
-    settings they name."""
+    settings they name. Every run has the small test backbone (the script's logic does not
+    depend on the backbone; the real ones' finetuning is tested in tests/test_train*.py)."""
     from tests.conftest import fashion_mnist_or_skip
 
     fashion_mnist_or_skip()
+    import train.train
+    from tests.tiny_backbone import TinyBackbone
     from train.train import make_config, train_and_evaluate
+
+    monkeypatch.setattr(train.train, "_load_backbone", lambda config: TinyBackbone(config.seed))
 
     sel = tmp_path / "sel.json"
     sel.write_text(json.dumps(list(range(0, 80, 4))))

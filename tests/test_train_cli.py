@@ -423,7 +423,7 @@ def _ctrl_c_during_saves(bilaf, feats, capfd, monkeypatch):
     from flax import nnx
 
     import train.train as tt
-    from tests.test_train_resume import TinyBackbone
+    from tests.tiny_backbone import TinyBackbone
 
     def backbone(config):
         bb = TinyBackbone()
