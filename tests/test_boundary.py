@@ -393,18 +393,18 @@ def test_parts_in_threads_match_one_call(monkeypatch, parts):
     # gives; several buckets and several batches per bucket.
     monkeypatch.setattr(boundary, "_BATCH_ELEMENTS", 1 << 12)
     monkeypatch.setattr(boundary, "_COMPILE_SECONDS", 0.0)  # a bucket per padded size
-    x, cores = _blobs(seed=3, n=600, d=6, k=20)
+    x, cores = _blobs(seed=3, n=300, d=6, k=8)
     x = x.astype(np.float32)
     want = {}
     for mode in ("paper", "official"):
         monkeypatch.setattr(boundary, "_CPU_PARTS", 0)  # plain jitted calls
-        want[mode] = bilaf(KEY, x, cores, 120, mode=mode)
+        want[mode] = bilaf(KEY, x, cores, 60, mode=mode)
     monkeypatch.setattr(boundary, "_CPU_PARTS", parts)
     plan = boundary._plan(np.asarray(want["paper"].pseudo_labels), np.sort(cores), x.shape[1],
                           boundary._BATCH_ELEMENTS)
     assert len(plan) > 1 and any(b.classes.shape[0] > 2 * b.batch for b in plan)
     for mode in ("paper", "official"):
-        got = bilaf(KEY, x, cores, 120, mode=mode)
+        got = bilaf(KEY, x, cores, 60, mode=mode)
         for a, b in zip(got, want[mode], strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
