@@ -211,10 +211,12 @@ def test_bad_numeric_settings_are_refused(key, value):
 def test_weight_decay_skips_biases_norms_and_vit_embeddings():
     from flax import nnx
 
+    from bilaf_jax.backbones._init import build
     from bilaf_jax.backbones.vit import VisionTransformer
     from train.train import decay_mask
 
-    vit = VisionTransformer(dim=12, depth=1, heads=2, train_size=32, rngs=nnx.Rngs(0))
+    # built as backbones.load builds: jax.random's initialisers compile a kernel per shape
+    vit = build(lambda: VisionTransformer(dim=12, depth=1, heads=2, train_size=32, rngs=nnx.Rngs(0)))
     flat = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): m
             for path, m in jax.tree_util.tree_leaves_with_path(
                 decay_mask(nnx.state(vit, nnx.Param)))}
@@ -238,24 +240,26 @@ def test_drop_path_rules_of_each_backbone():
     residual blocks (its own rule); rate 0 turns both off."""
     from flax import nnx
 
+    from bilaf_jax.backbones._init import build
     from bilaf_jax.backbones.efficientnet import EfficientNetLite
     from bilaf_jax.backbones.vit import VisionTransformer
     from train.models import set_drop_path
 
-    vit = VisionTransformer(dim=12, depth=4, heads=2, train_size=32, rngs=nnx.Rngs(0))
+    vit = build(lambda: VisionTransformer(dim=12, depth=4, heads=2, train_size=32, rngs=nnx.Rngs(0)))
     assert [b.drop_path.rate for b in vit.blocks] == [0.0] * 4
     assert set_drop_path(vit, 0.3)
     np.testing.assert_allclose([b.drop_path.rate for b in vit.blocks], [0.0, 0.1, 0.2, 0.3])
-    net = EfficientNetLite(rngs=nnx.Rngs(0))
+    net = build(lambda: EfficientNetLite(rngs=nnx.Rngs(0)))
     rates = {i: b.drop_connect.rate for i, b in enumerate(net._blocks) if b.drop_connect is not None}
     assert rates and all(np.isclose(r, 0.2 * i / 16) for i, r in rates.items())
     assert set_drop_path(net, 0.0)
     assert all(b.drop_connect.rate == 0.0 for b in net._blocks if b.drop_connect is not None)
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 32, 32, 3)), jnp.float32)
     net.train()
-    np.testing.assert_array_equal(np.asarray(net(x)), np.asarray(net(x)))  # no stochastic depth left
+    forward = nnx.jit(lambda m, x: m(x))  # compiled: op by op the network takes half a minute
+    np.testing.assert_array_equal(np.asarray(forward(net, x)), np.asarray(forward(net, x)))  # no stochastic depth left
     set_drop_path(net, 0.5)
-    assert not np.array_equal(np.asarray(net(x)), np.asarray(net(x)))
+    assert not np.array_equal(np.asarray(forward(net, x)), np.asarray(forward(net, x)))
     assert not set_drop_path(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), 0.1)
 
 
