@@ -15,7 +15,7 @@ TRAIN=(tests/test_train.py tests/test_train_cli.py tests/test_train_resume.py)
 train_log=$(mktemp)
 python -m pytest -q "${TRAIN[@]}" > "$train_log" 2>&1 &
 train=$!
-trap 'kill "$train" 2> /dev/null; rm -f "$train_log"' EXIT
+trap 'kill "$train" 2> /dev/null || true; rm -f "$train_log"' EXIT
 ignore=()
 for f in "${TRAIN[@]}"; do ignore+=(--ignore="$f"); done
 # The rest in two worker processes, a test file each at a time, the longest files first
