@@ -357,16 +357,18 @@ def _check_workdir(workdir: Path, config: RunConfig) -> None:
 
 def preflight(config: RunConfig, workdir) -> None:
     """What `bilaf run --dry-run` checks without writing anything: the weight file, the data
-    folder, and that `workdir` would take this config (its run.json and any features in it)."""
+    folder where the run would read it (to extract features not yet in `workdir`, or to
+    finetune), and that `workdir` would take this config (its run.json and any features in it)."""
     from bilaf_jax import data
     from bilaf_jax.backbones import _weights_path
 
     if config.weights != "random":
         _weights_path(config.backbone, config.weights)
-    raw = data.raw_data_dir(config.dataset, config.data_dir)
-    if raw is not None and not raw.is_dir():
-        raise InputError(f"data folder not found: {raw}")
     workdir = Path(workdir).expanduser()
+    extracted = all((workdir / "features" / f"{part}.npz").is_file() for part in ("pool", "test"))
+    raw = data.raw_data_dir(config.dataset, config.data_dir)
+    if raw is not None and not raw.is_dir() and (not extracted or "full" in config.evals):
+        raise InputError(f"data folder not found: {raw}")
     if workdir.exists() and not workdir.is_dir():
         raise InputError(f"workdir {workdir} exists and is not a folder")
     if (workdir / "run.json").exists() and _holds_pieces(workdir):

@@ -196,6 +196,14 @@ def test_dry_run_checks_the_workdir_and_data_folder(tmp_path, capsys):
                  "--workdir", str(tmp_path / "q")]) == 2
     assert "data folder not found" in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
+    # features already extracted: as the run, the dry run needs no data folder but to finetune
+    cached = ["run", "--config", cfg, "--dry-run", "--workdir", str(wd), "--data-dir", str(tmp_path / "nope")]
+    assert main(cached) == 0
+    capsys.readouterr()
+    (tmp_path / "f").mkdir()
+    finetunes = _tiny_config_file(tmp_path / "f", evals=("linear", "knn", "full"))
+    assert main(["run", "--config", finetunes, *cached[3:]]) == 2
+    assert "data folder not found" in capsys.readouterr().err
     # a pool larger than the data: the plan printed would not be the run's
     (tmp_path / "big").mkdir()
     big = _tiny_config_file(tmp_path / "big", dataset="mnist_5k", pool_size=10_000)
