@@ -33,6 +33,7 @@ from bilaf_jax.io import (
     atomic_open,
     check_output_path,
     exclusive_lock,
+    read_selection_record,
     save_npz_atomic,
     selection_record_path,
     write_json_atomic,
@@ -298,15 +299,16 @@ def pool_identity(path) -> dict | None:
     return {k: meta.get(k) for k in ("dataset", "split", "source")}
 
 
-def check_selection_pool(selection_path, pool: dict | None, what: str) -> None:
+def check_selection_pool(selection_path, pool: dict | None, what: str, record: dict | None = None) -> None:
     """Refuse a selection that `bilaf select` made on rows of another data set, split or data
     than `pool` ({dataset, split, source}, as `pool_identity`; None values are not compared).
     Selections without a provenance record, or whose features had no extraction metadata,
-    are not checked."""
-    record = selection_record_path(selection_path)
+    are not checked. `record`: the selection's record where the caller has read it already
+    (`io.read_selection_record`)."""
+    record = read_selection_record(selection_path) if record is None else record
     try:
-        made_on = json.loads(record.read_text())["features"].get("pool")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        made_on = record["features"].get("pool")
+    except (KeyError, TypeError, AttributeError):
         return
     if not isinstance(made_on, dict) or pool is None:
         return
@@ -321,7 +323,8 @@ def check_selection_pool(selection_path, pool: dict | None, what: str) -> None:
         a, b = made_on.get(key), pool.get(key)
         if a is not None and b is not None and a != b:
             raise InputError(f"{selection_path} was selected on {key} {a!r} (its record "
-                             f"{record.name}), but {what} is {key} {b!r}: its indices would "
+                             f"{selection_record_path(selection_path).name}), but {what} is "
+                             f"{key} {b!r}: its indices would "
                              "label other images")
 
 

@@ -252,6 +252,16 @@ def selection_record_path(selection_path) -> Path:
     return path.with_name(stem + ".meta.json")
 
 
+def read_selection_record(selection_path) -> dict | None:
+    """The record `bilaf select` wrote beside a selection list (`selection_record_path`), or
+    None where there is none or it is not a JSON object."""
+    try:
+        record = json.loads(selection_record_path(selection_path).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def load_index_list(path, n: int | None = None, name: str = "selection", *,
                     allow_empty: bool = False) -> list[int]:
     """Read a JSON list of unique non-negative ints (a selection file), checking range if n

@@ -47,6 +47,7 @@ from bilaf_jax.io import (
     indices_sha256,
     load_features,
     load_index_list,
+    read_selection_record,
     selection_record_path,
     sha256_file,
     write_json_atomic,
@@ -332,17 +333,13 @@ def _check_selection(path, indices, rows: dict | None, what: str) -> None:
     selection), then one selected on other rows than `rows` (see `check_selection_pool`)."""
     from bilaf_jax.extract import check_selection_pool
 
-    record = selection_record_path(path)
-    try:
-        recorded = json.loads(record.read_text()).get("indices_sha256")
-    except (OSError, ValueError, AttributeError):
-        recorded = None  # no record, or not one `bilaf select` wrote: nothing to compare
-    if recorded is not None:
-        if recorded != indices_sha256(indices):
-            raise InputError(f"{path} is not the list its record {record} describes (indices_sha256 "
-                             "differs: the list was edited or copied beside another selection's "
-                             "record); put the list's own record beside it, or select again")
-    check_selection_pool(path, rows, what)
+    record = read_selection_record(path)  # None: no record, nothing to compare
+    recorded = record.get("indices_sha256") if record is not None else None
+    if recorded is not None and recorded != indices_sha256(indices):
+        raise InputError(f"{path} is not the list its record {selection_record_path(path)} describes "
+                         "(indices_sha256 differs: the list was edited or copied beside another "
+                         "selection's record); put the list's own record beside it, or select again")
+    check_selection_pool(path, rows, what, record)
 
 
 def _unseen_classes_note(train_labels, test_labels) -> str | None:
