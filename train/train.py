@@ -339,7 +339,8 @@ def _check_selection(path, indices, rows: dict | None, what: str) -> None:
         raise InputError(f"{path} is not the list its record {selection_record_path(path)} describes "
                          "(indices_sha256 differs: the list was edited or copied beside another "
                          "selection's record); put the list's own record beside it, or select again")
-    check_selection_pool(path, rows, what, record)
+    if record is not None:  # without one there is nothing to check the pool against
+        check_selection_pool(path, rows, what, record)
 
 
 def _unseen_classes_note(train_labels, test_labels) -> str | None:
