@@ -9,8 +9,8 @@ if [ "$#" -gt 0 ]; then
 fi
 # The finetuning tests run in a process of their own: late in one long session, XLA's CPU
 # compiler (jaxlib 0.10.2) has crashed with SIGSEGV compiling their train steps, which compile
-# and pass in a fresh process. That process runs beside the rest rather than after them (it
-# ends first: 7 of the 12 minutes on 2 cores); its report is printed after theirs.
+# and pass in a fresh process. That process runs beside the rest rather than after them (on 2
+# cores it ends first: 6.4 minutes against their 10.3); its report is printed after theirs.
 TRAIN=(tests/test_train.py tests/test_train_cli.py tests/test_train_resume.py)
 train_log=$(mktemp)
 python -m pytest -q "${TRAIN[@]}" > "$train_log" 2>&1 &

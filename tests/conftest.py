@@ -18,7 +18,7 @@ import pytest  # noqa: E402
 jax.config.update("jax_enable_compilation_cache", False)
 
 
-# The longest test files (seconds each on 2 cores, measured with --durations), longest first.
+# The longest test files (by `pytest --durations` on 2 cores), longest first.
 # pytest-xdist (scripts/test.sh: -n 2 --dist loadfile --no-loadscope-reorder) deals whole files
 # to its workers in collection order; started first, the long files no longer leave one worker
 # running alone at the end (it did for 2 of the 13 minutes when files went by test count).
