@@ -365,7 +365,7 @@ def preflight(config: RunConfig, workdir) -> None:
     if config.weights != "random":
         _weights_path(config.backbone, config.weights)
     workdir = Path(workdir).expanduser()
-    extracted = all((workdir / "features" / f"{part}.npz").is_file() for part in ("pool", "test"))
+    extracted = all(p.exists() for p in _feature_paths(workdir).values())
     raw = data.raw_data_dir(config.dataset, config.data_dir)
     if raw is not None and not raw.is_dir() and (not extracted or "full" in config.evals):
         raise InputError(f"data folder not found: {raw}")
@@ -506,7 +506,7 @@ def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True,
     from bilaf_jax.extract import extract_to_file, read_meta
 
     folder = workdir / "features"
-    paths = {"pool": folder / "pool.npz", "test": folder / "test.npz"}
+    paths = _feature_paths(workdir)
     if not paths["pool"].exists() and config.pool_size is not None:
         # before extracting (features made elsewhere, or injected, are taken as they are)
         check_pool_size(config, len(data.data_source(config.dataset, "train",
@@ -575,10 +575,15 @@ def expected_feature_meta(config: RunConfig, part: str) -> dict:
     return want
 
 
+def _feature_paths(workdir: Path) -> dict[str, Path]:
+    """Where a run keeps its pool and test features: {"pool": ..., "test": ...}."""
+    return {part: workdir / "features" / f"{part}.npz" for part in ("pool", "test")}
+
+
 def _check_features_present(config: RunConfig, workdir: Path) -> None:
-    for part in ("pool", "test"):
-        if (workdir / "features" / f"{part}.npz").exists():
-            _check_feature_meta(config, workdir / "features" / f"{part}.npz", part)
+    for part, path in _feature_paths(workdir).items():
+        if path.exists():
+            _check_feature_meta(config, path, part)
 
 
 def _check_feature_meta(config: RunConfig, path: Path, part: str) -> None:
