@@ -200,6 +200,7 @@ def test_random_resized_crop_and_flip():
     ("steps", True), ("steps", 10.5), ("knn_k", 2.5), ("batch_size", "32"), ("num_classes", 9.5),
     ("log_every", 0.5), ("eval_every", True), ("warmup_steps", 1.5), ("image_size", 0),
     ("eval_crop_fraction", 0.0), ("eval_crop_fraction", 1.5), ("eval_crop_fraction", "0.875"),
+    ("dataset", None), ("backbone", None),  # a linear run recorded dataset null
 ])
 def test_bad_numeric_settings_are_refused(key, value):
     from train.train import make_config

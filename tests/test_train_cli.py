@@ -324,6 +324,55 @@ def test_full_finetune_identity_records_the_backbones_preprocessing(feats):
         test_features=str(feats / "test.npz")))
 
 
+def test_full_finetune_workdir_refuses_a_replaced_weight_file(feats):
+    """A weight file replaced at the same path is another run: resuming its checkpoints would
+    report the old weights' result. Workdirs recorded before the weights' digest still resume."""
+    from train.train import _check_workdir, _identity, _write_config, make_config
+
+    weights = feats / "w.pth"
+    weights.write_bytes(b"first")
+    cfg = make_config(mode="full", selection=str(feats / "sel.json"), backbone_weights=str(weights))
+    wd = feats / "full"
+    _write_config(wd, cfg, _identity(cfg, "images"))
+    assert _check_workdir(wd, _identity(cfg, "images"))
+    weights.write_bytes(b"second")
+    with pytest.raises(ValueError, match="different config.*backbone_weights_sha256"):
+        _check_workdir(wd, _identity(cfg, "images"))
+    record = json.loads((wd / "config.json").read_text())
+    del record["identity"]["backbone_weights_sha256"]
+    (wd / "config.json").write_text(json.dumps(record))
+    assert _check_workdir(wd, _identity(cfg, "images"))
+
+
+@pytest.mark.parametrize("mode", ["linear", "knn"])
+def test_an_interrupted_rerun_leaves_the_workdir_as_it_was(bilaf, feats, capsys, monkeypatch, mode):
+    """Ctrl-C while the probe or k-NN runs: the finished run's metrics.jsonl is not emptied
+    beside its summary.json, and a first start leaves no workdir behind."""
+    import train.knn
+    import train.linear
+
+    wd = feats / "run"
+    assert bilaf(_args(feats, wd, mode)) == 0
+    before = _snapshot(wd)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.linear if mode == "linear" else train.knn,
+                        "linear_probe" if mode == "linear" else "knn_eval", interrupted)
+    for workdir in (wd, feats / "fresh"):
+        assert bilaf(_args(feats, workdir, mode)) == 130
+    assert _snapshot(wd) == before
+    assert not (feats / "fresh").exists()
+
+
+def test_workdir_below_a_file_is_a_one_line_error(bilaf, feats, capsys):
+    (feats / "file").write_text("")
+    assert bilaf(_args(feats, feats / "file" / "run")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot create workdir" in err, err
+
+
 def test_a_list_its_record_does_not_describe_is_refused(bilaf, feats, capsys):
     """`bilaf select` records the sha256 of the list it wrote; a list copied beside another
     selection's record was judged by that record (a false "selected on split 'test'"), or ran

@@ -152,7 +152,7 @@ def validate_config(c: Config) -> None:
     for name in ("dataset", "backbone", "selection", "features", "test_features", "data_dir",
                  "backbone_weights"):
         v = getattr(c, name)
-        if v is not None and not isinstance(v, str):
+        if (v is not None or name in ("dataset", "backbone")) and not isinstance(v, str):
             raise ValueError(f"{name} must be a string{'' if name in ('dataset', 'backbone') else ' (a path)'}"
                              f", got {v!r}")
     if c.mode not in MODES:
@@ -241,7 +241,16 @@ def _identity(config: Config, data_sha256: str | None = None) -> dict:
 
         ident["preprocessing"] = preprocessing(config.backbone)
         ident["data_sha256"] = data_sha256
+        weights = config.backbone_weights
+        if weights not in (None, "random") and Path(weights).expanduser().is_file():
+            # the path alone would resume checkpoints made from a file since replaced there
+            ident["backbone_weights_sha256"] = sha256_file(Path(weights).expanduser())
     return ident
+
+
+# Identity keys added after runs were made: a workdir whose config.json lacks one is compared
+# without it (and recorded with it from then on), so that such runs still resume.
+LATER_IDENTITY_KEYS = ("backbone_weights_sha256",)
 
 
 def _arrays_sha256(*arrays) -> str:
@@ -264,12 +273,21 @@ def _check_workdir(workdir: Path, identity: dict) -> bool:
             raise InputError(f"workdir {workdir} holds a run without config.json; "
                              "use an empty or new workdir")
         return False
+    try:
+        stored = json.loads(cfg_path.read_text()).get("identity")
+    except (OSError, ValueError, AttributeError):
+        stored = None  # unreadable: check_identity says so
+    if isinstance(stored, dict):
+        identity = {k: v for k, v in identity.items() if k in stored or k not in LATER_IDENTITY_KEYS}
     check_identity(cfg_path, identity, workdir)
     return True
 
 
 def _write_config(workdir: Path, config: Config, identity: dict) -> None:
-    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # say, a file where a parent folder should be: one line, not a traceback
+        raise InputError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
     write_json_atomic(workdir / "config.json",
                       {"config": dataclasses.asdict(config), "identity": identity}, indent=1)
 
@@ -393,25 +411,26 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
     num_classes = config.num_classes or int(max(pool_y.max(), test_y.max())) + 1
     check_labels(num_classes, selected_pool_labels=pool_y[sel], test_labels=test_y)
     note = _unseen_classes_note(pool_y[sel], test_y)
-    _write_config(workdir, config, identity)
-    metrics = MetricsWriter(workdir / "metrics.jsonl")
-    metrics.truncate(-1)
+    # Computed before anything is written: an error or Ctrl-C here leaves the workdir as it was
+    # (not a summary.json beside an emptied metrics.jsonl).
     if config.mode == "linear":
         out = linear_probe(pool_x[sel], pool_y[sel], test_x, test_y,
                            weight_decay=config.linear_weight_decay, steps=config.linear_steps,
                            num_classes=num_classes, return_output=True)
         trace = np.asarray(out.loss_trace)
-        for i in range(config.log_every - 1, len(trace) - 1, config.log_every):
-            metrics.write({"step": i + 1, "train_loss": float(trace[i])})
+        records = [{"step": i + 1, "train_loss": float(trace[i])}
+                   for i in range(config.log_every - 1, len(trace) - 1, config.log_every)]
         step = len(trace)
-        metrics.write({"step": step, "train_loss": float(trace[-1]),
-                       "eval_accuracy": float(out.accuracy)})
+        records.append({"step": step, "train_loss": float(trace[-1]),
+                        "eval_accuracy": float(out.accuracy)})
     else:
         out = knn_eval(pool_x[sel], pool_y[sel], test_x, test_y, k=config.knn_k,
                        temperature=config.knn_temperature, num_classes=num_classes,
                        return_output=True)
         step = 0
-        metrics.write({"step": 0, "eval_accuracy": float(out.accuracy)})
+        records = [{"step": 0, "eval_accuracy": float(out.accuracy)}]
+    _write_config(workdir, config, identity)
+    write_text_atomic(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
     summary = {
         "mode": config.mode,
         "final_accuracy": float(out.accuracy),
