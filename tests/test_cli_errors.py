@@ -107,6 +107,16 @@ SELECT_CASES = {
     "budget-nan": ["select", "{d}/good.npy", "--budget", "nan", "--out", "{out}"],
     "budget-inf": ["select", "{d}/good.npy", "--budget", "inf", "--out", "{out}"],
     "budget-missing": ["select", "{d}/good.npy", "--out", "{out}"],
+    # in floats these are 99999999999999991611392, 5 and 100%: the exact value must decide
+    "budget-huge-integer": ["select", "{d}/good.npy", "--budget", "99999999999999999999999",
+                            "--out", "{out}"],
+    "budget-barely-fraction": ["select", "{d}/good.npy", "--budget", "5.0000000000000001",
+                               "--out", "{out}"],
+    "budget-barely-over-100%": ["select", "{d}/good.npy", "--budget", "100.0000000000000001%",
+                                "--out", "{out}"],
+    "batch-size-over-pool": ["select", "{d}/good.npy", "--batch-size", str(N + 1), *SEL],
+    "labeled-official": ["select", "{d}/good.npy", "--labeled", "{d}/sel.json", "--mode",
+                         "official", *SEL],
     "budget-over-free-rows": ["select", "{d}/good.npy", "--labeled", "{d}/many.json", *SEL],
     "labeled-repeats": ["select", "{d}/good.npy", "--labeled", "{d}/repeat.json", *SEL],
     "labeled-out-of-range": ["select", "{d}/good.npy", "--labeled", "{d}/range.json", *SEL],
@@ -205,6 +215,10 @@ OTHER_CASES = {
     # full finetuning reads images: features given to it would be ignored
     "finetune-features-full": ["finetune", "--mode", "full", "--selection", "{d}/sel.json",
                                "--features", "{d}/pool.npz", "--workdir", "{out}"],
+    "finetune-steps-0": ["finetune", "--mode", "full", "--selection", "{d}/sel.json", "--steps",
+                         "0", "--workdir", "{out}"],
+    "finetune-batch-not-multiple": ["finetune", "--mode", "full", "--selection", "{d}/sel.json",
+                                    "--batch-size", "6", "--num-devices", "4", "--workdir", "{out}"],
     "unknown-command": ["frobnicate"],
 }
 KNOWN_BUGS: dict[str, str] = {}
@@ -479,6 +493,16 @@ def test_extract_never_writes_over_its_weight_file(files, tmp_path, capsys):
     ("features-are-json", "sel.json is JSON (a selection or results file?), not a NumPy"),
     ("finetune-selection-run-record", "is a `bilaf run` selection record, not a JSON list; "
                                       "write its 'indices' list to a file of its own"),
+    # the flags, not the library's parameters (num_cores, batch_size, exclude, mode='paper')
+    ("cores-over-budget", "--cores must be in [1, 5] (at most the budget), got 6"),
+    ("batch-size-over-pool", f"--batch-size must be in [1, {N}] (the pool's rows), got {N + 1}"),
+    ("budget-over-free-rows", "--budget 5 exceeds the 2 rows of the pool that --labeled leaves"),
+    ("labeled-official", "--labeled needs --mode paper"),
+    ("budget-huge-integer", "must be in [1, 30] for this pool, got 99999999999999999999999"),
+    ("budget-barely-fraction", "--budget must be an integer, got 5.0000000000000001"),
+    ("budget-barely-over-100%", "--budget percentage must be in (0, 100], got 100.0000000000000001%"),
+    ("finetune-steps-0", "--steps must be a positive integer, got 0"),
+    ("finetune-batch-not-multiple", "--batch-size (6) must be a multiple of --num-devices (4)"),
 ])
 def test_error_messages_name_the_cause(case, needle, files, tmp_path, capsys):
     argv = {**SELECT_CASES, **OTHER_CASES}[case]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -75,6 +76,19 @@ def register(subparsers) -> None:
     p.set_defaults(func=run)
 
 
+# Config fields whose make_config messages ("steps must be a positive integer") should name
+# the flag where the value came from one (not from --config).
+_NUMERIC_FLAGS = ("steps", "checkpoint_every", "image_size", "pool_size", "test_size",
+                  "batch_size", "learning_rate", "eval_every", "num_devices", "warmup_steps")
+
+
+def _name_flags(message: str, args) -> str:
+    for flag in _NUMERIC_FLAGS:
+        if getattr(args, flag) is not None:
+            message = re.sub(rf"\b{_FLAGS[flag]}\b", "--" + flag.replace("_", "-"), message)
+    return message
+
+
 def load_config_file(name: str) -> dict:
     """`get_config()` of configs/NAME.py (next to the `train` package) or of a .py path."""
     path = Path(name)
@@ -122,6 +136,8 @@ def run(args) -> int:
         config = make_config(**overrides)
     except TypeError as e:
         raise UsageError(str(e)) from None
+    except ValueError as e:
+        raise UsageError(_name_flags(str(e), args)) from None
     result = train_and_evaluate(config, args.workdir)
     for note in result.get("notes", ()):
         sys.stderr.write(f"bilaf finetune: note: {note}\n")

@@ -106,16 +106,18 @@ def parse_budget(text, n: int) -> int:
         value = float("nan")
     if not math.isfinite(value):
         raise UsageError(f"--budget must be an integer or a percentage like 1%, got {text!r}")
+    # The float checks come first (Fraction of "1e-999999999" would take minutes), the exact
+    # ones after: floats round "100.0000000000000001" to 100 and "30.0000000000000001" to 30.
     if text.endswith("%"):
-        if not 0 < value <= 100:
+        if not 0 < value <= 100 or not 0 < Fraction(number) <= 100:
             raise UsageError(f"--budget percentage must be in (0, 100], got {text}")
         # Exact: "29%" of 100 is 29 (in floats, 100 * 29 / 100 could round below it).
         return max(1, math.floor(n * Fraction(number) / 100))
-    if value != int(value):
+    if value != int(value) or Fraction(number).denominator != 1:
         raise UsageError(f"--budget must be an integer, got {text}")
-    if not 1 <= value <= n:
-        raise UsageError(f"--budget must be in [1, {n}] for this pool, got {int(value)}")
-    return int(value)
+    if not 1 <= value <= n:  # the text as given: float(text) is another number above 2**53
+        raise UsageError(f"--budget must be in [1, {n}] for this pool, got {text}")
+    return int(Fraction(number))
 
 
 # Settings only some methods read: given to another, they would be ignored and yet recorded.
@@ -168,6 +170,25 @@ def _check_args(a) -> None:
         raise UsageError(f"--remove-fraction must be in [0, 1], got {a.remove_fraction}")
     if a.precision != "float32" and a.method == "bilaf" and a.mode == "official":
         raise UsageError("--precision applies to --mode paper only (official mode is float64)")
+
+
+def _check_against_pool(a, budget: int, n: int, labeled) -> None:
+    """The checks that need the pool and the budget, here so that their messages name the
+    flags (the library's messages name its parameters: num_cores, batch_size, exclude)."""
+    if a.num_cores is not None and not 1 <= a.num_cores <= budget:
+        raise UsageError(f"--cores must be in [1, {budget}] (at most the budget), got {a.num_cores}")
+    if a.batch_size is not None and not 1 <= a.batch_size <= n:
+        raise UsageError(f"--batch-size must be in [1, {n}] (the pool's rows), got {a.batch_size}")
+    if labeled is None:
+        return
+    if a.method == "bilaf" and a.mode == "official":
+        raise UsageError("--labeled needs --mode paper: the authors' script (official mode) has "
+                         "no notion of an already-labelled pool")
+    if budget > n - len(labeled):
+        given = str(a.budget).strip()
+        given += f" ({budget} samples)" if given.endswith("%") else ""
+        raise UsageError(f"--budget {given} exceeds the {n - len(labeled)} rows of the pool "
+                         "that --labeled leaves")
 
 
 def _selection_settings(a, n: int) -> dict:
@@ -293,6 +314,7 @@ def run(a) -> int:
     if a.labeled:
         # [] is the first round of a labelling loop: nothing labelled yet, as without it.
         labeled = io.load_index_list(a.labeled, n, name="--labeled", allow_empty=True) or None
+    _check_against_pool(a, settings["budget"], n, labeled)
     indices, timings, num_cores, waiver = run_selection(features, settings, labeled, mesh)
     settings["num_cores"] = num_cores
     if not is_main_process():  # every process holds the same indices; one writes them
