@@ -167,6 +167,13 @@ def sha256_file(path, block: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def _refuse_objects(path, error: Exception) -> None:
+    """NumPy's refusal of a pickled object array (a whole file, not a corrupt one), said so."""
+    if str(error).startswith("Object arrays"):
+        raise InputError(f"{path} holds an array of Python objects (pickled), not numbers; save "
+                         "the features as a float array") from None
+
+
 def load_features(path, label_column: bool = False, key: str = "features"):
     """Load a feature matrix from `.npy` ([n, d]) or `.npz` (array `key`, optional `labels`).
 
@@ -191,6 +198,7 @@ def load_features(path, label_column: bool = False, key: str = "features"):
         if head[:1] in (b"[", b"{"):  # numpy's own message would advise unpickling it
             raise InputError(f"{path} is JSON (a selection or results file?), not a NumPy "
                              ".npy/.npz feature file") from None
+        _refuse_objects(path, e)
         raise InputError(f"{path} is not a NumPy .npy/.npz file ({str(e).splitlines()[0]})") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
@@ -201,6 +209,7 @@ def load_features(path, label_column: bool = False, key: str = "features"):
                 if "labels" in loaded.files and not label_column:
                     labels = loaded["labels"]
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+                _refuse_objects(path, e)
                 raise InputError(f"{path} is corrupt ({str(e).splitlines()[0]})") from None
     else:
         features = loaded

@@ -47,6 +47,13 @@ def test_load_features_formats_and_errors(tmp_path):
                         (tmp_path, "folder")]:
         with pytest.raises(io.InputError, match=match):
             io.load_features(path)
+    # object arrays: a whole file that is not numbers (it was called corrupt or not NumPy)
+    objects = np.array([[1.0, None]], dtype=object)
+    np.save(tmp_path / "obj.npy", objects)
+    np.savez(tmp_path / "obj.npz", features=objects)
+    for name in ("obj.npy", "obj.npz"):
+        with pytest.raises(io.InputError, match="holds an array of Python objects"):
+            io.load_features(tmp_path / name)
     np.save(tmp_path / "nan.npy", np.array([[np.nan, 1.0]]))
     with pytest.raises(io.InputError, match="NaN"):
         io.load_features(tmp_path / "nan.npy")
