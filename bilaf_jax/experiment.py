@@ -18,7 +18,8 @@
 3. Evaluations: linear probe and weighted k-NN on the cached features (train.linear_probe,
    train.knn_eval), or full finetuning (train.train_and_evaluate), each record cached as
    `evals/<eval>/<method>_b<budget>_s<seed>.json`.
-4. Report: `results.json`, `results.md`, `accuracy_vs_budget.png`, `pca_map.png`.
+4. Report: `results.json`, `results.md`, `accuracy_vs_budget.png`, and `pca_map.png` where a
+   BiLAF method ran.
 
 Every file is written atomically; a killed run started again reuses every finished piece, and
 its `results.json` records equal those of an uninterrupted run (selection_seconds is the time

@@ -9,9 +9,9 @@ Configs: default, quick, mnist_5k, full, paper_cifar10, paper_cifar100, paper_im
 `bilaf_jax/run_configs.py`; configs/run_*.py mirror several with their commands), or a path
 to a .py file whose
 `get_config()` returns a RunConfig or a dict of overrides of the default.
-Writes WORKDIR/results.json, results.md, accuracy_vs_budget.png, pca_map.png; every finished
-piece (features, selections, evaluations) is cached there, so the same command after an
-interruption resumes and gives the same results.
+Writes WORKDIR/results.json, results.md, accuracy_vs_budget.png and, where a BiLAF method
+ran, pca_map.png; every finished piece (features, selections, evaluations) is cached there, so
+the same command after an interruption resumes and gives the same results.
 """
 
 from __future__ import annotations
