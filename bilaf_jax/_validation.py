@@ -30,7 +30,7 @@ def check_features(features, name: str = "features"):
 
     Checks: array-like, 2-D, n > 0 and d > 0, real numbers, all finite, small enough that
     squared norms do not overflow and (unless all zero) large enough that squares do not
-    underflow (when concrete). Integer and 16-bit float inputs are converted
+    underflow (when concrete). Integer and 8- or 16-bit float inputs are converted
     to float32 (distances and scores need its precision; `precision=` chooses low-precision
     matmuls), other byte orders and widths to native float32 / float64; float32 and float64
     are kept.
@@ -51,13 +51,13 @@ def check_features(features, name: str = "features"):
     if n == 0 or d == 0:
         raise ValueError(f"{name} is empty: shape {tuple(features.shape)}")
     dtype = np.dtype(features.dtype)
+    # jnp.issubdtype also knows ml_dtypes' floats and ints (bfloat16, float8_*, int4), which
+    # NumPy's does not: they are real numbers too.
     if dtype == np.bool_ or not (
-        np.issubdtype(dtype, np.floating)
-        or np.issubdtype(dtype, np.integer)
-        or dtype == jnp.bfloat16
+        jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
     ):
         raise ValueError(f"{name} must hold real numbers, got dtype {dtype}")
-    if np.issubdtype(dtype, np.integer) or dtype.itemsize < 4:
+    if jnp.issubdtype(dtype, jnp.integer) or dtype.itemsize < 4:
         features = features.astype(np.float32)
     elif dtype not in (np.dtype(np.float32), np.dtype(np.float64)):  # big-endian, long double
         features = features.astype(np.float32 if dtype.itemsize == 4 else np.float64)
@@ -109,19 +109,58 @@ def check_indices(indices, n: int, name: str, length: int | None = None) -> np.n
         raise ValueError(f"{name} must be 1-D, got shape {arr.shape}")
     if arr.dtype == np.bool_:  # a mask read as indices would mean rows 0 and 1
         raise ValueError(f"{name} must hold row indices, not a boolean mask (use np.flatnonzero)")
+    if arr.size and arr.dtype.kind == "O":  # e.g. a pandas column of Python ints
+        try:
+            arr = arr.astype(np.float64)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must hold integers, got dtype object") from None
+    if arr.size and arr.dtype.kind not in "iuf":  # strings and the like (np.mod fails on them)
+        raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         if not np.all(np.equal(np.mod(arr, 1), 0)):
             raise ValueError(f"{name} must hold integers, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
     if length is not None and arr.shape[0] != length:
         raise ValueError(f"{name} must have length {length}, got {arr.shape[0]}")
+    # Range before the cast to int64: 1e20 or a uint64 above 2**63 would wrap to a negative.
     if arr.size and (arr.min() < 0 or arr.max() >= n):
         bad = arr[(arr < 0) | (arr >= n)][0]
         raise ValueError(f"{name} out of range [0, {n}): {int(bad)}")
+    arr = arr.astype(np.int64)
     uniq, counts = np.unique(arr, return_counts=True)
     if uniq.size != arr.size:
         raise ValueError(f"{name} has repeated entries, e.g. {int(uniq[counts > 1][0])}")
     return arr.astype(np.int32)
+
+
+def check_key(key, name: str = "key"):
+    """Return `key` if it is one PRNG key (`jax.random.key(seed)`, or a raw uint32 key of
+    `jax.random.PRNGKey`), traced or not; else ValueError. JAX's own errors (for a seed such as
+    0: "invalid PRNG key data: expected key_data to have ndim, shape, and dtype attributes")
+    neither name the argument nor say what to pass."""
+    dtype = getattr(key, "dtype", None)
+    shape = tuple(getattr(key, "shape", ()))
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        single = shape == ()
+    elif isinstance(dtype, np.dtype) and dtype == np.uint32 and len(shape) >= 1:
+        single = len(shape) == 1  # its length is the PRNG implementation's to check
+    else:
+        raise ValueError(f"{name} must be a PRNG key such as jax.random.key(0), got "
+                         f"{type(key).__name__} {key!r:.60}")
+    if not single:
+        raise ValueError(f"{name} must be a single PRNG key, got a batch of shape {shape}; "
+                         "use jax.vmap to run one selection per key")
+    return key
+
+
+def check_flag(value, name: str, allow_none: bool = False):
+    """Return `value` as a Python bool (None kept if `allow_none`), or raise ValueError: a
+    string such as "false" would otherwise count as True."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    expected = "True, False or None" if allow_none else "True or False"
+    raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
 def check_positive(value, name: str, allow_zero: bool = False):

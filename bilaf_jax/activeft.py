@@ -143,6 +143,7 @@ def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperatu
     >>> out.indices.shape, out.losses.shape
     ((5,), (10,))
     """
+    V.check_key(key)
     features, num_rows = V.check_pool(features, num_rows)
     n = features.shape[0]
     num_samples = V.check_count(num_samples, "num_samples", 1, num_rows)

@@ -46,8 +46,9 @@ class KMeansOutput(NamedTuple):
     num_iters: jax.Array
 
 
-def _check(features, num_samples, exclude, num_rows):
+def _check(key, features, num_samples, exclude, num_rows):
     """Validated (features, num_samples, num_rows, unavailable bool[n] or None)."""
+    V.check_key(key)
     features, num_rows = V.check_pool(features, num_rows)
     n = features.shape[0]
     num_samples = V.check_count(num_samples, "num_samples", 1, num_rows)
@@ -65,7 +66,7 @@ def random_select(key, features, num_samples: int, *, exclude=None, num_rows=Non
     >>> random_select(jax.random.key(0), np.zeros((10, 2)), 3).indices.shape
     (3,)
     """
-    features, num_samples, num_rows, unavailable = _check(features, num_samples, exclude, num_rows)
+    features, num_samples, num_rows, unavailable = _check(key, features, num_samples, exclude, num_rows)
     if unavailable is not None and not unavailable[:num_rows].any():
         unavailable = None  # padding only: drawing from the first num_rows is the same thing
     return _random_select(key, unavailable, num_rows, num_samples=num_samples)
@@ -96,7 +97,7 @@ def kcenter_select(key, features, num_samples: int, *, exclude=None, num_rows=No
     a random row (the CoreSet rule for a labelled pool). Cost O(K n d), memory O(n).
     num_rows: real rows of a padded, sharded pool (`bilaf_jax.sharding`); the rest are ignored.
     """
-    features, num_samples, num_rows, unavailable = _check(features, num_samples, exclude, num_rows)
+    features, num_samples, num_rows, unavailable = _check(key, features, num_samples, exclude, num_rows)
     padding = jnp.arange(features.shape[0]) >= num_rows
     if unavailable is None or not unavailable[:num_rows].any():
         return _kcenter(key, features, padding, num_rows, num_samples=num_samples)
@@ -172,7 +173,7 @@ def kmeans_select(key, features, num_samples: int, *, num_iters: int = 100, tol:
     taken, so the K indices are distinct. `exclude`: rows already labelled, never chosen.
     `num_rows`: real rows of a padded, sharded pool (`bilaf_jax.sharding`); the rest are ignored.
     """
-    features, num_samples, num_rows, unavailable = _check(features, num_samples, exclude, num_rows)
+    features, num_samples, num_rows, unavailable = _check(key, features, num_samples, exclude, num_rows)
     chunk_size = V.check_count(chunk_size, "chunk_size", 1, 1 << 30)
     num_iters = V.check_count(num_iters, "num_iters", 0, 10**7)
     V.check_positive(tol, "tol", allow_zero=True)

@@ -55,6 +55,7 @@ from jax import lax
 from bilaf_jax import distances
 from bilaf_jax._validation import (
     check_count,
+    check_flag,
     check_fraction,
     check_indices,
     check_pool,
@@ -1090,10 +1091,11 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
         mode=mode, num_neighbors=num_neighbors, ring_fraction=ring_fraction,
         remove_fraction=remove_fraction, opponent_penalty=opponent_penalty, precision=precision)
     features = jnp.asarray(features)
+    # bool("false") is True: a string flag would silently mean the opposite
+    direct = check_flag(direct, "direct", allow_none=True)
+    normalize = check_flag(normalize, "normalize")
     if direct is None:
         direct = mode == "official" and features.dtype == jnp.float64
-    direct = bool(direct)
-    normalize = bool(normalize)
 
     num_nearest = min(num_classes, 2 if mode == "official" else NUM_OPPONENTS + 1)
     core_j = jnp.asarray(core, jnp.int32)

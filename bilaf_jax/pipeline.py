@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -101,9 +102,13 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
         raise ValueError(f"unknown core_method {core_method!r}; expected one of {CORE_METHODS}")
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+    V.check_key(key)
     features, n = V.check_pool(features, num_rows)
     budget = V.check_count(budget, "budget", 1, n)
     core_key, boundary_key = jax.random.split(key)
+    if core_options is not None and not isinstance(core_options, Mapping):
+        raise ValueError(f"core_options must be a dict of the core selector's keyword "
+                         f"arguments, got {core_options!r}")
     options = dict(core_options or {})
     stage1 = core_method if method == "bilaf" else method
     for name, use in (("exclude", "labeled="), ("num_rows", "num_rows="), ("key", "key"),
@@ -168,6 +173,9 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
     check_options(mode=mode, num_neighbors=num_neighbors, ring_fraction=ring_fraction,
                   remove_fraction=remove_fraction, opponent_penalty=opponent_penalty,
                   precision=precision)
+    # bilaf takes bool(normalize): normalize="false" would normalise
+    normalize = V.check_flag(normalize, "normalize")
+    direct = V.check_flag(direct, "direct", allow_none=True)
     if num_cores is None:
         num_cores = default_num_cores(budget)
     num_cores = V.check_count(num_cores, "num_cores", 1, budget)

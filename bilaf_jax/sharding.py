@@ -115,6 +115,10 @@ def shard_rows(features, mesh: Mesh, axis: str = "data") -> ShardedPool:
     >>> pool.features.shape, pool.num_rows
     ((5, 2), 5)
     """
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh (make_mesh()), got {mesh!r:.60}")
+    if axis not in mesh.shape:
+        raise ValueError(f"mesh has no axis {axis!r} (its axes: {tuple(mesh.shape)})")
     features = np.asarray(features) if not isinstance(features, jax.Array) else features
     if features.ndim != 2:
         raise ValueError(f"features must be 2-D [n, d], got shape {tuple(features.shape)}")

@@ -158,7 +158,9 @@ def expand(grid: Mapping[str, Sequence[float]], names: Sequence[str]) -> dict[st
 
 
 def _batches(num: int, per_batch: int | None):
-    per_batch = num if per_batch is None else max(1, min(per_batch, num))
+    if per_batch is not None:  # 0 or -2 silently ran one setting at a time; 1.5 failed in range()
+        per_batch = V.check_count(per_batch, "settings_per_batch", 1, 1 << 30)
+    per_batch = num if per_batch is None else min(per_batch, num)
     return per_batch, [(s, min(s + per_batch, num)) for s in range(0, num, per_batch)]
 
 
@@ -197,6 +199,7 @@ def sweep_activeft(key, features, num_cores: int, grid: Mapping[str, Sequence[fl
     (2, 5)
     """
     grid = check_grid(grid or {})
+    V.check_key(key)
     features, n = V.check_pool(features, num_rows)
     num_cores = V.check_count(num_cores, "num_cores", 1, n)
     params = expand(grid, tuple(ACTIVEFT_PARAMS))
@@ -268,6 +271,7 @@ def sweep_boundary(key, features, core_indices, budget: int,
     from bilaf_jax.boundary import Ratio, bilaf
 
     grid = check_grid(grid or {})
+    normalize = V.check_flag(normalize, "normalize")  # bilaf takes bool("false") as True
     features, n = V.check_pool(features, num_rows)
     features = real_rows(features, n)
     params = expand(grid, tuple(BOUNDARY_PARAMS))
@@ -320,7 +324,7 @@ def mean_nearest_distance(features, indices, *, chunk_size: int = distances.DEFA
     >>> float(mean_nearest_distance(x, np.array([0])))
     5.0
     """
-    features = _measured_rows(features, indices, num_rows)
+    features = _measured_rows(features, indices, num_rows, ndim=1)
     centres = features[jnp.asarray(indices)]
     # Distances do not change under translation; measured from a selected row, the Gram
     # expansion does not lose the nearest centre to a large common offset of the features.
@@ -344,17 +348,28 @@ def _mean_nearest_many(features, indices, *, chunk_size):
 def mean_nearest_distances(features, indices, *, chunk_size: int = distances.DEFAULT_CHUNK,
                            num_rows: int | None = None):
     """`mean_nearest_distance` for each row of `indices` [S, B] -> f[S], in one program."""
-    features = _measured_rows(features, indices, num_rows)
+    features = _measured_rows(features, indices, num_rows, ndim=2)
     return _mean_nearest_many(features, jnp.asarray(indices), chunk_size=chunk_size)
 
 
-def _measured_rows(features, indices, num_rows):
+def _measured_rows(features, indices, num_rows, ndim):
     """The real rows of a (padded) pool, with concrete `num_rows` and indices checked against
-    them (an out-of-range gather would clamp silently)."""
+    them (an out-of-range gather would clamp silently). Shapes and dtypes are checked traced
+    or not: they were errors from deep inside JAX (empty or float indexers, a broadcast)."""
     from bilaf_jax.sharding import as_auto_sharded
 
     # (a pool placed on `jax.make_mesh`'s explicit axes, as the selectors take it)
     features = jnp.asarray(as_auto_sharded(features))
+    if features.ndim != 2:
+        raise ValueError(f"features must be 2-D [n, d], got shape {tuple(features.shape)}")
+    shape = np.shape(indices)
+    dtype = indices.dtype if hasattr(indices, "dtype") else np.asarray(indices).dtype
+    if len(shape) != ndim:
+        raise ValueError(f"indices must be {ndim}-D, got shape {shape}")
+    if shape[-1] == 0:
+        raise ValueError("indices is empty: the distance to the nearest selected row needs one")
+    if dtype == np.bool_ or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"indices must hold integer row numbers, got dtype {dtype}")
     if num_rows is not None:
         num_rows = V.check_count(num_rows, "num_rows", 1, features.shape[0])
     features = real_rows(features, num_rows)
@@ -461,6 +476,9 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
     check_options(mode="paper", num_neighbors=num_neighbors, precision=precision,
                   **{name: spec[0] for name, spec in BOUNDARY_PARAMS.items()})
     V.check_count(chunk_size, "chunk_size", 1, 1 << 30)
+    normalize = V.check_flag(normalize, "normalize")  # bilaf takes bool("false") as True
+    _batches(1, settings_per_batch)  # before the ActiveFT sweep, as the other settings
+    V.check_key(key)
     features, n = V.check_pool(features, num_rows)
     budget = V.check_count(budget, "budget", 1, n)
     if num_cores is None:

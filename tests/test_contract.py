@@ -198,3 +198,83 @@ def test_misleading_options_are_refused():
         activeft(key, x, 5, num_steps=2, chunk_size=2.5)
     with pytest.raises(ValueError, match="chunk_size"):
         kmeans_select(key, x, 5, chunk_size=0)
+
+
+def test_keys_that_are_not_prng_keys_are_refused(pool):
+    """A seed where a key belongs was a TypeError from inside JAX ("invalid PRNG key data")
+    that named neither the argument nor what to pass."""
+    from bilaf_jax.pipeline import select
+
+    for bad in (0, None, np.zeros(2, np.float32), "abc"):
+        for fn in (kcenter_select, kmeans_select, random_select, activeft):
+            with pytest.raises(ValueError, match=r"key must be a PRNG key such as jax.random.key\(0\)"):
+                fn(bad, pool, 3)
+        with pytest.raises(ValueError, match="key must be a PRNG key"):
+            select(bad, pool, 12, num_cores=3, core_method="kcenter")
+    with pytest.raises(ValueError, match="single PRNG key, got a batch of shape"):
+        random_select(jax.random.split(jax.random.key(0), 3), pool, 3)
+    # raw keys (jax.random.PRNGKey) and keys traced by vmap still work
+    random_select(jax.random.PRNGKey(0), pool, 3)
+    keys = jax.vmap(jax.random.PRNGKey)(np.arange(2))
+    jax.vmap(lambda k: select(k, pool, 3, method="kcenter").indices)(keys)
+
+
+def test_index_arguments_of_the_wrong_kind():
+    """Strings and objects reached np.mod (a NumPy TypeError naming no argument); 1e20 wrapped
+    to int64's minimum in the message."""
+    from bilaf_jax.boundary import bilaf
+
+    x = np.random.default_rng(0).normal(size=(40, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="exclude must hold integers, got dtype <U1"):
+        random_select(jax.random.key(0), x, 3, exclude=["a"])
+    with pytest.raises(ValueError, match="exclude must hold integers, got dtype object"):
+        random_select(jax.random.key(0), x, 3, exclude=np.array([1, "a"], object))
+    with pytest.raises(ValueError, match=r"exclude out of range \[0, 40\): 100000000000000000000"):
+        random_select(jax.random.key(0), x, 3, exclude=[1e20])
+    with pytest.raises(ValueError, match=r"core_indices out of range \[0, 40\): 9223372036854775809"):
+        bilaf(jax.random.key(0), x, np.array([2**63 + 1], np.uint64), 4)
+    # integer-valued objects are indices like any others
+    np.testing.assert_array_equal(
+        random_select(jax.random.key(0), x, 3, exclude=np.array([1, 2], object)).indices,
+        random_select(jax.random.key(0), x, 3, exclude=[1, 2]).indices)
+
+
+def test_select_refuses_non_bool_flags_and_non_dict_core_options(pool):
+    """bilaf reads bool(normalize): normalize="false" normalised the features, silently."""
+    from bilaf_jax.pipeline import select
+
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="normalize must be True or False, got 'false'"):
+        select(key, pool, 12, num_cores=3, core_method="kcenter", normalize="false")
+    with pytest.raises(ValueError, match="direct must be True, False or None, got 'no'"):
+        select(key, pool, 12, num_cores=3, core_method="kcenter", direct="no")
+    with pytest.raises(ValueError, match="core_options must be a dict"):
+        select(key, pool, 12, num_cores=3, core_options="num_steps=5")
+    from bilaf_jax.boundary import bilaf  # called directly, not through select
+
+    for name, value in (("normalize", "false"), ("direct", "no"), ("normalize", None)):
+        with pytest.raises(ValueError, match=f"{name} must be True"):
+            bilaf(key, pool, [0, 5, 9], 12, **{name: value})
+    np.testing.assert_array_equal(  # NumPy bools are bools
+        select(key, pool, 12, num_cores=3, core_method="kcenter", normalize=np.bool_(True)).indices,
+        select(key, pool, 12, num_cores=3, core_method="kcenter", normalize=True).indices)
+
+
+def test_eight_bit_float_and_four_bit_int_features_run_in_float32(pool):
+    """ml_dtypes' float8 / int4 are real numbers; they were refused as if they were not."""
+    import ml_dtypes
+
+    for dtype in (ml_dtypes.float8_e4m3fn, ml_dtypes.int4):
+        small = (pool * 2).astype(dtype)
+        np.testing.assert_array_equal(kcenter_select(jax.random.key(0), small, 6).indices,
+                                      kcenter_select(jax.random.key(0), small.astype(np.float32), 6).indices)
+
+
+def test_shard_rows_names_a_bad_mesh(pool):
+    """A missing axis was a bare KeyError, no mesh an AttributeError on None."""
+    from bilaf_jax.sharding import make_mesh, shard_rows
+
+    with pytest.raises(ValueError, match=r"mesh has no axis 'rows' \(its axes: \('data',\)\)"):
+        shard_rows(pool, make_mesh(1), axis="rows")
+    with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
+        shard_rows(pool, None)

@@ -357,3 +357,41 @@ def test_sweep_checks_boundary_settings_before_activeft(monkeypatch):
     x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
     with pytest.raises(ValueError, match="num_neighbors"):
         S.sweep(jax.random.key(0), x, 10, {"temperature": [0.07]}, num_neighbors=0)
+
+
+def test_settings_per_batch_key_and_normalize_are_checked(monkeypatch):
+    """settings_per_batch=0 or -2 ran silently one setting at a time and 1.5 failed inside
+    range(); normalize="false" normalised; a seed for the key failed inside JAX. All before
+    the ActiveFT sweep."""
+    def activeft_sweep(*args, **kwargs):
+        raise AssertionError("the ActiveFT sweep ran before the settings were checked")
+
+    monkeypatch.setattr(S, "sweep_activeft", activeft_sweep)
+    x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    key = jax.random.key(0)
+    for bad, match in ((0, r"settings_per_batch must be in \[1,"), (-2, "settings_per_batch must be in"),
+                       (1.5, "settings_per_batch must be an integer"),
+                       (True, "settings_per_batch must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            S.sweep(key, x, 10, {"temperature": [0.07]}, settings_per_batch=bad)
+        with pytest.raises(ValueError, match=match):
+            S.sweep_boundary(key, x, [0, 5], 10, settings_per_batch=bad)
+    with pytest.raises(ValueError, match="normalize must be True or False, got 'false'"):
+        S.sweep(key, x, 10, normalize="false")
+    with pytest.raises(ValueError, match="normalize must be True or False"):
+        S.sweep_boundary(key, x, [0, 5], 10, normalize="false")
+    with pytest.raises(ValueError, match="key must be a PRNG key"):
+        S.sweep(0, x, 10)
+
+
+def test_mean_nearest_distance_checks_shapes_and_dtypes():
+    """These were errors from inside JAX (an empty gather, a float indexer, a broadcast)."""
+    x = np.arange(12, dtype=np.float32).reshape(6, 2)
+    for idx, match in (([], "indices is empty"), ([1.0, 2.0], "integer row numbers, got dtype float64"),
+                       ([[0, 1]], "indices must be 1-D"), ([True, False], "got dtype bool")):
+        with pytest.raises(ValueError, match=match):
+            S.mean_nearest_distance(x, idx)
+    with pytest.raises(ValueError, match="indices must be 2-D"):
+        S.mean_nearest_distances(x, [0, 1])
+    with pytest.raises(ValueError, match=r"features must be 2-D \[n, d\]"):
+        S.mean_nearest_distance(x[0], [0])
