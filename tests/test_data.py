@@ -73,6 +73,21 @@ def test_changed_source_is_not_served_from_stale_cache(fmnist):
     np.testing.assert_array_equal(got.images[..., 0], new["train"][0])
 
 
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_damaged_prepared_cache_is_a_one_line_error(fmnist, damage):
+    # array_record raised a RuntimeError traceback on a cut or removed file of the cache
+    src, cache, _ = fmnist
+    load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
+    (record,) = cache.glob("bilaf_fashion_mnist/*/1.0.0/*-train.array_record*")
+    if damage == "truncate":
+        record.write_bytes(record.read_bytes()[:100])
+    else:
+        record.unlink()
+    with pytest.raises(InputError, match="remove that folder") as e:
+        load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
+    assert "\n" not in str(e.value)
+
+
 def test_missing_files_say_how_to_get_them(tmp_path):
     with pytest.raises(InputError, match="apt-get install dataset-fashion-mnist"):
         load_arrays("fashion_mnist", "train", data_dir=tmp_path / "nowhere", cache_dir=tmp_path)
@@ -82,7 +97,8 @@ def test_missing_files_say_how_to_get_them(tmp_path):
         load_arrays("fashion_mnist", "train", data_dir=tmp_path / "f", cache_dir=tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "labels_count"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "labels_count", "huge_header",
+                                    "empty_split"])
 def test_corrupt_files_are_one_line_errors(tmp_path, damage):
     src = tmp_path / "f"
     make_fashion_mnist(src)
@@ -92,6 +108,11 @@ def test_corrupt_files_are_one_line_errors(tmp_path, damage):
         images.write_bytes(gzip.compress(raw[:-10]))
     elif damage == "garbage":
         images.write_bytes(b"\x1f\x8bnot really gzip")
+    elif damage == "huge_header":  # 2**93 bytes: wrapped to 0 in int64, then a reshape error
+        images.write_bytes(bytes([0, 0, 8, 3]) + (2**31).to_bytes(4, "big") * 3)
+    elif damage == "empty_split":  # TFDS refused to write it with an AssertionError
+        write_idx(images, np.zeros((0, 28, 28), np.uint8))
+        write_idx(src / "train-labels-idx1-ubyte.gz", np.zeros(0, np.uint8))
     else:
         write_idx(src / "train-labels-idx1-ubyte.gz", np.zeros(3, np.uint8))
     with pytest.raises(InputError) as e:
@@ -171,6 +192,18 @@ def test_image_folder(tmp_path):
     with pytest.raises(InputError, match="has split subfolders"):
         data_source("image_folder", "all", data_dir=tmp_path)
     assert len(data_source("image_folder", "all", data_dir=tmp_path / "train")) == 5
+    # ... but a train/ holding images is a class (CIFAR-100 has one), which "all" reads
+    (tmp_path / "c100" / "train").mkdir(parents=True)
+    (tmp_path / "c100" / "bus").mkdir()
+    for cls in ("bus", "train"):
+        Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+            tmp_path / "c100" / cls / "0.png")
+    src = data_source("image_folder", "all", data_dir=tmp_path / "c100")
+    assert src.class_names == ["bus", "train"] and len(src) == 2
+    # a split folder with a stray image beside its class folders is still refused
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "train" / "x.png")
+    with pytest.raises(InputError, match="has split subfolders"):
+        data_source("image_folder", "all", data_dir=tmp_path)
     with pytest.raises(InputError, match="differ in size"):
         load_arrays("image_folder", "train", data_dir=tmp_path)
     got = load_arrays("image_folder", "train", data_dir=tmp_path, image_size=8)
@@ -349,12 +382,15 @@ def test_mnist_5k_missing_file_says_how_to_get_it(tmp_path):
         load_arrays("mnist_5k", "train", data_dir=tmp_path / "nowhere", cache_dir=tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["garbage", "columns", "label", "pixel", "fraction", "empty"])
+@pytest.mark.parametrize("damage", ["garbage", "columns", "label", "pixel", "fraction", "empty",
+                                    "no_test_split"])
 def test_mnist_5k_corrupt_file_is_a_one_line_error(tmp_path, damage):
     src = tmp_path / "m"
     table = make_mnist_5k(src).astype(np.float64)
     path = src / "mnist_5k.csv.gz"
-    if damage == "garbage":
+    if damage == "no_test_split":  # under 5 digits per class: TFDS' AssertionError before
+        make_mnist_5k(src, per_class=4)
+    elif damage == "garbage":
         path.write_bytes(b"\x1f\x8bnot really gzip")
     elif damage == "empty":
         path.write_bytes(gzip.compress(b""))

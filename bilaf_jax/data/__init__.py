@@ -28,11 +28,11 @@ TensorFlow; preparing it needs TensorFlow (`pip install 'bilaf_jax[tf]'`), netwo
 
 `image_folder` reads a user's own images (`data_dir/<split>/<class>/*.jpg`, or
 `data_dir/<class>/*.jpg` with split "all"/"train"; "all" is refused on a folder that has a
-`train/` subfolder) with torchvision's `ImageFolder` rules, so
-rows and labels are index-for-index those of the authors' datasets: classes are the sorted
-subfolder names (hidden ones included, symbolic links followed), and each class lists
-`sorted(os.walk(class_folder, followlinks=True))`, each folder's sorted file names with an
-extension in `IMAGE_EXTENSIONS`.
+`train/` subfolder, unless that holds images and no folders: a class, as CIFAR-100's) with
+torchvision's `ImageFolder` rules, so rows and labels are index-for-index those of the
+authors' datasets: classes are the sorted subfolder names (hidden ones included, symbolic
+links followed), and each class lists `sorted(os.walk(class_folder, followlinks=True))`, each
+folder's sorted file names with an extension in `IMAGE_EXTENSIONS`.
 """
 
 from __future__ import annotations
@@ -321,18 +321,25 @@ def _builder_source(name, builder, split) -> ImageSource:
         raise InputError(f"{name} has no split '{split}' (splits: {', '.join(sorted(splits))})")
     with _quiet_tfds():
         src = builder.as_data_source(split=split)
-    return _wrap_tfds_source(name, split, src, builder.info.features)
+    return _wrap_tfds_source(name, split, src, builder.info.features, builder.data_dir)
 
 
-def _wrap_tfds_source(name, split, src, features) -> ImageSource:
+def _wrap_tfds_source(name, split, src, features, folder=None) -> ImageSource:
     num_classes = features["label"].num_classes
     shape = tuple(features["image"].shape)
     image_shape = shape if shape and all(d is not None for d in shape) else None
     def getitems(indices):
         try:
-            recs = src.__getitems__(indices)
-        except (AttributeError, TypeError):  # older sources, tfds.testing.mock_data's mock
-            recs = [src[i] for i in indices]
+            try:
+                recs = src.__getitems__(indices)
+            except (AttributeError, TypeError):  # older sources, tfds.testing.mock_data's mock
+                recs = [src[i] for i in indices]
+        except (RuntimeError, OSError) as e:
+            # array_record's RuntimeError for a damaged or partly deleted prepared copy
+            where = f" in {folder}" if folder else ""
+            raise InputError(f"{name}: cannot read its prepared data{where} "
+                             f"({' '.join(str(e).split())}); remove that folder to prepare it "
+                             "again") from None
         return [(np.asarray(r["image"]), int(r["label"])) for r in recs]
 
     return ImageSource(name, split, getitems, len(src), num_classes, image_shape)
@@ -346,13 +353,25 @@ def _image_folder_root(split, data_dir) -> Path:
         raise InputError(f"image folder not found: {root}")
     if (root / split).is_dir():
         return root / split
-    if split == "all" and (root / "train").is_dir():
-        # a split folder would be read as a class, and the held-out images with it
+    if split == "all" and (root / "train").is_dir() and not _holds_images(root / "train"):
+        # a split folder would be read as a class, and the held-out images with it (a train/
+        # with images of its own is a class, e.g. CIFAR-100's "train")
         raise InputError(f"image folder {root} has split subfolders (train/ ...); split 'all' "
                          "would read them as classes: name the split (--split train)")
     if split in ("all", "train"):
         return root
     raise InputError(f"image folder {root} has no split subfolder '{split}'")
+
+
+def _holds_images(folder: Path) -> bool:
+    """Whether `folder` has image files and no subfolders (a class folder, not a split's;
+    a split folder with a stray image beside its class folders stays refused)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return False
+    return (not any(e.is_dir() for e in entries)
+            and any(e.name.lower().endswith(IMAGE_EXTENSIONS) for e in entries))
 
 
 _MODES_16BIT = ("I;16", "I;16L", "I;16B", "I;16N")

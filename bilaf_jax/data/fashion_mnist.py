@@ -73,6 +73,8 @@ def read_split(images_path, labels_path) -> tuple[np.ndarray, np.ndarray]:
         raise InputError(
             f"{labels_path}: expected uint8 labels [n], got {labels.dtype} {labels.shape}"
         )
+    if images.shape[0] == 0:  # TFDS cannot write an empty split (an AssertionError)
+        raise InputError(f"{images_path} holds no images")
     if labels.shape[0] != images.shape[0]:
         raise InputError(
             f"{labels_path} holds {labels.shape[0]} labels, "

@@ -6,6 +6,7 @@ Pure NumPy; every problem a user can cause is a one-line `InputError`.
 from __future__ import annotations
 
 import gzip
+import math
 import struct
 import zlib
 from pathlib import Path
@@ -40,7 +41,8 @@ def read_idx(path) -> np.ndarray:
         raise InputError(f"{path} is not an IDX file (truncated header)")
     shape = struct.unpack(f">{ndim}I", raw[4:header])
     dtype = np.dtype(_IDX_DTYPES[raw[2]])
-    expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    # Python ints: np.prod in int64 wraps around for a corrupt header's huge dimensions
+    expected = math.prod(shape) * dtype.itemsize
     if len(raw) - header != expected:
         raise InputError(
             f"{path} is truncated or corrupt: header says shape {tuple(shape)} "

