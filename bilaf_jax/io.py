@@ -58,7 +58,10 @@ def exclusive_lock(path, what: str):
     import fcntl
 
     path = Path(path)
-    f = open(path, "a")  # noqa: SIM115 - closed below, after the lock is released
+    try:
+        f = open(path, "a")  # noqa: SIM115 - closed below, after the lock is released
+    except IsADirectoryError:  # the bare "[Errno 21] Is a directory" says nothing of a lock
+        raise InputError(f"{what}: its lock file {path} is a folder; remove it") from None
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

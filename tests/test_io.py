@@ -69,3 +69,10 @@ def test_check_identity_reads_a_missing_setting_as_none(tmp_path):
         io.check_identity(rec, {"steps": 5, "lr": 0.1, "eval_crop_fraction": 0.875}, tmp_path)
     with pytest.raises(io.InputError, match=r"\(lr: 0.1 -> None\)"):
         io.check_identity(rec, {"steps": 5}, tmp_path)
+
+
+def test_a_folder_where_the_lock_file_goes_is_named(tmp_path):
+    (tmp_path / "x.lock").mkdir()
+    with pytest.raises(io.InputError, match=r"features x.npz: its lock file .*x.lock is a folder; remove it"):
+        with io.exclusive_lock(tmp_path / "x.lock", "features x.npz"):
+            pass
