@@ -212,9 +212,11 @@ def check_temperature(value, name: str = "temperature"):
     with np.errstate(over="ignore", divide="ignore"):
         tau = np.float32(value)
         inverse = np.float32(1.0) / tau
-    if not (np.isfinite(tau) and tau > 0 and np.isfinite(inverse)):
-        raise ValueError(f"{name} {value!r} is not representable in float32 (1 / {name} must "
-                         "be finite): use a value of at least 1e-30")
+    if not np.isfinite(tau):
+        raise ValueError(f"{name} {float(value):g} is too large for float32 (at most 3.4e+38)")
+    if not (tau > 0 and np.isfinite(inverse)):
+        raise ValueError(f"{name} {float(value):g} is not representable in float32 (1 / {name} "
+                         "must be finite): use a value of at least 1e-30")
     return value
 
 

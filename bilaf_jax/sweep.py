@@ -138,12 +138,17 @@ def check_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, ..
         with np.errstate(over="ignore"):  # an overflow is reported below
             as32 = vals.astype(np.float32)
         if not np.isfinite(as32).all():
-            raise ValueError(f"grid values of {name!r} must fit float32, got {list(vals.astype(float))}")
+            raise ValueError(f"grid values of {name!r} must fit float32, got {_listed(vals)}")
         if np.unique(as32).size != vals.size:
             raise ValueError(f"grid parameter {name!r} repeats a value (in float32): "
-                             f"{list(vals.astype(float))}")
+                             f"{_listed(vals)}")
         out[name] = tuple(float(v) for v in vals)
     return out
+
+
+def _listed(vals) -> str:
+    """[0.05, 0.05], not NumPy 2's [np.float64(0.05), np.float64(0.05)]."""
+    return "[" + ", ".join(repr(float(v)) for v in vals) + "]"
 
 
 def expand(grid: Mapping[str, Sequence[float]], names: Sequence[str]) -> dict[str, np.ndarray]:

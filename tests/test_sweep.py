@@ -214,9 +214,10 @@ def test_entropy_and_label_coverage():
     (["remove_fraction=1.5"], r"out of range \[0, 1\]"),
     (["ring_fraction=0"], r"out of range \(0, 1\]"),
     (["opponent_penalty=nan"], "out of range"),
-    (["learning_rate=0.1,0.1"], "repeats a value"),
+    (["learning_rate=0.1,0.1"], r"repeats a value \(in float32\): \[0.1, 0.1\]$"),  # not np.float64(0.1)
     (["temperature=0.1,0.1000000001"], r"repeats a value \(in float32\)"),  # one setting twice
-    (["opponent_penalty=1e308"], "must fit float32"),
+    (["opponent_penalty=1e308"], r"must fit float32, got \[1e\+308\]"),
+    (["temperature=1e40"], r"temperature 1e\+40 is too large for float32"),  # not "at least 1e-30"
     (["balance=1e-46"], r"balance=0 is out of range \(0, inf\)"),  # 0 in float32
 ])
 def test_bad_grid_specs(specs, match):
