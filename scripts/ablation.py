@@ -1,11 +1,12 @@
 """Ablations of BiLAF on the `default` run config: one BiLAF setting varied, all else fixed.
 
 Usage:
-  python scripts/ablation.py [--param num_cores|remove_fraction] [--values 20,50,100]
+  python scripts/ablation.py [--param num_cores|remove_fraction] [--values V1,V2,...]
       [--workdir runs/ablation_PARAM] [--features-from runs/default] [--seeds 0,1,2,3,4]
 
 --param is a setting BiLAF alone uses: `num_cores` (K, the ActiveFT cores) or
-`remove_fraction` (P_rm, the share of each pseudo-class that denoising drops). Runs `bilaf
+`remove_fraction` (P_rm, the share of each pseudo-class that denoising drops); --values
+defaults to 20,50,100 for K and 0,0.1,0.3 for P_rm. Runs `bilaf
 run`'s pipeline (`bilaf_jax.experiment.run_experiment`) once per value with the methods
 bilaf-paper and bilaf-official, and once with random and activeft (they do not use it), each
 in a subfolder of --workdir sharing one set of extracted features. Every other setting is the
@@ -14,7 +15,8 @@ selection on the 256-d projection, linear probe and k-NN, B = 100 / 200 / 500).
 --features-from copies the features of a finished `bilaf run --workdir DIR` (default config)
 instead of extracting them again. Resumable like `bilaf run`: finished pieces are kept.
 Writes WORKDIR/results.md (test accuracy in %, mean ± std over the seeds; failed cells;
-paired comparisons with random and activeft) and prints it.
+paired comparisons with random and activeft) and prints it. Every run's settings are checked
+before the first starts; bad input: one line on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bilaf_jax import experiment, run_configs  # noqa: E402
-from bilaf_jax.io import atomic_open, write_text_atomic  # noqa: E402
+from bilaf_jax.io import InputError, atomic_open, write_text_atomic  # noqa: E402
 
 PARAMS = {"num_cores": ("K", int), "remove_fraction": ("P_rm", float)}
+# --values when not given (the README's runs); K's 20,50,100 was also P_rm's, which is out of range
+DEFAULT_VALUES = {"num_cores": "20,50,100", "remove_fraction": "0,0.1,0.3"}
 FEATURE_FILES = ("pool.npz", "test.npz", "selection.npz")
 # The config fields that decide the extracted (and projected) features.
 FEATURE_FIELDS = ("dataset", "pool_size", "test_size", "backbone", "image_size", "weights",
@@ -44,14 +48,13 @@ def share_features(base: Path, config, target: Path) -> None:
     try:
         saved = json.loads((base / "run.json").read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise SystemExit(f"ablation.py: {base} is not a `bilaf run` workdir (no readable "
-                         "run.json); give a finished or started default run, or leave out "
-                         "--features-from") from None
+        raise InputError(f"{base} is not a `bilaf run` workdir (no readable run.json); give "
+                         "a finished or started default run, or leave out --features-from") from None
     if not (base / "features").is_dir():
-        raise SystemExit(f"ablation.py: {base} has no features/ yet; leave out --features-from")
+        raise InputError(f"{base} has no features/ yet; leave out --features-from")
     differ = [f for f in FEATURE_FIELDS if saved.get(f) != getattr(config, f)]
     if differ:
-        raise SystemExit(f"ablation.py: {base} was run with other feature settings "
+        raise InputError(f"{base} was run with other feature settings "
                          f"({', '.join(differ)}); leave out --features-from")
     (target / "features").mkdir(parents=True, exist_ok=True)
     for name in FEATURE_FILES:
@@ -125,7 +128,8 @@ def report(by_row: dict, budgets, label: str, command: str, seeds, default: str)
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--param", choices=sorted(PARAMS), default="num_cores")
-    p.add_argument("--values", default="20,50,100", help="comma list of the setting's values")
+    p.add_argument("--values", default=None,
+                   help="comma list of the setting's values (default: K 20,50,100; P_rm 0,0.1,0.3)")
     p.add_argument("--workdir", default=None, help="default: runs/ablation_PARAM")
     p.add_argument("--features-from", default=None, help="a finished default-config workdir")
     p.add_argument("--seeds", default="0,1,2,3,4")
@@ -133,10 +137,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     label, kind = PARAMS[args.param]
     try:
-        values = [kind(v) for v in args.values.split(",")]
+        values = [kind(v) for v in (args.values or DEFAULT_VALUES[args.param]).split(",")]
         seeds = tuple(int(s) for s in args.seeds.split(","))
     except ValueError as e:
         p.error(str(e))
+    if len(set(values)) != len(values):  # one workdir and one table row per value
+        p.error(f"--values repeats a value: {args.values}")
+    try:
+        return _run(args, label, values, seeds, argv)
+    except InputError as e:
+        sys.stderr.write(f"ablation.py: error: {' '.join(str(e).split())}\n")
+        return 2
+
+
+def _run(args, label, values, seeds, argv) -> int:
     base = run_configs.default()._replace(seeds=seeds)
     root = Path(args.workdir or f"runs/ablation_{args.param}")
     runs = [("reference", "-", base._replace(name="ablation_reference",
@@ -144,6 +158,9 @@ def main(argv=None) -> int:
     runs += [(f"{args.param}_{v}", str(v), base._replace(
         name=f"ablation_{args.param}_{v}", methods=("bilaf-paper", "bilaf-official"),
         **{args.param: v})) for v in values]
+    # A bad value or seed failed only after the reference run (minutes to hours), with a traceback.
+    for _, _, config in runs:
+        experiment.validate(config)
     command = " ".join(["python scripts/ablation.py", *(argv if argv is not None else sys.argv[1:])])
     by_row, budgets = {}, None
     for folder, value, config in runs:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 
 import numpy as np
@@ -95,8 +96,27 @@ def main(argv=None):
     p.add_argument("--skip-jax", action="store_true", help="time only the PyTorch version")
     add_mesh_options(p)
     args = p.parse_args(argv)
-    mesh = setup_mesh(args)
-    steps = [int(s) for s in args.steps.split(",")]
+    # Each of these was a traceback from numpy or the library (a bad --steps after a first run).
+    try:
+        steps = [int(s) for s in args.steps.split(",")]
+    except ValueError:
+        p.error(f"--steps must be comma-separated integers, got {args.steps!r}")
+    checks = [(min(args.n, args.d, args.clusters) >= 1, "--n, --d and --clusters must be >= 1"),
+              (1 <= args.k <= args.n, f"need 1 <= --k <= --n, got k={args.k} n={args.n}"),
+              (min(steps) >= 0, f"--steps must be >= 0, got {args.steps}"),
+              (args.batch_size is None or 1 <= args.batch_size <= args.n,
+               f"need 1 <= --batch-size <= --n, got {args.batch_size}"),
+              (args.repeats >= 0, f"--repeats must be >= 0, got {args.repeats}"),
+              (0 <= args.seed < 2**32 - 1, f"--seed must lie in [0, 2**32 - 1), got {args.seed}"),
+              (args.torch_threads is None or args.torch_threads >= 1,
+               f"--torch-threads must be >= 1, got {args.torch_threads}")]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    try:
+        mesh = setup_mesh(args)
+    except ValueError as e:  # --mesh 0, or more devices than there are
+        p.error(str(e))
 
     import jax
     from jax import lax
@@ -166,5 +186,8 @@ def main(argv=None):
                       "(same initial rows; batches differ when --batch-size is set)", flush=True)
 
 
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

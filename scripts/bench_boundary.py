@@ -144,10 +144,38 @@ def main(argv=None):
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # "mode:budget"
     add_mesh_options(p)
     args = p.parse_args(argv)
-    budgets = [int(b) for b in args.budgets.split(",")]
+    # Each of these was a traceback (numpy's, json's, min() of no steady runs), or an unknown
+    # mode ran as a table row of errors with exit code 0.
+    try:
+        budgets = [int(b) for b in args.budgets.split(",")]
+    except ValueError:
+        p.error(f"--budgets must be comma-separated integers, got {args.budgets!r}")
+    modes = args.modes.split(",")
+    if not set(modes) <= {"paper", "official"} or len(set(modes)) != len(modes):
+        p.error(f"--modes must be distinct names from paper, official, got {args.modes!r}")
+    checks = [(min(args.n, args.d) >= 1, "--n and --d must be >= 1"),
+              (1 <= args.cores <= args.n, f"need 1 <= --cores <= --n, got {args.cores}"),
+              (min(budgets) >= 1 and len(set(budgets)) == len(budgets),
+               f"--budgets must be distinct positive integers, got {args.budgets!r}"),
+              (args.repeats >= 1, f"--repeats must be >= 1, got {args.repeats}"),
+              (args.clusters >= 0, f"--clusters must be >= 0, got {args.clusters}"),
+              (0 <= args.seed < 2**32, f"--seed must lie in [0, 2**32), got {args.seed}")]
+    for ok, message in checks:
+        if not ok:
+            p.error(message)
+    if args.compiler_options is not None:
+        try:
+            options = json.loads(args.compiler_options)
+        except ValueError as e:
+            p.error(f"--compiler-options is not JSON: {e}")
+        if not isinstance(options, dict):
+            p.error(f"--compiler-options must be a JSON object, got {args.compiler_options!r}")
     if args.distributed and not args.in_process:
         p.error("--distributed needs --in-process (one process per host for all budgets)")
-    mesh = setup_mesh(args) if args.child or args.in_process else None
+    try:
+        mesh = setup_mesh(args) if args.child or args.in_process else None
+    except ValueError as e:  # --mesh 0, or more devices than there are
+        p.error(str(e))
 
     if args.child:
         mode, b = args.child.split(":")
@@ -159,7 +187,7 @@ def main(argv=None):
     label_tail = (" x64" if args.x64 else "") + \
         ("" if args.distances == "auto" else f" {args.distances}")
     rows = []
-    for mode in args.modes.split(","):
+    for mode in modes:
         if args.in_process:
             results = measure(args, mode, budgets, mesh)
         else:
@@ -168,6 +196,9 @@ def main(argv=None):
                 cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]),
                        "--child", f"{mode}:{b}"]
                 proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode == 2:  # a usage error (such as --mesh): its one line
+                    sys.stderr.write(proc.stderr.strip().splitlines()[-1] + "\n")
+                    raise SystemExit(2)
                 if proc.returncode:
                     raise SystemExit(f"benchmark child failed:\n{proc.stderr[-3000:]}")
                 results[b] = json.loads(proc.stdout.strip().splitlines()[-1])[str(b)]

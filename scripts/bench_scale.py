@@ -327,16 +327,55 @@ def build_parser():
     p.add_argument("--timeout", type=float, default=None, help="kill the measurement after this")
     p.add_argument("--in-process", action="store_true",
                    help="measure in this process (peak RSS then includes the parent)")
-    p.add_argument("--out", default=None, help="write the result JSON here (atomically)")
+    p.add_argument("--out", default=None, help="write the result JSON here (atomically; an "
+                   "existing file must be an earlier result)")
     p.add_argument("--child-out", default=None, help=argparse.SUPPRESS)
     add_mesh_options(p)
     return p
+
+
+def _is_result(path) -> bool:
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(old, dict) and "runs" in old
+
+
+def _fail(message) -> int:
+    sys.stderr.write(f"bench_scale.py: error: {' '.join(str(message).split())}\n")
+    return 2
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch_size == 0:
         args.batch_size = None
+    # These were tracebacks (numpy's or the library's), some only after the measurement.
+    for name in ("n", "d", "clusters"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0 <= args.seed < 2**32:
+        return _fail(f"--seed must lie in [0, 2**32), got {args.seed}")
+    if args.steps < 0:
+        return _fail(f"--steps must be >= 0, got {args.steps}")
+    if args.timeout is not None and not args.timeout > 0:
+        return _fail(f"--timeout must be > 0 seconds, got {args.timeout}")
+    if args.plan_steps:
+        try:
+            args.plan_steps = ",".join(str(int(e)) for e in args.plan_steps.split(","))
+        except ValueError:
+            return _fail(f"--plan-steps must be comma-separated integers, got {args.plan_steps!r}")
+    if args.out and not args.child_out:  # now, not after a measurement of minutes
+        from bilaf_jax.io import InputError, check_output_path
+
+        try:
+            check_output_path(args.out)
+        except InputError as e:
+            return _fail(e)
+        if Path(args.out).exists() and not _is_result(Path(args.out)):  # notes, features: keep
+            return _fail(f"--out {args.out} exists and is not a bench_scale.py result; choose "
+                         "another --out or remove it")
     if not 1 <= args.k <= args.budget <= args.n:
         sys.stderr.write(f"bench_scale.py: error: need 1 <= k <= budget <= n, got k={args.k} "
                          f"budget={args.budget} n={args.n}\n")
@@ -355,7 +394,10 @@ def main(argv=None) -> int:
         print(plan_steps(args))
         return 0
     if args.child_out or args.in_process:
-        res = measure(args)
+        try:
+            res = measure(args)
+        except ValueError as e:  # --mesh beyond the devices, say: one line, not a traceback
+            return _fail(e)
         if args.child_out:
             Path(args.child_out).write_text(json.dumps(res))
             return 0
@@ -372,6 +414,8 @@ def main(argv=None) -> int:
                       f"(wall {time.perf_counter() - t0:.0f} s)", file=sys.stderr)
                 proc = None
             if not child_out.exists():
+                if proc is not None and proc.returncode == 2:  # it said why, in one line
+                    return 2
                 code = "timeout" if proc is None else f"exit {proc.returncode}"
                 print(f"bench_scale.py: measurement failed ({code}) before any run finished",
                       file=sys.stderr)

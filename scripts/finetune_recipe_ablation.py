@@ -6,7 +6,8 @@ settings changed one group at a time.
 
 `--from` is the workdir of a finished `bilaf finetune --mode full` run (its config.json gives the
 base settings, the selection included). Each variant runs in WORKDIR/<name> (resumable, as any
-finetuning workdir) and the table goes to WORKDIR/results.md and stdout.
+finetuning workdir) and the table goes to WORKDIR/results.md and stdout. Bad input: one line
+on stderr, exit code 2.
 """
 
 from __future__ import annotations
@@ -36,19 +37,37 @@ def main(argv=None) -> int:
     unknown = [v for v in chosen if v not in VARIANTS]
     if unknown or not chosen:
         p.error(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
-    from bilaf_jax.io import write_text_atomic
+    if len(set(chosen)) != len(chosen):  # one workdir and one table row per variant
+        p.error(f"--variants repeats a variant: {args.variants}")
+    try:
+        return _run(args, chosen)
+    except (ValueError, OSError) as e:  # InputError included
+        sys.stderr.write(f"finetune_recipe_ablation.py: error: {' '.join(str(e).split())}\n")
+        return 2
+
+
+def _run(args, chosen) -> int:
+    from bilaf_jax.io import InputError, write_text_atomic
     from train.train import make_config, train_and_evaluate
 
-    base = json.loads((Path(args.base) / "config.json").read_text())["config"]
-    if base.get("mode") != "full":
-        p.error(f"{args.base} is not a full-finetuning run")
+    # A missing or unreadable --from was a traceback.
+    try:
+        base = json.loads((Path(args.base) / "config.json").read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise InputError(f"{args.base} is not a finetuning workdir (no readable config.json "
+                         "with a config)") from None
+    if not isinstance(base, dict) or base.get("mode") != "full":
+        raise InputError(f"{args.base} is not a full-finetuning run")
+    # Every variant's config before the first run (hours), not when its turn comes.
+    configs = {name: make_config(**{**base, **VARIANTS[name]}) for name in chosen}
     out = Path(args.workdir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--workdir {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     rows = ["| variant | changed | final accuracy % |", "|---|---|---|"]
     for name in chosen:
         change = VARIANTS[name]
-        summary = train_and_evaluate(make_config(**{**base, **change}),
-                                     out / name.split(" (")[0].replace(" ", "_"))
+        summary = train_and_evaluate(configs[name], out / name.split(" (")[0].replace(" ", "_"))
         shown = ", ".join(f"{k}={v}" for k, v in change.items()) or "-"
         rows.append(f"| {name} | {shown} | {100 * summary['final_accuracy']:.1f} |")
         print(rows[-1], flush=True)

@@ -14,8 +14,9 @@ their cartesian product; unswept ones take the defaults. Each ActiveFT setting g
 set, and the boundary grid runs on each core set.
 
 Writes RESULTS.json atomically: {"config": ..., "records": [one dict per setting]} and prints
-a markdown table. When the .npz carries `labels`, records also hold label_count (distinct true
-labels selected) and label_balance (normalised entropy of their histogram).
+a markdown table; an existing RESULTS.json is replaced only if it is such a file. When the
+.npz carries `labels`, records also hold label_count (distinct true labels selected) and
+label_balance (normalised entropy of their histogram).
 --mesh shards the pool's rows over devices and --distributed spreads one sweep over several
 processes (the same command on each; process 0 writes), as in `bilaf select`; the records are
 those of a one-device sweep (selections equal; losses and distances summed in another order
@@ -26,6 +27,7 @@ Bad input: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 import warnings
@@ -81,6 +83,20 @@ def markdown(records, has_labels):
     return "\n".join(lines)
 
 
+def _refuse_foreign_output(path: Path) -> None:
+    """Only an earlier sweep's results may be replaced: --out naming another file (a selection,
+    a second features file, notes) silently destroyed it, unlike `bilaf select --out`."""
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        old = None
+    if not (isinstance(old, dict) and {"config", "records"} <= set(old)):
+        raise ValueError(f"--out {path} exists and is not a sweep.py results file; choose "
+                         "another --out or remove it")
+
+
 def run(args) -> int:
     from bilaf_jax import io
     from bilaf_jax import sweep as S
@@ -101,6 +117,7 @@ def run(args) -> int:
     # Fail on a bad destination (missing or unwritable folder, a folder, the input file
     # itself) before the (long) sweep.
     io.check_output_path(args.out, inputs=(args.features,))
+    _refuse_foreign_output(Path(args.out))
 
     mesh = setup_mesh(args)
     import jax

@@ -127,18 +127,52 @@ def test_ablation_refuses_features_of_other_settings_and_bad_values(tmp_path, ca
     ablation = _load_script("ablation")
     base = tmp_path / "base"
     base.mkdir()
-    with pytest.raises(SystemExit, match="is not a `bilaf run` workdir"):  # was a traceback
-        ablation.main(["--features-from", str(base), "--workdir", str(tmp_path / "w")])
+    # one line, exit code 2 (was a traceback)
+    assert ablation.main(["--features-from", str(base), "--workdir", str(tmp_path / "w")]) == 2
+    assert "is not a `bilaf run` workdir" in capsys.readouterr().err
     (base / "run.json").write_text(json.dumps({"config": {"dataset": "cifar10"}}))
     (base / "features").mkdir()
-    with pytest.raises(SystemExit, match="other feature settings"):
-        ablation.main(["--features-from", str(base), "--workdir", str(tmp_path / "w")])
+    assert ablation.main(["--features-from", str(base), "--workdir", str(tmp_path / "w")]) == 2
+    assert "other feature settings" in capsys.readouterr().err
     with pytest.raises(SystemExit) as bad:
         ablation.main(["--param", "num_cores", "--values", "20,0.5"])
     assert bad.value.code == 2 and "invalid literal" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         ablation.main(["--param", "image_size"])  # not a BiLAF-only setting
 
+
+
+def test_ablation_checks_every_run_before_the_first(tmp_path, capsys, monkeypatch):
+    """A bad value (or --param remove_fraction with K's default values 20,50,100) failed with a
+    traceback only after the reference run had extracted, selected and evaluated."""
+    from types import SimpleNamespace
+
+    from bilaf_jax import experiment
+
+    ablation = _load_script("ablation")
+    calls = []
+
+    def fake_run(config, workdir, **_):
+        experiment.validate(config)
+        calls.append(config.name)
+        workdir.mkdir(parents=True, exist_ok=True)
+        return SimpleNamespace(results={"budgets": [100], "records": []})
+
+    monkeypatch.setattr(ablation.experiment, "run_experiment", fake_run)
+    monkeypatch.setattr(ablation, "report", lambda *_: "")
+    wd = str(tmp_path / "abl")
+    assert ablation.main(["--param", "remove_fraction", "--workdir", wd, "--no-progress"]) == 0
+    assert calls == ["ablation_reference"] + [f"ablation_remove_fraction_{v}" for v in (0.0, 0.1, 0.3)]
+    calls.clear()
+    for bad, needle in ((["--values", "20,0"], "num_cores must be a positive integer"),
+                        (["--values", "20,500"], "exceeds the smallest budget"),
+                        (["--seeds", "0,0"], "distinct integers")):
+        assert ablation.main([*bad, "--workdir", wd, "--no-progress"]) == 2
+        err = capsys.readouterr().err
+        assert calls == [] and err.count("\n") == 1 and needle in err, err
+    with pytest.raises(SystemExit) as rep:
+        ablation.main(["--values", "20,20", "--workdir", wd])
+    assert rep.value.code == 2 and "repeats a value" in capsys.readouterr().err
 
 def test_bench_scale_plan_steps(capsys, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "scripts"))  # the script imports scripts/_common
@@ -161,6 +195,35 @@ def test_bench_scale_refuses_a_batch_larger_than_the_pool(capsys, monkeypatch):
                        "--in-process"]) == 2  # the default --batch-size is 100,000
     assert "--batch-size <= n" in capsys.readouterr().err
 
+
+
+def test_bench_scale_bad_input_is_one_line_before_measuring(tmp_path, capsys, monkeypatch):
+    """A bad --out failed with a traceback after the whole measurement (minutes at full scale),
+    and replaced any file; --mesh, --seed or --clusters gave tracebacks."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = _load_script("bench_scale")
+    small = ["--n", "300", "--d", "8", "--k", "5", "--budget", "20", "--clusters", "4",
+             "--in-process", "--repeats", "0"]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    measured = []
+    real_measure = bench.measure
+    monkeypatch.setattr(bench, "measure", lambda args: measured.append(1) or real_measure(args))
+    for bad, needle in ((["--out", str(tmp_path / "no" / "r.json")], "output folder does not exist"),
+                        (["--out", str(notes)], "is not a bench_scale.py result"),
+                        (["--seed", "-1"], "--seed"), (["--clusters", "0"], "--clusters"),
+                        (["--plan-steps", "x"], "--plan-steps")):
+        assert bench.main([*small, *bad]) == 2
+        err = capsys.readouterr().err
+        assert measured == [] and err.count("\n") == 1 and needle in err, err
+    assert notes.read_text() == "mine\n"
+    assert bench.main([*small, "--mesh", "0"]) == 2  # known only where the devices are
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "mesh must be between 1 and" in err, err
+    out = tmp_path / "r.json"
+    for _ in range(2):  # an earlier result is replaced
+        assert bench.main([*small, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["runs"]
 
 @pytest.mark.parametrize("extra", [[], ["--full-pipeline", "--steps", "3", "--batch-size", "2000"]])
 def test_bench_scale_on_a_mesh(tmp_path, monkeypatch, extra):
@@ -251,3 +314,77 @@ def test_bench_extract_compares_the_depthwise_convolutions(monkeypatch, capsys):
                                              "efficientnet_lite0 (XLA grouped conv)"]
     assert rows[0]["max_abs_diff"] == "-" and float(rows[1]["max_abs_diff"]) < 1e-4
     assert efficientnet.SHIFTED_DEPTHWISE_ON_CPU
+
+
+def test_sweep_refuses_to_overwrite_a_file_it_did_not_write(tmp_path, capsys):
+    """--out onto notes or a selection was silently replaced by the results (`bilaf select`
+    refuses that); an earlier sweep's results are still replaced."""
+    import numpy as np
+
+    sweep = _load_script("sweep")
+    x = np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32)
+    np.save(tmp_path / "f.npy", x)
+    notes = tmp_path / "notes.json"
+    for text in ("my notes\n", "[1, 2, 3]\n"):
+        notes.write_text(text)
+        assert sweep.main([str(tmp_path / "f.npy"), "--budget", "6", "--steps", "0",
+                           "--out", str(notes)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "is not a sweep.py results file" in err
+        assert notes.read_text() == text
+    out = tmp_path / "r.json"
+    for _ in range(2):
+        assert sweep.main([str(tmp_path / "f.npy"), "--budget", "6", "--steps", "0",
+                           "--out", str(out)]) == 0
+    assert len(json.loads(out.read_text())["records"]) == 1
+
+
+def test_finetune_recipe_ablation_bad_input_is_one_line(tmp_path, capsys):
+    """A missing or unreadable --from, or a --workdir that is a file, were tracebacks; a
+    repeated variant ran twice into one workdir."""
+    import dataclasses
+
+    from train.train import make_config
+
+    script = _load_script("finetune_recipe_ablation")
+    base = tmp_path / "base"
+    base.mkdir()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    for given, needle in ((tmp_path / "none", "not a finetuning workdir"),
+                          (base, "not a finetuning workdir"), (notes, "not a finetuning workdir")):
+        assert script.main(["--from", str(given), "--workdir", str(tmp_path / "w")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    config = make_config(mode="full", selection=str(tmp_path / "sel.json"))
+    (base / "config.json").write_text(json.dumps({"config": dataclasses.asdict(config)}))
+    assert script.main(["--from", str(base), "--workdir", str(notes)]) == 2
+    assert "is not a folder" in capsys.readouterr().err and notes.read_text() == "mine\n"
+    with pytest.raises(SystemExit) as rep:
+        script.main(["--from", str(base), "--workdir", str(tmp_path / "w"),
+                     "--variants", "neither,neither"])
+    assert rep.value.code == 2 and "repeats a variant" in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("name, small, cases", [
+    ("bench_activeft", ["--n", "200", "--d", "8", "--k", "5", "--steps", "2", "--clusters", "4"],
+     [(["--mesh", "0"], "mesh must be between 1 and"), (["--k", "500"], "--k <= --n"),
+      (["--steps", "x"], "--steps"), (["--clusters", "0"], "--clusters"),
+      (["--seed", "-1"], "--seed"), (["--batch-size", "0"], "--batch-size")]),
+    ("bench_boundary", ["--n", "200", "--d", "8", "--cores", "5", "--budgets", "20", "--in-process"],
+     [(["--mesh", "0"], "mesh must be between 1 and"), (["--cores", "500"], "--cores <= --n"),
+      (["--budgets", "x"], "--budgets"), (["--modes", "bogus"], "--modes"),
+      (["--repeats", "0"], "--repeats"), (["--compiler-options", "{bad"], "not JSON"),
+      (["--seed", "-1"], "--seed")]),
+])
+def test_bench_bad_arguments_exit_2(monkeypatch, capsys, name, small, cases):
+    """Tracebacks from numpy, json or the library before (--repeats 0 after a first call;
+    an unknown --modes ran as a row of errors with exit code 0)."""
+    monkeypatch.syspath_prepend(str(ROOT / "scripts"))
+    bench = _load_script(name)
+    for bad, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            bench.main([*small, *bad])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "error:" in err and needle in err, (bad, err)
