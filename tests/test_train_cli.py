@@ -366,28 +366,6 @@ def test_an_interrupted_rerun_leaves_the_workdir_as_it_was(bilaf, feats, capsys,
     assert not (feats / "fresh").exists()
 
 
-@pytest.mark.parametrize("flag,rows", [("--pool-size", 300), ("--test-size", 200)])
-def test_sizes_beyond_the_features_rows_are_refused(bilaf, feats, capsys, flag, rows):
-    """A pool or test size beyond the feature file's rows was cut to them silently while
-    config.json recorded the size asked for; the full size is accepted."""
-    assert bilaf([*_args(feats, feats / "over"), flag, str(rows + 1)]) == 2
-    err = capsys.readouterr().err
-    assert f"{flag[2:].replace('-', '_')} {rows + 1} exceeds the {rows} rows" in err, err
-    assert not (feats / "over").exists()
-    assert bilaf([*_args(feats, feats / "all"), flag, str(rows)]) == 0
-
-
-def test_full_mode_refuses_a_pool_beyond_the_dataset(feats):
-    from tests.conftest import fashion_mnist_or_skip
-    from train.train import make_config, train_and_evaluate
-
-    fashion_mnist_or_skip()
-    cfg = make_config(mode="full", selection=str(feats / "sel.json"), pool_size=60_001)
-    with pytest.raises(ValueError, match="pool_size 60001 exceeds the 60000 rows of fashion_mnist"):
-        train_and_evaluate(cfg, feats / "full")
-    assert not (feats / "full").exists()
-
-
 def test_workdir_below_a_file_is_a_one_line_error(bilaf, feats, capsys):
     (feats / "file").write_text("")
     assert bilaf(_args(feats, feats / "file" / "run")) == 2

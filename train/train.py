@@ -386,18 +386,9 @@ def _load_feature_pair(config: Config):
     from bilaf_jax.extract import check_feature_pair
 
     check_feature_pair(config.features, config.test_features)
-    n_test = _first_rows(config.test_size, len(test_y), "test_size", config.test_features)
-    return pool_x, pool_y, test_x[:n_test], test_y[:n_test]
-
-
-def _first_rows(size: int | None, available: int, name: str, source) -> int:
-    """How many rows `size` (pool_size / test_size) takes of `available`: all where None. A size
-    beyond them is refused, as `bilaf run` refuses it, not recorded for a smaller set."""
-    if size is None:
-        return available
-    if size > available:
-        raise InputError(f"{name} {size} exceeds the {available} rows of {source}")
-    return size
+    if config.test_size is not None:
+        test_x, test_y = test_x[: config.test_size], test_y[: config.test_size]
+    return pool_x, pool_y, test_x, test_y
 
 
 def _run_on_features(config: Config, workdir: Path) -> dict:
@@ -406,8 +397,8 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
     from train.linear import linear_probe
 
     pool_x, pool_y, test_x, test_y = _load_feature_pair(config)
-    n_pool = _first_rows(config.pool_size, len(pool_y), "pool_size", config.features)
-    pool_x, pool_y = pool_x[:n_pool], pool_y[:n_pool]
+    if config.pool_size is not None:
+        pool_x, pool_y = pool_x[: config.pool_size], pool_y[: config.pool_size]
     sel = np.asarray(load_index_list(config.selection, n=len(pool_y)), np.int64)
     rows = pool_identity(config.features)
     _check_selection(config.selection, sel, rows, f"--features {config.features}")
@@ -747,7 +738,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     # Only the labelled rows of the pool and the test rows are read into memory (an ImageNet
     # pool does not fit); images that differ in size are resized to image_size on the host.
     pool = data.data_source(config.dataset, "train", data_dir=config.data_dir)
-    n_pool = _first_rows(config.pool_size, len(pool), "pool_size", f"{config.dataset} train")
+    n_pool = len(pool) if config.pool_size is None else min(config.pool_size, len(pool))
     sel = np.asarray(load_index_list(config.selection, n=n_pool), np.int64)
     _check_selection(config.selection, sel, {"dataset": config.dataset, "split": "train",
                                              "source": pool.fingerprint},
@@ -759,8 +750,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
         raise InputError(f"the {pool.split} and {test_src.split} image folders have different "
                          f"class folders ({pool.class_names} vs {test_src.class_names}), so "
                          "their labels would mean different classes; give both the same classes")
-    n_test = _first_rows(config.test_size, len(test_src), "test_size",
-                         f"{config.dataset} {test_src.split}")
+    n_test = len(test_src) if config.test_size is None else min(config.test_size, len(test_src))
     bb = backbone if backbone is not None else _load_backbone(config)
     s = config.image_size
     resample = getattr(bb, "resize_method", "bilinear")
