@@ -50,6 +50,22 @@ def check_output_path(path, inputs=()) -> Path:
     return path
 
 
+def check_replaceable(path, keys, what: str) -> None:
+    """Refuse an existing `path` unless it is a JSON object with every name in `keys`: an
+    earlier result of `what` may be replaced, any other file (a selection, features, notes)
+    may not."""
+    path = Path(path)
+    if not path.exists():
+        return
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        old = None
+    if not (isinstance(old, dict) and set(keys) <= set(old)):
+        raise InputError(f"--out {path} exists and is not a {what} result; choose another "
+                         "--out or remove it")
+
+
 @contextlib.contextmanager
 def exclusive_lock(path, what: str):
     """Hold an advisory lock on the file `path` (created if missing) for the block; if another

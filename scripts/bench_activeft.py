@@ -184,8 +184,6 @@ def main(argv=None):
                 same = np.intersect1d(picks, jax_picks[num_steps]).size
                 print(f"#   torch and JAX selections share {same} of {args.k} indices "
                       "(same initial rows; batches differ when --batch-size is set)", flush=True)
-
-
     return 0
 
 

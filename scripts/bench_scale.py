@@ -334,14 +334,6 @@ def build_parser():
     return p
 
 
-def _is_result(path) -> bool:
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        return False
-    return isinstance(old, dict) and "runs" in old
-
-
 def _fail(message) -> int:
     sys.stderr.write(f"bench_scale.py: error: {' '.join(str(message).split())}\n")
     return 2
@@ -367,15 +359,13 @@ def main(argv=None) -> int:
         except ValueError:
             return _fail(f"--plan-steps must be comma-separated integers, got {args.plan_steps!r}")
     if args.out and not args.child_out:  # now, not after a measurement of minutes
-        from bilaf_jax.io import InputError, check_output_path
+        from bilaf_jax.io import InputError, check_output_path, check_replaceable
 
         try:
             check_output_path(args.out)
+            check_replaceable(args.out, ("runs",), "bench_scale.py")  # notes, features: keep
         except InputError as e:
             return _fail(e)
-        if Path(args.out).exists() and not _is_result(Path(args.out)):  # notes, features: keep
-            return _fail(f"--out {args.out} exists and is not a bench_scale.py result; choose "
-                         "another --out or remove it")
     if not 1 <= args.k <= args.budget <= args.n:
         sys.stderr.write(f"bench_scale.py: error: need 1 <= k <= budget <= n, got k={args.k} "
                          f"budget={args.budget} n={args.n}\n")

@@ -27,7 +27,6 @@ Bad input: one line on stderr, exit code 2.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 import warnings
@@ -83,20 +82,6 @@ def markdown(records, has_labels):
     return "\n".join(lines)
 
 
-def _refuse_foreign_output(path: Path) -> None:
-    """Only an earlier sweep's results may be replaced: --out naming another file (a selection,
-    a second features file, notes) silently destroyed it, unlike `bilaf select --out`."""
-    if not path.exists():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
-        old = None
-    if not (isinstance(old, dict) and {"config", "records"} <= set(old)):
-        raise ValueError(f"--out {path} exists and is not a sweep.py results file; choose "
-                         "another --out or remove it")
-
-
 def run(args) -> int:
     from bilaf_jax import io
     from bilaf_jax import sweep as S
@@ -117,7 +102,7 @@ def run(args) -> int:
     # Fail on a bad destination (missing or unwritable folder, a folder, the input file
     # itself) before the (long) sweep.
     io.check_output_path(args.out, inputs=(args.features,))
-    _refuse_foreign_output(Path(args.out))
+    io.check_replaceable(args.out, ("config", "records"), "sweep.py")  # not a selection, notes
 
     mesh = setup_mesh(args)
     import jax

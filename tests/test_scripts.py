@@ -330,7 +330,7 @@ def test_sweep_refuses_to_overwrite_a_file_it_did_not_write(tmp_path, capsys):
         assert sweep.main([str(tmp_path / "f.npy"), "--budget", "6", "--steps", "0",
                            "--out", str(notes)]) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "is not a sweep.py results file" in err
+        assert err.count("\n") == 1 and "is not a sweep.py result" in err
         assert notes.read_text() == text
     out = tmp_path / "r.json"
     for _ in range(2):
