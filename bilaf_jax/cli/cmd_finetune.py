@@ -85,7 +85,9 @@ _NUMERIC_FLAGS = ("steps", "checkpoint_every", "image_size", "pool_size", "test_
 def _name_flags(message: str, args) -> str:
     for flag in _NUMERIC_FLAGS:
         if getattr(args, flag) is not None:
-            message = re.sub(rf"\b{_FLAGS[flag]}\b", "--" + flag.replace("_", "-"), message)
+            # a whole word, not one already written as a flag ("--steps")
+            message = re.sub(rf"(?<![\w-]){_FLAGS[flag]}\b", "--" + flag.replace("_", "-"),
+                             message)
     return message
 
 
