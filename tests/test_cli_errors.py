@@ -640,3 +640,14 @@ def test_empty_labeled_list_is_no_labelled_rows(files, tmp_path, mode):
                  "--out", empty]) == 0
     assert json.loads(empty.read_text()) == json.loads(plain.read_text())
     assert call(["select", "--verify", empty]) == 0
+
+
+def test_finetune_names_flags_only_where_a_field_is_named():
+    """Field names become the flags given; a flag already in the message stays as written."""
+    import argparse
+
+    from bilaf_jax.cli.cmd_finetune import _NUMERIC_FLAGS, _name_flags
+
+    args = argparse.Namespace(**{**dict.fromkeys(_NUMERIC_FLAGS), "steps": 5})
+    assert (_name_flags("warmup_steps 9 exceeds steps; run more steps (--steps)", args)
+            == "warmup_steps 9 exceeds --steps; run more --steps (--steps)")
