@@ -651,3 +651,22 @@ def test_finetune_names_flags_only_where_a_field_is_named():
     args = argparse.Namespace(**{**dict.fromkeys(_NUMERIC_FLAGS), "steps": 5})
     assert (_name_flags("warmup_steps 9 exceeds steps; run more steps (--steps)", args)
             == "warmup_steps 9 exceeds --steps; run more --steps (--steps)")
+
+
+@pytest.mark.parametrize("text,n,expected", [
+    ("29%", 100, 29), ("100%", 30, 30), ("0.5%", 1000, 5), ("1e1", 30, 10), ("1_0", 30, 10),
+    ("33.333%", 1281167, 427051),  # floor(1281167 * 0.33333)
+    ("1e-400%", 30, 1),  # a float makes it 0 and refused it; it is a positive share, so 1
+    ("1e-999999999", 30, "must be an integer"),  # as a Fraction, minutes to build
+    ("1e999999999", 30, r"must be in \[1, 30\]"),
+    ("30.0000000000000001", 30, "must be an integer"),
+])
+def test_budget_is_parsed_exactly_at_any_exponent(text, n, expected):
+    from bilaf_jax.cli import UsageError
+    from bilaf_jax.cli.cmd_select import parse_budget
+
+    if isinstance(expected, int):
+        assert parse_budget(text, n) == expected
+    else:
+        with pytest.raises(UsageError, match=expected):
+            parse_budget(text, n)

@@ -17,6 +17,7 @@ of a one-device run.
 
 from __future__ import annotations
 
+import decimal
 import json
 import math
 import sys
@@ -95,29 +96,34 @@ def register(sub) -> None:
 
 
 def parse_budget(text, n: int) -> int:
-    """'500' or '1%' (of the pool, at least 1) -> a budget in [1, n]."""
+    """'500' or '1%' (of the pool, at least 1) -> a budget in [1, n].
+
+    Exact in decimal: floats round "30.0000000000000001" to 30, and Fractions of "1e-999999999"
+    take minutes to build; Decimals compare any exponent at once."""
     if text is None:
         raise UsageError("--budget is required")
     text = str(text).strip()
     number = text[:-1] if text.endswith("%") else text
     try:
-        value = float(number)
-    except ValueError:
-        value = float("nan")
-    if not math.isfinite(value):
+        exact = decimal.Decimal(number)
+    except decimal.InvalidOperation:
+        exact = None
+    if exact is None or not exact.is_finite():
         raise UsageError(f"--budget must be an integer or a percentage like 1%, got {text!r}")
-    # The float checks come first (Fraction of "1e-999999999" would take minutes), the exact
-    # ones after: floats round "100.0000000000000001" to 100 and "30.0000000000000001" to 30.
     if text.endswith("%"):
-        if not 0 < value <= 100 or not 0 < Fraction(number) <= 100:
+        if not 0 < exact <= 100:
             raise UsageError(f"--budget percentage must be in (0, 100], got {text}")
-        # Exact: "29%" of 100 is 29 (in floats, 100 * 29 / 100 could round below it).
-        return max(1, math.floor(n * Fraction(number) / 100))
-    if value != int(value) or Fraction(number).denominator != 1:
+        # floor(n * p / 100) without rounding: "29%" of 100 is 29, not 28.999...
+        with decimal.localcontext() as ctx:
+            ctx.prec = len(str(n)) + len(exact.as_tuple().digits) + 3  # enough for the product
+            ctx.Emin, ctx.Emax = decimal.MIN_EMIN, decimal.MAX_EMAX
+            share = (exact * n).scaleb(-2).to_integral_value(rounding=decimal.ROUND_FLOOR)
+        return max(1, int(share))
+    if exact != exact.to_integral_value():
         raise UsageError(f"--budget must be an integer, got {text}")
-    if not 1 <= value <= n:  # the text as given: float(text) is another number above 2**53
+    if not 1 <= exact <= n:
         raise UsageError(f"--budget must be in [1, {n}] for this pool, got {text}")
-    return int(Fraction(number))
+    return int(exact)
 
 
 # Settings only some methods read: given to another, they would be ignored and yet recorded.
