@@ -110,13 +110,17 @@ def call_get_config(path):
         raise InputError(f"config {path}: get_config() raised {type(e).__name__}: {e}") from None
 
 
-def check_identity(record_path, current: dict, workdir) -> None:
+def check_identity(record_path, current: dict, workdir, added_later=()) -> None:
     """Raise InputError unless the JSON at `record_path` holds `identity` equal to `current`.
 
-    Used to refuse reusing a workdir made by a different configuration."""
+    Used to refuse reusing a workdir made by a different configuration. Keys in `added_later`
+    (recorded only since some version) are compared only where the stored identity has them."""
     record_path = Path(record_path)
     try:
         stored = json.loads(record_path.read_text())["identity"]
+        if not isinstance(stored, dict):
+            raise TypeError(f"its identity is a {type(stored).__name__}, not an object")
+        current = {k: v for k, v in current.items() if k in stored or k not in added_later}
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise InputError(f"workdir {workdir} has an unreadable {record_path.name} ({e})") from None
     # A key missing on one side counts as None: a setting added later with the default None

@@ -69,6 +69,15 @@ def test_check_identity_reads_a_missing_setting_as_none(tmp_path):
         io.check_identity(rec, {"steps": 5, "lr": 0.1, "eval_crop_fraction": 0.875}, tmp_path)
     with pytest.raises(io.InputError, match=r"\(lr: 0.1 -> None\)"):
         io.check_identity(rec, {"steps": 5}, tmp_path)
+    # a key recorded only by later versions: compared where the record has it
+    later = {"steps": 5, "lr": 0.1, "weights_sha256": "ab"}
+    io.check_identity(rec, later, tmp_path, added_later=("weights_sha256",))
+    rec.write_text(json.dumps({"identity": {**later, "weights_sha256": "cd"}}))
+    with pytest.raises(io.InputError, match=r"\(weights_sha256: 'cd' -> 'ab'\)"):
+        io.check_identity(rec, later, tmp_path, added_later=("weights_sha256",))
+    rec.write_text(json.dumps({"identity": [5]}))  # was an AttributeError
+    with pytest.raises(io.InputError, match="unreadable config.json .its identity is a list"):
+        io.check_identity(rec, later, tmp_path)
 
 
 def test_a_folder_where_the_lock_file_goes_is_named(tmp_path):

@@ -249,7 +249,7 @@ def _identity(config: Config, data_sha256: str | None = None) -> dict:
 
 
 # Identity keys added after runs were made: a workdir whose config.json lacks one is compared
-# without it (and recorded with it from then on), so that such runs still resume.
+# without it (check_identity's added_later; recorded with it from then on), so such runs resume.
 LATER_IDENTITY_KEYS = ("backbone_weights_sha256",)
 
 
@@ -273,13 +273,7 @@ def _check_workdir(workdir: Path, identity: dict) -> bool:
             raise InputError(f"workdir {workdir} holds a run without config.json; "
                              "use an empty or new workdir")
         return False
-    try:
-        stored = json.loads(cfg_path.read_text()).get("identity")
-    except (OSError, ValueError, AttributeError):
-        stored = None  # unreadable: check_identity says so
-    if isinstance(stored, dict):
-        identity = {k: v for k, v in identity.items() if k in stored or k not in LATER_IDENTITY_KEYS}
-    check_identity(cfg_path, identity, workdir)
+    check_identity(cfg_path, identity, workdir, added_later=LATER_IDENTITY_KEYS)
     return True
 
 
