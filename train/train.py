@@ -294,9 +294,12 @@ class MetricsWriter:
 
     def truncate(self, step: int) -> None:
         # A line cut short by a kill does not parse and is dropped.
-        kept = [rec for rec in self.records()
-                if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step]
-        write_text_atomic(self.path, "".join(json.dumps(rec) + "\n" for rec in kept))
+        self.replace([rec for rec in self.records() if isinstance(rec, dict)
+                      and isinstance(rec.get("step"), int) and rec["step"] <= step])
+
+    def replace(self, records: list[dict]) -> None:
+        """Write `records` as the whole file, atomically."""
+        write_text_atomic(self.path, "".join(json.dumps(rec) + "\n" for rec in records))
 
     def records(self) -> list[dict]:
         out = []
@@ -424,7 +427,7 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
         step = 0
         records = [{"step": 0, "eval_accuracy": float(out.accuracy)}]
     _write_config(workdir, config, identity)
-    write_text_atomic(workdir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+    MetricsWriter(workdir / "metrics.jsonl").replace(records)
     summary = {
         "mode": config.mode,
         "final_accuracy": float(out.accuracy),
