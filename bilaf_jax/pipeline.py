@@ -173,7 +173,7 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
     check_options(mode=mode, num_neighbors=num_neighbors, ring_fraction=ring_fraction,
                   remove_fraction=remove_fraction, opponent_penalty=opponent_penalty,
                   precision=precision)
-    # bilaf takes bool(normalize): normalize="false" would normalise
+    # (bilaf checks these too, but only after stage 1)
     normalize = V.check_flag(normalize, "normalize")
     direct = V.check_flag(direct, "direct", allow_none=True)
     if num_cores is None:

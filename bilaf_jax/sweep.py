@@ -276,7 +276,6 @@ def sweep_boundary(key, features, core_indices, budget: int,
     from bilaf_jax.boundary import Ratio, bilaf
 
     grid = check_grid(grid or {})
-    normalize = V.check_flag(normalize, "normalize")  # bilaf takes bool("false") as True
     features, n = V.check_pool(features, num_rows)
     features = real_rows(features, n)
     params = expand(grid, tuple(BOUNDARY_PARAMS))
@@ -481,8 +480,9 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
     check_options(mode="paper", num_neighbors=num_neighbors, precision=precision,
                   **{name: spec[0] for name, spec in BOUNDARY_PARAMS.items()})
     V.check_count(chunk_size, "chunk_size", 1, 1 << 30)
-    normalize = V.check_flag(normalize, "normalize")  # bilaf takes bool("false") as True
-    _batches(1, settings_per_batch)  # before the ActiveFT sweep, as the other settings
+    # before the ActiveFT sweep, as the other settings (bilaf checks normalize only after it)
+    normalize = V.check_flag(normalize, "normalize")
+    _batches(1, settings_per_batch)
     V.check_key(key)
     features, n = V.check_pool(features, num_rows)
     budget = V.check_count(budget, "budget", 1, n)

@@ -240,7 +240,7 @@ def test_index_arguments_of_the_wrong_kind():
 
 
 def test_select_refuses_non_bool_flags_and_non_dict_core_options(pool):
-    """bilaf reads bool(normalize): normalize="false" normalised the features, silently."""
+    """bilaf read bool(normalize): normalize="false" normalised the features, silently."""
     from bilaf_jax.pipeline import select
 
     key = jax.random.key(0)
