@@ -12,6 +12,12 @@ import types
 import numpy as np
 
 
+def fail(prog: str, message) -> int:
+    """Say `message` on one line of stderr as `prog: error: ...`; the exit code for bad input."""
+    sys.stderr.write(f"{prog}: error: {' '.join(str(message).split())}\n")
+    return 2
+
+
 def mixture(n, d, clusters, seed, chunk=65536):
     """Gaussian mixture [n, d] float32: centres ~ N(0, 4 I), unit noise; chunked generation."""
     rng = np.random.default_rng(seed)

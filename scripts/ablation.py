@@ -30,6 +30,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from _common import fail  # noqa: E402
+
 from bilaf_jax import experiment, run_configs  # noqa: E402
 from bilaf_jax.io import InputError, atomic_open, write_text_atomic  # noqa: E402
 
@@ -146,8 +148,7 @@ def main(argv=None) -> int:
     try:
         return _run(args, label, values, seeds, argv)
     except InputError as e:
-        sys.stderr.write(f"ablation.py: error: {' '.join(str(e).split())}\n")
-        return 2
+        return fail("ablation.py", e)
 
 
 def _run(args, label, values, seeds, argv) -> int:

@@ -45,7 +45,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from _common import CompileClock, PhaseTimer, cpu_name, mixture
+from _common import CompileClock, PhaseTimer, cpu_name, fail, mixture
 
 from bilaf_jax.cli import add_mesh_options, setup_mesh
 from bilaf_jax.distances import PRECISIONS
@@ -335,8 +335,7 @@ def build_parser():
 
 
 def _fail(message) -> int:
-    sys.stderr.write(f"bench_scale.py: error: {' '.join(str(message).split())}\n")
-    return 2
+    return fail("bench_scale.py", message)
 
 
 def main(argv=None) -> int:

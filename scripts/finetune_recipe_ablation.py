@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from _common import fail
+
 # name -> settings changed from the base run's config
 VARIANTS = {
     "as run": {},
@@ -42,8 +44,7 @@ def main(argv=None) -> int:
     try:
         return _run(args, chosen)
     except (ValueError, OSError) as e:  # InputError included
-        sys.stderr.write(f"finetune_recipe_ablation.py: error: {' '.join(str(e).split())}\n")
-        return 2
+        return fail("finetune_recipe_ablation.py", e)
 
 
 def _run(args, chosen) -> int:
