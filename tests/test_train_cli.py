@@ -417,6 +417,28 @@ def test_a_list_its_record_does_not_describe_is_refused(bilaf, feats, capsys):
 
 
 @pytest.mark.parametrize("mode", ["linear", "knn"])
+def test_sizes_beyond_the_feature_rows_are_noted(bilaf, feats, capsys, mode):
+    """A --pool-size / --test-size above the rows there are takes them all (one config serves
+    files of several sizes) and says so; summary.json records the sizes used."""
+    capsys.readouterr()
+    args = _args(feats, feats / "big", mode) + ["--pool-size", "1000", "--test-size", "250"]
+    assert bilaf(args) == 0
+    err = capsys.readouterr().err
+    assert err == ("bilaf finetune: note: pool_size 1000 is more than the 300 train rows of the "
+                   "feature files: the run uses all 300\n"
+                   "bilaf finetune: note: test_size 250 is more than the 200 test rows of the "
+                   "feature files: the run uses all 200\n")
+    summary = json.loads((feats / "big" / "summary.json").read_text())
+    assert (summary["num_pool"], summary["num_test"]) == (300, 200)
+    assert summary["config"]["pool_size"] == 1000  # what was asked, beside what was used
+    # Within the rows: no note, and the sizes are the ones asked.
+    assert bilaf(_args(feats, feats / "small", mode) + ["--pool-size", "299", "--test-size", "50"]) == 0
+    assert capsys.readouterr().err == ""
+    summary = json.loads((feats / "small" / "summary.json").read_text())
+    assert (summary["num_pool"], summary["num_test"]) == (299, 50)
+
+
+@pytest.mark.parametrize("mode", ["linear", "knn"])
 def test_test_classes_no_labelled_sample_has_are_noted(bilaf, feats, capsys, mode):
     """An accuracy of 0 because the labelled samples share no class with the test set is said,
     not left silent; the run still goes on."""

@@ -185,11 +185,16 @@ def test_full_mode_reads_only_labelled_pool_rows_and_imagenet_validation(tmp_pat
     assert sorted(read) == ["train", "validation"]
     assert read["train"] == [5, 1, 7] and read["validation"] == [0, 1, 2, 3]
     assert summary["num_classes"] == 1000 and summary["num_test"] == 4 and summary["step"] == 3
-    # DeiT's evaluation crop (configs/imagenet.py) on images of varying sizes
+    assert summary["num_pool"] == 10 and not any("pool_size" in n for n in summary["notes"])
+    # DeiT's evaluation crop (configs/imagenet.py) on images of varying sizes; a pool_size above
+    # the split's images takes them all and says so
     with tfds.testing.mock_data(num_examples=10):
-        cropped = train_and_evaluate(make_config(**{**config.__dict__, "eval_crop_fraction": 0.875}),
+        cropped = train_and_evaluate(make_config(**{**config.__dict__, "eval_crop_fraction": 0.875,
+                                                    "pool_size": 25}),
                                      tmp_path / "crop", backbone=TinyBackbone())
     assert cropped["num_test"] == 4 and cropped["config"]["eval_crop_fraction"] == 0.875
+    assert cropped["num_pool"] == 10 and cropped["notes"][0] == (
+        "pool_size 25 is more than the 10 train rows of imagenet2012: the run uses all 10")
 
 
 def data_parallel_check(tmp_path):

@@ -16,7 +16,7 @@ Workdir layout
                   past the restored step go.
   checkpoints/    orbax CheckpointManager (full mode).
   summary.json    written atomically at the end: final_accuracy, step, resumed_from_step, mode,
-                  config, num_labelled, num_test, params_digest (full mode).
+                  config, num_labelled, num_pool, num_test, params_digest (full mode).
 
 Exact resume: batch order and augmentation keys are functions of (seed, step) only
 (`train.input_pipeline`), and a checkpoint holds everything else (parameters, other model
@@ -383,9 +383,19 @@ def _load_feature_pair(config: Config):
     from bilaf_jax.extract import check_feature_pair
 
     check_feature_pair(config.features, config.test_features)
-    if config.test_size is not None:
-        test_x, test_y = test_x[: config.test_size], test_y[: config.test_size]
     return pool_x, pool_y, test_x, test_y
+
+
+def _size_notes(config: Config, pool_rows: int, test_rows: int, where: str) -> list[str]:
+    """Notes for a pool_size / test_size above the rows `where` has: the run takes them all
+    (one config serves feature files and data sets of several sizes), and says so."""
+    notes = []
+    for name, asked, there, what in (("pool_size", config.pool_size, pool_rows, "train"),
+                                     ("test_size", config.test_size, test_rows, "test")):
+        if asked is not None and asked > there:
+            notes.append(f"{name} {asked} is more than the {there} {what} rows of {where}: "
+                         f"the run uses all {there}")
+    return notes
 
 
 def _run_on_features(config: Config, workdir: Path) -> dict:
@@ -394,8 +404,9 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
     from train.linear import linear_probe
 
     pool_x, pool_y, test_x, test_y = _load_feature_pair(config)
-    if config.pool_size is not None:
-        pool_x, pool_y = pool_x[: config.pool_size], pool_y[: config.pool_size]
+    notes = _size_notes(config, len(pool_y), len(test_y), "the feature files")
+    pool_x, pool_y = pool_x[: config.pool_size], pool_y[: config.pool_size]
+    test_x, test_y = test_x[: config.test_size], test_y[: config.test_size]
     sel = np.asarray(load_index_list(config.selection, n=len(pool_y)), np.int64)
     rows = pool_identity(config.features)
     _check_selection(config.selection, sel, rows, f"--features {config.features}")
@@ -407,7 +418,7 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
     _check_workdir(workdir, identity)
     num_classes = config.num_classes or int(max(pool_y.max(), test_y.max())) + 1
     check_labels(num_classes, selected_pool_labels=pool_y[sel], test_labels=test_y)
-    note = _unseen_classes_note(pool_y[sel], test_y)
+    notes.append(_unseen_classes_note(pool_y[sel], test_y))
     # Computed before anything is written: an error or Ctrl-C here leaves the workdir as it was
     # (not a summary.json beside an emptied metrics.jsonl).
     if config.mode == "linear":
@@ -434,12 +445,13 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
         "step": step,
         "resumed_from_step": 0,
         "num_labelled": int(len(sel)),
+        "num_pool": int(len(pool_y)),
         "num_test": int(len(test_y)),
         "num_classes": num_classes,
         "config": dataclasses.asdict(config),
     }
     _write_summary(workdir, summary)
-    summary["notes"] = [note] if note else []
+    summary["notes"] = [n for n in notes if n]
     return summary
 
 
@@ -748,6 +760,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
                          f"class folders ({pool.class_names} vs {test_src.class_names}), so "
                          "their labels would mean different classes; give both the same classes")
     n_test = len(test_src) if config.test_size is None else min(config.test_size, len(test_src))
+    notes = _size_notes(config, len(pool), len(test_src), f"{config.dataset}")
     bb = backbone if backbone is not None else _load_backbone(config)
     s = config.image_size
     resample = getattr(bb, "resize_method", "bilinear")
@@ -769,7 +782,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     train_labels = np.asarray(labelled.labels, np.int32)
     test_labels = np.asarray(test.labels, np.int32)
     check_labels(num_classes, selected_pool_labels=train_labels, test_labels=test_labels)
-    note = _unseen_classes_note(train_labels, test_labels)
+    notes.append(_unseen_classes_note(train_labels, test_labels))
     steps_per_epoch = steps_for_epochs(1.0, len(sel), config.batch_size)
     total = config.steps or steps_for_epochs(config.epochs, len(sel), config.batch_size)
     warmup = (config.warmup_steps if config.warmup_steps is not None
@@ -864,6 +877,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
         "step": step,
         "resumed_from_step": start,
         "num_labelled": int(len(sel)),
+        "num_pool": n_pool,
         "num_test": int(len(test_labels)),
         "num_classes": num_classes,
         "params_digest": params_digest(eval_state(state)[0]),
@@ -873,7 +887,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     if ran:
         summary["images_per_second"] = ran * config.batch_size / elapsed
     summary["state"] = state
-    summary["notes"] = [note] if note else []
+    summary["notes"] = [n for n in notes if n]
     return summary
 
 

@@ -60,9 +60,10 @@ def register(subparsers) -> None:
     p.add_argument("--test-features", help="test features .npz (features, labels) for linear/knn")
     p.add_argument("--config", help="configs/NAME.py or a path to a config file")
     p.add_argument("--data-dir", help="dataset folder (see bilaf_jax.data)")
-    p.add_argument("--pool-size", type=int, help="the pool = the first N train images")
+    p.add_argument("--pool-size", type=int, help="the pool = the first N train images (all of "
+                   "them, with a note, where there are fewer)")
     p.add_argument("--test-size", type=int, help="evaluate on the first N test images (ImageNet: "
-                   "validation images)")
+                   "validation images; all, with a note, where there are fewer)")
     p.add_argument("--batch-size", type=int, help="full mode: images per step (default 32)")
     p.add_argument("--learning-rate", type=float,
                    help="full mode: peak learning rate (default 3e-3)")
