@@ -55,6 +55,15 @@ def test_cli_writes_features_labels_indices_meta(pool, tmp_path, monkeypatch, ca
     images = load_arrays("fashion_mnist", "train", limit=7, **dirs).images
     np.testing.assert_allclose(features, bb.embed(images, image_size=32, batch_size=4),
                                rtol=1e-5, atol=1e-5)
+    assert "note" not in capsys.readouterr().err
+    # A limit above the split's images extracts them all and says so.
+    rc = bilaf(monkeypatch, *ARGS, "--data-dir", dirs["data_dir"], "--cache-dir",
+               dirs["cache_dir"], "--limit", 25, "--out", tmp_path / "all.npz")
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert ("bilaf extract: note: --limit 25 is more than the 10 images of fashion_mnist train: "
+            "all 10 extracted\n") in err, err
+    assert read_meta(tmp_path / "all.npz")["num_images"] == 10
 
 
 def test_resume_after_interruption_gives_identical_features(pool, tmp_path):

@@ -44,7 +44,8 @@ def register(sub) -> None:
                    "e.g. dino_deitsmall16_pretrain.pth), or 'random'")
     p.add_argument("--image-size", type=_positive_int, default=None,
                    help="input side in pixels (default: the backbone's, 224)")
-    p.add_argument("--limit", type=_positive_int, default=None, help="use the first N images")
+    p.add_argument("--limit", type=_positive_int, default=None,
+                   help="use the first N images (all, with a note, where there are fewer)")
     p.add_argument("--batch-size", type=_positive_int, default=64,
                    help="images per jitted forward (default 64: fastest on 2 CPU cores)")
     p.add_argument("--data-dir", default=None,
@@ -85,6 +86,10 @@ def run(args) -> int:
         batch_size=args.batch_size, data_dir=args.data_dir, cache_dir=args.cache_dir,
         taps=taps, seed=args.seed, progress=not args.no_progress, read_workers=args.read_workers,
     )
+    if args.limit is not None and result.num_images < args.limit:
+        sys.stderr.write(f"bilaf extract: note: --limit {args.limit} is more than the "
+                         f"{result.num_images} images of {args.dataset} {args.split}: all "
+                         f"{result.num_images} extracted\n")
     reused = f", {result.reused_batches} batches reused" if result.reused_batches else ""
     sys.stderr.write(
         f"bilaf extract: {result.num_images} x {result.dim} features -> {result.path} "
