@@ -219,6 +219,10 @@ OTHER_CASES = {
                          "0", "--workdir", "{out}"],
     "finetune-batch-not-multiple": ["finetune", "--mode", "full", "--selection", "{d}/sel.json",
                                     "--batch-size", "6", "--num-devices", "4", "--workdir", "{out}"],
+    # refused before the images are read (the data set need not be there)
+    "finetune-too-many-devices": ["finetune", "--mode", "full", "--selection", "{d}/sel.json",
+                                  "--batch-size", "1024", "--num-devices", "1024",
+                                  "--data-dir", "{d}/no_such_dir", "--workdir", "{out}"],
     "unknown-command": ["frobnicate"],
 }
 KNOWN_BUGS: dict[str, str] = {}
@@ -503,6 +507,7 @@ def test_extract_never_writes_over_its_weight_file(files, tmp_path, capsys):
     ("budget-barely-over-100%", "--budget percentage must be in (0, 100], got 100.0000000000000001%"),
     ("finetune-steps-0", "--steps must be a positive integer, got 0"),
     ("finetune-batch-not-multiple", "--batch-size (6) must be a multiple of --num-devices (4)"),
+    ("finetune-too-many-devices", "--num-devices is 1024 but only"),
 ])
 def test_error_messages_name_the_cause(case, needle, files, tmp_path, capsys):
     argv = {**SELECT_CASES, **OTHER_CASES}[case]

@@ -249,8 +249,15 @@ def test_num_devices_checks(tmp_path):
         make_config(selection=sel, num_devices=0)
     from train.train import _placement
 
-    with pytest.raises(ValueError, match="devices are available"):
-        _placement(jax.device_count() + 1)
+    many = jax.device_count() + 1
+    with pytest.raises(ValueError, match=f"num_devices is {many} but only {many - 1} device"):
+        _placement(many)
+    # Refused before the data are looked for (the folder here does not exist) or a file written.
+    cfg = make_config(selection=sel, batch_size=many, num_devices=many,
+                      data_dir=str(tmp_path / "absent"))
+    with pytest.raises(ValueError, match=f"num_devices is {many} but only"):
+        train_and_evaluate(cfg, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
 
 
 def test_each_run_trains_with_its_own_settings_in_one_process(tmp_path):

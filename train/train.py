@@ -703,6 +703,16 @@ def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
     return Finetune(state, train_step, _eval_step_fn(eval_def), schedule, commit, shard)
 
 
+def check_num_devices(num_devices: int, name: str = "num_devices") -> None:
+    """Refuse more devices than this process has (checked before any data is read)."""
+    import jax
+
+    if num_devices > jax.device_count():
+        have = jax.device_count()
+        raise InputError(f"{name} is {num_devices} but only {have} device"
+                         f"{'s are' if have > 1 else ' is'} available")
+
+
 def _placement(num_devices: int):
     """(commit, shard) for `Finetune`: the state on one device or replicated over a mesh of
     `num_devices`; batches as they are or split over the mesh's "data" axis."""
@@ -712,9 +722,7 @@ def _placement(num_devices: int):
 
     from bilaf_jax.sharding import make_mesh
 
-    if num_devices > jax.device_count():
-        raise ValueError(f"num_devices is {num_devices} but only {jax.device_count()} devices "
-                         "are available")
+    check_num_devices(num_devices)
     if num_devices == 1:
         device = jax.devices()[0]
         return (lambda tree: jax.device_put(tree, device)), (lambda x: x)
@@ -743,6 +751,8 @@ def _sigint_deferred():
 
 def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> dict:
     from bilaf_jax import data
+
+    check_num_devices(config.num_devices)
 
     # Only the labelled rows of the pool and the test rows are read into memory (an ImageNet
     # pool does not fit); images that differ in size are resized to image_size on the host.

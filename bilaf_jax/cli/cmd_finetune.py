@@ -108,7 +108,7 @@ def load_config_file(name: str) -> dict:
 
 
 def run(args) -> int:
-    from train.train import make_config, summary_without_state, train_and_evaluate
+    from train.train import check_num_devices, make_config, summary_without_state, train_and_evaluate
 
     overrides = load_config_file(args.config) if args.config else {}
     for flag, field in _FLAGS.items():
@@ -141,6 +141,8 @@ def run(args) -> int:
         raise UsageError(str(e)) from None
     except ValueError as e:
         raise UsageError(_name_flags(str(e), args)) from None
+    if config.mode == "full":  # here, where the message can name the flag
+        check_num_devices(config.num_devices, "--num-devices" if args.num_devices else "num_devices")
     result = train_and_evaluate(config, args.workdir)
     for note in result.get("notes", ()):
         sys.stderr.write(f"bilaf finetune: note: {note}\n")
