@@ -327,13 +327,14 @@ def test_full_finetune_identity_records_the_backbones_preprocessing(feats):
 def test_full_finetune_workdir_refuses_a_replaced_weight_file(feats):
     """A weight file replaced at the same path is another run: resuming its checkpoints would
     report the old weights' result. Workdirs recorded before the weights' digest still resume."""
-    from train.train import _check_workdir, _identity, _write_config, make_config
+    from train.train import _check_workdir, _claimed, _identity, make_config
 
     weights = feats / "w.pth"
     weights.write_bytes(b"first")
     cfg = make_config(mode="full", selection=str(feats / "sel.json"), backbone_weights=str(weights))
     wd = feats / "full"
-    _write_config(wd, cfg, _identity(cfg, "images"))
+    with _claimed(wd, cfg, _identity(cfg, "images")):
+        (wd / "checkpoints" / "2").mkdir(parents=True)  # a finished checkpoint
     assert _check_workdir(wd, _identity(cfg, "images"))
     weights.write_bytes(b"second")
     with pytest.raises(ValueError, match="different config.*backbone_weights_sha256"):

@@ -426,3 +426,42 @@ def test_epochs_and_warmup_epochs_count_the_same_steps(tmp_path):
     lrs = [r["learning_rate"] for r in map(json.loads, open(tmp_path / "w" / "metrics.jsonl"))
            if "learning_rate" in r]
     assert np.argmax(lrs) == 5  # 5 warm-up steps: step 6 takes the peak rate, schedule(5)
+
+
+def test_a_start_stopped_before_any_result_does_not_claim_the_workdir(tmp_path):
+    """A run of another config stopped before its first checkpoint, metrics line or summary
+    left nothing to lose: a new config takes the workdir. Once it has a checkpoint, it is
+    refused as before."""
+    _fashion_mnist_or_skip()
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    base = dict(selection=sel, image_size=16, steps=4, batch_size=4, pool_size=80, test_size=8,
+                warmup_steps=1, checkpoint_every=2, log_every=2)
+    wd = tmp_path / "w"
+    stopped = train_and_evaluate(make_config(**base, seed=1), wd, backbone=TinyBackbone(),
+                                 max_steps_this_run=0)
+    assert stopped["interrupted"] and (wd / "config.json").exists()
+    other = make_config(**base, seed=2)
+    halfway = train_and_evaluate(other, wd, backbone=TinyBackbone(), max_steps_this_run=2)
+    assert halfway["step"] == 2 and json.loads((wd / "config.json").read_text())["config"]["seed"] == 2
+    with pytest.raises(ValueError, match="holds a run of a different config"):
+        train_and_evaluate(make_config(**base, seed=1), wd, backbone=TinyBackbone())
+    done = train_and_evaluate(other, wd, backbone=TinyBackbone())
+    assert done["resumed_from_step"] == 2 and done["step"] == 4
+
+
+def test_a_workdir_in_use_by_another_process_is_refused(tmp_path):
+    """Two processes writing one workdir's checkpoints would corrupt them: the second start
+    is refused while the first holds the workdir, and writes nothing."""
+    _fashion_mnist_or_skip()
+    from bilaf_jax.io import exclusive_lock
+
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    cfg = make_config(selection=sel, image_size=16, steps=2, batch_size=4, pool_size=80,
+                      test_size=8, warmup_steps=1)
+    wd = tmp_path / "w"
+    wd.mkdir()
+    with exclusive_lock(wd / ".lock", "the other run"):  # flock: per open file, so this conflicts
+        with pytest.raises(ValueError, match=f"workdir {wd} is in use by another process"):
+            train_and_evaluate(cfg, wd, backbone=TinyBackbone())
+    assert sorted(p.name for p in wd.iterdir()) == [".lock"]
+    assert train_and_evaluate(cfg, wd, backbone=TinyBackbone())["step"] == 2

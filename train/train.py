@@ -9,7 +9,9 @@ Modes
 
 Workdir layout
   config.json     the config and the content hashes of its input files; a later start with a
-                  different config is refused before anything is written.
+                  different config is refused before anything is written (unless the run
+                  stopped before any checkpoint, metrics line or summary: nothing to lose).
+  .lock           held while a run writes here; a second process is refused meanwhile.
   metrics.jsonl   one JSON object every log_every steps and at every evaluation (every
                   eval_every steps and the last): step, train_loss (mean since the previous
                   line), learning_rate, and eval_accuracy where evaluated. On resume, lines
@@ -44,6 +46,7 @@ import numpy as np
 from bilaf_jax.io import (
     InputError,
     check_identity,
+    exclusive_lock,
     indices_sha256,
     load_features,
     load_index_list,
@@ -263,7 +266,10 @@ def _arrays_sha256(*arrays) -> str:
 
 
 def _check_workdir(workdir: Path, identity: dict) -> bool:
-    """Refuse a workdir that belongs to another config. Returns True if it already has ours."""
+    """Refuse a workdir that belongs to another config. Returns True if it already has ours.
+
+    A workdir whose run of another config stopped before it had any result (no checkpoint,
+    metrics line or summary) is not refused: there is nothing of that run to lose."""
     if workdir.exists() and not workdir.is_dir():
         raise InputError(f"workdir {workdir} exists and is not a folder")
     cfg_path = workdir / "config.json"
@@ -273,17 +279,38 @@ def _check_workdir(workdir: Path, identity: dict) -> bool:
             raise InputError(f"workdir {workdir} holds a run without config.json; "
                              "use an empty or new workdir")
         return False
-    check_identity(cfg_path, identity, workdir, added_later=LATER_IDENTITY_KEYS)
+    try:
+        check_identity(cfg_path, identity, workdir, added_later=LATER_IDENTITY_KEYS)
+    except InputError:
+        if _holds_results(workdir):
+            raise
+        return False
     return True
 
 
-def _write_config(workdir: Path, config: Config, identity: dict) -> None:
+def _holds_results(workdir: Path) -> bool:
+    """Whether a run in `workdir` got as far as a summary, a metrics line or a finished
+    checkpoint (orbax names those by their step; one cut short is a tmp folder)."""
+    metrics = workdir / "metrics.jsonl"
+    checkpoints = workdir / "checkpoints"
+    return ((workdir / "summary.json").exists()
+            or (metrics.exists() and metrics.stat().st_size > 0)
+            or (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())))
+
+
+@contextlib.contextmanager
+def _claimed(workdir: Path, config: Config, identity: dict):
+    """Hold `workdir` for this run: create it, lock it (a second process writing the same
+    checkpoints would corrupt them), check it again under the lock, and write config.json."""
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # say, a file where a parent folder should be: one line, not a traceback
         raise InputError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
-    write_json_atomic(workdir / "config.json",
-                      {"config": dataclasses.asdict(config), "identity": identity}, indent=1)
+    with exclusive_lock(workdir / ".lock", f"workdir {workdir}"):
+        _check_workdir(workdir, identity)  # another process may have written it meanwhile
+        write_json_atomic(workdir / "config.json",
+                          {"config": dataclasses.asdict(config), "identity": identity}, indent=1)
+        yield
 
 
 class MetricsWriter:
@@ -437,20 +464,20 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
                        return_output=True)
         step = 0
         records = [{"step": 0, "eval_accuracy": float(out.accuracy)}]
-    _write_config(workdir, config, identity)
-    MetricsWriter(workdir / "metrics.jsonl").replace(records)
-    summary = {
-        "mode": config.mode,
-        "final_accuracy": float(out.accuracy),
-        "step": step,
-        "resumed_from_step": 0,
-        "num_labelled": int(len(sel)),
-        "num_pool": int(len(pool_y)),
-        "num_test": int(len(test_y)),
-        "num_classes": num_classes,
-        "config": dataclasses.asdict(config),
-    }
-    _write_summary(workdir, summary)
+    with _claimed(workdir, config, identity):
+        MetricsWriter(workdir / "metrics.jsonl").replace(records)
+        summary = {
+            "mode": config.mode,
+            "final_accuracy": float(out.accuracy),
+            "step": step,
+            "resumed_from_step": 0,
+            "num_labelled": int(len(sel)),
+            "num_pool": int(len(pool_y)),
+            "num_test": int(len(test_y)),
+            "num_classes": num_classes,
+            "config": dataclasses.asdict(config),
+        }
+        _write_summary(workdir, summary)
     summary["notes"] = [n for n in notes if n]
     return summary
 
@@ -811,89 +838,89 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     train_images = _Images(bb, labelled.images, s)
     test_images = _Images(bb, test.images, s)
 
-    _write_config(workdir, config, identity)
-    mngr = ocp.CheckpointManager(
-        (workdir / "checkpoints").absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True))
-    try:
-        start = 0
-        latest = mngr.latest_step()
-        if latest is not None:
-            template = state
-            saved = _keys_to_data(template)
-            abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
-            restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
-            state = commit(_keys_from_data(restored, template))
-            start = int(state["step"])
-        metrics = MetricsWriter(workdir / "metrics.jsonl")
-        metrics.truncate(start)
+    with _claimed(workdir, config, identity):
+        mngr = ocp.CheckpointManager(
+            (workdir / "checkpoints").absolute(),
+            options=ocp.CheckpointManagerOptions(max_to_keep=config.max_checkpoints, create=True))
+        try:
+            start = 0
+            latest = mngr.latest_step()
+            if latest is not None:
+                template = state
+                saved = _keys_to_data(template)
+                abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
+                restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+                state = commit(_keys_from_data(restored, template))
+                start = int(state["step"])
+            metrics = MetricsWriter(workdir / "metrics.jsonl")
+            metrics.truncate(start)
 
-        order = BatchOrder(config.seed, len(sel), config.batch_size)
-        aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
+            order = BatchOrder(config.seed, len(sel), config.batch_size)
+            aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
-        def eval_state(st):
-            """(params, rest) to evaluate: the EMA's where EMA is on."""
-            return st["ema"] if config.ema_decay > 0 else (st["params"], st["rest"])
+            def eval_state(st):
+                """(params, rest) to evaluate: the EMA's where EMA is on."""
+                return st["ema"] if config.ema_decay > 0 else (st["params"], st["rest"])
 
-        # Evaluation batches split evenly too (padding rows are masked, so the size is free).
-        eval_batch = -(-config.eval_batch_size // config.num_devices) * config.num_devices
-        t0 = time.perf_counter()
-        ran = 0
-        final_acc = None
-        step = start
-        while step < total:
-            if max_steps_this_run is not None and ran >= max_steps_this_run:
-                return {"interrupted": True, "step": step, "resumed_from_step": start}
-            idx = order(step)
-            key = jax.random.fold_in(aug_key, step)
-            state, _ = train_step(state, shard(train_images.take(idx)), shard(train_labels[idx]), key)
-            step += 1
-            ran += 1
-            evaluate = step == total or (config.eval_every and step % config.eval_every == 0)
-            if step % config.log_every == 0 or evaluate:
-                record = {"step": step,
-                          "train_loss": float(state["loss_sum"]) / max(int(state["loss_count"]), 1),
-                          "learning_rate": float(schedule(step - 1))}
-                state["loss_sum"] = commit(jnp.zeros((), jnp.float32))
-                state["loss_count"] = commit(jnp.zeros((), jnp.int32))
-                if evaluate:
-                    record["eval_accuracy"] = _evaluate(eval_step, *eval_state(state), test_images,
-                                                        test_labels, eval_batch, shard)
-                    if step == total:
-                        final_acc = record["eval_accuracy"]
-                metrics.write(record)
-            if step % config.checkpoint_every == 0 or step == total:
-                with _sigint_deferred():  # a save cut short leaves its tmp folder behind
-                    mngr.save(step, args=ocp.args.StandardSave(_keys_to_data(state)))
-    finally:
-        # On Ctrl-C too, the save in flight is waited for: left to the interpreter's exit, its
-        # threads fail with tracebacks and leave a tmp folder; finished, the run resumes from it.
-        with _sigint_deferred():
-            mngr.close()
-    elapsed = time.perf_counter() - t0
+            # Evaluation batches split evenly too (padding rows are masked, so the size is free).
+            eval_batch = -(-config.eval_batch_size // config.num_devices) * config.num_devices
+            t0 = time.perf_counter()
+            ran = 0
+            final_acc = None
+            step = start
+            while step < total:
+                if max_steps_this_run is not None and ran >= max_steps_this_run:
+                    return {"interrupted": True, "step": step, "resumed_from_step": start}
+                idx = order(step)
+                key = jax.random.fold_in(aug_key, step)
+                state, _ = train_step(state, shard(train_images.take(idx)), shard(train_labels[idx]), key)
+                step += 1
+                ran += 1
+                evaluate = step == total or (config.eval_every and step % config.eval_every == 0)
+                if step % config.log_every == 0 or evaluate:
+                    record = {"step": step,
+                              "train_loss": float(state["loss_sum"]) / max(int(state["loss_count"]), 1),
+                              "learning_rate": float(schedule(step - 1))}
+                    state["loss_sum"] = commit(jnp.zeros((), jnp.float32))
+                    state["loss_count"] = commit(jnp.zeros((), jnp.int32))
+                    if evaluate:
+                        record["eval_accuracy"] = _evaluate(eval_step, *eval_state(state), test_images,
+                                                            test_labels, eval_batch, shard)
+                        if step == total:
+                            final_acc = record["eval_accuracy"]
+                    metrics.write(record)
+                if step % config.checkpoint_every == 0 or step == total:
+                    with _sigint_deferred():  # a save cut short leaves its tmp folder behind
+                        mngr.save(step, args=ocp.args.StandardSave(_keys_to_data(state)))
+        finally:
+            # On Ctrl-C too, the save in flight is waited for: left to the interpreter's exit, its
+            # threads fail with tracebacks and leave a tmp folder; finished, the run resumes from it.
+            with _sigint_deferred():
+                mngr.close()
+        elapsed = time.perf_counter() - t0
 
-    if final_acc is None:  # resumed from the final checkpoint
-        final_acc = _evaluate(eval_step, *eval_state(state), test_images, test_labels,
-                              eval_batch, shard)
-    # The best of the evaluations along the way (every eval_every steps and the last): what the
-    # authors' finetuning script reports ("Max accuracy"); final_accuracy is the last.
-    evals = [(r["eval_accuracy"], r["step"]) for r in metrics.records() if "eval_accuracy" in r]
-    best_acc, best_step = max(evals + [(final_acc, step)], key=lambda e: (e[0], -e[1]))
-    summary = {
-        "mode": "full",
-        "final_accuracy": final_acc,
-        "best_accuracy": best_acc,
-        "best_step": best_step,
-        "step": step,
-        "resumed_from_step": start,
-        "num_labelled": int(len(sel)),
-        "num_pool": n_pool,
-        "num_test": int(len(test_labels)),
-        "num_classes": num_classes,
-        "params_digest": params_digest(eval_state(state)[0]),
-        "config": dataclasses.asdict(config),
-    }
-    _write_summary(workdir, summary)
+        if final_acc is None:  # resumed from the final checkpoint
+            final_acc = _evaluate(eval_step, *eval_state(state), test_images, test_labels,
+                                  eval_batch, shard)
+        # The best of the evaluations along the way (every eval_every steps and the last): what the
+        # authors' finetuning script reports ("Max accuracy"); final_accuracy is the last.
+        evals = [(r["eval_accuracy"], r["step"]) for r in metrics.records() if "eval_accuracy" in r]
+        best_acc, best_step = max(evals + [(final_acc, step)], key=lambda e: (e[0], -e[1]))
+        summary = {
+            "mode": "full",
+            "final_accuracy": final_acc,
+            "best_accuracy": best_acc,
+            "best_step": best_step,
+            "step": step,
+            "resumed_from_step": start,
+            "num_labelled": int(len(sel)),
+            "num_pool": n_pool,
+            "num_test": int(len(test_labels)),
+            "num_classes": num_classes,
+            "params_digest": params_digest(eval_state(state)[0]),
+            "config": dataclasses.asdict(config),
+        }
+        _write_summary(workdir, summary)
     if ran:
         summary["images_per_second"] = ran * config.batch_size / elapsed
     summary["state"] = state
