@@ -423,6 +423,9 @@ def _ring_plan(m, ring_fraction, remove_fraction, *, mode, ftype):
     """
     ring_fraction, remove_fraction = Ratio.of(ring_fraction), Ratio.of(remove_fraction)
     if mode == "official":  # the script's float arithmetic: int(90 * (1 - 0.3)) is 62
+        # Python floats are float64 whatever the features' dtype (float32 makes that 63); JAX
+        # computes in float64 where x64 is enabled, as `select` and the CLI do.
+        ftype = jnp.result_type(float)
         ring = jnp.floor(m.astype(ftype) * ring_fraction.value).astype(jnp.int32)
         ring = jnp.maximum(1, ring)
         target = ring * (m // ring)  # the remainder after the last full ring is dropped
@@ -1021,8 +1024,10 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
         grows with the rows' distance from the origin, about sqrt(eps) ||x|| (two identical
         rows of norm 50 in float32 can lie 0.05 apart); a pool whose mean lies farther from
         the origin than its rows' RMS distance from that mean is therefore measured
-        translated to its mean (`distances.centring_shift`; distances do not change). Ties
-        between exact duplicates need direct=True.
+        translated to its mean (`distances.centring_shift`; distances do not change), or
+        to the mean rounded to integers where every feature is an integer, which keeps the
+        exact ties of such pools (raw pixels) exact. Ties between exact duplicates of other
+        features need direct=True.
       precision: of the assignment's [n, K] distance matmuls, paper mode: "float32" (default),
         "bfloat16" or "tensorfloat32" (NVIDIA GPUs), both accumulating in float32 (see
         `bilaf_jax.distances`). They only shortlist each sample's nearest cores: the
@@ -1056,7 +1061,9 @@ def bilaf(key, features, core_indices, budget: int, *, mode: str = "paper",
     cluster members; allocation floor(p_i B) then smallest-allocation-first; d_intra fixed
     over the denoised class; only the nearest opponent is penalised, at the start of the next
     round; each round removes the floor(|U_i| / B_i) candidates first in (distance to the last
-    pick, inclusion position) order and takes the first argmin. Raises ValueError where the
+    pick, inclusion position) order and takes the first argmin. Its counts (ring, kept,
+    allocation) are the script's Python float64 arithmetic where JAX has x64 enabled (`select`
+    and the CLI enable it), else float32 (int(90 * 0.7) may then be 63, not 62). Raises ValueError where the
     script would crash (a zero allocation, a core not its own nearest core, a core removed by
     denoising) and warns where it repeats samples. Under `jit`/`vmap` with traced
     hyperparameters nothing can raise: a setting where the script would crash returns indices

@@ -82,7 +82,10 @@ def centring_shift(x, weight=None):
     The Gram expansion loses about eps ||x||^2 to cancellation, so a pool offset far from the
     origin (raw intensities, features of one sign) has its near-ties decided by rounding; after
     the shift ||x|| is of the order of the pool's spread. Translation leaves every Euclidean
-    distance as it is, and a pool near the origin is left bit for bit (x - 0 == x).
+    distance as it is, and a pool near the origin is left bit for bit (x - 0 == x). Where every
+    value is an integer (raw pixels, counts) the shift is the mean rounded to integers: the
+    translated rows stay integers, so distances tied exactly stay tied (the mean's fractions
+    would round them apart).
     """
     x = jnp.asarray(x)
     w = jnp.ones(x.shape[0], x.dtype) if weight is None else jnp.asarray(weight, x.dtype)
@@ -90,7 +93,8 @@ def centring_shift(x, weight=None):
     # Each row divided first: the plain sum can overflow where every row fits.
     mean = jnp.sum((w / total)[:, None] * x, axis=0)
     spread = jnp.sum((w / total) * jnp.sum((x - mean) ** 2, axis=1))
-    return jnp.where(jnp.sum(mean * mean) > spread, mean, jnp.zeros_like(mean))
+    shift = jnp.where(jnp.all(x == jnp.round(x)), jnp.round(mean), mean)
+    return jnp.where(jnp.sum(mean * mean) > spread, shift, jnp.zeros_like(mean))
 
 
 def pairwise(x, y, metric: str = "sqeuclidean", *, direct: bool = False, precision=None):

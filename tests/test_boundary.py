@@ -150,6 +150,40 @@ def test_float32_pool_far_from_origin_matches_reference(blobs, mode):
     _check(out, reference(far, cores, 40), x.shape[0])
 
 
+def test_official_counts_are_the_scripts_float64_ones_for_float32_features():
+    """The script's ring and kept counts are Python (float64) arithmetic: int(90 * (1 - 0.3))
+    is 62, where float32 makes it 63. With x64 on, float32 features get the script's counts
+    and its selection too."""
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.normal(size=(90, 4)), 8 + rng.normal(size=(40, 4))])
+    cores = [int(np.argmin(((x[:90] - x[:90].mean(0)) ** 2).sum(1))),
+             90 + int(np.argmin(((x[90:] - x[90:].mean(0)) ** 2).sum(1)))]
+    with jax.enable_x64(True), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the script's repeats, where they occur
+        out = bilaf(KEY, x.astype(np.float32), cores, 20, mode="official", remove_fraction=0.3)
+    labels, kept = np.asarray(out.pseudo_labels), np.asarray(out.kept)
+    assert [int(kept[labels == j].sum()) for j in range(2)] == [62, 28]
+    x32 = x.astype(np.float32).astype(np.float64)
+    _check(out, official_reference(x32, cores, 20, remove_fraction=0.3), x.shape[0])
+
+
+@pytest.mark.parametrize("x64", [False, True], ids=["float32", "float64"])
+def test_integer_pool_far_from_origin_keeps_its_exact_ties(x64):
+    """Small integer features (many samples exactly equidistant from two cores): the default
+    Gram form, translated by an integer shift, decides those ties by the stated rules, as the
+    reference does. Translated by the mean itself, 2 to 12 of the 150 labels and every
+    selection here differed."""
+    for seed in range(200, 203):
+        rng = np.random.default_rng(seed)
+        x = rng.integers(0, 4, size=(150, 4)).astype(np.float64)
+        cores = rng.choice(150, 5, replace=False)
+        assert len(np.unique(x[cores], axis=0)) == 5
+        with jax.enable_x64(x64):
+            for budget in (20, 50):
+                out = bilaf(KEY, x if x64 else x.astype(np.float32), cores, budget)
+                _check(out, paper_reference(x, cores, budget), 150)
+
+
 def test_pool_near_the_origin_is_not_translated(blobs, monkeypatch):
     """A pool near the origin is measured as given (no copy, the same bits)."""
     x, cores = blobs
