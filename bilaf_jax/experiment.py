@@ -18,8 +18,8 @@
 3. Evaluations: linear probe and weighted k-NN on the cached features (train.linear_probe,
    train.knn_eval), or full finetuning (train.train_and_evaluate), each record cached as
    `evals/<eval>/<method>_b<budget>_s<seed>.json`.
-4. Report: `results.json`, `results.md`, `accuracy_vs_budget.png`, and `pca_map.png` where a
-   BiLAF method ran.
+4. Report: `results.json`, `results.md`, `accuracy_vs_budget.png`, and `pca_map.png` of the
+   first BiLAF method's selection at the middle budget for the first seed, where it succeeded.
 
 Every file is written atomically; a killed run started again reuses every finished piece, and
 its `results.json` records equal those of an uninterrupted run (selection_seconds is the time
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import hashlib
 import io
@@ -241,6 +242,12 @@ def check_budgets(config: RunConfig, pool_size: int) -> list[int]:
     if any(m.startswith("bilaf") for m in config.methods) and config.num_cores > min(budgets):
         raise InputError(f"run config {config.name}: num_cores K = {config.num_cores} exceeds the "
                          f"smallest budget {min(budgets)}")
+    batch = config.activeft_batch_size
+    if (batch is not None and batch > pool_size
+            and any(m == "activeft" or m.startswith("bilaf") for m in config.methods)):
+        # ActiveFT refuses it, but only at its first selection, after the features are made
+        raise InputError(f"run config {config.name}: activeft_batch_size {batch} exceeds the pool "
+                         f"size {pool_size}; lower it or use None (full-batch steps)")
     return budgets
 
 
@@ -326,6 +333,23 @@ def _check_made_with(path: Path, rec: dict, settings: dict) -> None:
                      "with this run's settings")
 
 
+def _check_workdir_makeable(workdir: Path) -> None:
+    """What `_make_workdir` would refuse, without creating anything (for the dry run)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise InputError(f"workdir {workdir} exists and is not a folder")
+    if workdir.is_dir():
+        if not os.access(workdir, os.W_OK | os.X_OK):
+            raise InputError(f"workdir {workdir} is not writable")
+        return
+    parent = workdir.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise InputError(f"cannot create workdir {workdir}: {os.strerror(errno.ENOTDIR)}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise InputError(f"cannot create workdir {workdir}: {os.strerror(errno.EACCES)}")
+
+
 def _make_workdir(workdir: Path) -> None:
     if workdir.exists() and not workdir.is_dir():
         raise InputError(f"workdir {workdir} exists and is not a folder")
@@ -359,7 +383,8 @@ def _check_workdir(workdir: Path, config: RunConfig) -> None:
 def preflight(config: RunConfig, workdir) -> None:
     """What `bilaf run --dry-run` checks without writing anything: the weight file, the data
     folder where the run would read it (to extract features not yet in `workdir`, or to
-    finetune), and that `workdir` would take this config (its run.json and any features in it)."""
+    finetune), and that `workdir` could be made and written and would take this config (its
+    run.json, and any features and selections in it)."""
     from bilaf_jax import data
     from bilaf_jax.backbones import _weights_path
 
@@ -370,8 +395,7 @@ def preflight(config: RunConfig, workdir) -> None:
     raw = data.raw_data_dir(config.dataset, config.data_dir)
     if raw is not None and not raw.is_dir() and (not extracted or "full" in config.evals):
         raise InputError(f"data folder not found: {raw}")
-    if workdir.exists() and not workdir.is_dir():
-        raise InputError(f"workdir {workdir} exists and is not a folder")
+    _check_workdir_makeable(workdir)
     if (workdir / "run.json").exists() and _holds_pieces(workdir):
         check_identity(workdir / "run.json", identity(config), workdir)
     _check_features_present(config, workdir)
@@ -399,8 +423,8 @@ def _holds_pieces(workdir: Path) -> bool:
     for p in workdir.rglob("*"):
         if p in (workdir / "run.json", workdir / LOCK_NAME) or p.is_dir():
             continue
-        if p.name.startswith(".") and p.name.endswith(".tmp"):
-            continue
+        if p.name.startswith(".") and p.name.endswith((".tmp", ".lock")):
+            continue  # an extraction's lock stays behind when it is stopped before a batch
         if p.name == "config.json" and p.parent.name.endswith(".partial"):
             continue
         return True
@@ -789,6 +813,26 @@ def _eval_basis(config: RunConfig, workdir: Path, job: Job, ev: str, selection: 
     return basis
 
 
+def _set_aside_other_selections_finetuning(folder: Path, sel_path: Path) -> None:
+    """Move the finetuning run in `folder` aside if it trained on another selection than the
+    one in `sel_path` (this job's selection, made again differently): train would refuse the
+    folder, and this evaluation is being made again. Kept, not removed: it may hold hours of
+    training."""
+    stored = _json_or_none(folder / "config.json")
+    ident = stored.get("identity") if isinstance(stored, dict) else None
+    old = ident.get("selection_sha256") if isinstance(ident, dict) else None
+    if not isinstance(old, str) or old == sha256_file(sel_path):
+        return  # ours (resumed), or nothing train could tell: left to train
+    aside = folder.with_name(f"{folder.name}.selection-{old[:12]}")
+    for i in range(1, 1000):
+        if not aside.exists():
+            break
+        aside = folder.with_name(f"{folder.name}.selection-{old[:12]}.{i}")
+    folder.rename(aside)  # one step: a kill leaves the run here or there, never half of it
+    sys.stderr.write(f"bilaf run: note: {folder} finetuned another selection; moved it to "
+                     f"{aside.name}\n")
+
+
 def run_evaluation(config: RunConfig, workdir: Path, feats: Features, job: Job, ev: str,
                    selection: dict, counter, num_classes: int) -> dict:
     path = _eval_path(workdir, job, ev)
@@ -832,7 +876,9 @@ def run_evaluation(config: RunConfig, workdir: Path, feats: Features, job: Job, 
             if _json_or_none(sel_path) != labelled:  # absent, or damaged from outside
                 write_json_atomic(sel_path, labelled)
             cfg = finetune_config(config, sel_path, job.seed, len(feats.pool_labels))
-            summary = train_and_evaluate(cfg, workdir / "finetune" / f"{job.method}_b{job.budget}_s{job.seed}")
+            folder = workdir / "finetune" / f"{job.method}_b{job.budget}_s{job.seed}"
+            _set_aside_other_selections_finetuning(folder, sel_path)
+            summary = train_and_evaluate(cfg, folder)
             acc = summary["final_accuracy"]
         rec["accuracy"] = float(acc)
         rec["eval_seconds"] = time.perf_counter() - t0

@@ -167,7 +167,8 @@ def _from_file(path: str) -> RunConfig:
         return cfg
     if isinstance(cfg, dict):
         base = default()._asdict()
-        unknown = sorted(set(cfg) - set(base))
+        # repr: a key need not be a string (sorted() and join() of mixed types would raise)
+        unknown = sorted(repr(k) if not isinstance(k, str) else k for k in cfg if k not in base)
         if unknown:
             raise InputError(f"{p}: unknown run config key(s): {', '.join(unknown)}")
         # The default's notes explain its own choices (K = B_min / 5): not this config's.

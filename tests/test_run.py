@@ -770,6 +770,18 @@ def test_unusable_compile_cache_is_said_when_asked_for(tmp_path, monkeypatch, ca
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.parametrize("value,expected", [(None, 0.2), ("1.5", 1.5), ("-3", 0.0), ("abc", 0.2),
+                                            ("nan", 0.2), ("inf", 0.2)])
+def test_compile_cache_threshold_from_the_environment(monkeypatch, value, expected):
+    from bilaf_jax.cli.cmd_run import cache_min_seconds
+
+    if value is None:
+        monkeypatch.delenv("BILAF_COMPILE_CACHE_MIN_SECONDS", raising=False)
+    else:
+        monkeypatch.setenv("BILAF_COMPILE_CACHE_MIN_SECONDS", value)
+    assert cache_min_seconds() == expected
+
+
 def test_version_and_module_entry_point():
     import subprocess
     import sys
@@ -782,3 +794,114 @@ def test_version_and_module_entry_point():
     bad = subprocess.run([sys.executable, "-m", "bilaf_jax.cli", "select"], capture_output=True,
                          text=True)
     assert bad.returncode == 2 and bad.stderr.startswith("bilaf select: error:")
+
+
+def test_config_file_keys_that_are_not_strings_are_a_one_line_error(tmp_path, capsys):
+    p = tmp_path / "keys.py"
+    p.write_text("def get_config():\n    return {'seeds': (0,), 5: 1, 'bogus': 2}\n")
+    err = _one_line_exit_2(capsys, ["run", "--config", str(p), "--dry-run",
+                                    "--workdir", str(tmp_path / "w")])
+    assert "unknown run config key(s): 5, bogus" in err
+
+
+def test_dry_run_refuses_a_workdir_the_run_could_not_make(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    for workdir in (blocker / "sub", blocker / "sub" / "deeper"):
+        err = _one_line_exit_2(capsys, ["run", "--quick", "--dry-run", "--workdir", str(workdir)])
+        assert f"cannot create workdir {workdir}: Not a directory" in err
+    assert main(["run", "--quick", "--dry-run", "--workdir", str(tmp_path / "a" / "b")]) == 0
+    assert not (tmp_path / "a").exists()
+
+
+def test_empty_workdir_is_refused(tmp_path, capsys, monkeypatch):
+    """`--workdir "$UNSET"` would run in the current folder."""
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--dry-run"]):
+        err = _one_line_exit_2(capsys, ["run", "--quick", "--workdir", "", *extra])
+        assert "--workdir is empty" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_activeft_batch_beyond_the_pool_is_refused_before_any_work(tmp_path, capsys):
+    """ActiveFT refuses it only at its first selection, after the features were extracted."""
+    cfg = _tiny_config_file(tmp_path, activeft_batch_size=241)
+    err = _one_line_exit_2(capsys, ["run", "--config", cfg, "--dry-run",
+                                    "--workdir", str(tmp_path / "w")])
+    assert "activeft_batch_size 241 exceeds the pool size 240" in err
+    ok = tiny_config(activeft_batch_size=241, methods=("random", "kmeans"))
+    assert experiment.validate(ok).activeft_batch_size == 241  # not used by these methods
+    assert experiment.validate(tiny_config(activeft_batch_size=240)).activeft_batch_size == 240
+
+
+def test_the_report_records_the_command_main_was_given(tmp_path, capsys):
+    """Called in-process, `main(argv)` runs argv: sys.argv is the host program's (pytest's)."""
+    wd = tmp_path / "w"
+    config = tiny_config(methods=("random",), seeds=(0,), evals=("knn",))
+    _inject_features(wd, config=config)
+    cfg = _tiny_config_file(tmp_path, methods=("random",), seeds=(0,), evals=("knn",))
+    argv = ["run", "--config", cfg, "--workdir", str(wd), "--compile-cache", "off", "--no-progress"]
+    assert main(argv) == 0, capsys.readouterr().err
+    command = "bilaf " + " ".join(argv)
+    assert f"Command: `{command}`" in (wd / "results.md").read_text()
+    assert json.loads((wd / "results.json").read_text())["command"] == command
+
+
+def test_a_run_stopped_in_its_first_extraction_batch_does_not_hold_its_workdir(tmp_path,
+                                                                              monkeypatch):
+    """Ctrl-C before the first batch is on disk leaves only the extraction's lock file (and its
+    settings): nothing was made, so a corrected config takes the workdir over."""
+    import bilaf_jax.extract as ex
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "_extract", interrupted)
+    wd = tmp_path / "w"
+    mistyped = tiny_config(pool_size=None, weights="random", image_size=32)
+    with pytest.raises(KeyboardInterrupt):
+        experiment.run_experiment(mistyped, wd, progress=False, backbone=object())
+    assert (wd / "features" / ".pool.npz.lock").exists()
+    fixed = tiny_config(methods=("random",), seeds=(0,), evals=("knn",))
+    experiment._check_workdir(wd, fixed)  # not "a different config"
+    assert json.loads((wd / "run.json").read_text())["identity"]["image_size"] == 48
+
+
+def test_full_finetuning_of_a_selection_made_again_differently_is_redone(tmp_path, monkeypatch,
+                                                                         capsys):
+    """The finetuning folder of the old selection would be refused by train (another
+    selection_sha256): it is moved aside, kept, and the evaluation made again."""
+    import train.train
+    from bilaf_jax.io import sha256_file, write_json_atomic
+
+    trained = []
+
+    def fake_train_and_evaluate(config, workdir):
+        ident = {"selection_sha256": sha256_file(config.selection)}
+        train.train._check_workdir(workdir, ident)  # refuses another selection's run, as train
+        workdir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(workdir / "config.json", {"identity": ident})
+        write_json_atomic(workdir / "summary.json", {"final_accuracy": 0.5})
+        trained.append(json.loads(open(config.selection).read()))
+        return {"final_accuracy": 0.25 + 0.001 * len(trained[-1]), "step": 1}
+
+    monkeypatch.setattr(train.train, "train_and_evaluate", fake_train_and_evaluate)
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    config = tiny_config(methods=("random",), seeds=(0,), evals=("full",))
+    experiment.run_experiment(config, wd, progress=False)
+    sel = wd / "selections" / "random" / "b12_s0.json"
+    rec = json.loads(sel.read_text())
+    rec["indices"] = list(range(12))
+    sel.write_text(json.dumps(rec))
+    trained.clear()
+    capsys.readouterr()
+    out = experiment.run_experiment(config, wd, progress=False)
+    assert trained == [list(range(12))]  # only the changed selection is finetuned again
+    folder = wd / "finetune" / "random_b12_s0"
+    err = capsys.readouterr().err
+    aside = [p for p in folder.parent.iterdir() if p.name.startswith("random_b12_s0.selection-")]
+    assert len(aside) == 1 and (aside[0] / "summary.json").exists()
+    assert f"{folder} finetuned another selection; moved it to {aside[0].name}" in err
+    assert folder.is_dir()
+    assert [r["num_labelled"] for r in out.results["records"]] == [12, 24]

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # What was typed after `bilaf`, for records of the command (sys.argv is another
+    # program's where main(argv) is called in-process)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         code = args.func(args)
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ the same command after an interruption resumes and gives the same results.
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from pathlib import Path
@@ -76,12 +77,20 @@ def enable_compile_cache(folder) -> str | None:
     import jax
 
     jax.config.update("jax_compilation_cache_dir", str(path))
-    try:
-        min_secs = float(os.environ.get("BILAF_COMPILE_CACHE_MIN_SECONDS", "0.2"))
-    except ValueError:
-        min_secs = 0.2  # a cache is an optimisation only
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", max(min_secs, 0.0))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", cache_min_seconds())
     return str(path)
+
+
+def cache_min_seconds() -> float:
+    """$BILAF_COMPILE_CACHE_MIN_SECONDS, or 0.2 where unset or not a finite number (a cache is
+    an optimisation only: a bad value must not stop a run, nor turn the cache off unsaid)."""
+    import os
+
+    try:
+        secs = float(os.environ.get("BILAF_COMPILE_CACHE_MIN_SECONDS", "0.2"))
+    except ValueError:
+        return 0.2
+    return max(secs, 0.0) if math.isfinite(secs) else 0.2
 
 
 def resolve_config(args):
@@ -120,6 +129,8 @@ def dry_run(config, workdir: Path) -> int:
 
 
 def run(args) -> int:
+    if not args.workdir:  # an unset shell variable: "" would be the current folder
+        raise UsageError("--workdir is empty")
     config = resolve_config(args)
     workdir = Path(args.workdir).expanduser()
     if args.dry_run:
@@ -127,7 +138,8 @@ def run(args) -> int:
     from bilaf_jax import experiment
 
     enable_compile_cache(args.compile_cache)
-    command = "bilaf " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else None
+    argv = getattr(args, "argv", None)  # set by bilaf_jax.cli.main
+    command = "bilaf " + " ".join(shlex.quote(str(a)) for a in argv) if argv else None
     out = experiment.run_experiment(config, workdir, progress=not args.no_progress,
                                     command=command)
     sys.stdout.write(out.markdown)
