@@ -65,9 +65,12 @@ def greedy_match(points, centres, similarity=False, exclude=()):
     return np.array(out)
 
 
-def activeft(features, init_indices, num_steps=300, tau=0.07, lr=1e-3, lam=1.0, exclude=()):
+def activeft(features, init_indices, num_steps=300, tau=0.07, lr=1e-3, lam=1.0, exclude=(),
+             batches=None):
     """Full-batch ActiveFT with a NumPy Adam (torch defaults: betas 0.9/0.999, eps 1e-8).
-    `exclude`: labelled rows, part of the objective but never matched.
+    `exclude`: labelled rows, part of the objective but never matched. `batches`: the
+    ImageNet variant, a list of num_steps row-index arrays: step t's data term is over those
+    rows only (the Gram term over all K centroids, as always).
 
     Returns (indices ascending, matched in centroid order, losses)."""
     feats = normalize(np.asarray(features, np.float64))
@@ -77,7 +80,8 @@ def activeft(features, init_indices, num_steps=300, tau=0.07, lr=1e-3, lam=1.0, 
     b1, b2, eps = 0.9, 0.999, 1e-8
     losses = []
     for t in range(1, num_steps + 1):
-        loss, g = activeft_loss_and_grad(theta, feats, tau, lam)
+        rows = feats if batches is None else feats[np.asarray(batches[t - 1])]
+        loss, g = activeft_loss_and_grad(theta, rows, tau, lam)
         losses.append(loss)
         m = b1 * m + (1 - b1) * g
         v = b2 * v + (1 - b2) * g * g

@@ -120,6 +120,30 @@ def test_minibatch_variant_is_deterministic_and_differs_from_full_batch(digits):
     assert not np.array_equal(a.losses, c.losses)
 
 
+def test_minibatch_variant_matches_numpy_reference(digits):
+    """The ImageNet variant: each step's data term over a fresh batch of distinct rows, the
+    Gram term over all K centroids. Given the same batches, the reference's run."""
+    x = _features(digits)
+    init = np.random.default_rng(1).choice(len(x), 12, replace=False)
+    key = jax.random.key(5)
+    # The rows each step draws (see activeft's batch_size): the second half of the key's split.
+    batch_key = jax.random.split(key)[1]
+    batches = [np.asarray(jax.random.choice(jax.random.fold_in(batch_key, t), len(x), (150,),
+                                            replace=False)) for t in range(40)]
+    assert all(len(set(b.tolist())) == 150 for b in batches)
+    assert len({b.tobytes() for b in batches}) == 40  # a fresh batch each step
+    want_idx, want_matched, want_losses = ref.activeft(x, init, num_steps=40, lr=1e-2,
+                                                       batches=batches)
+    with jax.enable_x64(True):
+        out = activeft(key, x.astype(np.float64), 12, num_steps=40, learning_rate=1e-2,
+                       init_indices=init, batch_size=150)
+    np.testing.assert_allclose(out.losses, want_losses, rtol=1e-5)
+    np.testing.assert_array_equal(out.matched_indices, want_matched)
+    np.testing.assert_array_equal(out.indices, want_idx)
+    full = ref.activeft(x, init, num_steps=40, lr=1e-2)[2]
+    assert not np.allclose(full, want_losses, rtol=1e-3)  # the batches made a difference
+
+
 def test_loss_decreases_and_custom_optimizer(digits):
     x = _features(digits)
     out = activeft(jax.random.key(0), x, 20, num_steps=100)
