@@ -58,6 +58,15 @@ def default_num_cores(budget: int) -> int:
     return max(1, budget // 10)
 
 
+def _is_default(value, default) -> bool:
+    """`value` is the parameter's default (an array or tracer is not: `==` on it is no bool)."""
+    if value is default:
+        return True
+    if V.is_traced(value) or np.ndim(value) != 0:
+        return False
+    return bool(value == default)
+
+
 def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int | None = None,
            core_method: str = "activeft", mode: str = "paper", core_options: dict | None = None,
            num_neighbors: int = 10, ring_fraction=0.1, remove_fraction=0.1,
@@ -154,8 +163,7 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
             ("mode", mode), ("num_neighbors", num_neighbors), ("ring_fraction", ring_fraction),
             ("remove_fraction", remove_fraction), ("opponent_penalty", opponent_penalty),
             ("normalize", normalize), ("direct", direct))
-            if V.is_traced(value) or not (value is defaults[name].default
-                                          or value == defaults[name].default)]
+            if not _is_default(value, defaults[name].default)]
         if given:
             raise ValueError(f"{', '.join(given)} configure BiLAF's boundary stage, which "
                              f"method={method!r} does not run")

@@ -357,15 +357,12 @@ def mean_nearest_distances(features, indices, *, chunk_size: int = distances.DEF
 
 
 def _measured_rows(features, indices, num_rows, ndim):
-    """The real rows of a (padded) pool, with concrete `num_rows` and indices checked against
-    them (an out-of-range gather would clamp silently). Shapes and dtypes are checked traced
-    or not: they were errors from deep inside JAX (empty or float indexers, a broadcast)."""
-    from bilaf_jax.sharding import as_auto_sharded
-
-    # (a pool placed on `jax.make_mesh`'s explicit axes, as the selectors take it)
-    features = jnp.asarray(as_auto_sharded(features))
-    if features.ndim != 2:
-        raise ValueError(f"features must be 2-D [n, d], got shape {tuple(features.shape)}")
+    """The real rows of a (padded) pool, checked and converted as the selectors take them
+    (integer and 16-bit features as float32: int8 differences wrapped around and float16
+    squares overflowed), with concrete `num_rows` and indices checked against them (an
+    out-of-range gather would clamp silently). Shapes and dtypes are checked traced or not:
+    they were errors from deep inside JAX (empty or float indexers, a broadcast)."""
+    features = jnp.asarray(V.check_features(features))
     shape = np.shape(indices)
     dtype = indices.dtype if hasattr(indices, "dtype") else np.asarray(indices).dtype
     if len(shape) != ndim:

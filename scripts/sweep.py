@@ -82,6 +82,21 @@ def markdown(records, has_labels):
     return "\n".join(lines)
 
 
+def _check_replaceable(path) -> None:
+    """Refuse an existing --out that is not an earlier sweep's results: a selection, notes, or
+    a `bilaf run` results.json (it too holds "config" and "records", but no "grid")."""
+    import json
+
+    from bilaf_jax import io
+
+    io.check_replaceable(path, ("config", "records"), "sweep.py")
+    old = json.loads(Path(path).read_text()) if Path(path).exists() else None
+    if old is not None and not (isinstance(old["config"], dict) and "grid" in old["config"]
+                                and isinstance(old["records"], list)):
+        raise ValueError(f"--out {path} exists and is not a sweep.py result; choose another "
+                         "--out or remove it")
+
+
 def run(args) -> int:
     from bilaf_jax import io
     from bilaf_jax import sweep as S
@@ -102,7 +117,7 @@ def run(args) -> int:
     # Fail on a bad destination (missing or unwritable folder, a folder, the input file
     # itself) before the (long) sweep.
     io.check_output_path(args.out, inputs=(args.features,))
-    io.check_replaceable(args.out, ("config", "records"), "sweep.py")  # not a selection, notes
+    _check_replaceable(args.out)
 
     mesh = setup_mesh(args)
     import jax

@@ -675,3 +675,97 @@ def test_budget_is_parsed_exactly_at_any_exponent(text, n, expected):
     else:
         with pytest.raises(UsageError, match=expected):
             parse_budget(text, n)
+
+
+def test_verify_accepts_the_repeats_official_mode_writes(tmp_path, capsys):
+    """Official mode repeats samples where the authors' allocation exceeds a class; --verify
+    refused such a list ("repeats index") instead of re-running it."""
+    rng = np.random.default_rng(8)
+    x = np.concatenate([rng.normal(size=(20, 2)) + 10 * i for i in range(3)])
+    np.save(tmp_path / "x.npy", x)
+    out = tmp_path / "rep.json"
+    assert call(["select", tmp_path / "x.npy", "--cores", "3", "--core-method", "kcenter",
+                 "--mode", "official", "--budget", "60", "--out", out]) == 0
+    rep = json.loads(out.read_text())
+    assert len(set(rep)) < len(rep)
+    capsys.readouterr()
+    assert call(["select", "--verify", out]) == 0, capsys.readouterr().err
+    assert "verified: 60 indices identical" in capsys.readouterr().out
+
+
+def test_verify_refuses_a_record_with_settings_select_refuses(files, tmp_path, capsys):
+    """A record edited by hand: a string seed or a null temperature were tracebacks from inside
+    JAX, and a seed of 2**40 (JAX keeps 32 bits: seed 0) verified the seed-0 list."""
+    out = tmp_path / "out.json"
+    assert call(["select", files / "good.npy", "--budget", "6", "--cores", "2", "--steps", "5",
+                 "--out", out]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    meta_file = tmp_path / "out.meta.json"
+    meta = json.loads(meta_file.read_text())
+    for key, value, needle in (("seed", "abc", 'seed = "abc" (expected int)'),
+                               ("seed", 2**40, "seed = 1099511627776 (not in [0, 2**32))"),
+                               ("temperature", None, "temperature = null (expected int or float)"),
+                               ("budget", True, "budget = true (expected int)"),
+                               ("normalize", "false", 'normalize = "false" (expected bool)'),
+                               ("ring_fraction", 2.0, "--ring-fraction must be in (0, 1], got 2.0"),
+                               ("method", "nope", "unknown --method 'nope'")):
+        broken = json.loads(json.dumps(meta))
+        broken["selection"][key] = value
+        meta_file.write_text(json.dumps(broken))
+        err = expect_usage_error(["select", "--verify", out], [], capsys)
+        assert "holds a setting `bilaf select` refuses" in err and needle in err, err
+    meta_file.write_text(json.dumps(meta))
+    assert call(["select", "--verify", out]) == 0
+
+
+def test_record_holds_the_features_selected_on_when_the_file_is_replaced_meanwhile(
+        files, tmp_path, capsys, monkeypatch):
+    """The features' sha256 (and the --labeled file's) was read after the selection: a file
+    replaced while it ran was recorded as the one selected on, and --verify then re-ran on it."""
+    import hashlib
+
+    from bilaf_jax.cli import cmd_select
+
+    feats, lab = tmp_path / "f.npy", tmp_path / "lab.json"
+    shutil.copy(files / "good.npy", feats)
+    lab.write_text("[0, 1, 2]")
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in (feats, lab)}
+    run_selection = cmd_select.run_selection
+
+    def replace_inputs_then_select(*args, **kwargs):
+        np.save(tmp_path / "new.npy", np.load(feats) + 1)
+        os.replace(tmp_path / "new.npy", feats)
+        lab.write_text("[3, 4, 5]")
+        return run_selection(*args, **kwargs)
+
+    monkeypatch.setattr(cmd_select, "run_selection", replace_inputs_then_select)
+    out = tmp_path / "out.json"
+    assert call(["select", feats, "--budget", "6", "--cores", "2", "--steps", "5",
+                 "--labeled", lab, "--out", out]) == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "out.meta.json").read_text())
+    assert meta["features"]["sha256"] == digests[feats]
+    assert meta["labeled"]["sha256"] == digests[lab]
+    capsys.readouterr()
+    monkeypatch.setattr(cmd_select, "run_selection", run_selection)
+    err = expect_usage_error(["select", "--verify", out], [], capsys)
+    assert "changed since the selection was made" in err
+
+
+def test_features_rewritten_while_read_are_refused(files, tmp_path, capsys, monkeypatch):
+    """A file still being written as it is read has no one sha256 to record: one line."""
+    from bilaf_jax import io
+
+    feats = tmp_path / "f.npy"
+    shutil.copy(files / "good.npy", feats)
+    load = io.load_features
+
+    def load_then_rewrite(*args, **kwargs):
+        out = load(*args, **kwargs)
+        os.utime(feats, ns=(0, 0))  # as a writer's next block would change it
+        return out
+
+    monkeypatch.setattr(io, "load_features", load_then_rewrite)
+    out = tmp_path / "out.json"
+    err = expect_usage_error(["select", feats, "--budget", "6", "--out", out],
+                             outputs_of("select", out), capsys)
+    assert "f.npy changed while it was read" in err

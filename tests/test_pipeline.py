@@ -154,3 +154,10 @@ def test_labelled_rows_act_as_cores_and_are_not_picked_again(digits):
     ref = paper_reference(x.astype(np.float64), np.sort(np.concatenate([cores, labeled])), 44)[0]
     want = [i for i in ref if i not in set(labeled.tolist())]
     np.testing.assert_array_equal(np.asarray(out.indices), want)
+
+
+def test_boundary_settings_given_as_arrays_to_a_baseline_are_named(pool):
+    """A NumPy array was compared with its default and failed with "truth value of an array
+    is ambiguous", naming nothing."""
+    with pytest.raises(ValueError, match="ring_fraction configure BiLAF's boundary stage"):
+        select(jax.random.key(0), pool, 40, method="random", ring_fraction=np.array([0.1, 0.2]))

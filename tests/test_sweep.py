@@ -396,3 +396,33 @@ def test_mean_nearest_distance_checks_shapes_and_dtypes():
         S.mean_nearest_distances(x, [0, 1])
     with pytest.raises(ValueError, match=r"features must be 2-D \[n, d\]"):
         S.mean_nearest_distance(x[0], [0])
+
+
+def test_mean_nearest_distance_converts_features_as_the_selectors_do():
+    """int8 differences wrapped around (NaN), uint8 ones too (a wrong mean), float16 squares
+    overflowed (inf); bool was a TypeError from inside JAX and NaN passed through."""
+    rng = np.random.default_rng(2)
+    idx = np.array([0, 7, 11])
+    for x in (rng.integers(-100, 100, size=(40, 3)).astype(np.int8),
+              rng.integers(0, 250, size=(40, 3)).astype(np.uint8),
+              (300 * rng.normal(size=(40, 3))).astype(np.float16)):
+        want = _naive_mean_nearest(x, idx)
+        np.testing.assert_allclose(float(S.mean_nearest_distance(x, idx)), want, rtol=1e-5)
+        np.testing.assert_allclose(S.mean_nearest_distances(x, idx[None]), [want], rtol=1e-5)
+    with pytest.raises(ValueError, match="must hold real numbers, got dtype bool"):
+        S.mean_nearest_distance(np.ones((4, 2), bool), [0])
+    with pytest.raises(ValueError, match="NaN"):
+        S.mean_nearest_distance(np.full((4, 2), np.nan, np.float32), [0])
+
+
+def test_cli_never_replaces_a_bilaf_run_results_file(tmp_path, capsys):
+    """A `bilaf run` results.json holds "config" and "records" too; --out onto it replaced it."""
+    np.save(tmp_path / "f.npy", np.random.default_rng(0).normal(size=(60, 4)).astype(np.float32))
+    results = tmp_path / "results.json"
+    text = json.dumps({"config": {"name": "default"}, "records": [{"method": "random"}]})
+    results.write_text(text)
+    assert _cli().main([str(tmp_path / "f.npy"), "--budget", "6", "--steps", "0",
+                        "--out", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is not a sweep.py result" in err
+    assert results.read_text() == text

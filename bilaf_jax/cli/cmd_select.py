@@ -307,7 +307,15 @@ def run(a) -> int:
     io.check_output_path(meta_path(out_path), inputs=inputs)
     _refuse_foreign_output(out_path)
 
-    features, _ = io.load_features(a.features, label_column=a.label_column)
+    # The record describes the bytes selected on: hashed as they are read, not after the
+    # (long) selection, when a file replaced meanwhile would be recorded instead.
+    def read_features():
+        from bilaf_jax.extract import pool_identity
+
+        loaded, _ = io.load_features(a.features, label_column=a.label_column)
+        return loaded, pool_identity(a.features)  # which images the rows are
+
+    (features, pool), digest = _read_hashed(a.features, read_features)
     n, d = features.shape
     settings = _selection_settings(a, n)
     if a.method == "bilaf" and settings["num_neighbors"] > n:
@@ -316,22 +324,23 @@ def run(a) -> int:
         sys.stderr.write(f"bilaf select: note: --num-neighbors {a.num_neighbors} exceeds the "
                          f"pool's {n} rows; {n} takes effect and is recorded\n")
         settings["num_neighbors"] = n
-    labeled = None
+    labeled = labeled_digest = None
     if a.labeled:
         # [] is the first round of a labelling loop: nothing labelled yet, as without it.
-        labeled = io.load_index_list(a.labeled, n, name="--labeled", allow_empty=True) or None
+        labeled, labeled_digest = _read_hashed(
+            a.labeled, lambda: io.load_index_list(a.labeled, n, name="--labeled", allow_empty=True))
+        labeled = labeled or None
     _check_against_pool(a, settings["budget"], n, labeled)
     indices, timings, num_cores, waiver = run_selection(features, settings, labeled, mesh)
     settings["num_cores"] = num_cores
     if not is_main_process():  # every process holds the same indices; one writes them
         return 0
-    meta = _provenance(a.features, features, settings, timings, len(indices), mesh)
+    meta = _provenance(a.features, features, digest, pool, settings, timings, len(indices), mesh)
     meta["indices_sha256"] = io.indices_sha256(indices)  # ties the record to this very list
     if a.method == "bilaf" and a.mode == "paper":
         meta["denoising_waived"] = waiver is not None
     if a.labeled:  # so that --verify can tell when the labelled list changed
-        meta["labeled"] = {"path": str(Path(a.labeled).resolve()),
-                           "sha256": io.sha256_file(a.labeled)}
+        meta["labeled"] = {"path": str(Path(a.labeled).resolve()), "sha256": labeled_digest}
     # Sidecar first, list last: a list on disk always has its record beside it.
     io.write_json_atomic(meta_path(out_path), meta, indent=2)
     io.write_json_atomic(out_path, indices)
@@ -398,23 +407,44 @@ def _read_json(path: Path):
         return None
 
 
-def _provenance(features_path, features, settings, timings, count, mesh=None) -> dict:
+def _read_hashed(path, read):
+    """(what `read()` returns, sha256 of `path`): the digest is of the bytes read, or
+    UsageError where the file changed while it was read (replaced, or still being written)."""
+    import os
+
+    from bilaf_jax import io
+
+    def state():
+        try:
+            st = os.stat(path)
+        except OSError:  # read() says what is wrong with it
+            return None
+        return st.st_ino, st.st_size, st.st_mtime_ns
+
+    before = state()
+    value = read()
+    digest = io.sha256_file(path)
+    if state() != before:
+        raise UsageError(f"{path} changed while it was read; run again once it is complete")
+    return value, digest
+
+
+def _provenance(features_path, features, digest, pool, settings, timings, count,
+                mesh=None) -> dict:
     import platform
 
     import jax
 
     import bilaf_jax
-    from bilaf_jax import io
-    from bilaf_jax.extract import pool_identity
 
     device = jax.devices()[0]
     return {
         "selection": settings,
         "count": count,
-        "features": {"path": str(Path(features_path).resolve()), "sha256": io.sha256_file(features_path),
+        "features": {"path": str(Path(features_path).resolve()), "sha256": digest,
                      "n": int(features.shape[0]), "d": int(features.shape[1]), "dtype": str(features.dtype),
                      # which images the rows are (checked by `bilaf finetune`)
-                     "pool": pool_identity(features_path)},
+                     "pool": pool},
         "versions": {"bilaf_jax": bilaf_jax.__version__, "jax": jax.__version__,
                      "jaxlib": jax.lib.__version__ if hasattr(jax, "lib") else None,
                      "python": platform.python_version()},
@@ -425,13 +455,60 @@ def _provenance(features_path, features, settings, timings, count, mesh=None) ->
     }
 
 
+def _load_selection(path) -> list[int]:
+    """The list to verify: as `io.load_index_list` reads a selection, but repeats are kept, as
+    official mode writes them (where the authors' allocation exceeds a class)."""
+    from bilaf_jax import io
+
+    listed = _read_json(Path(path))
+    if isinstance(listed, list) and listed and all(type(i) is int and i >= 0 for i in listed):
+        return listed
+    return io.load_index_list(path, name="selection")  # raises, naming what is wrong
+
+
+# Types of the recorded settings `bilaf select` writes (None where the flag may be absent).
+_RECORD_TYPES = {"method": (str,), "core_method": (str,), "mode": (str,), "budget": (int,),
+                 "num_cores": (int, type(None)), "seed": (int,), "label_column": (bool,),
+                 "labeled": (str, type(None)), "num_steps": (int,), "batch_size": (int, type(None)),
+                 "temperature": (int, float), "learning_rate": (int, float), "balance": (int, float),
+                 "num_neighbors": (int,), "ring_fraction": (int, float),
+                 "remove_fraction": (int, float), "opponent_penalty": (int, float),
+                 "normalize": (bool,), "precision": (str,), "unique": (bool,)}
+
+
+def _check_recorded_settings(settings: dict, mpath) -> None:
+    """Refuse a record (edited by hand) holding a setting the command would have refused: a
+    string seed or a null temperature failed inside JAX, and a seed of 2**40 verified as the
+    seed 0 that JAX keeps of it."""
+    import argparse
+
+    from bilaf_jax.cli import SEED_LIMIT
+
+    def refuse(why):
+        raise UsageError(f"provenance record {mpath} holds a setting `bilaf select` refuses: {why}")
+
+    for key, types in _RECORD_TYPES.items():
+        value = settings.get(key)
+        if key in settings and (not isinstance(value, types) or
+                                (isinstance(value, bool) and bool not in types)):
+            expected = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            refuse(f"{key} = {json.dumps(value)} (expected {expected})")
+    if not 0 <= settings["seed"] < SEED_LIMIT:
+        refuse(f"seed = {settings['seed']} (not in [0, 2**32))")
+    # The command line's own checks (records older than --precision lack it: float32).
+    try:
+        _check_args(argparse.Namespace(**{"precision": "float32", **settings}))
+    except UsageError as e:
+        refuse(str(e))
+
+
 def verify(selection_path, mesh=None) -> int:
     """Re-run a recorded selection (on `mesh`, if given); exit 0 when the indices agree, 1 when
     they differ."""
     from bilaf_jax import io
     from bilaf_jax.sharding import is_main_process
 
-    selection = io.load_index_list(selection_path, name="selection")
+    selection = _load_selection(selection_path)
     mpath = meta_path(selection_path)
     if not mpath.exists():
         raise UsageError(f"no provenance record beside the selection: {mpath}")
@@ -448,6 +525,7 @@ def verify(selection_path, mesh=None) -> int:
                          f"{type(e).__name__} {e}") from None
     if missing:
         raise UsageError(f"provenance record {mpath} lacks {', '.join(missing)}")
+    _check_recorded_settings(settings, mpath)
     recorded = meta.get("indices_sha256")  # absent in records made before it was kept
     if recorded is not None and recorded != io.indices_sha256(selection):
         # The sidecar is written first: a run killed between the two writes, or an edited
