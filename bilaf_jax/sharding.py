@@ -3,7 +3,9 @@
 Every selector runs on one device or many: pass features placed with
 `NamedSharding(mesh, P("data", None))` and XLA partitions the row-wise work (matmuls against
 centroids, nearest-centre assignment, k-center distance updates) across the mesh; results equal
-the single-device ones. Write stages for one device; only this module knows about meshes.
+the single-device ones, except where an exact tie is decided by a sum over rows (ActiveFT's
+gradient, k-means' centres), which the devices add in another order. Write stages for one
+device; only this module knows about meshes.
 
 JAX requires a sharded axis to divide evenly, so a pool whose size n is not a multiple of the
 device count is padded: `shard_rows` appends zero rows and returns the padded array with the true

@@ -1,6 +1,6 @@
 r"""`bilaf run` default: Fashion-MNIST, pool = first 10,000 train images, 10,000 test images.
 
-Run (CPU: 1 min 21 s from an empty workdir on 2 cores, load < 2, warm caches; see README):
+Run (CPU: 1.5 to 5 min from an empty workdir on 2 cores, by load; README's timing table):
   bilaf run --workdir runs/default            # or: bash scripts/run_main.sh
 Expected: see README.md (results table of an actual run) and runs/default/results.md.
 

@@ -1,6 +1,6 @@
 r"""Full finetuning on the CPU: does BiLAF's selection pay off when the backbone is trained?
 
-Run (CPU, 40-50 min on 2 cores; reuses the features of a finished default run):
+Run (CPU, 50-60 min on 2 cores (README); reuses the features of a finished default run):
   mkdir -p runs/finetune_cpu && cp -r runs/default/features runs/finetune_cpu/
   bilaf run --config configs/run_finetune_cpu.py --workdir runs/finetune_cpu
 Expected: README, "Full finetuning on the CPU" (measured there, 3 seeds).

@@ -1,6 +1,7 @@
 r"""Full finetuning on the CPU on MNIST-5k: does BiLAF's lead at 10% survive training the backbone?
 
-Run (CPU, about 20 min on 2 cores; reuses the features and selections of a finished mnist_5k run):
+Run (CPU, 42 min on 2 cores beside the noclip run (README); reuses the features and
+selections of a finished mnist_5k run):
   mkdir -p runs/finetune_cpu_mnist_5k
   cp -r runs/mnist_5k/features runs/mnist_5k/selections runs/finetune_cpu_mnist_5k/
   bilaf run --config configs/run_finetune_cpu_mnist_5k.py --workdir runs/finetune_cpu_mnist_5k

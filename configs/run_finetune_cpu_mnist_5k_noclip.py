@@ -1,8 +1,8 @@
 r"""Full finetuning on the CPU on MNIST-5k without gradient clipping:
 configs/run_finetune_cpu_mnist_5k.py with grad_clip_norm None, everything else the same.
 
-Run (CPU, about 20 min on 2 cores; reuses the features and selections of a finished mnist_5k
-run made by this version):
+Run (CPU, 42 min on 2 cores beside the clipped run (README); reuses the features and
+selections of a finished mnist_5k run made by this version):
   mkdir -p runs/finetune_cpu_mnist_5k_noclip
   cp -r runs/mnist_5k/features runs/mnist_5k/selections runs/finetune_cpu_mnist_5k_noclip/
   bilaf run --config configs/run_finetune_cpu_mnist_5k_noclip.py \

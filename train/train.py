@@ -12,13 +12,17 @@ Workdir layout
                   different config is refused before anything is written (unless the run
                   stopped before any checkpoint, metrics line or summary: nothing to lose).
   .lock           held while a run writes here; a second process is refused meanwhile.
-  metrics.jsonl   one JSON object every log_every steps and at every evaluation (every
-                  eval_every steps and the last): step, train_loss (mean since the previous
-                  line), learning_rate, and eval_accuracy where evaluated. On resume, lines
-                  past the restored step go.
+  metrics.jsonl   full mode: one JSON object every log_every steps and at every evaluation
+                  (every eval_every steps and the last): step, train_loss (mean since the
+                  previous line), learning_rate, and eval_accuracy where evaluated; on resume,
+                  lines past the restored step go. Linear: step and train_loss every log_every
+                  iterations, the last with eval_accuracy. k-NN: one line, step 0 and
+                  eval_accuracy.
   checkpoints/    orbax CheckpointManager (full mode).
-  summary.json    written atomically at the end: final_accuracy, step, resumed_from_step, mode,
-                  config, num_labelled, num_pool, num_test, params_digest (full mode).
+  summary.json    written atomically at the end: mode, final_accuracy, step, resumed_from_step,
+                  num_labelled, num_pool, num_test, num_classes, config; full mode also
+                  best_accuracy, best_step (the best evaluation along the way) and
+                  params_digest.
 
 Exact resume: batch order and augmentation keys are functions of (seed, step) only
 (`train.input_pipeline`), and a checkpoint holds everything else (parameters, other model

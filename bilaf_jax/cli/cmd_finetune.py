@@ -9,7 +9,8 @@ Modes: `linear` (probe on cached features), `knn` (weighted k-NN on cached featu
 (backbone + head on images, checkpointed; the same command after an interruption resumes).
 Settings come from the defaults of `train.train.Config`, then `--config NAME` (a file
 `configs/NAME.py` or a path to such a file, whose `get_config()` returns a dict), then the flags.
-Writes WORKDIR/metrics.jsonl, WORKDIR/summary.json (and WORKDIR/checkpoints in full mode).
+Writes WORKDIR/config.json, WORKDIR/metrics.jsonl, WORKDIR/summary.json (and WORKDIR/checkpoints
+in full mode); WORKDIR/.lock is held while it runs.
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, help="full mode: images per step (default 32)")
     p.add_argument("--learning-rate", type=float,
                    help="full mode: peak learning rate (default 3e-3)")
-    p.add_argument("--eval-every", type=int, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--eval-every", type=int, help="full mode: evaluate every N steps (default: at "
+                   "the end)")
     p.add_argument("--warmup-steps", type=int,
                    help="full mode: linear warm-up steps (default: warmup_epochs of the config, 5)")
     p.add_argument("--num-devices", type=int,

@@ -12,7 +12,8 @@ confirms the same indices.
 
 `--mesh` shards the pool's rows over devices; `--distributed` runs one selection across several
 processes (start the same command on each; see `bilaf_jax.sharding`). Either gives the indices
-of a one-device run.
+of a one-device run (but where an exact tie is decided by a sum over rows, which the devices
+add in another order: see `bilaf_jax.sharding`).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ def register(sub) -> None:
     p.add_argument("--core-method", default="activeft", help="core stage for bilaf: activeft|kcenter|kmeans|random")
     p.add_argument("--mode", default="paper", help="boundary stage: paper (equations) | official (authors' code)")
     p.add_argument("--seed", type=seed_type, default=0,
-                   help="seed of the selection's random key (ActiveFT initialisation, random)")
+                   help="seed of the selection's random key (ActiveFT's initialisation, k-center's "
+                   "first point, k-means' seeding, random)")
     p.add_argument("--label-column", action="store_true",
                    help="the file is the authors' [n, d + 1] layout: its last column holds "
                    "class ids, dropped before selecting (labels never guide the selection)")
