@@ -490,6 +490,8 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
         labels = np.asarray(labels)
         if labels.shape != (n,):
             raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
+        if labels.dtype == object:  # None or mixed types: np.unique fails on them, unnamed
+            raise ValueError("labels must be class ids (integers or strings), got objects")
     features = jnp.asarray(features)
     core_key, boundary_key = jax.random.split(key)
 

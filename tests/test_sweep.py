@@ -426,3 +426,12 @@ def test_cli_never_replaces_a_bilaf_run_results_file(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not a sweep.py result" in err
     assert results.read_text() == text
+
+
+def test_labels_of_objects_are_refused_by_name():
+    from bilaf_jax.sweep import sweep
+
+    x = np.random.default_rng(0).normal(size=(12, 3)).astype(np.float32)
+    with pytest.raises(ValueError, match="labels must be class ids"):
+        sweep(jax.random.key(0), x, 4, {"temperature": [0.07]}, num_cores=2, num_steps=1,
+              labels=[None] * 12)
