@@ -53,6 +53,11 @@ class ExtractOutput(NamedTuple):
     seconds: float
 
 
+# What np.load raises for a damaged or foreign file: an empty one is an EOFError, and zipfile
+# raises NotImplementedError / RuntimeError for damaged method, version or encryption fields.
+_DAMAGED_NPZ = (OSError, ValueError, KeyError, EOFError, RuntimeError, zipfile.BadZipFile)
+
+
 def _save_shard(path: Path, **arrays) -> None:
     with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
@@ -62,7 +67,7 @@ def _load_shard(path: Path, rows: int, dim: int):
     try:
         with np.load(path, allow_pickle=False) as z:
             features, labels = z["features"], z["labels"]
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    except _DAMAGED_NPZ:
         return None
     if features.shape != (rows, dim) or labels.shape != (rows,) or features.dtype != np.float32:
         return None
@@ -146,6 +151,7 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
                     read_workers: int | None = None) -> ExtractOutput:
     """Embed `dataset`/`split` with `backbone` (a name, or a loaded `Backbone`) into `out`.
 
+    `seed`: of `weights="random"` where `backbone` is a name (a loaded one keeps its own).
     `on_batch(batch_index)` is called after each batch's shard is safely on disk.
     `read_workers`: threads reading image batches ahead (default `data.read_workers()`).
     Raises InputError (one line) for every problem a user can cause, and when another process
@@ -189,6 +195,8 @@ def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch
         raise InputError(f"{dataset} split '{split}' is empty")
     batch_size = min(batch_size, n)
     num_batches = -(-n // batch_size)
+    # a loaded random Backbone knows its own seed; `seed` is that of a name's load
+    random_seed = seed if getattr(backbone, "seed", None) is None else backbone.seed
     meta = {
         "dataset": dataset,
         "split": split,
@@ -196,7 +204,7 @@ def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch
         "num_images": n,
         "source": source.fingerprint,
         "backbone": backbone.name,
-        "weights_sha256": backbone.weights_sha256 or f"random(seed={seed})",
+        "weights_sha256": backbone.weights_sha256 or f"random(seed={random_seed})",
         "weights_path": backbone.weights_path,
         "taps": None if backbone.taps is None else [str(t) for t in backbone.taps],
         "dim": backbone.dim,
@@ -284,9 +292,13 @@ def read_meta(path) -> dict:
         if not isinstance(z, np.lib.npyio.NpzFile):  # a plain .npy array
             raise KeyError("meta")
         with z:
-            return json.loads(str(z["meta"]))
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
-        raise InputError(f"{path} has no readable extraction metadata ({e})") from None
+            meta = json.loads(str(z["meta"]))
+        if not isinstance(meta, dict):  # another program's "meta"
+            raise ValueError(f"meta is a JSON {type(meta).__name__}, not an object")
+        return meta
+    except _DAMAGED_NPZ as e:
+        msg = " ".join(str(e).split()) or type(e).__name__
+        raise InputError(f"{path} has no readable extraction metadata ({msg})") from None
 
 
 def pool_identity(path) -> dict | None:

@@ -4,6 +4,7 @@ forward on random weights, and the real EfficientNet-Lite0 weights on two ImageN
 from __future__ import annotations
 
 import math
+import os
 import pickle
 import struct
 import subprocess
@@ -89,6 +90,9 @@ def test_reader_refuses_code_and_reports_corruption(tmp_path):
     with pytest.raises(InputError) as e:
         load_torch_checkpoint(junk)
     assert "\n" not in str(e.value)
+    (tmp_path / "empty.pth").write_bytes(b"")
+    with pytest.raises(InputError, match="empty file"):
+        load_torch_checkpoint(tmp_path / "empty.pth")
     with pytest.raises(InputError, match="not found"):
         load_torch_checkpoint(tmp_path / "missing.pth")
 
@@ -187,6 +191,26 @@ def test_view_far_outside_storage_is_refused_not_a_crash(tmp_path):
                           timeout=120)
     assert done.returncode == 2, (done.returncode, done.stderr[-500:])  # -11 was SIGSEGV
     assert "negative" in done.stdout and done.stdout.count("\n") == 1
+
+
+def test_damaged_memo_index_is_one_line_error_not_a_memory_blowup(tmp_path):
+    path = tmp_path / "damaged.pth"
+    write_hand_made_checkpoint(path, (4,), (1,), legacy=True)
+    raw = path.read_bytes()
+    # The state dict's first key is memoised at index 0 (BINPUT 0); damage turns that into a
+    # LONG_BINPUT of index 2**31 - 1, for which the C unpickler zeroed a 32 GiB memo table.
+    good = b"X\x01\x00\x00\x00wq\x00"
+    assert raw.count(good) == 1
+    path.write_bytes(raw.replace(good, b"X\x01\x00\x00\x00wr\xff\xff\xff\x7f"))
+    code = ("import resource, sys\n"
+            "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))\n"
+            "from bilaf_jax.backbones.torch_pickle import load_torch_checkpoint\n"
+            f"print(load_torch_checkpoint({str(path)!r})['w'].tolist())\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "OPENBLAS_NUM_THREADS": "1"})
+    # a memo entry nothing reads back changes nothing: the file still loads
+    assert done.returncode == 0, done.stderr[-500:]  # was a MemoryError (or the OOM killer)
+    assert done.stdout == "[0.0, 1.0, 2.0, 3.0]\n"
 
 
 # ---------------------------------------------------------------- EfficientNet-Lite0 parity
@@ -414,6 +438,8 @@ def test_load_errors(tmp_path):
         backbones.load("vit_s16")
     with pytest.raises(InputError, match="not found"):
         backbones.load("efficientnet_lite0", tmp_path / "nope.pth")
+    with pytest.raises(InputError, match="is a folder, not a file"):  # was "not found"
+        backbones.load("efficientnet_lite0", tmp_path)
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"PK\x03\x04garbage")
     with pytest.raises(InputError) as e:

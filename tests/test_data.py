@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import shutil
 
 import numpy as np
 import pytest
@@ -86,6 +87,35 @@ def test_damaged_prepared_cache_is_a_one_line_error(fmnist, damage):
     with pytest.raises(InputError, match="remove that folder") as e:
         load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["cut_info", "no_info"])
+def test_partly_copied_prepared_cache_is_a_one_line_error(fmnist, damage):
+    # a cut dataset_info.json was protobuf's ParseError traceback; without one TFDS took the
+    # folder as prepared, prepared nothing and found no splits ("has no split 'train'")
+    src, cache, _ = fmnist
+    load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
+    (info,) = cache.glob("bilaf_fashion_mnist/*/1.0.0/dataset_info.json")
+    if damage == "cut_info":
+        info.write_text(info.read_text()[:50])
+    else:
+        info.unlink()
+    match = "cannot read its prepared data" if damage == "cut_info" else "is incomplete"
+    with pytest.raises(InputError, match=match) as e:
+        load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
+    assert "\n" not in str(e.value) and str(info.parent) in str(e.value)
+    assert str(e.value).endswith("remove that folder to prepare it again")
+    shutil.rmtree(info.parent)  # as the message says
+    assert load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache).images.shape[0] == 12
+
+
+def test_partly_copied_tfds_dataset_is_a_one_line_error(tmp_path):
+    pytest.importorskip("tensorflow_datasets")
+    folder = tmp_path / "cifar10" / "3.0.2"
+    folder.mkdir(parents=True)
+    (folder / "cifar10-train.array_record-00000-of-00001").write_bytes(b"")
+    with pytest.raises(InputError, match="cifar10: its prepared data in .* is incomplete"):
+        data_source("cifar10", "train", data_dir=tmp_path)
 
 
 def test_missing_files_say_how_to_get_them(tmp_path):

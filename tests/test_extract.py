@@ -136,6 +136,63 @@ def test_corrupt_shard_is_recomputed_and_other_settings_refused(pool, tmp_path):
         extract_to_file(tmp_path / "f.npy", progress=False, **CFG, **dirs)
 
 
+def test_a_loaded_random_backbone_is_recorded_with_its_own_seed(pool, tmp_path):
+    dirs, _ = pool
+    cfg = {k: v for k, v in CFG.items() if k not in ("backbone", "weights", "taps")}
+    bb = backbones.load("efficientnet_lite0", "random", taps=(2,), seed=3)
+    extract_to_file(tmp_path / "obj.npz", backbone=bb, progress=False, **cfg, **dirs)
+    assert read_meta(tmp_path / "obj.npz")["weights_sha256"] == "random(seed=3)"  # was seed=0
+    extract_to_file(tmp_path / "name.npz", progress=False, **dict(CFG, seed=3), **dirs)
+    with np.load(tmp_path / "obj.npz") as a, np.load(tmp_path / "name.npz") as b:
+        np.testing.assert_array_equal(a["features"], b["features"])
+    # so the seed-0 extraction does not take them for its own
+    with pytest.raises(InputError, match=r"random\(seed=3\)' \(now 'random\(seed=0\)'\)"):
+        extract_to_file(tmp_path / "obj.npz", progress=False, **CFG, **dirs)
+
+
+def _unsupported_compression(raw: bytes) -> bytes:
+    """An npz whose members name a compression method zipfile cannot read (damaged fields)."""
+    raw, i = bytearray(raw), 0
+    while (i := raw.find(b"PK\x01\x02", i)) >= 0:  # each central directory entry
+        raw[i + 10: i + 12] = (99).to_bytes(2, "little")
+        i += 4
+    return bytes(raw)
+
+
+def test_damaged_output_or_shard_is_one_line_error_or_recomputed(pool, tmp_path, monkeypatch,
+                                                                  capsys):
+    dirs, _ = pool
+    out = tmp_path / "f.npz"
+
+    def stop(b):
+        if b == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_file(out, progress=False, on_batch=stop, **CFG, **dirs)
+    shard = tmp_path / "f.npz.partial" / "batch_000000.npz"
+    shard.write_bytes(_unsupported_compression(shard.read_bytes()))  # was NotImplementedError
+    res = extract_to_file(out, progress=False, **CFG, **dirs)
+    assert (res.reused_batches, res.computed_batches) == (1, 2)
+    finished = out.read_bytes()
+    argv = ARGS + ["--data-dir", dirs["data_dir"], "--cache-dir", dirs["cache_dir"]]
+    capsys.readouterr()
+    for name, content in (("empty.npz", b""),  # `touch`ed, or a failed copy: was an EOFError
+                          ("method.npz", _unsupported_compression(finished)),
+                          ("list.npz", None)):
+        path = tmp_path / name
+        if content is None:  # another program's npz with a "meta" that is no object
+            np.savez(path, meta=np.asarray("[1, 2]"))
+        else:
+            path.write_bytes(content)
+        rc = bilaf(monkeypatch, *argv, "--out", path)
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1, err
+        assert f"{path} exists and is not a feature file written by `bilaf extract`" in err, err
+        with pytest.raises(InputError, match="has no readable extraction metadata"):
+            read_meta(path)
+
+
 def test_interrupted_cli_exits_130_without_output(pool, tmp_path, monkeypatch, capsys):
     dirs, _ = pool
     import bilaf_jax.backbones as bbs

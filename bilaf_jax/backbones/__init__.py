@@ -132,6 +132,7 @@ class Backbone:
     std: tuple = IMAGENET_STD
     resize_method: str = "bilinear"
     num_classes: int | None = None  # of the pretrained head; None when there is none
+    seed: int | None = None  # of the random init where weights="random"; None for a weight file
 
     def preprocess(self, images, image_size: int | None = None):
         """uint8 [b, h, w, 1|3] -> f32 [b, s, s, 3], resized and normalised as in training."""
@@ -292,6 +293,8 @@ def _weights_path(name, weights):
             "weights=PATH / --weights PATH, or weights='random'"
         )
     path = Path(weights).expanduser()
+    if path.is_dir():
+        raise InputError(f"weight file {path} is a folder, not a file")
     if not path.is_file():
         raise InputError(f"weight file not found: {path}")
     return path
@@ -361,4 +364,5 @@ def load(name: str, weights=None, *, taps=None, seed: int = 0) -> Backbone:
     return Backbone(name=name, dim=module.dim, image_size=224, module=module,
                     weights_sha256=None if path is None else sha256_file(path),
                     weights_path=None if path is None else str(path), mean=p["mean"],
-                    std=p["std"], resize_method=p["resize"], **extra)
+                    std=p["std"], resize_method=p["resize"],
+                    seed=int(seed) if path is None else None, **extra)

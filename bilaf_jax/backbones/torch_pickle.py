@@ -13,7 +13,7 @@ from __future__ import annotations
 import collections
 import io
 import math
-import os
+import mmap
 import pickle
 import struct
 import zipfile
@@ -146,7 +146,11 @@ _ALLOWED = {
 }
 
 
-class _Unpickler(pickle.Unpickler):
+# Python's own unpickler, not the C one: the C unpickler grows its memo table to whatever index
+# a BINPUT names, so four damaged bytes of a weight file make it zero up to 32 GiB (the process
+# is killed for memory); this one keeps the memo in a dict. Its inputs (a BytesIO, an mmap)
+# never read more than the file holds, whatever length a damaged opcode gives.
+class _Unpickler(pickle._Unpickler):
     def __init__(self, file, storages: dict):
         super().__init__(file, encoding="latin1")
         self.storages = storages
@@ -189,7 +193,8 @@ def _materialise(obj):
     return obj
 
 
-def _load_legacy(f) -> object:
+def _load_legacy(f: mmap.mmap) -> object:
+    """The object a legacy-format file holds; `f` maps the whole file."""
     magic = _Unpickler(f, {}).load()
     if magic != _LEGACY_MAGIC:
         raise InputError("not a PyTorch checkpoint (bad magic number)")
@@ -211,7 +216,7 @@ def _load_legacy(f) -> object:
         st = storages[key]
         nbytes = numel * st.dtype.itemsize
         # a crafted header must not make read() allocate more than the file holds
-        if numel < 0 or nbytes > os.fstat(f.fileno()).st_size - f.tell():
+        if numel < 0 or nbytes > f.size() - f.tell():
             raise InputError(f"truncated PyTorch checkpoint (storage {key})")
         raw = f.read(nbytes)
         if len(raw) != nbytes:
@@ -249,6 +254,8 @@ def load_torch_checkpoint(path) -> object:
     Raises InputError (one line) for a missing, unreadable or corrupt file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"weight file {path} is a folder, not a file")
     if not path.is_file():
         raise InputError(f"weight file not found: {path}")
     try:
@@ -257,12 +264,16 @@ def load_torch_checkpoint(path) -> object:
                 result = _load_zip(zf)
         else:
             with open(path, "rb") as f:
-                result = _load_legacy(f)
+                if not path.stat().st_size:
+                    raise InputError("empty file, not a PyTorch checkpoint")
+                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
+                    result = _load_legacy(m)
         return _materialise(result)
     except InputError as e:
         raise InputError(f"{path}: {e}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, IndexError,
-            KeyError, struct.error, zipfile.BadZipFile, OSError, UnicodeDecodeError) as e:
+            KeyError, struct.error, zipfile.BadZipFile, OSError, UnicodeDecodeError,
+            RecursionError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
         raise InputError(f"{path} is not a readable PyTorch checkpoint ({msg})") from None
 

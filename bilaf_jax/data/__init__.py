@@ -215,13 +215,18 @@ def _local_tfds_source(name, data_dir, cache_dir):
         source = source_dir(data_dir)
     digest = source_digest(source)  # also checks that the source files exist
     cache = Path(cache_dir).expanduser() if cache_dir is not None else cache_dir_default()
+    config = tfds.core.BuilderConfig(name=f"src_{digest[:16]}")
     with _quiet_tfds():
-        builder = builder_class(
-            config=tfds.core.BuilderConfig(name=f"src_{digest[:16]}"),
-            data_dir=str(cache),
-            file_format="array_record",
-        )
+        try:
+            builder = builder_class(config=config, data_dir=str(cache),
+                                    file_format="array_record")
+        except Exception as e:  # protobuf's ParseError for a damaged dataset_info.json
+            folder = cache / builder_class.name / config.name / str(builder_class.VERSION)
+            raise InputError(f"{name}: cannot read its prepared data in {folder} "
+                             f"({' '.join(str(e).split())}); remove that folder to prepare it "
+                             "again") from None
         if not builder.is_prepared():
+            _refuse_incomplete(name, builder)
             try:
                 cache.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -240,6 +245,17 @@ def _local_tfds_source(name, data_dir, cache_dir):
                 _remove_if_empty(Path(builder.data_dir_root) / builder.name / builder.builder_config.name)
                 raise
     return builder
+
+
+def _refuse_incomplete(name, builder) -> None:
+    """Refuse a dataset folder that holds files but no dataset_info.json (a partial copy, or
+    that file deleted): TFDS would reuse it as it is instead of preparing it, and then find no
+    splits in it. (One with the file was completed by another process meanwhile.)"""
+    folder = Path(builder.data_dir)
+    if (folder.is_dir() and any(folder.iterdir())
+            and not (folder / "dataset_info.json").is_file()):
+        raise InputError(f"{name}: its prepared data in {folder} is incomplete (no "
+                         "dataset_info.json); remove that folder to prepare it again")
 
 
 @contextlib.contextmanager
@@ -294,6 +310,7 @@ def _tfds_own_source(name, split, data_dir, cache_dir) -> ImageSource:
             src = _wrap_tfds_source(name, split, src, builder.info.features)
             src.fingerprint = f"{name}/{split}/{len(src)}/{version}"
             return src
+        _refuse_incomplete(name, builder)
         try:
             import tensorflow  # noqa: F401
         except ImportError:
