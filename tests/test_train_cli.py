@@ -203,6 +203,79 @@ def test_train_main_reports_bad_input_on_one_line(feats, capsys):
     assert json.loads(capsys.readouterr().out)["mode"] == "linear"
 
 
+def test_train_main_takes_overrides_around_its_options_and_reports_on_one_line(feats, capsys,
+                                                                             monkeypatch):
+    """`python -m train.main`: KEY=VALUE overrides before and after --workdir (argparse's
+    parse_args refused the later ones), and a missing config, a malformed override or Ctrl-C
+    as one line (not argparse's usage block, or a traceback)."""
+    import train.train
+    from train.main import main as train_main
+
+    split = ["--config", "fashion_mnist", "mode=linear", f"selection={feats / 'sel.json'}",
+             "--workdir", str(feats / "run"), f"features={feats / 'pool.npz'}",
+             f"test_features={feats / 'test.npz'}"]
+    assert train_main(split) == 0
+    assert json.loads(capsys.readouterr().out)["mode"] == "linear"
+    for args, needle in ((["--config", "no_such_config", "--workdir", str(feats / "x")],
+                          "config not found: no_such_config"),
+                         ([*split[:2], "--workdir", str(feats / "x"), "steps"],
+                          "override 'steps' is not KEY=VALUE")):
+        assert train_main(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("python -m train.main: error: ") and \
+            needle in err, err
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train.train, "train_and_evaluate", interrupted)
+    assert train_main(split) == 130
+    assert capsys.readouterr().err == "python -m train.main: interrupted\n"
+    assert not (feats / "x").exists()
+
+
+def test_empty_paths_are_one_line_errors_and_write_nothing(bilaf, feats, capsys, monkeypatch):
+    """An empty --selection / --features / --test-features / --workdir (an unset shell
+    variable in quotes) is said as such: Path("") is the current folder, so it read "selection
+    file . is not valid JSON", and an empty --workdir wrote the run into the current folder."""
+    here = feats / "cwd"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for flag, needle in (("--selection", "selection is empty"), ("--features", "features is empty"),
+                         ("--test-features", "test_features is empty"),
+                         ("--workdir", "--workdir is empty")):
+        args = _args(feats, feats / "run")
+        args[args.index(flag) + 1] = ""
+        assert bilaf(args) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and needle in err, err
+    assert list(here.iterdir()) == [] and not (feats / "run").exists()
+    from train.train import make_config, train_and_evaluate
+
+    config = make_config(mode="knn", selection=str(feats / "sel.json"),
+                         features=str(feats / "pool.npz"), test_features=str(feats / "test.npz"))
+    with pytest.raises(ValueError, match="workdir is empty"):
+        train_and_evaluate(config, "")
+    assert list(here.iterdir()) == []
+
+
+def test_a_config_built_directly_with_numpy_values_runs(feats):
+    """`train_and_evaluate` takes a `Config` built directly, NumPy scalars and paths in it as
+    make_config takes them (an np.int64 passed validation, then config.json's json.dump raised
+    a TypeError; an np.int64 seed or a Path selection was refused)."""
+    from train.train import Config, make_config, summary_without_state, train_and_evaluate
+
+    fields = dict(mode="linear", selection=str(feats / "sel.json"),
+                  features=str(feats / "pool.npz"), test_features=str(feats / "test.npz"),
+                  linear_steps=20, seed=3)
+    ref = summary_without_state(train_and_evaluate(make_config(**fields), feats / "ref"))
+    direct = Config(**{**fields, "linear_steps": np.int64(20), "seed": np.int64(3),
+                       "selection": feats / "sel.json"})
+    got = summary_without_state(train_and_evaluate(direct, feats / "direct"))
+    assert got == ref and json.loads((feats / "direct" / "summary.json").read_text()) == ref
+    assert json.loads((feats / "direct" / "config.json").read_text())["config"] == ref["config"]
+
+
 @pytest.mark.parametrize("change,needle", [
     ({}, None),  # a matching pair runs
     ({"weights_sha256": "f" * 64}, "differ in weights_sha256"),

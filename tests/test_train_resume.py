@@ -465,3 +465,28 @@ def test_a_workdir_in_use_by_another_process_is_refused(tmp_path):
             train_and_evaluate(cfg, wd, backbone=TinyBackbone())
     assert sorted(p.name for p in wd.iterdir()) == [".lock"]
     assert train_and_evaluate(cfg, wd, backbone=TinyBackbone())["step"] == 2
+
+
+@pytest.mark.parametrize("mode", ["full", "linear"])
+def test_a_workdir_in_use_is_refused_before_the_data_is_read(tmp_path, monkeypatch, mode):
+    """The refusal comes at once, not after the images are read and preprocessed (minutes on
+    ImageNet) or the probe is fitted, which the run would then throw away."""
+    import bilaf_jax.data
+    import train.train as tt
+    from bilaf_jax.io import exclusive_lock
+
+    def never(*args, **kwargs):
+        raise AssertionError("data read although the workdir is in use")
+
+    monkeypatch.setattr(bilaf_jax.data, "data_source", never)
+    monkeypatch.setattr(tt, "load_features", never)
+    sel = _selection(tmp_path, [0, 1, 2])
+    cfg = make_config(mode=mode, selection=sel, steps=2, warmup_steps=1,
+                      **({} if mode == "full" else {"features": "pool.npz",
+                                                    "test_features": "test.npz"}))
+    wd = tmp_path / "w"
+    wd.mkdir()
+    with exclusive_lock(wd / ".lock", "the other run"):
+        with pytest.raises(ValueError, match=f"workdir {wd} is in use by another process"):
+            train_and_evaluate(cfg, wd, backbone=TinyBackbone())
+    assert sorted(p.name for p in wd.iterdir()) == [".lock"]

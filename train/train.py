@@ -162,6 +162,9 @@ def validate_config(c: Config) -> None:
         if (v is not None or name in ("dataset", "backbone")) and not isinstance(v, str):
             raise ValueError(f"{name} must be a string{'' if name in ('dataset', 'backbone') else ' (a path)'}"
                              f", got {v!r}")
+    for name in ("selection", "features", "test_features"):
+        if getattr(c, name) == "":  # Path("") is the current folder: "selection file . is not JSON"
+            raise ValueError(f"{name} is empty; give a file path")
     if c.mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, got {c.mode!r}")
     if c.optimizer not in ("sgd", "adamw"):
@@ -302,6 +305,16 @@ def _holds_results(workdir: Path) -> bool:
             or (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())))
 
 
+def _check_not_in_use(workdir: Path) -> None:
+    """Refuse at once a workdir another process holds, before minutes of loading images or
+    fitting that `_claimed` would then refuse. Creates nothing: a workdir or lock file not
+    there yet is held by no one."""
+    lock = workdir / ".lock"
+    if lock.is_file():
+        with exclusive_lock(lock, f"workdir {workdir}"):
+            pass
+
+
 @contextlib.contextmanager
 def _claimed(workdir: Path, config: Config, identity: dict):
     """Hold `workdir` for this run: create it, lock it (a second process writing the same
@@ -364,10 +377,18 @@ def train_and_evaluate(config: Config, workdir, *, backbone=None,
     backbone: optional `bilaf_jax.backbones.Backbone`-like object (full mode) used instead of
       loading `config.backbone` (tests pass small ones).
     max_steps_this_run: full mode: stop after this many steps in this call, as if killed there
-      (no summary is written; the returned dict has "interrupted": True).
+      (no summary is written; the returned dict has "interrupted": True); a run whose last step
+      comes within them ends as usual.
     """
+    # A Config built directly may hold NumPy scalars or paths: as make_config's, so that
+    # config.json and summary.json can record them (not a TypeError once the run is done).
+    config = dataclasses.replace(config, **{f.name: _plain(getattr(config, f.name))
+                                            for f in dataclasses.fields(Config)})
     validate_config(config)
+    if isinstance(workdir, str) and not workdir:  # Path("") is the current folder
+        raise InputError("workdir is empty; give a folder path")
     workdir = Path(workdir)
+    _check_not_in_use(workdir)
     if config.mode == "full":
         return _run_full(config, workdir, backbone, max_steps_this_run)
     return _run_on_features(config, workdir)

@@ -112,6 +112,8 @@ def load_config_file(name: str) -> dict:
 def run(args) -> int:
     from train.train import check_num_devices, make_config, summary_without_state, train_and_evaluate
 
+    if not args.workdir:  # `--workdir "$UNSET"`: the run would write into the current folder
+        raise UsageError("--workdir is empty")
     overrides = load_config_file(args.config) if args.config else {}
     for flag, field in _FLAGS.items():
         value = getattr(args, flag)
