@@ -719,6 +719,8 @@ def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
 
     from train.models import Classifier, set_drop_path
 
+    # This sets the rate on the caller's module (its weights stay untouched, see below): a later
+    # run on the same module sets its own rate again.
     drop_path_applied = set_drop_path(backbone.module, config.drop_path)
     if config.drop_path > 0 and not drop_path_applied:
         raise ValueError(f"backbone {config.backbone} has no drop-path layers; set drop_path=0")
