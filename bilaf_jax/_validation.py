@@ -163,11 +163,21 @@ def check_flag(value, name: str, allow_none: bool = False):
     raise ValueError(f"{name} must be {expected}, got {value!r}")
 
 
+def _real_array(value, name: str) -> np.ndarray:
+    """`value` as a NumPy array of real numbers, or ValueError: np.isfinite would fail on a
+    string or None with a TypeError naming nothing, and a complex number would pass."""
+    v = np.asarray(value)
+    if v.dtype != np.bool_ and not (jnp.issubdtype(v.dtype, jnp.floating)
+                                    or jnp.issubdtype(v.dtype, jnp.integer)):
+        raise ValueError(f"{name} must be a real number, got {value!r:.60}")
+    return v
+
+
 def check_positive(value, name: str, allow_zero: bool = False):
     """Check a traceable hyperparameter when concrete; pass tracers through unchanged."""
     if is_traced(value):
         return value
-    v = np.asarray(value)
+    v = _real_array(value, name)
     if v.ndim != 0:
         raise ValueError(f"{name} must be a scalar, got shape {v.shape}")
     ok = np.isfinite(v) and (v >= 0 if allow_zero else v > 0)
@@ -181,7 +191,7 @@ def check_fraction(value, name: str, low_open: bool = False, high_open: bool = F
     """Check a traceable fraction in [0, 1] (ends optionally open) when concrete."""
     if is_traced(value):
         return value
-    v = np.asarray(value)
+    v = _real_array(value, name)
     if v.ndim != 0 or not np.isfinite(v):
         raise ValueError(f"{name} must be a finite scalar, got {value!r}")
     lo_ok = v > 0 if low_open else v >= 0

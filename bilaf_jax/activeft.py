@@ -181,7 +181,13 @@ def _activeft(key, features, init_indices, unavailable, temperature, learning_ra
               precision):
     n = features.shape[0]
     dtype = jnp.promote_types(features.dtype, jnp.float32)
-    feats = distances.normalize(features.astype(dtype))
+    x = features.astype(dtype)
+    # normalize's eps (torch's 1e-12) would leave every row of a pool of tiny values (accepted
+    # down to about 1e-16) short of unit length: lift such a pool by a power of two, which
+    # gives the unit rows of the same pool at any ordinary scale. Other pools: times 1.
+    _, exponent = jnp.frexp(jnp.max(jnp.abs(x)))
+    x = x * jnp.where(exponent < -16, jnp.ldexp(jnp.ones((), dtype), -exponent), 1.0).astype(dtype)
+    feats = distances.normalize(x)
     init_key, batch_key = jax.random.split(key)
     if init_indices is None and (unavailable is None or not has_excluded):
         init_indices = jax.random.choice(init_key, num_rows, (num_samples,), replace=False)

@@ -7,6 +7,7 @@ Same contract as `activeft`: `fn(key, features, num_samples, ...)` returns a Nam
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -207,7 +208,13 @@ def _kmeans(key, features, tol, unavailable, num_rows, *, num_samples, num_iters
     # Lloyd's assignments use the Gram form: a pool far from the origin is translated first
     # (distances unchanged, centres moved back at the end; see distances.centring_shift).
     shift = distances.centring_shift(x, weight)
+    # A row opposite the mean can end up twice as far from the origin as validation allows,
+    # and the Gram form's ||x||^2 + ||c||^2 then overflows: halve such a pool (a power of two
+    # changes no rounding; centres and inertia are scaled back exactly, the picks are the same).
     x, centres = x - shift, centres - shift
+    factor = jnp.where(jnp.max(jnp.abs(x)) > math.sqrt(jnp.finfo(x.dtype).max / (4 * d)),
+                       0.5, 1.0).astype(x.dtype)
+    x, centres = x * factor, centres * factor
     # Mean squared distance from the mean (translation-free, like the selection), each term
     # divided first: the plain sum overflows for features that validation accepts (each
     # squared norm fits, n of them need not), which stopped Lloyd's iterations before the first.
@@ -229,4 +236,5 @@ def _kmeans(key, features, tol, unavailable, num_rows, *, num_samples, num_iters
                            _LloydState(centres, jnp.array(jnp.inf, x.dtype), jnp.array(0)))
     inertia = jnp.sum(weight * distances.nearest_centre(x, state.centres, chunk_size=chunk_size).distance)
     matched = distances.greedy_unique_match(x, state.centres, chunk_size=chunk_size, taken=unavailable)
-    return KMeansOutput(jnp.sort(matched), matched, state.centres + shift, inertia, state.it)
+    return KMeansOutput(jnp.sort(matched), matched, state.centres / factor + shift,
+                        inertia / (factor * factor), state.it)

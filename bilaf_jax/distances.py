@@ -224,6 +224,9 @@ def smallest_k(values, k: int):
     """
     p = values.shape[-1]
     if p > _EXTRACT_MAX and values.dtype != jnp.float64:
+        # top-k orders floats by their bits, -0.0 below +0.0: make them the tie they are
+        # (a "dot" distance is -0.0 or +0.0 by the signs of the zero products).
+        values = jnp.where(values == 0, jnp.zeros_like(values), values)
         neg, idx = lax.top_k(-values, k)
         return -neg, idx.astype(jnp.int32)
     pos = lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
@@ -295,6 +298,10 @@ def greedy_unique_match(points, centres, metric: str = "sqeuclidean", *,
     # Too few free points would hand out taken or repeated ones without a word.
     if num_centres > n:
         raise ValueError(f"{num_centres} centres but only {n} points: each centre takes its own point")
+    # 0 would divide by zero (chunk_size) or keep no candidates, failing deep inside
+    if chunk_size <= 0 or num_candidates <= 0:
+        raise ValueError(f"chunk_size and num_candidates must be positive, got {chunk_size} and "
+                         f"{num_candidates}")
     if taken is not None and not isinstance(taken, jax.core.Tracer):
         free = n - int(jnp.count_nonzero(jnp.asarray(taken)))
         if num_centres > free:

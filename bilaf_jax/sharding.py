@@ -23,6 +23,7 @@ and the scripts do all this with `--distributed` (and `--mesh`, see `parse_mesh`
 from __future__ import annotations
 
 import functools
+import numbers
 from typing import NamedTuple
 
 import jax
@@ -43,6 +44,9 @@ def make_mesh(num_devices: int | None = None, axis: str = "data") -> Mesh:
     """A 1-D mesh over the first `num_devices` devices (default: all, across processes)."""
     devices = jax.devices()
     if num_devices is not None:
+        # slicing the device list needs an int, and True would quietly mean one device
+        if isinstance(num_devices, bool) or not isinstance(num_devices, (numbers.Integral, np.integer)):
+            raise ValueError(f"num_devices must be an integer, got {num_devices!r}")
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"num_devices must be in [1, {len(devices)}], got {num_devices}")
         devices = devices[:num_devices]

@@ -238,3 +238,19 @@ def test_labelled_rows_shape_the_objective_but_are_never_picked(digits):
     np.testing.assert_allclose(out.losses, want_losses, rtol=1e-5)
     np.testing.assert_array_equal(out.matched_indices, want_matched)
     assert not set(want_matched.tolist()) & set(labeled.tolist())
+
+
+def test_a_pool_of_tiny_values_selects_as_at_ordinary_scale(digits):
+    """Values down to about 1e-16 pass validation, but normalize's eps (1e-12, torch's) left
+    rows of norm below it short of unit length, and the picks changed (from 2**-44 on here).
+    Scaled by powers of two, the pool selects the same rows with the same losses."""
+    x = _features(digits, 300)
+    want = activeft(jax.random.key(0), x, 8, num_steps=20)
+    for k in (44, 50):
+        got = activeft(jax.random.key(0), x * np.float32(2.0**-k), 8, num_steps=20)
+        np.testing.assert_array_equal(got.indices, want.indices)
+        np.testing.assert_array_equal(got.losses, want.losses)
+    with jax.enable_x64(True):
+        want = activeft(jax.random.key(0), x.astype(np.float64), 8, num_steps=20)
+        got = activeft(jax.random.key(0), x.astype(np.float64) * 2.0**-400, 8, num_steps=20)
+        np.testing.assert_array_equal(got.indices, want.indices)

@@ -78,6 +78,24 @@ def test_kmeans_iterates_on_features_whose_squared_norms_only_just_fit():
     np.testing.assert_array_equal(large.indices, small.indices)
 
 
+def test_kmeans_picks_do_not_change_near_the_largest_accepted_values():
+    """Values up to 1.9 * 2**62 in d = 1 (validation's bound is 2**63) with one row opposite
+    the others: after centring that row lies twice as far out, ||x||^2 + ||c||^2 overflowed
+    in the Gram form and the picks were not those of the same pool scaled down by 2**62."""
+    rng = np.random.default_rng(0)
+    for seed in range(4):
+        n = int(rng.integers(5, 30))
+        small = rng.uniform(0.9, 1.9, size=(n, 1)).astype(np.float32)
+        small[rng.integers(0, n)] = -1.9
+        large = small * np.float32(2.0**62)  # exact: a power of two
+        k = int(rng.integers(2, n))
+        a = kmeans_select(jax.random.key(seed), large, k)
+        b = kmeans_select(jax.random.key(seed), small, k)
+        np.testing.assert_array_equal(a.matched_indices, b.matched_indices)
+        np.testing.assert_array_equal(a.centres, b.centres * np.float32(2.0**62))
+        assert int(a.num_iters) == int(b.num_iters)
+
+
 def test_random_select_is_uniform_enough():
     x = np.zeros((50, 2), np.float32)
     counts = np.zeros(50)

@@ -239,6 +239,25 @@ def test_index_arguments_of_the_wrong_kind():
         random_select(jax.random.key(0), x, 3, exclude=[1, 2]).indices)
 
 
+def test_hyperparameters_that_are_not_real_numbers_are_named(pool):
+    """A string or None reached np.isfinite (a TypeError naming no argument); a complex
+    learning rate, tolerance or fraction passed the checks and ran."""
+    from bilaf_jax.pipeline import select
+
+    key = jax.random.key(0)
+    for name, value in (("temperature", "0.07"), ("learning_rate", None), ("learning_rate", 1e-3j),
+                        ("balance", "1")):
+        with pytest.raises(ValueError, match=f"{name} must be a real number"):
+            activeft(key, pool, 3, num_steps=2, **{name: value})
+    for value in ("1e-6", 1e-6j):
+        with pytest.raises(ValueError, match="tol must be a real number"):
+            kmeans_select(key, pool, 3, tol=value)
+    for name, value in (("remove_fraction", "0.1"), ("ring_fraction", 0.1j),
+                        ("opponent_penalty", None)):
+        with pytest.raises(ValueError, match=f"{name} must be a real number"):
+            select(key, pool, 12, num_cores=3, core_method="kcenter", **{name: value})
+
+
 def test_select_refuses_non_bool_flags_and_non_dict_core_options(pool):
     """bilaf read bool(normalize): normalize="false" normalised the features, silently."""
     from bilaf_jax.pipeline import select
@@ -278,3 +297,8 @@ def test_shard_rows_names_a_bad_mesh(pool):
         shard_rows(pool, make_mesh(1), axis="rows")
     with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
         shard_rows(pool, None)
+    # a float was a TypeError from slicing the device list, True a one-device mesh
+    for bad in (1.0, True, "1"):
+        with pytest.raises(ValueError, match="num_devices must be an integer"):
+            make_mesh(bad)
+    assert make_mesh(np.int64(1)).shape == {"data": 1}

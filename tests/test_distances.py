@@ -93,6 +93,10 @@ def test_greedy_unique_match_refuses_more_centres_than_free_points():
         distances.greedy_unique_match(x, x[:4], taken=np.arange(10) < 8)
     got = distances.greedy_unique_match(x, x[:2], taken=np.arange(10) < 8)
     assert sorted(np.asarray(got).tolist()) == [8, 9]
+    # were a ZeroDivisionError and NumPy's "need at least one array to stack"
+    for kwargs in (dict(chunk_size=0), dict(num_candidates=0)):
+        with pytest.raises(ValueError, match="chunk_size and num_candidates must be positive"):
+            distances.greedy_unique_match(x, x[:2], **kwargs)
 
 
 def test_greedy_unique_match_under_vmap_equals_each_run():
@@ -141,3 +145,15 @@ def test_centring_shift_moves_only_pools_far_from_the_origin():
     np.testing.assert_array_equal(distances.centring_shift(two), [4.0, 0.0])
     wide = np.array([[-3.0, 0.0], [5.0, 0.0]], np.float32)  # mean 1, spread 4: near
     np.testing.assert_array_equal(distances.centring_shift(wide), [0.0, 0.0])
+
+
+@pytest.mark.parametrize("p", [40, 700], ids=["extract", "top_k"])
+def test_smallest_k_treats_signed_zeros_as_a_tie(p):
+    """-0.0 == +0.0, so the lower index comes first; top-k ordered -0.0 first (by bits).
+    A "dot" distance is -0.0 or +0.0 by the signs of the zero products."""
+    rng = np.random.default_rng(0)
+    x = rng.choice(np.array([-0.0, 0.0, 1.0, 2.0], np.float32), size=(6, p))
+    vals, idx = distances.smallest_k(jnp.asarray(x), 8)
+    order = np.argsort(x, axis=-1, kind="stable")[:, :8]
+    np.testing.assert_array_equal(np.asarray(idx), order)
+    np.testing.assert_array_equal(np.asarray(vals), np.take_along_axis(x, order, axis=-1))
