@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import re
 import shutil
 import sys
@@ -33,9 +34,11 @@ from bilaf_jax.io import (
     atomic_open,
     check_output_path,
     exclusive_lock,
+    name_max,
     read_selection_record,
     save_npz_atomic,
     selection_record_path,
+    temp_prefix,
     write_json_atomic,
 )
 
@@ -81,7 +84,8 @@ def _remove_stale_temps(out: Path) -> None:
     Such a file is live only while another extraction to the same `out` is finishing, and two at
     once are not supported anyway: they share (and reset, and remove) the `.partial` folder.
     """
-    stale = re.compile(re.escape(f".{out.name}.") + r"[a-z0-9_]{8}\.tmp")  # tempfile's alphabet
+    # (the prefix cut short as atomic_open cuts it for a long name)
+    stale = re.compile(re.escape(temp_prefix(out.name, out.parent)) + r"[a-z0-9_]{8}\.tmp")
     for p in out.parent.iterdir():
         if stale.fullmatch(p.name) and p.is_file() and not p.is_symlink():
             with contextlib.suppress(OSError):
@@ -160,6 +164,10 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
     out = check_output_path(out, inputs=() if weights in (None, "random") else (weights,))
     if out.suffix != ".npz":  # the file is an .npz archive; another name would mislead readers
         raise InputError(f"output must be a .npz file, got {out}")
+    # Its lock file and .partial folder take 8 more characters than the name itself.
+    if len(os.fsencode(out.name)) + len(".partial") > name_max(out.parent):
+        raise InputError(f"output name too long for {out.parent} ({len(os.fsencode(out.name))} "
+                         f"bytes; at most {name_max(out.parent) - len('.partial')})")
     _check_outside_data(out, dataset, data_dir)  # before the lock file, which would be added there
     with exclusive_lock(out.with_name(f".{out.name}.lock"), f"output {out}"):
         return _extract(out, dataset=dataset, split=split, backbone=backbone, weights=weights,

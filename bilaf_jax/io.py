@@ -14,6 +14,7 @@ import json
 import os
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,7 @@ def check_replaceable(path, keys, what: str) -> None:
         return
     try:
         old = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError):
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
         old = None
     if not (isinstance(old, dict) and set(keys) <= set(old)):
         raise InputError(f"--out {path} exists and is not a {what} result; choose another "
@@ -95,6 +96,8 @@ def call_get_config(path):
 
     path = Path(path)
     spec = importlib.util.spec_from_file_location(f"_bilaf_config_{path.stem}", path)
+    if spec is None:  # no loader for the suffix; module_from_spec(None) would raise AttributeError
+        raise InputError(f"config {path} is not a Python file (.py)")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
@@ -121,7 +124,7 @@ def check_identity(record_path, current: dict, workdir, added_later=()) -> None:
         if not isinstance(stored, dict):
             raise TypeError(f"its identity is a {type(stored).__name__}, not an object")
         current = {k: v for k, v in current.items() if k in stored or k not in added_later}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise InputError(f"workdir {workdir} has an unreadable {record_path.name} ({e})") from None
     # A key missing on one side counts as None: a setting added later with the default None
     # (what earlier runs did) leaves their workdirs usable.
@@ -137,6 +140,23 @@ def _umask() -> int:
     return mask
 
 
+def name_max(folder) -> int:
+    """The longest file name (bytes) `folder` takes (255 where the system does not say)."""
+    try:
+        return os.pathconf(folder, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
+def temp_prefix(name: str, folder) -> str:
+    """`.NAME.` for the temporary sibling of NAME, NAME cut short where `.NAME.xxxxxxxx.tmp`
+    would pass the folder's name length limit (a name that fits would fail to be written)."""
+    room = name_max(folder) - len("..") - 8 - len(".tmp")  # mkstemp adds 8 random characters
+    while len(os.fsencode(name)) > room:
+        name = name[:-1]
+    return f".{name}."
+
+
 @contextlib.contextmanager
 def atomic_open(path, mode: str = "wb"):
     """Open a temporary sibling of `path` for writing; rename it over `path` on success."""
@@ -146,7 +166,7 @@ def atomic_open(path, mode: str = "wb"):
         raise InputError(f"output folder does not exist: {folder}")
     if not os.access(folder, os.W_OK):
         raise InputError(f"output folder is not writable: {folder}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path.name, folder), suffix=".tmp", dir=folder)
     try:
         # mkstemp makes 0600 files; give the result the mode a plain open() would.
         os.chmod(tmp, 0o666 & ~_umask())
@@ -231,7 +251,8 @@ def load_features(path, label_column: bool = False, key: str = "features"):
                 features = loaded[key]
                 if "labels" in loaded.files and not label_column:
                     labels = loaded["labels"]
-            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+                # zlib.error: a damaged member of a compressed .npz (np.savez_compressed)
                 _refuse_objects(path, e)
                 raise InputError(f"{path} is corrupt ({str(e).splitlines()[0]})") from None
     else:
@@ -266,8 +287,14 @@ def load_features(path, label_column: bool = False, key: str = "features"):
                      else "labels must be whole numbers (class ids)")
             raise InputError(f"{path}: {where}, got {labels.dtype} values such as "
                              f"{labels.reshape(-1)[:3].tolist()}")
-        else:
-            labels = labels.astype(np.int64)
+        with np.errstate(invalid="ignore"):
+            as_int = labels.astype(np.int64)
+        # 1e30 or a uint64 above 2**63 would become int64's minimum or a negative id, silently
+        if not (as_int == labels).all():
+            bad = labels.reshape(-1)[as_int != labels][0]
+            raise InputError(f"{path}: label {bad.item()!r} is out of the range of class ids "
+                             "(64-bit integers)")
+        labels = as_int
     return features, labels
 
 
@@ -289,7 +316,7 @@ def read_selection_record(selection_path) -> dict | None:
     None where there is none or it is not a JSON object."""
     try:
         record = json.loads(selection_record_path(selection_path).read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return record if isinstance(record, dict) else None
 
@@ -301,9 +328,14 @@ def load_index_list(path, n: int | None = None, name: str = "selection", *,
     path = Path(path)
     if not path.exists():
         raise InputError(f"{name} file not found: {path}")
+    if path.is_dir():  # reading it would say "not valid JSON ([Errno 21] Is a directory ...)"
+        raise InputError(f"{name} path is a folder, not a file: {path}")
     try:
         obj = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except OSError as e:
+        raise InputError(f"{name} file {path} cannot be read ({e.strerror or e})") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        # RecursionError: lists nested thousands deep, which json gives up on
         raise InputError(f"{name} file {path} is not valid JSON ({e})") from None
     if isinstance(obj, dict) and "indices" in obj:
         # a `bilaf run` selection record: its bare list is beside it

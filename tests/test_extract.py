@@ -355,6 +355,28 @@ def test_temp_files_of_a_killed_final_write_are_removed(pool, tmp_path):
     assert all(p.read_text() == "mine" for p in keep)
 
 
+def test_temp_files_of_a_killed_final_write_to_a_long_name_are_removed(pool, tmp_path):
+    """A name near the length limit: atomic_open cuts its temp's prefix short, and the
+    clean-up looks for that prefix."""
+    import tempfile
+    from pathlib import Path
+
+    from bilaf_jax.io import temp_prefix
+
+    dirs, _ = pool
+    out = tmp_path / ("f" * 241 + ".npz")  # 245 bytes: its lock and .partial names still fit
+    fd, stale = tempfile.mkstemp(prefix=temp_prefix(out.name, tmp_path), suffix=".tmp", dir=tmp_path)
+    with open(fd, "wb") as f:
+        f.write(b"PK\x03\x04" + b"\0" * 1000)
+    extract_to_file(out, progress=False, limit=4, **CFG, **dirs)
+    assert out.is_file() and not Path(stale).exists()
+    # A name whose .partial folder would not fit: one line, nothing written.
+    longer = tmp_path / ("g" * 246 + ".npz")
+    with pytest.raises(InputError, match="output name too long"):
+        extract_to_file(longer, progress=False, limit=4, **CFG, **dirs)
+    assert not any(p.name.startswith(".g") or p.name.startswith("g") for p in tmp_path.iterdir())
+
+
 def test_a_second_extraction_to_the_same_output_is_refused(pool, tmp_path):
     import subprocess
     import sys

@@ -85,3 +85,49 @@ def test_a_folder_where_the_lock_file_goes_is_named(tmp_path):
     with pytest.raises(io.InputError, match=r"features x.npz: its lock file .*x.lock is a folder; remove it"):
         with io.exclusive_lock(tmp_path / "x.lock", "features x.npz"):
             pass
+
+
+def test_damaged_files_and_odd_values_are_one_line_input_errors(tmp_path):
+    """Each was a traceback or a silent wrong value: a damaged member of a compressed .npz
+    (zlib.error), labels beyond 64-bit integers (cast to int64's minimum), a JSON list nested
+    thousands deep (RecursionError), a folder given as a list ("not valid JSON"), a config
+    that is not a .py file (AttributeError)."""
+    x = np.random.default_rng(0).normal(size=(200, 10))
+    np.savez_compressed(tmp_path / "c.npz", features=x)
+    data = bytearray((tmp_path / "c.npz").read_bytes())
+    data[200:400] = bytes(b ^ 0xFF for b in data[200:400])  # inside the compressed array
+    (tmp_path / "c.npz").write_bytes(bytes(data))
+    with pytest.raises(io.InputError, match=r"c.npz is corrupt \(Error -3 while decompressing"):
+        io.load_features(tmp_path / "c.npz")
+    for labels in (np.array([1e30, 0.0]), np.array([2**63 + 1, 0], np.uint64)):
+        np.savez(tmp_path / "l.npz", features=x[:2], labels=labels)
+        with pytest.raises(io.InputError, match="out of the range of class ids"):
+            io.load_features(tmp_path / "l.npz")
+    np.savez(tmp_path / "l.npz", features=x[:2], labels=np.array([2.0**52, 3.0]))
+    np.testing.assert_array_equal(io.load_features(tmp_path / "l.npz")[1], [2**52, 3])
+    (tmp_path / "deep.json").write_text("[" * 100_000)
+    with pytest.raises(io.InputError, match="deep.json is not valid JSON"):
+        io.load_index_list(tmp_path / "deep.json")
+    assert io.read_selection_record(tmp_path / "deep.json") is None
+    (tmp_path / "deep.meta.json").write_text("[" * 100_000)
+    assert io.read_selection_record(tmp_path / "deep.json") is None
+    with pytest.raises(io.InputError, match="unreadable deep.json"):
+        io.check_identity(tmp_path / "deep.json", {}, tmp_path)
+    with pytest.raises(io.InputError, match="exists and is not a selection result"):
+        io.check_replaceable(tmp_path / "deep.json", ["indices"], "selection")
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(io.InputError, match="--labeled path is a folder, not a file"):
+        io.load_index_list(tmp_path / "folder", name="--labeled")
+    (tmp_path / "cfg.txt").write_text("def get_config():\n    return {}\n")
+    with pytest.raises(io.InputError, match=r"cfg.txt is not a Python file \(.py\)"):
+        io.call_get_config(tmp_path / "cfg.txt")
+
+
+@pytest.mark.parametrize("name", ["a" * 250 + ".json", "é" * 120 + ".json", "with spaces ü.json"])
+def test_atomic_write_to_a_long_or_unicode_name(tmp_path, name):
+    """A name the file system takes, up to its 255 bytes, whose temporary sibling
+    `.NAME.xxxxxxxx.tmp` would not fit: the write failed with "File name too long"."""
+    path = tmp_path / name
+    io.write_json_atomic(path, [1, 2])
+    assert json.loads(path.read_text()) == [1, 2]
+    assert [p.name for p in tmp_path.iterdir()] == [name]
