@@ -230,6 +230,20 @@ def check_temperature(value, name: str = "temperature"):
     return value
 
 
+def check_float32(value, name: str):
+    """A hyperparameter ActiveFT computes with in float32 must be a normal float32 number:
+    1e39 becomes inf (NaN centroids) and 1e-46 zero (no gradient) without a word."""
+    if is_traced(value):
+        return value
+    with np.errstate(over="ignore", under="ignore"):
+        v32 = np.float32(value)
+    if not np.isfinite(v32):
+        raise ValueError(f"{name} {float(value):g} is too large for float32 (at most 3.4e+38)")
+    if value != 0 and abs(v32) < np.finfo(np.float32).tiny:
+        raise ValueError(f"{name} {float(value):g} is too small for float32 (at least 1.2e-38)")
+    return value
+
+
 def check_exclude(exclude, num_rows: int, num_samples: int, total: int | None = None):
     """Turn `exclude` (indices of already-labelled rows, or None) into a bool mask or None.
 

@@ -156,6 +156,8 @@ def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperatu
     V.check_temperature(temperature)
     V.check_positive(learning_rate, "learning_rate", allow_zero=True)
     V.check_positive(balance, "balance")
+    V.check_float32(learning_rate, "learning_rate")
+    V.check_float32(balance, "balance")
     excluded = V.check_exclude(exclude, num_rows, num_samples, total=n)
     if excluded is not None and not excluded.any():
         excluded = None  # exclude=[] draws the same initial rows as exclude=None

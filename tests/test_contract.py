@@ -302,3 +302,15 @@ def test_shard_rows_names_a_bad_mesh(pool):
         with pytest.raises(ValueError, match="num_devices must be an integer"):
             make_mesh(bad)
     assert make_mesh(np.int64(1)).shape == {"data": 1}
+
+
+@pytest.mark.parametrize("name,value,says", [("learning_rate", 1e39, "too large for float32"),
+                                             ("balance", 1e39, "too large for float32"),
+                                             ("balance", 1e-46, "too small for float32")])
+def test_activeft_settings_beyond_float32_are_named(name, value, says):
+    """They ran: NaN centroids (learning_rate 1e39), infinite or zero losses (balance)."""
+    from bilaf_jax.activeft import activeft
+
+    x = np.random.default_rng(0).normal(size=(50, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=f"{name} .* {says}"):
+        activeft(jax.random.key(0), x, 5, num_steps=2, **{name: value})
