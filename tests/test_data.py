@@ -74,38 +74,30 @@ def test_changed_source_is_not_served_from_stale_cache(fmnist):
     np.testing.assert_array_equal(got.images[..., 0], new["train"][0])
 
 
-@pytest.mark.parametrize("damage", ["truncate", "delete"])
+# How each damage to a prepared cache used to fail: array_record's RuntimeError traceback on a
+# cut or removed record file; protobuf's ParseError on a cut dataset_info.json; and without
+# that file TFDS took the folder as prepared, prepared nothing and found no splits.
+_CACHE_DAMAGE = {"truncate": ("*-train.array_record*", "remove that folder"),
+                 "delete": ("*-train.array_record*", "remove that folder"),
+                 "cut_info": ("dataset_info.json", "cannot read its prepared data"),
+                 "no_info": ("dataset_info.json", "is incomplete")}
+
+
+@pytest.mark.parametrize("damage", list(_CACHE_DAMAGE))
 def test_damaged_prepared_cache_is_a_one_line_error(fmnist, damage):
-    # array_record raised a RuntimeError traceback on a cut or removed file of the cache
     src, cache, _ = fmnist
     load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
-    (record,) = cache.glob("bilaf_fashion_mnist/*/1.0.0/*-train.array_record*")
-    if damage == "truncate":
-        record.write_bytes(record.read_bytes()[:100])
+    pattern, says = _CACHE_DAMAGE[damage]
+    (hit,) = cache.glob(f"bilaf_fashion_mnist/*/1.0.0/{pattern}")
+    if damage in ("truncate", "cut_info"):
+        hit.write_bytes(hit.read_bytes()[:100 if damage == "truncate" else 50])
     else:
-        record.unlink()
-    with pytest.raises(InputError, match="remove that folder") as e:
+        hit.unlink()
+    with pytest.raises(InputError, match=says) as e:
         load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
-    assert "\n" not in str(e.value)
-
-
-@pytest.mark.parametrize("damage", ["cut_info", "no_info"])
-def test_partly_copied_prepared_cache_is_a_one_line_error(fmnist, damage):
-    # a cut dataset_info.json was protobuf's ParseError traceback; without one TFDS took the
-    # folder as prepared, prepared nothing and found no splits ("has no split 'train'")
-    src, cache, _ = fmnist
-    load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
-    (info,) = cache.glob("bilaf_fashion_mnist/*/1.0.0/dataset_info.json")
-    if damage == "cut_info":
-        info.write_text(info.read_text()[:50])
-    else:
-        info.unlink()
-    match = "cannot read its prepared data" if damage == "cut_info" else "is incomplete"
-    with pytest.raises(InputError, match=match) as e:
-        load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
-    assert "\n" not in str(e.value) and str(info.parent) in str(e.value)
+    assert "\n" not in str(e.value) and str(hit.parent) in str(e.value)
     assert str(e.value).endswith("remove that folder to prepare it again")
-    shutil.rmtree(info.parent)  # as the message says
+    shutil.rmtree(hit.parent)  # as the message says
     assert load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache).images.shape[0] == 12
 
 

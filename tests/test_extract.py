@@ -94,24 +94,31 @@ def test_resume_after_interruption_gives_identical_features(pool, tmp_path):
                 np.testing.assert_array_equal(a[key], b[key])
 
 
+def _stop_after_two_batches(b):
+    """on_batch: Ctrl-C once batches 0 and 1 are on disk."""
+    if b == 1:
+        raise KeyboardInterrupt
+
+
+def _killed_after_two_batches(out, dirs):
+    """Start an extraction to `out` and stop it as `_stop_after_two_batches` does; returns
+    the partial folder."""
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_file(out, progress=False, on_batch=_stop_after_two_batches, **CFG, **dirs)
+    return out.with_name(out.name + ".partial")
+
+
 def test_corrupt_shard_is_recomputed_and_other_settings_refused(pool, tmp_path):
     dirs, _ = pool
     out = tmp_path / "f.npz"
-
-    def stop(b):
-        if b == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        extract_to_file(out, progress=False, on_batch=stop, **CFG, **dirs)
-    partial = tmp_path / "f.npz.partial"
+    partial = _killed_after_two_batches(out, dirs)
     (partial / "batch_000000.npz").write_bytes(b"half a file")
     res = extract_to_file(out, progress=False, **CFG, **dirs)
     assert (res.reused_batches, res.computed_batches) == (1, 2)
     finished = out.read_bytes()
     cfg = dict(CFG, seed=1)  # other weights
     # A finished file is reused by the same settings and not overwritten by others.
-    again = extract_to_file(out, progress=False, on_batch=stop, **CFG, **dirs)
+    again = extract_to_file(out, progress=False, on_batch=_stop_after_two_batches, **CFG, **dirs)
     assert again.computed_batches == 0 and out.read_bytes() == finished
     with pytest.raises(InputError, match=r"f.npz holds features extracted with other settings "
                        r"\(weights_sha256 'random\(seed=0\)' \(now 'random\(seed=1\)'\)\); "
@@ -120,7 +127,7 @@ def test_corrupt_shard_is_recomputed_and_other_settings_refused(pool, tmp_path):
     assert out.read_bytes() == finished
     out.unlink()
     with pytest.raises(KeyboardInterrupt):
-        extract_to_file(out, progress=False, on_batch=stop, **CFG, **dirs)
+        extract_to_file(out, progress=False, on_batch=_stop_after_two_batches, **CFG, **dirs)
     # An unfinished extraction's shards are neither reused nor discarded by other settings.
     before = sorted(p.read_bytes() for p in partial.iterdir())
     with pytest.raises(InputError, match=r"f.npz.partial holds 2 finished batches of an "
@@ -163,14 +170,7 @@ def test_damaged_output_or_shard_is_one_line_error_or_recomputed(pool, tmp_path,
                                                                   capsys):
     dirs, _ = pool
     out = tmp_path / "f.npz"
-
-    def stop(b):
-        if b == 1:
-            raise KeyboardInterrupt
-
-    with pytest.raises(KeyboardInterrupt):
-        extract_to_file(out, progress=False, on_batch=stop, **CFG, **dirs)
-    shard = tmp_path / "f.npz.partial" / "batch_000000.npz"
+    shard = _killed_after_two_batches(out, dirs) / "batch_000000.npz"
     shard.write_bytes(_unsupported_compression(shard.read_bytes()))  # was NotImplementedError
     res = extract_to_file(out, progress=False, **CFG, **dirs)
     assert (res.reused_batches, res.computed_batches) == (1, 2)
