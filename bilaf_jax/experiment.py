@@ -351,8 +351,7 @@ def _check_workdir_makeable(workdir: Path) -> None:
 
 
 def _make_workdir(workdir: Path) -> None:
-    if workdir.exists() and not workdir.is_dir():
-        raise InputError(f"workdir {workdir} exists and is not a folder")
+    _check_workdir_makeable(workdir)
     try:
         workdir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

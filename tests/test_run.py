@@ -268,7 +268,11 @@ def test_config_file(tmp_path):
 
 
 def _one_line_exit_2(capsys, argv):
-    assert main(argv) == 2
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    assert code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err

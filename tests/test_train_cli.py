@@ -22,7 +22,13 @@ def bilaf(monkeypatch):
         except ImportError:
             pass
     monkeypatch.setattr(cli, "COMMANDS", tuple(present))
-    return cli.main
+
+    def run(argv):  # the exit status, argparse's own errors (SystemExit) included
+        try:
+            return cli.main(argv)
+        except SystemExit as e:
+            return e.code
+    return run
 
 
 @pytest.fixture

@@ -51,6 +51,13 @@ def seed_type(text: str) -> int:
     return value
 
 
+def workdir_type(text: str) -> str:
+    """argparse type of --workdir: not empty (`--workdir "$UNSET"` would be the current folder)."""
+    if not text:
+        raise argparse.ArgumentTypeError("--workdir is empty")
+    return text
+
+
 def add_mesh_options(parser) -> None:
     """--mesh and the multi-process options (see `bilaf_jax.sharding`)."""
     g = parser.add_argument_group("devices")

@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from bilaf_jax.cli import UsageError, seed_type
+from bilaf_jax.cli import UsageError, seed_type, workdir_type
 from bilaf_jax.io import call_get_config
 
 # flag -> Config field
@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     p.add_argument("--backbone", help="backbone name for --mode full (default: efficientnet_lite0)")
     p.add_argument("--weights", help="backbone weights: a file, or 'random' (default: pretrained)")
     p.add_argument("--mode", choices=("linear", "knn", "full"), help="default: full")
-    p.add_argument("--workdir", required=True, help="run folder (created; resumed if it exists)")
+    p.add_argument("--workdir", required=True, type=workdir_type, help="run folder (created; resumed if it exists)")
     p.add_argument("--steps", type=int, help="training steps (full: default from epochs)")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints")
     p.add_argument("--image-size", type=int, help="input side in pixels (full mode)")
@@ -112,8 +112,6 @@ def load_config_file(name: str) -> dict:
 def run(args) -> int:
     from train.train import check_num_devices, make_config, summary_without_state, train_and_evaluate
 
-    if not args.workdir:  # `--workdir "$UNSET"`: the run would write into the current folder
-        raise UsageError("--workdir is empty")
     overrides = load_config_file(args.config) if args.config else {}
     for flag, field in _FLAGS.items():
         value = getattr(args, flag)

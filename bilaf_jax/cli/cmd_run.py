@@ -22,7 +22,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bilaf_jax.cli import UsageError
+from bilaf_jax.cli import UsageError, workdir_type
 
 
 def register(subparsers) -> None:
@@ -31,7 +31,7 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="run config name or .py path (default: default)")
     p.add_argument("--quick", action="store_true", help="the quick config (same as --config quick)")
-    p.add_argument("--workdir", required=True, help="run folder (created; resumed if it exists)")
+    p.add_argument("--workdir", required=True, type=workdir_type, help="run folder (created; resumed if it exists)")
     p.add_argument("--data-dir", help="dataset folder (Fashion-MNIST: the IDX files)")
     p.add_argument("--weights", help="backbone weight file (e.g. dino_deitsmall16_pretrain.pth) "
                    "or 'random'")
@@ -129,8 +129,6 @@ def dry_run(config, workdir: Path) -> int:
 
 
 def run(args) -> int:
-    if not args.workdir:  # an unset shell variable: "" would be the current folder
-        raise UsageError("--workdir is empty")
     config = resolve_config(args)
     workdir = Path(args.workdir).expanduser()
     if args.dry_run:
