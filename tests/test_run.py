@@ -267,6 +267,15 @@ def test_config_file(tmp_path):
         run_configs.get(str(p))
 
 
+def _replace_selection(wd, change):
+    """Rewrite the cached random B = 12, seed 0 selection's indices as `change(indices)` does
+    (a selection made again differently, as another version or machine may)."""
+    sel = wd / "selections" / "random" / "b12_s0.json"
+    rec = json.loads(sel.read_text())
+    rec["indices"] = change(rec["indices"])
+    sel.write_text(json.dumps(rec))
+
+
 def _one_line_exit_2(capsys, argv):
     try:
         code = main(argv)
@@ -627,10 +636,7 @@ def test_evaluations_follow_their_selection(tmp_path, capsys):
     _inject_features(wd)
     config = tiny_config(methods=("random",), seeds=(0,), evals=("knn",))
     first = experiment.run_experiment(config, wd, progress=False).results["records"]
-    sel = wd / "selections" / "random" / "b12_s0.json"
-    rec = json.loads(sel.read_text())
-    rec["indices"] = list(range(12))
-    sel.write_text(json.dumps(rec))
+    _replace_selection(wd, lambda picked: list(range(12)))
     capsys.readouterr()
     again = experiment.run_experiment(config, wd, progress=False).results["records"]
     assert "random_b12_s0.json was made from another selection" in capsys.readouterr().err
@@ -706,10 +712,7 @@ def test_repeated_samples_are_labelled_once_and_reported(tmp_path, monkeypatch):
     _inject_features(wd)
     config = tiny_config(methods=("random",), seeds=(0,), evals=("knn",))
     experiment.run_experiment(config, wd, progress=False)
-    sel = wd / "selections" / "random" / "b12_s0.json"
-    rec = json.loads(sel.read_text())
-    rec["indices"] = rec["indices"][:10] + rec["indices"][:2]  # 12 picks, 10 samples
-    sel.write_text(json.dumps(rec))
+    _replace_selection(wd, lambda picked: picked[:10] + picked[:2])  # 12 picks, 10 samples
     out = experiment.run_experiment(config, wd, progress=False)
     knn = [r for r in out.results["records"] if r["budget"] == 12][0]
     assert knn["num_labelled"] == 10
@@ -894,10 +897,7 @@ def test_full_finetuning_of_a_selection_made_again_differently_is_redone(tmp_pat
     _inject_features(wd)
     config = tiny_config(methods=("random",), seeds=(0,), evals=("full",))
     experiment.run_experiment(config, wd, progress=False)
-    sel = wd / "selections" / "random" / "b12_s0.json"
-    rec = json.loads(sel.read_text())
-    rec["indices"] = list(range(12))
-    sel.write_text(json.dumps(rec))
+    _replace_selection(wd, lambda picked: list(range(12)))
     trained.clear()
     capsys.readouterr()
     out = experiment.run_experiment(config, wd, progress=False)
