@@ -55,6 +55,7 @@ def test_gpu_bench_smoke(tmp_path):
     assert all(e["image_size"] == 64 and e["img_per_s"] > 0 for e in extract)
     train, evaluation = lines("finetune.jsonl")  # the train step's line comes before the eval's
     assert train["image_size"] == 64 and train["train_images_per_s"] > 0
+    assert train["backbone"] == "vit_s16"  # the real run's EfficientNet-Lite0 compiles 3x longer
     assert evaluation["eval_images_per_s"] > 0 and train["device"] == evaluation["device"] != "cpu:0"
     # the boundary stage alone, per class-batch size (the default first), in one process
     sweep = json.loads((out / "boundary_sweep.json").read_text())
