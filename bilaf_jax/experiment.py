@@ -562,18 +562,31 @@ def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True,
     sel_path = folder / "selection.npz"
     if config.selection_dim is None or config.selection_dim >= pool["features"].shape[1]:
         selection, kept = pool["features"], 1.0
-    elif sel_path.exists():
-        z = _read_npz(sel_path, keys=("features", "retained_energy"))
-        selection, kept = z["features"], z["retained_energy"]
-        want = (pool["features"].shape[0], config.selection_dim)
-        if selection.shape != want or kept.shape != () or kept.dtype.kind != "f":
-            raise _damaged(sel_path, f"features {selection.shape}, expected {want}")
-        kept = float(kept)
     else:
-        selection, kept = project(pool["features"], config.selection_dim)
-        save_npz_atomic(sel_path, features=selection, retained_energy=np.asarray(kept))
+        selection, kept = _projection(sel_path, pool["features"], config.selection_dim)
     return Features(pool["features"], pool["labels"].astype(np.int32), test["features"],
                     test["labels"].astype(np.int32), selection, kept, meta)
+
+
+def _projection(path: Path, pool: np.ndarray, rank: int) -> tuple[np.ndarray, float]:
+    """`project(pool, rank)`, cached in `path` with the hash of the pool it was made from: a
+    pool extracted again (other features) is projected again, not paired with the old one."""
+    made_from = array_sha256(pool)
+    if path.exists():
+        z = _read_npz(path, keys=("features", "retained_energy"))
+        selection, kept = z["features"], z["retained_energy"]
+        want = (pool.shape[0], rank)
+        if selection.shape != want or kept.shape != () or kept.dtype.kind != "f":
+            raise _damaged(path, f"features {selection.shape}, expected {want}")
+        if str(z.get("pool_sha256", "")) == made_from:
+            return selection, float(kept)
+        sys.stderr.write(f"bilaf run: note: {path} was made from other pool features (or by "
+                         "an earlier version of bilaf_jax, which did not record them); "
+                         "projecting them again\n")
+    selection, kept = project(pool, rank)
+    save_npz_atomic(path, features=selection, retained_energy=np.asarray(kept),
+                    pool_sha256=np.asarray(made_from))
+    return selection, kept
 
 
 def expected_feature_meta(config: RunConfig, part: str) -> dict:
@@ -675,8 +688,11 @@ def _core_options(config: RunConfig) -> dict:
     return opts
 
 
-def _bilaf_cores(config: RunConfig, workdir: Path, features: np.ndarray, seed: int, counter):
-    """ActiveFT cores of `seed` (cached): the cores select(key, ..., method='bilaf') draws."""
+def _bilaf_cores(config: RunConfig, workdir: Path, features: np.ndarray, seed: int, counter,
+                 made_from: str, remade: list):
+    """ActiveFT cores of `seed` (cached): the cores select(key, ..., method='bilaf') draws.
+    made_from: `array_sha256(features)`; a record of other features is made again (its path
+    appended to `remade`)."""
     import jax
 
     from bilaf_jax.pipeline import select
@@ -688,7 +704,9 @@ def _bilaf_cores(config: RunConfig, workdir: Path, features: np.ndarray, seed: i
                           and len(r["indices"]) == config.num_cores and _is_number(r.get("seconds")))
     if cached is not None:
         _check_made_with(path, cached, settings)
-        return cached
+        if cached.get("features_sha256") == made_from:
+            return cached
+        remade.append(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     # select()'s bilaf path runs the core selector with the first half of split(key); so does
@@ -696,7 +714,8 @@ def _bilaf_cores(config: RunConfig, workdir: Path, features: np.ndarray, seed: i
     out = select(jax.random.key(seed), features, config.num_cores, method="activeft",
                  core_options=_core_options(config))
     indices = np.sort(np.asarray(out.indices)).tolist()
-    rec = {"indices": indices, "seconds": time.perf_counter() - t0, "made_with": settings}
+    rec = {"indices": indices, "seconds": time.perf_counter() - t0, "made_with": settings,
+           "features_sha256": made_from}
     write_json_atomic(path, rec)
     counter.tick()
     return rec
@@ -733,9 +752,12 @@ def _valid_selection(rec: dict, job: Job, n: int) -> bool:
     return _is_indices(rec.get("indices"), n) and _is_number(rec.get("seconds"))
 
 
-def run_selection(config: RunConfig, workdir: Path, features: np.ndarray, job: Job, counter) -> dict:
+def run_selection(config: RunConfig, workdir: Path, features: np.ndarray, job: Job, counter,
+                  made_from: str, remade: list) -> dict:
     """Compute (or read) one selection record; official mode's failures where the authors'
-    script fails are recorded (and reported), any other error stops the run."""
+    script fails are recorded (and reported), any other error stops the run.
+    made_from: `array_sha256(features)`; a cached record of other features (extracted again)
+    is made again, and its path appended to `remade`."""
     import jax
 
     from bilaf_jax.boundary import ScriptFailure
@@ -746,15 +768,19 @@ def run_selection(config: RunConfig, workdir: Path, features: np.ndarray, job: J
     cached = _read_record(path, lambda r: _valid_selection(r, job, len(features)))
     if cached is not None:
         _check_made_with(path, cached, settings)
-        return cached
+        if cached.get("features_sha256") == made_from:
+            return cached
+        remade.append(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    rec = {"method": job.method, "budget": job.budget, "seed": job.seed, "made_with": settings}
+    rec = {"method": job.method, "budget": job.budget, "seed": job.seed, "made_with": settings,
+           "features_sha256": made_from}
     caught = []
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             if job.method.startswith("bilaf"):
-                cores = _bilaf_cores(config, workdir, features, job.seed, counter)
+                cores = _bilaf_cores(config, workdir, features, job.seed, counter, made_from,
+                                     remade)
                 t0 = time.perf_counter()
                 out = boundary_from_cores(job.seed, features, cores["indices"], job.budget,
                                           mode=job.method.split("-", 1)[1],
@@ -796,12 +822,15 @@ def _json_or_none(path: Path):
 
 
 def _eval_basis(config: RunConfig, workdir: Path, job: Job, ev: str, selection: dict,
-                pool_size: int) -> dict:
-    """What an evaluation record was computed from: its selection's indices (or failure) and,
-    for full finetuning, the resolved training settings."""
+                pool_size: int, features_sha: dict) -> dict:
+    """What an evaluation record was computed from: its selection's indices (or failure), for
+    the evaluations on features the pool's and test's feature hashes (`features_sha256`), and
+    for full finetuning the resolved training settings."""
     made_from = json.dumps(selection.get("indices", selection.get("error")))
     basis = {"selection_sha256": hashlib.sha256(made_from.encode()).hexdigest()}
-    if ev == "full" and "error" not in selection:
+    if ev != "full":
+        basis.update(pool_sha256=features_sha["pool"], test_sha256=features_sha["test"])
+    elif "error" not in selection:
         sel_path = _selection_path(workdir, job).with_suffix(".indices.json")
         from train.train import without_later_defaults
 
@@ -833,9 +862,13 @@ def _set_aside_other_selections_finetuning(folder: Path, sel_path: Path) -> None
 
 
 def run_evaluation(config: RunConfig, workdir: Path, feats: Features, job: Job, ev: str,
-                   selection: dict, counter, num_classes: int) -> dict:
+                   selection: dict, counter, num_classes: int, features_sha: dict,
+                   remade: list) -> dict:
+    """Compute (or read) one evaluation record. features_sha: `features_sha256(feats)`; a
+    cached record of another selection, other features or other finetuning settings is made
+    again, and its path appended to `remade`."""
     path = _eval_path(workdir, job, ev)
-    basis = _eval_basis(config, workdir, job, ev, selection, len(feats.pool_labels))
+    basis = _eval_basis(config, workdir, job, ev, selection, len(feats.pool_labels), features_sha)
     cached = _read_record(path, lambda r: _is_for(r, job) and r.get("eval") == ev
                           and (r.get("accuracy") is None or _is_number(r["accuracy"]))
                           and (r.get("selection_seconds") is None
@@ -843,8 +876,7 @@ def run_evaluation(config: RunConfig, workdir: Path, feats: Features, job: Job, 
     if cached is not None and cached.get("basis") == basis:
         return cached
     if cached is not None:
-        sys.stderr.write(f"bilaf run: {path} was made from another selection or finetuning "
-                         "settings; making it again\n")
+        remade.append(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rec = {"method": job.method, "budget": job.budget, "seed": job.seed, "eval": ev,
            "accuracy": None, "selection_seconds": selection.get("seconds"), "basis": basis}
@@ -910,17 +942,21 @@ def cpu_description() -> str:
                                  " ".join(isa)) if x)
 
 
-def features_sha256(feats: Features) -> dict:
-    """sha256 of the pool, test and selection feature arrays (their bytes, dtype and shape):
-    tells a rerun whose selections differ whether its features were the same."""
-    def digest(a):
-        a = np.ascontiguousarray(a)
-        h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-        h.update(a.tobytes())
-        return h.hexdigest()
+def array_sha256(a: np.ndarray) -> str:
+    """sha256 of an array's dtype, shape and bytes."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
+    h.update(a.tobytes())
+    return h.hexdigest()
 
-    return {"pool": digest(feats.pool), "test": digest(feats.test),
-            "selection": digest(feats.selection)}
+
+def features_sha256(feats: Features) -> dict:
+    """`array_sha256` of the pool, test and selection feature arrays: tells a rerun whose
+    selections differ whether its features were the same, and cached pieces whether they were
+    made from these features."""
+    pool = array_sha256(feats.pool)
+    return {"pool": pool, "test": array_sha256(feats.test),
+            "selection": pool if feats.selection is feats.pool else array_sha256(feats.selection)}
 
 
 def environment() -> dict:
@@ -1193,6 +1229,17 @@ class RunOutput(NamedTuple):
     written: tuple = ()  # the report files written in workdir
 
 
+def _say_made_again(paths: list, what: str, why: str) -> None:
+    """One note for the cached records of a stage that were made again."""
+    if paths:
+        one = len(paths) == 1
+        shown = ", ".join(str(p) for p in paths[:3]) + (", ..." if len(paths) > 3 else "")
+        sys.stderr.write(f"bilaf run: note: {len(paths)} cached {what} record"
+                         f"{'' if one else 's'} {'was' if one else 'were'} made from {why} (or "
+                         f"by an earlier version of bilaf_jax, which did not record it); made "
+                         f"{'it' if one else 'them'} again: {shown}\n")
+
+
 def plan(config: RunConfig, pool_size: int) -> tuple[list[int], list[Job]]:
     budgets = check_budgets(config, pool_size)
     jobs = [Job(m, b, s) for s in config.seeds for m in config.methods for b in budgets]
@@ -1224,29 +1271,34 @@ def _run_experiment(config, workdir, progress, stop_after, command, backbone) ->
     feats = load_or_extract_features(config, workdir, progress=progress, counter=counter,
                                      backbone=backbone)
     timing["features_seconds"] = time.perf_counter() - t0
+    features_sha = features_sha256(feats)
     n = len(feats.pool_labels)
     budgets, jobs = plan(config, n)
     num_classes = int(max(feats.pool_labels.max(), feats.test_labels.max())) + 1
 
     t1 = time.perf_counter()
-    selections = {}
+    selections, remade = {}, []
     with contextlib.closing(_bar(len(jobs), "select", progress)) as bar:
         for job in jobs:
             bar.set_postfix_str(f"{job.method} B={job.budget} seed={job.seed}", refresh=False)
-            selections[job] = run_selection(config, workdir, feats.selection, job, counter)
+            selections[job] = run_selection(config, workdir, feats.selection, job, counter,
+                                            features_sha["selection"], remade)
             bar.update()
+    _say_made_again(remade, "selection", "other features")
     timing["selection_seconds"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
-    records = []
+    records, remade = [], []
     with contextlib.closing(_bar(len(jobs) * len(config.evals), "evaluate", progress)) as bar:
         for job in jobs:
             for ev in config.evals:
                 bar.set_postfix_str(f"{ev} {job.method} B={job.budget} seed={job.seed}",
                                     refresh=False)
                 records.append(run_evaluation(config, workdir, feats, job, ev, selections[job],
-                                              counter, num_classes))
+                                              counter, num_classes, features_sha, remade))
                 bar.update()
+    _say_made_again(remade, "evaluation", "another selection, other features or other "
+                                          "finetuning settings")
     timing["evaluation_seconds"] = time.perf_counter() - t2
     order = {(m, b, s, e): i for i, (m, b, s, e) in enumerate(
         (m, b, s, e) for m in config.methods for b in budgets for s in config.seeds
@@ -1278,7 +1330,7 @@ def _run_experiment(config, workdir, progress, stop_after, command, backbone) ->
         "selection_dim": meta["selection_dim"],
         "retained_energy": feats.retained_energy,
         "features_meta": feats.meta,
-        "features_sha256": features_sha256(feats),
+        "features_sha256": features_sha,
         "records": records,
         "summary": [{"method": m, "budget": b, "eval": e, "mean": _or_none(mean),
                      "std": _or_none(std), "count": c}

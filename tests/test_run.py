@@ -27,13 +27,13 @@ def _blobs(n, num_classes, d, seed):
     return np.abs(x).astype(np.float32), y.astype(np.int32)  # non-negative, like pooled ReLU6
 
 
-def _inject_features(workdir, n=240, m=90, d=24, config=None):
+def _inject_features(workdir, n=240, m=90, d=24, config=None, seed=0):
     """Feature files as `config`'s extraction would label them (default: tiny_config())."""
     config = tiny_config() if config is None else config
     folder = workdir / "features"
-    folder.mkdir(parents=True)
-    for name, rows, seed in (("pool", n, 0), ("test", m, 1)):
-        x, y = _blobs(rows, 4, d, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, rows, blobs_seed in (("pool", n, seed), ("test", m, seed + 1)):
+        x, y = _blobs(rows, 4, d, blobs_seed)
         meta = {**experiment.expected_feature_meta(config, name), "dim": d}
         np.savez(folder / f"{name}.npz", features=x, labels=y, indices=np.arange(rows),
                  meta=np.asarray(json.dumps(meta)))
@@ -639,10 +639,39 @@ def test_evaluations_follow_their_selection(tmp_path, capsys):
     _replace_selection(wd, lambda picked: list(range(12)))
     capsys.readouterr()
     again = experiment.run_experiment(config, wd, progress=False).results["records"]
-    assert "random_b12_s0.json was made from another selection" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "note: 1 cached evaluation record was made from another selection" in err
+    assert err.rstrip().endswith("made it again: " + str(wd / "evals" / "knn" / "random_b12_s0.json"))
     before = {r["budget"]: r["basis"] for r in first}
     after = {r["budget"]: r["basis"] for r in again}
     assert after[12] != before[12] and after[24] == before[24]  # only the changed one redone
+
+
+def test_pieces_made_from_other_features_are_made_again(tmp_path, capsys):
+    """Features extracted again (moved away, or replaced) differ from those the cached pieces
+    were made from: the projection, the selections, BiLAF's cores and the evaluations on
+    features are made again, and the run ends as a fresh run on the new features."""
+    config = tiny_config(methods=("random", "bilaf-paper"), seeds=(0,))
+    fresh = tmp_path / "fresh"
+    _inject_features(fresh, seed=5)
+    want = experiment.run_experiment(config, fresh, progress=False).results
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    first = experiment.run_experiment(config, wd, progress=False).results
+    _inject_features(wd, seed=5)  # pool.npz and test.npz replaced; selection.npz left
+    capsys.readouterr()
+    again = experiment.run_experiment(config, wd, progress=False).results
+    err = capsys.readouterr().err
+    assert again["features_sha256"] == want["features_sha256"] != first["features_sha256"]
+    assert _strip_timing(again["records"]) == _strip_timing(want["records"])
+    assert "selection.npz was made from other pool features (or by an earlier" in err
+    # 4 selections and the cores of seed 0; 4 selections x 2 evaluations
+    assert "note: 5 cached selection records were made from other features" in err
+    assert "note: 8 cached evaluation records were made from another selection, other " in err
+    capsys.readouterr()
+    assert experiment.run_experiment(config, wd, progress=False).results["records"] == \
+        again["records"]  # nothing made again a second time
+    assert capsys.readouterr().err == ""
 
 
 def test_statistics_edge_cases():
