@@ -51,6 +51,16 @@ def test_knn_matches_numpy_reference(n_train, k, temperature):
     assert float(out.accuracy) == pytest.approx(np.mean(pred == y[n_train:]))
 
 
+def test_accuracies_are_the_exact_share_of_correct_predictions():
+    """count / m as a Python float, not its float32 rounding (2/3 read 0.66666669)."""
+    x = np.eye(3, dtype=np.float32)
+    y = np.array([0, 1, 2])
+    wrong_last = np.array([0, 1, 1])
+    assert knn.knn_eval(x, y, x, wrong_last, k=1) == 2 / 3
+    assert linear.linear_probe(x, y, x, wrong_last) == 2 / 3
+    assert float(knn.knn_eval(x, y, x, wrong_last, k=1, return_output=True).accuracy) != 2 / 3
+
+
 def test_probe_loss_matches_numpy_reference():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(12, 5)).astype(np.float32)

@@ -70,6 +70,8 @@ def test_linear_and_knn_write_summary_and_metrics(bilaf, feats, capsys):
         assert summary["mode"] == mode and summary["resumed_from_step"] == 0
         assert summary["num_labelled"] == 40 and summary["num_test"] == 200
         assert 0.7 < summary["final_accuracy"] <= 1.0
+        correct = round(summary["final_accuracy"] * 200)
+        assert summary["final_accuracy"] == correct / 200  # exact, not a float32 mean
         assert summary["config"]["mode"] == mode
         recs = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
         assert [r["step"] for r in recs] == sorted(r["step"] for r in recs)

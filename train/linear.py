@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from train.knn import padded_inputs
+from train.knn import exact_accuracy, padded_inputs
 
 DEFAULT_WEIGHT_DECAY = 1e-2
 DEFAULT_STEPS = 100
@@ -126,7 +126,8 @@ def linear_probe(train_x, train_y, test_x, test_y, *, weight_decay: float = DEFA
     train_x [n, d], train_y int[n] (the labelled rows); test_x [m, d], test_y int[m].
     The labelled rows are padded to `pad_to` (default: next power of two, at least 128), so
     calls with different budgets but the same bucket share one compiled program.
-    Returns a Python float (or the LinearProbeOutput with `return_output`).
+    Returns the accuracy, count / m as a Python float (or the LinearProbeOutput with
+    `return_output`).
 
     >>> import numpy as np
     >>> rng = np.random.default_rng(0)
@@ -137,4 +138,4 @@ def linear_probe(train_x, train_y, test_x, test_y, *, weight_decay: float = DEFA
     """
     xp, yp, mask, tx, ty, num_classes = padded_inputs(train_x, train_y, test_x, test_y, num_classes, pad_to)
     out = linear_probe_padded(xp, yp, mask, tx, ty, weight_decay, num_classes=num_classes, steps=steps)
-    return out if return_output else float(out.accuracy)
+    return out if return_output else exact_accuracy(out.predictions, test_y)

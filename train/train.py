@@ -60,7 +60,7 @@ from bilaf_jax.io import (
     write_json_atomic,
     write_text_atomic,
 )
-from train.knn import check_labels
+from train.knn import check_labels, exact_accuracy
 from train.linear import DEFAULT_STEPS, DEFAULT_WEIGHT_DECAY
 
 MODES = ("linear", "knn", "full")
@@ -481,19 +481,20 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
         records = [{"step": i + 1, "train_loss": float(trace[i])}
                    for i in range(config.log_every - 1, len(trace) - 1, config.log_every)]
         step = len(trace)
-        records.append({"step": step, "train_loss": float(trace[-1]),
-                        "eval_accuracy": float(out.accuracy)})
+        accuracy = exact_accuracy(out.predictions, test_y)
+        records.append({"step": step, "train_loss": float(trace[-1]), "eval_accuracy": accuracy})
     else:
         out = knn_eval(pool_x[sel], pool_y[sel], test_x, test_y, k=config.knn_k,
                        temperature=config.knn_temperature, num_classes=num_classes,
                        return_output=True)
         step = 0
-        records = [{"step": 0, "eval_accuracy": float(out.accuracy)}]
+        accuracy = exact_accuracy(out.predictions, test_y)
+        records = [{"step": 0, "eval_accuracy": accuracy}]
     with _claimed(workdir, config, identity):
         MetricsWriter(workdir / "metrics.jsonl").replace(records)
         summary = {
             "mode": config.mode,
-            "final_accuracy": float(out.accuracy),
+            "final_accuracy": accuracy,
             "step": step,
             "resumed_from_step": 0,
             "num_labelled": int(len(sel)),
