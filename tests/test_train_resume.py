@@ -5,6 +5,7 @@ random weights on 16 px images) and a real SIGKILL of a child process (a small N
 that the child starts fast).
 """
 
+import dataclasses
 import json
 import os
 import signal
@@ -426,6 +427,12 @@ def test_epochs_and_warmup_epochs_count_the_same_steps(tmp_path):
     lrs = [r["learning_rate"] for r in map(json.loads, open(tmp_path / "w" / "metrics.jsonl"))
            if "learning_rate" in r]
     assert np.argmax(lrs) == 5  # 5 warm-up steps: step 6 takes the peak rate, schedule(5)
+    # a fraction of a warm-up step is a step, as for the run (round() made 2.5 epochs 2 steps)
+    cfg = dataclasses.replace(cfg, warmup_epochs=2.5)
+    train_and_evaluate(cfg, tmp_path / "half", backbone=TinyBackbone())
+    lrs = [r["learning_rate"] for r in map(json.loads, open(tmp_path / "half" / "metrics.jsonl"))
+           if "learning_rate" in r]
+    assert np.argmax(lrs) == 3
 
 
 def test_a_start_stopped_before_any_result_does_not_claim_the_workdir(tmp_path):

@@ -850,8 +850,11 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     notes.append(_unseen_classes_note(train_labels, test_labels))
     steps_per_epoch = steps_for_epochs(1.0, len(sel), config.batch_size)
     total = config.steps or steps_for_epochs(config.epochs, len(sel), config.batch_size)
+    # warm-up epochs are counted as the run's (a fraction of a step is one more step), not
+    # rounded half to even (2.5 epochs of 1 step were 2 steps, 3.5 were 4)
     warmup = (config.warmup_steps if config.warmup_steps is not None
-              else round(config.warmup_epochs * steps_per_epoch))
+              else 0 if config.warmup_epochs == 0
+              else steps_for_epochs(config.warmup_epochs, len(sel), config.batch_size))
     if warmup >= total:
         source = (f"warmup_steps {warmup}" if config.warmup_steps is not None else
                   f"{config.warmup_epochs:g} warm-up epochs of {steps_per_epoch} steps = {warmup}")
