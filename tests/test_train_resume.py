@@ -394,6 +394,17 @@ def test_full_mode_workdir_refuses_other_images_but_resumes_on_a_copy(tmp_path):
     with pytest.raises(ValueError, match="different config.*data_sha256"):
         train_and_evaluate(make_config(**base, data_dir=str(folder_b)), tmp_path / "w",
                            backbone=TinyBackbone())
+    # another config is refused before any image is read
+    from bilaf_jax import data
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("images read")
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(data, "load_rows", no_reading)
+        with pytest.raises(ValueError, match=r"different config \(steps: 4 -> 5\)"):
+            train_and_evaluate(make_config(**{**base, "steps": 5}, data_dir=str(folder_a)),
+                               tmp_path / "w", backbone=TinyBackbone())
     resumed = train_and_evaluate(make_config(**base, data_dir=str(folder_c)), tmp_path / "w",
                                  backbone=TinyBackbone())
     assert resumed["resumed_from_step"] == 2

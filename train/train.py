@@ -272,6 +272,16 @@ def _arrays_sha256(*arrays) -> str:
     return digest.hexdigest()
 
 
+def _stored_identity(workdir: Path) -> dict:
+    """The identity in `workdir`'s config.json ({} where there is none or it is unreadable:
+    `_check_workdir` says so)."""
+    try:
+        stored = json.loads((workdir / "config.json").read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
+
+
 def _check_workdir(workdir: Path, identity: dict) -> bool:
     """Refuse a workdir that belongs to another config. Returns True if it already has ours.
 
@@ -826,6 +836,9 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
                          "their labels would mean different classes; give both the same classes")
     n_test = len(test_src) if config.test_size is None else min(config.test_size, len(test_src))
     notes = _size_notes(config, len(pool), len(test_src), f"{config.dataset}")
+    # A workdir of another config is refused now, not after minutes of reading images: all of
+    # the identity but the images' digest, which is checked once they are read.
+    _check_workdir(workdir, _identity(config, _stored_identity(workdir).get("data_sha256")))
     bb = backbone if backbone is not None else _load_backbone(config)
     s = config.image_size
     resample = getattr(bb, "resize_method", "bilinear")
