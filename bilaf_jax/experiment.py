@@ -50,6 +50,7 @@ import numpy as np
 
 from bilaf_jax.io import (
     InputError,
+    arrays_sha256,
     check_identity,
     exclusive_lock,
     save_npz_atomic,
@@ -571,7 +572,7 @@ def load_or_extract_features(config: RunConfig, workdir: Path, *, progress=True,
 def _projection(path: Path, pool: np.ndarray, rank: int) -> tuple[np.ndarray, float]:
     """`project(pool, rank)`, cached in `path` with the hash of the pool it was made from: a
     pool extracted again (other features) is projected again, not paired with the old one."""
-    made_from = array_sha256(pool)
+    made_from = arrays_sha256(pool)
     if path.exists():
         z = _read_npz(path, keys=("features", "retained_energy"))
         selection, kept = z["features"], z["retained_energy"]
@@ -691,7 +692,7 @@ def _core_options(config: RunConfig) -> dict:
 def _bilaf_cores(config: RunConfig, workdir: Path, features: np.ndarray, seed: int, counter,
                  made_from: str, remade: list):
     """ActiveFT cores of `seed` (cached): the cores select(key, ..., method='bilaf') draws.
-    made_from: `array_sha256(features)`; a record of other features is made again (its path
+    made_from: `arrays_sha256(features)`; a record of other features is made again (its path
     appended to `remade`)."""
     import jax
 
@@ -756,7 +757,7 @@ def run_selection(config: RunConfig, workdir: Path, features: np.ndarray, job: J
                   made_from: str, remade: list) -> dict:
     """Compute (or read) one selection record; official mode's failures where the authors'
     script fails are recorded (and reported), any other error stops the run.
-    made_from: `array_sha256(features)`; a cached record of other features (extracted again)
+    made_from: `arrays_sha256(features)`; a cached record of other features (extracted again)
     is made again, and its path appended to `remade`."""
     import jax
 
@@ -942,21 +943,13 @@ def cpu_description() -> str:
                                  " ".join(isa)) if x)
 
 
-def array_sha256(a: np.ndarray) -> str:
-    """sha256 of an array's dtype, shape and bytes."""
-    a = np.ascontiguousarray(a)
-    h = hashlib.sha256(f"{a.dtype.str}{a.shape}".encode())
-    h.update(a.tobytes())
-    return h.hexdigest()
-
-
 def features_sha256(feats: Features) -> dict:
-    """`array_sha256` of the pool, test and selection feature arrays: tells a rerun whose
+    """`arrays_sha256` of the pool, test and selection feature arrays: tells a rerun whose
     selections differ whether its features were the same, and cached pieces whether they were
     made from these features."""
-    pool = array_sha256(feats.pool)
-    return {"pool": pool, "test": array_sha256(feats.test),
-            "selection": pool if feats.selection is feats.pool else array_sha256(feats.selection)}
+    pool = arrays_sha256(feats.pool)
+    return {"pool": pool, "test": arrays_sha256(feats.test),
+            "selection": pool if feats.selection is feats.pool else arrays_sha256(feats.selection)}
 
 
 def environment() -> dict:

@@ -6,7 +6,8 @@ backbone and writes `out` (npz) with
 - `features` f32 [n, dim], `labels` int32 [n], `indices` int64 [n] (pool row ids: the dataset
   rows used, 0..n-1 in the dataset's order),
 - `meta`: a 0-d string array holding JSON (backbone, weight sha256, image size, dataset, split,
-  limit, taps, ...).
+  limit, taps, ...). `weights_sha256` is the weight file's sha256, "random(seed=S)", or
+  "changed:<sha256>" for a `Backbone` whose module was trained in place after loading.
 
 Completed batches go to `<out>.partial/batch_<b>.npz` (each written atomically) beside a
 `config.json`. A killed run started again with the same configuration reuses them; a different
@@ -203,8 +204,6 @@ def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch
         raise InputError(f"{dataset} split '{split}' is empty")
     batch_size = min(batch_size, n)
     num_batches = -(-n // batch_size)
-    # a loaded random Backbone knows its own seed; `seed` is that of a name's load
-    random_seed = seed if getattr(backbone, "seed", None) is None else backbone.seed
     meta = {
         "dataset": dataset,
         "split": split,
@@ -212,7 +211,9 @@ def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch
         "num_images": n,
         "source": source.fingerprint,
         "backbone": backbone.name,
-        "weights_sha256": backbone.weights_sha256 or f"random(seed={random_seed})",
+        # a module trained in place is not its weight file's ("changed:..."); a loaded random
+        # Backbone knows its own seed, `seed` is that of a name's load
+        "weights_sha256": backbone.weights_id(seed),
         "weights_path": backbone.weights_path,
         "taps": None if backbone.taps is None else [str(t) for t in backbone.taps],
         "dim": backbone.dim,

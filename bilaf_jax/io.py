@@ -202,6 +202,16 @@ def save_npz_atomic(path, **arrays) -> None:
     write_bytes_atomic(path, buf.getvalue())
 
 
+def arrays_sha256(*arrays) -> str:
+    """sha256 of the arrays' dtypes, shapes and bytes, in order."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape}".encode())
+        h.update(a.reshape(-1).view(np.uint8))  # the bytes, not a copy
+    return h.hexdigest()
+
+
 def sha256_file(path, block: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

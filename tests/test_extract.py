@@ -157,6 +157,26 @@ def test_a_loaded_random_backbone_is_recorded_with_its_own_seed(pool, tmp_path):
         extract_to_file(tmp_path / "obj.npz", progress=False, **CFG, **dirs)
 
 
+def test_a_backbone_trained_in_place_is_not_recorded_as_its_weights(pool, tmp_path):
+    """Features of a module whose parameters changed after loading (trained in place) record
+    a digest of the weights it holds, not the weight file (or random init) it was loaded from:
+    a run asking for those weights does not take them for its own."""
+    dirs, _ = pool
+    cfg = {k: v for k, v in CFG.items() if k not in ("backbone", "weights", "taps")}
+    bb = backbones.load("efficientnet_lite0", "random", taps=(2,), seed=3)
+    mean = bb.module._bn0.mean
+    made = mean[...]
+    mean[...] = made + 1.0  # as a train step's BatchNorm update
+    extract_to_file(tmp_path / "trained.npz", backbone=bb, progress=False, **cfg, **dirs)
+    changed = read_meta(tmp_path / "trained.npz")["weights_sha256"]
+    assert changed.startswith("changed:") and changed == bb.weights_id()
+    with pytest.raises(InputError, match=r"weights_sha256 'changed:[0-9a-f]{64}' \(now "
+                                         r"'random\(seed=3\)'\)"):
+        extract_to_file(tmp_path / "trained.npz", progress=False, **dict(CFG, seed=3), **dirs)
+    mean[...] = made + 0.0  # other arrays, the same values: the weights as loaded
+    assert bb.weights_id() == "random(seed=3)"
+
+
 def _unsupported_compression(raw: bytes) -> bytes:
     """An npz whose members name a compression method zipfile cannot read (damaged fields)."""
     raw, i = bytearray(raw), 0

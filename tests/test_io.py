@@ -131,3 +131,18 @@ def test_atomic_write_to_a_long_or_unicode_name(tmp_path, name):
     io.write_json_atomic(path, [1, 2])
     assert json.loads(path.read_text()) == [1, 2]
     assert [p.name for p in tmp_path.iterdir()] == [name]
+
+
+def test_arrays_sha256_hashes_dtype_shape_and_bytes():
+    import hashlib
+
+    from bilaf_jax.io import arrays_sha256
+
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    naive = hashlib.sha256()
+    for a in (x, x[:, ::2].copy()):
+        naive.update(f"{a.dtype.str}{a.shape}".encode())
+        naive.update(a.tobytes())
+    assert arrays_sha256(x, x[:, ::2]) == naive.hexdigest()  # a strided view as its copy
+    assert arrays_sha256(x) != arrays_sha256(x.reshape(4, 3)) != arrays_sha256(x.astype(np.float64))
+    assert arrays_sha256(np.zeros((0, 3), np.float32)) != arrays_sha256(np.zeros((3, 0), np.float32))

@@ -49,6 +49,7 @@ import numpy as np
 
 from bilaf_jax.io import (
     InputError,
+    arrays_sha256,
     check_identity,
     exclusive_lock,
     indices_sha256,
@@ -261,15 +262,6 @@ def _identity(config: Config, data_sha256: str | None = None) -> dict:
 # Identity keys added after runs were made: a workdir whose config.json lacks one is compared
 # without it (check_identity's added_later; recorded with it from then on), so such runs resume.
 LATER_IDENTITY_KEYS = ("backbone_weights_sha256",)
-
-
-def _arrays_sha256(*arrays) -> str:
-    digest = hashlib.sha256()
-    for a in arrays:
-        a = np.ascontiguousarray(a)
-        digest.update(f"{a.dtype.str}{a.shape}".encode())
-        digest.update(memoryview(a).cast("B"))
-    return digest.hexdigest()
 
 
 def _stored_identity(workdir: Path) -> dict:
@@ -845,7 +837,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     labelled = data.load_rows(pool, sel, image_size=s, resample=resample)
     test = data.load_rows(test_src, np.arange(n_test), image_size=s, resample=resample,
                           crop_fraction=config.eval_crop_fraction)
-    identity = _identity(config, _arrays_sha256(labelled.images, labelled.labels,
+    identity = _identity(config, arrays_sha256(labelled.images, labelled.labels,
                                                 test.images, test.labels))
     _check_workdir(workdir, identity)
 

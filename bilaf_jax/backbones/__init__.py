@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bilaf_jax.io import InputError
+from bilaf_jax.io import InputError, arrays_sha256
 
 BACKBONES = ("efficientnet_lite0", "efficientnet_lite0_taps", "vit_s16")
 LITE0_TAPS = (4, 10, 15, "head")
@@ -133,6 +133,23 @@ class Backbone:
     resize_method: str = "bilinear"
     num_classes: int | None = None  # of the pretrained head; None when there is none
     seed: int | None = None  # of the random init where weights="random"; None for a weight file
+    # the parameter and BatchNorm arrays as made: `weights_id` tells a module trained in place
+    _made_with: list | None = dataclasses.field(default=None, init=False, repr=False,
+                                                compare=False)
+
+    def __post_init__(self):
+        self._made_with = _weight_arrays(self.module)
+
+    def weights_id(self, seed: int = 0) -> str:
+        """The weights the module holds now, as feature files record them: the weight file's
+        sha256, "random(seed=S)" (S its init's seed, else `seed`) or, where its parameters or
+        BatchNorm statistics changed since it was made (trained in place),
+        "changed:<sha256 of those arrays now>"."""
+        now, made = _weight_arrays(self.module), self._made_with
+        if now is not None and made is not None and (len(now) != len(made) or any(
+                a is not b and not np.array_equal(a, b) for a, b in zip(now, made, strict=True))):
+            return "changed:" + arrays_sha256(*map(np.asarray, now))
+        return self.weights_sha256 or f"random(seed={seed if self.seed is None else self.seed})"
 
     def preprocess(self, images, image_size: int | None = None):
         """uint8 [b, h, w, 1|3] -> f32 [b, s, s, 3], resized and normalised as in training."""
@@ -165,6 +182,16 @@ class Backbone:
         if self.num_classes is None:
             raise InputError(f"backbone {self.name} has no classifier head; use embed()")
         return self._run("logits", images, image_size, batch_size)
+
+
+def _weight_arrays(module) -> list | None:
+    """The module's parameter and BatchNorm statistic arrays (None: not an NNX module). JAX
+    arrays are immutable, so training in place puts new arrays there."""
+    from flax import nnx
+
+    if not isinstance(module, nnx.Module):
+        return None
+    return jax.tree.leaves(nnx.state(module, nnx.Any(nnx.Param, nnx.BatchStat)))
 
 
 def _eval_split(module):
