@@ -61,6 +61,22 @@ def test_accuracies_are_the_exact_share_of_correct_predictions():
     assert float(knn.knn_eval(x, y, x, wrong_last, k=1, return_output=True).accuracy) != 2 / 3
 
 
+@pytest.mark.parametrize("evaluate", [knn.knn_eval, linear.linear_probe])
+def test_probe_and_knn_refuse_mismatched_or_empty_inputs(evaluate):
+    """One named error each (they were broadcasting errors from NumPy or XLA, or, for no
+    labelled rows, an accuracy of a classifier that never saw a label)."""
+    x, y = np.eye(3, dtype=np.float32), np.arange(3)
+    for args, message in (((x, y[:2], x, y), r"train_y must hold one label per row of train_x \(3\)"),
+                          ((x, y, x, y[:2]), r"test_y must hold one label per row of test_x"),
+                          ((x, y, x[:, :2], y), "train_x has 3 features per row, test_x 2"),
+                          ((x[:0], y[:0], x, y), r"no train rows"),
+                          ((x, y, x[:0], y[:0]), r"no test rows"),
+                          ((x, y + 0.5, x, y), "integer class labels, got dtype float64"),
+                          ((x[0], y[:1], x, y), r"train_x must be 2-D")):
+        with pytest.raises(ValueError, match=message):
+            evaluate(*args, num_classes=3)
+
+
 def test_probe_loss_matches_numpy_reference():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(12, 5)).astype(np.float32)

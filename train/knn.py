@@ -116,11 +116,29 @@ def check_labels(num_classes: int, **labels) -> None:
                              f"for {num_classes} classes")
 
 
+def _check_rows(x: np.ndarray, y: np.ndarray, what: str) -> None:
+    """InputError unless x is [n, d] with n >= 1 and y holds n integer labels."""
+    if x.ndim != 2:
+        raise InputError(f"{what}_x must be 2-D [rows, features], got shape {x.shape}")
+    if y.ndim != 1 or len(y) != len(x):
+        raise InputError(f"{what}_y must hold one label per row of {what}_x ({len(x)}), got "
+                         f"shape {y.shape}")
+    if not len(y):
+        raise InputError(f"no {what} rows ({what}_x is empty)")
+    if y.dtype.kind not in "iu":
+        raise InputError(f"{what}_y must be integer class labels, got dtype {y.dtype}")
+
+
 def padded_inputs(train_x, train_y, test_x, test_y, num_classes, pad_to):
     """The labelled rows padded to a bucket size (with a mask) and the test arrays as JAX arrays;
     `num_classes` inferred from the labels when None."""
-    train_y = np.asarray(train_y)
-    test_y = np.asarray(test_y)
+    train_x, train_y = np.asarray(train_x), np.asarray(train_y)
+    test_x, test_y = np.asarray(test_x), np.asarray(test_y)
+    _check_rows(train_x, train_y, "train")
+    _check_rows(test_x, test_y, "test")
+    if train_x.shape[1] != test_x.shape[1]:
+        raise InputError(f"train_x has {train_x.shape[1]} features per row, test_x "
+                         f"{test_x.shape[1]}")
     if num_classes is None:
         num_classes = int(max(train_y.max(), test_y.max())) + 1
     check_labels(num_classes, train_labels=train_y, test_labels=test_y)
