@@ -62,6 +62,21 @@ def _check_metric(metric: str) -> None:
         raise ValueError(f"unknown metric {metric!r}; expected one of {METRICS}")
 
 
+def _check_rows(x, y, x_name: str, y_name: str, y_mask=None, mask_name: str = "") -> None:
+    """ValueError unless x [m, d] and y [p, d] are 2-D with one d, y has rows, and y_mask (if
+    given) is [p]. Shapes only, so it holds inside jit too."""
+    sx, sy = jnp.shape(x), jnp.shape(y)
+    if len(sx) != 2 or len(sy) != 2:
+        raise ValueError(f"{x_name} and {y_name} must be 2-D [rows, d], got shapes {sx} and {sy}")
+    if sx[1] != sy[1]:
+        raise ValueError(f"{x_name} rows have {sx[1]} dimensions, {y_name} rows {sy[1]}")
+    if sy[0] == 0:
+        raise ValueError(f"{y_name} is empty: shape {sy}")
+    if y_mask is not None and jnp.shape(y_mask) != (sy[0],):
+        raise ValueError(f"{mask_name} must have one entry per row of {y_name} ({sy[0]}), got "
+                         f"shape {jnp.shape(y_mask)}")
+
+
 def normalize(x, axis: int = -1, eps: float = 1e-12):
     """L2-normalise rows (like torch.nn.functional.normalize: x / max(||x||, eps)).
 
@@ -176,6 +191,7 @@ def nearest_centre(points, centres, metric: str = "sqeuclidean", *, centre_mask=
     Never materialises more than a [chunk_size, K] block.
     """
     _check_metric(metric)
+    _check_rows(points, centres, "points", "centres", centre_mask, "centre_mask")
 
     def block(xb):
         dist = pairwise(xb, centres, metric, direct=direct, precision=precision)
@@ -261,6 +277,7 @@ def knn(queries, points, k: int, metric: str = "sqeuclidean", *, point_mask=None
     Memory: one [chunk_size, p] block at a time.
     """
     _check_metric(metric)
+    _check_rows(queries, points, "queries", "points", point_mask, "point_mask")
     p = points.shape[0]
     if not 0 < k <= p:
         raise ValueError(f"k must be in [1, {p}], got {k}")
@@ -293,6 +310,7 @@ def greedy_unique_match(points, centres, metric: str = "sqeuclidean", *,
     """
     _check_metric(metric)
     points, centres = jnp.asarray(points), jnp.asarray(centres)
+    _check_rows(centres, points, "centres", "points")
     n = points.shape[0]
     num_centres = centres.shape[0]
     # Too few free points would hand out taken or repeated ones without a word.

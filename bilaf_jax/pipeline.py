@@ -55,7 +55,9 @@ def default_num_cores(budget: int) -> int:
     (B = 2,500, K = 250) and ImageNet 5% (B = 64,058, K = 6,405). The paper keeps K fixed across
     budgets of one data set, so pass `num_cores` explicitly to reproduce its other columns.
     """
-    return max(1, budget // 10)
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < 1:
+        raise ValueError(f"budget must be a positive integer, got {budget!r}")
+    return max(1, int(budget) // 10)
 
 
 def _is_default(value, default) -> bool:

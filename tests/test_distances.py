@@ -157,3 +157,20 @@ def test_smallest_k_treats_signed_zeros_as_a_tie(p):
     order = np.argsort(x, axis=-1, kind="stable")[:, :8]
     np.testing.assert_array_equal(np.asarray(idx), order)
     np.testing.assert_array_equal(np.asarray(vals), np.take_along_axis(x, order, axis=-1))
+
+
+def test_rows_of_other_widths_ranks_or_masks_are_named_errors():
+    """The shapes are checked before the matmul (an XLA dot_general error, an IndexError, or a
+    NumPy zero-size reduction error before), also inside jit."""
+    x = np.ones((5, 4), np.float32)
+    cases = [(lambda: distances.knn(x, x[:, :3], 2), "queries rows have 4 dimensions, points rows 3"),
+             (lambda: distances.knn(x[0], x, 2), r"must be 2-D \[rows, d\], got shapes \(4,\)"),
+             (lambda: distances.knn(x, x, 2, point_mask=np.ones(4, bool)),
+              r"point_mask must have one entry per row of points \(5\)"),
+             (lambda: distances.nearest_centre(x, x[:0]), r"centres is empty"),
+             (lambda: distances.nearest_centre(x, x[:2, :2]), "points rows have 4 dimensions"),
+             (lambda: jax.jit(distances.nearest_centre)(x, x[:2, :3]), "points rows have 4"),
+             (lambda: distances.greedy_unique_match(x, x[:2, :3]), "centres rows have 3 dimensions")]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=message):
+            call()

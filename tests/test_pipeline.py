@@ -65,6 +65,9 @@ def test_default_num_cores_matches_paper_settings():
     assert default_num_cores(2500) == 250  # CIFAR-100 5%
     assert default_num_cores(64058) == 6405  # ImageNet 5%
     assert default_num_cores(5) == 1
+    for bad in (0, -5, 2.5, True):  # no core count for no budget (was 1)
+        with pytest.raises(ValueError, match="budget must be a positive integer"):
+            default_num_cores(bad)
 
 
 def test_bad_arguments(pool):
