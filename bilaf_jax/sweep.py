@@ -389,6 +389,8 @@ def normalized_entropy(counts) -> float:
     (1.0, 0.0)
     """
     counts = np.asarray(counts, np.float64)
+    if counts.ndim != 1 or not np.isfinite(counts).all() or (counts < 0).any():
+        raise ValueError(f"counts must be a 1-D histogram of non-negative counts, got {counts}")
     if counts.size <= 1:
         return 1.0
     total = counts.sum()

@@ -190,6 +190,9 @@ def test_entropy_and_label_coverage():
     assert S.normalized_entropy([0, 7, 0]) == 0.0
     assert S.normalized_entropy([5]) == 1.0
     np.testing.assert_allclose(S.normalized_entropy([1, 2, 3, 0]), _naive_entropy([1, 2, 3, 0]))
+    for bad in ([-1, 2], [[1, 2]], [1, np.nan]):  # -1 gave 0.0
+        with pytest.raises(ValueError, match="non-negative counts"):
+            S.normalized_entropy(bad)
     # Labels need not be 0..C-1; the entropy is over the labels present in the pool.
     labels = np.array([7, 7, 3, 3, 9, 9, 9, 42])
     assert S.label_coverage(labels, [0, 1, 2]) == (2, pytest.approx(_naive_entropy([1, 2, 0, 0])))
