@@ -476,6 +476,11 @@ def test_one_image_without_a_batch_axis_is_refused():
                                              r" \(one image: add a batch axis"):
             call(image)
     assert bb.embed(image[None], image_size=32).shape == (1, 1280)
+    # other channel counts and channels-first batches (said "[m <= 2, ...]" for 2 images)
+    for bad in (np.zeros((2, 20, 20, 4), np.uint8), np.zeros((2, 3, 20, 20), np.uint8)):
+        with pytest.raises(InputError, match=r"images must be \[b, h, w, 1 or 3\] \(grey or RGB, "
+                                             r"channels last\), got shape \(2, "):
+            bb.embed(bad, image_size=32)
 
 
 def test_wrong_state_dict_is_one_line_error(tmp_path):

@@ -229,8 +229,12 @@ def make_embedder(backbone: Backbone, *, image_size: int | None = None, batch_si
         if batch.dtype != np.uint8:
             raise InputError(f"images must be uint8, got {batch.dtype}")
         _check_batch_shape(batch.shape)
-        if batch.ndim != 4 or batch.shape[-1] not in (1, 3) or batch.shape[0] > batch_size:
-            raise InputError(f"images must be [m <= {batch_size}, h, w, 1 or 3], got {batch.shape}")
+        if batch.ndim != 4 or batch.shape[-1] not in (1, 3):
+            raise InputError(f"images must be [b, h, w, 1 or 3] (grey or RGB, channels "
+                             f"last), got shape {batch.shape}")
+        if batch.shape[0] > batch_size:
+            raise InputError(f"a batch of {batch.shape[0]} images, more than this embedder's "
+                             f"batch_size {batch_size}")
         m = batch.shape[0]
         if m < batch_size:
             batch = np.concatenate([batch, np.zeros((batch_size - m,) + batch.shape[1:], np.uint8)])
