@@ -757,8 +757,9 @@ def run_selection(config: RunConfig, workdir: Path, features: np.ndarray, job: J
                   made_from: str, remade: list) -> dict:
     """Compute (or read) one selection record; official mode's failures where the authors'
     script fails are recorded (and reported), any other error stops the run.
-    made_from: `arrays_sha256(features)`; a cached record of other features (extracted again)
-    is made again, and its path appended to `remade`."""
+    made_from: `arrays_sha256(features)`; a cached record of other features (extracted again),
+    or for BiLAF of other cores than its seed's (made again differently), is made again, and
+    its path appended to `remade`."""
     import jax
 
     from bilaf_jax.boundary import ScriptFailure
@@ -769,7 +770,11 @@ def run_selection(config: RunConfig, workdir: Path, features: np.ndarray, job: J
     cached = _read_record(path, lambda r: _valid_selection(r, job, len(features)))
     if cached is not None:
         _check_made_with(path, cached, settings)
-        if cached.get("features_sha256") == made_from:
+        same = cached.get("features_sha256") == made_from
+        if same and job.method.startswith("bilaf"):  # every budget and mode of a seed: its cores
+            same = cached.get("core_indices") == _bilaf_cores(
+                config, workdir, features, job.seed, counter, made_from, remade)["indices"]
+        if same:
             return cached
         remade.append(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -782,14 +787,15 @@ def run_selection(config: RunConfig, workdir: Path, features: np.ndarray, job: J
             if job.method.startswith("bilaf"):
                 cores = _bilaf_cores(config, workdir, features, job.seed, counter, made_from,
                                      remade)
+                # recorded before the boundary stage: a failure there is of these cores too
+                rec["core_indices"] = cores["indices"]
+                rec["core_seconds"] = cores["seconds"]
                 t0 = time.perf_counter()
                 out = boundary_from_cores(job.seed, features, cores["indices"], job.budget,
                                           mode=job.method.split("-", 1)[1],
                                           remove_fraction=config.remove_fraction)
                 indices = np.asarray(out.indices)
                 seconds = cores["seconds"] + time.perf_counter() - t0
-                rec["core_indices"] = cores["indices"]
-                rec["core_seconds"] = cores["seconds"]
             else:
                 t0 = time.perf_counter()
                 opts = _core_options(config) if job.method == "activeft" else None
@@ -825,12 +831,13 @@ def _json_or_none(path: Path):
 def _eval_basis(config: RunConfig, workdir: Path, job: Job, ev: str, selection: dict,
                 pool_size: int, features_sha: dict) -> dict:
     """What an evaluation record was computed from: its selection's indices (or failure), for
-    the evaluations on features the pool's and test's feature hashes (`features_sha256`), and
-    for full finetuning the resolved training settings."""
+    the evaluations on features the pool's and test's feature and label hashes
+    (`features_sha256`), and for full finetuning the resolved training settings."""
     made_from = json.dumps(selection.get("indices", selection.get("error")))
     basis = {"selection_sha256": hashlib.sha256(made_from.encode()).hexdigest()}
     if ev != "full":
-        basis.update(pool_sha256=features_sha["pool"], test_sha256=features_sha["test"])
+        basis.update(pool_sha256=features_sha["pool"], test_sha256=features_sha["test"],
+                     labels_sha256=features_sha["labels"])
     elif "error" not in selection:
         sel_path = _selection_path(workdir, job).with_suffix(".indices.json")
         from train.train import without_later_defaults
@@ -840,6 +847,32 @@ def _eval_basis(config: RunConfig, workdir: Path, job: Job, ev: str, selection: 
         basis["finetune"] = json.loads(json.dumps({k: v for k, v in cfg.items()
                                                    if k != "selection"}))
     return basis
+
+
+def _finetune_result_settings(settings: dict) -> dict:
+    """A full finetuning basis's training settings as far as they decide its result: less
+    what train's identity leaves out (the data's folder, checkpointing, devices), the weights
+    as `weights_id` knows them (the default file, or a copy, named by another path is the same
+    run; a file no longer there is compared by its path)."""
+    from train.train import _NOT_IDENTITY
+
+    out = {k: v for k, v in settings.items() if k not in _NOT_IDENTITY}
+    weights = out.get("backbone_weights")
+    if isinstance(weights, str) and weights != "random" and isinstance(out.get("backbone"), str):
+        with contextlib.suppress(InputError, OSError):
+            out["backbone_weights"] = _weights_id_once(out["backbone"], weights)
+    return out
+
+
+def _same_basis(cached, basis: dict) -> bool:
+    """Whether a cached evaluation record's basis is `basis`; full finetuning's settings are
+    compared by `_finetune_result_settings`, so that its hours are not spent again on a moved
+    data folder or weights named by another path."""
+    if not (isinstance(cached, dict) and isinstance(cached.get("finetune"), dict)
+            and "finetune" in basis):
+        return cached == basis
+    return ({**cached, "finetune": _finetune_result_settings(cached["finetune"])}
+            == {**basis, "finetune": _finetune_result_settings(basis["finetune"])})
 
 
 def _set_aside_other_selections_finetuning(folder: Path, sel_path: Path) -> None:
@@ -866,15 +899,15 @@ def run_evaluation(config: RunConfig, workdir: Path, feats: Features, job: Job, 
                    selection: dict, counter, num_classes: int, features_sha: dict,
                    remade: list) -> dict:
     """Compute (or read) one evaluation record. features_sha: `features_sha256(feats)`; a
-    cached record of another selection, other features or other finetuning settings is made
-    again, and its path appended to `remade`."""
+    cached record of another selection, other features or labels, or other finetuning settings
+    is made again, and its path appended to `remade`."""
     path = _eval_path(workdir, job, ev)
     basis = _eval_basis(config, workdir, job, ev, selection, len(feats.pool_labels), features_sha)
     cached = _read_record(path, lambda r: _is_for(r, job) and r.get("eval") == ev
                           and (r.get("accuracy") is None or _is_number(r["accuracy"]))
                           and (r.get("selection_seconds") is None
                                or _is_number(r["selection_seconds"])))
-    if cached is not None and cached.get("basis") == basis:
+    if cached is not None and _same_basis(cached.get("basis"), basis):
         return cached
     if cached is not None:
         remade.append(path)
@@ -944,12 +977,14 @@ def cpu_description() -> str:
 
 
 def features_sha256(feats: Features) -> dict:
-    """`arrays_sha256` of the pool, test and selection feature arrays: tells a rerun whose
-    selections differ whether its features were the same, and cached pieces whether they were
-    made from these features."""
+    """`arrays_sha256` of the pool, test and selection feature arrays, and of the pool and test
+    labels ("labels"): tells a rerun whose selections differ whether its features were the
+    same, and cached pieces whether they were made from these features (and, evaluations, these
+    labels, which the feature hashes do not cover)."""
     pool = arrays_sha256(feats.pool)
     return {"pool": pool, "test": arrays_sha256(feats.test),
-            "selection": pool if feats.selection is feats.pool else arrays_sha256(feats.selection)}
+            "selection": pool if feats.selection is feats.pool else arrays_sha256(feats.selection),
+            "labels": arrays_sha256(feats.pool_labels, feats.test_labels)}
 
 
 def environment() -> dict:
@@ -1277,7 +1312,7 @@ def _run_experiment(config, workdir, progress, stop_after, command, backbone) ->
             selections[job] = run_selection(config, workdir, feats.selection, job, counter,
                                             features_sha["selection"], remade)
             bar.update()
-    _say_made_again(remade, "selection", "other features")
+    _say_made_again(remade, "selection", "other features or other cores")
     timing["selection_seconds"] = time.perf_counter() - t1
 
     t2 = time.perf_counter()
@@ -1290,8 +1325,8 @@ def _run_experiment(config, workdir, progress, stop_after, command, backbone) ->
                 records.append(run_evaluation(config, workdir, feats, job, ev, selections[job],
                                               counter, num_classes, features_sha, remade))
                 bar.update()
-    _say_made_again(remade, "evaluation", "another selection, other features or other "
-                                          "finetuning settings")
+    _say_made_again(remade, "evaluation", "another selection, other features or labels, or "
+                                          "other finetuning settings")
     timing["evaluation_seconds"] = time.perf_counter() - t2
     order = {(m, b, s, e): i for i, (m, b, s, e) in enumerate(
         (m, b, s, e) for m in config.methods for b in budgets for s in config.seeds

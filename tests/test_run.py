@@ -674,6 +674,64 @@ def test_pieces_made_from_other_features_are_made_again(tmp_path, capsys):
     assert capsys.readouterr().err == ""
 
 
+def test_bilaf_selections_follow_their_cores(tmp_path, capsys):
+    """A seed's cores are those of every budget and mode: cores made again differently (their
+    record damaged, then remade on another machine) make the seed's cached BiLAF selections
+    again from them, not kept beside new ones on the new cores."""
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    config = tiny_config(methods=("random", "bilaf-paper", "bilaf-official"), seeds=(0,),
+                         evals=("knn",))
+    experiment.run_experiment(config, wd, progress=False)
+    path = wd / "selections" / "cores" / "activeft_k4_s0.json"
+    cores = json.loads(path.read_text())
+    cores["indices"] = sorted(set(range(8)) - set(cores["indices"]))[:4]
+    path.write_text(json.dumps(cores))
+    capsys.readouterr()
+    out = experiment.run_experiment(config, wd, progress=False)
+    assert "note: 4 cached selection records were made from " in capsys.readouterr().err
+    for r in out.results["records"]:
+        sel = json.loads((wd / "selections" / r["method"] / f"b{r['budget']}_s0.json").read_text())
+        if r["method"] != "random":
+            assert sel["core_indices"] == cores["indices"], (r["method"], r["budget"])
+    experiment.run_experiment(config, wd, progress=False)
+    assert capsys.readouterr().err == ""
+
+
+def _relabel(path, change):
+    """Rewrite a feature file's labels as `change(labels)` does, its features and metadata kept
+    (the same images labelled otherwise)."""
+    with np.load(path) as z:
+        arrays = dict(z)
+    np.savez(path, **{**arrays, "labels": change(arrays["labels"])})
+
+
+def test_evaluations_follow_the_labels(tmp_path, capsys):
+    """The feature hashes cover the feature arrays alone; labels decide the classes and the
+    accuracies. Pool or test labels that change make the evaluations on features again (not the
+    selections, which never see labels), as a fresh run on the relabelled files."""
+    config = tiny_config(methods=("random", "bilaf-paper"), seeds=(0,))
+    fresh = tmp_path / "fresh"
+    _inject_features(fresh)
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    experiment.run_experiment(config, wd, progress=False)
+    selections = {p: p.read_bytes() for p in (wd / "selections").rglob("*.json")}
+    for part, change in (("pool", lambda y: (y + 1) % 4), ("test", lambda y: y[::-1].copy())):
+        for folder in (fresh, wd):
+            _relabel(folder / "features" / f"{part}.npz", change)
+        want = experiment.run_experiment(config, fresh, progress=False).results
+        capsys.readouterr()
+        again = experiment.run_experiment(config, wd, progress=False).results
+        err = capsys.readouterr().err
+        assert _strip_timing(again["records"]) == _strip_timing(want["records"]), part
+        assert "note: 8 cached evaluation records were made from " in err
+        assert {p: p.read_bytes() for p in selections} == selections  # selections kept
+    assert experiment.run_experiment(config, wd, progress=False).results["records"] == \
+        again["records"]
+    assert capsys.readouterr().err == ""
+
+
 def test_statistics_edge_cases():
     from scipy import stats
 
@@ -938,3 +996,61 @@ def test_full_finetuning_of_a_selection_made_again_differently_is_redone(tmp_pat
     assert f"{folder} finetuned another selection; moved it to {aside[0].name}" in err
     assert folder.is_dir()
     assert [r["num_labelled"] for r in out.results["records"]] == [12, 24]
+
+
+def test_full_finetuning_is_kept_where_only_the_data_folder_moved(tmp_path, monkeypatch, capsys):
+    """data_dir is where the images are, not what they are (train resumes a copy; the features
+    check the data's fingerprint): a resumed run given the data elsewhere keeps its hours of
+    finetuning, as its run.json does."""
+    import train.train
+
+    trained = []
+
+    def fake_train_and_evaluate(config, workdir):
+        trained.append(config.data_dir)
+        return {"final_accuracy": 0.5, "step": 1}
+
+    monkeypatch.setattr(train.train, "train_and_evaluate", fake_train_and_evaluate)
+    wd = tmp_path / "w"
+    _inject_features(wd)
+    config = tiny_config(methods=("random",), seeds=(0,), evals=("full",),
+                         data_dir=str(tmp_path / "data"))
+    first = experiment.run_experiment(config, wd, progress=False).results["records"]
+    assert len(trained) == 2
+    capsys.readouterr()
+    moved = config._replace(data_dir=str(tmp_path / "moved"))
+    again = experiment.run_experiment(moved, wd, progress=False).results["records"]
+    assert len(trained) == 2 and again == first
+    assert "made them again" not in capsys.readouterr().err
+
+
+def test_full_finetuning_is_kept_where_the_same_weights_are_named_otherwise(tmp_path,
+                                                                           monkeypatch, capsys):
+    """The default weight file named by its path (or a copy of a weight file named by the
+    copy's) is the same run (`identity`): its finetuning evaluations are kept, not trained
+    again."""
+    import train.train
+    from bilaf_jax.backbones import _weights_path
+
+    trained = []
+
+    def fake_train_and_evaluate(config, workdir):
+        trained.append(config.backbone_weights)
+        return {"final_accuracy": 0.5, "step": 1}
+
+    monkeypatch.setattr(train.train, "train_and_evaluate", fake_train_and_evaluate)
+    default = _weights_path("efficientnet_lite0_taps", None)
+    for name in ("mine.pth", "copy.pth"):  # identified by their sha256, never loaded here
+        (tmp_path / name).write_bytes(b"my weights")
+    for i, (given, named) in enumerate(((None, str(default)),
+                                        (str(tmp_path / "mine.pth"), str(tmp_path / "copy.pth")))):
+        wd = tmp_path / f"w{i}"
+        config = tiny_config(methods=("random",), seeds=(0,), evals=("full",), weights=given)
+        _inject_features(wd, config=config)
+        first = experiment.run_experiment(config, wd, progress=False).results["records"]
+        trained.clear()
+        capsys.readouterr()
+        again = experiment.run_experiment(config._replace(weights=named), wd,
+                                          progress=False).results["records"]
+        assert trained == [] and again == first, given
+        assert "made them again" not in capsys.readouterr().err
