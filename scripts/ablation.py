@@ -9,7 +9,8 @@ Usage:
 defaults to 20,50,100 for K and 0,0.1,0.3 for P_rm. Runs `bilaf
 run`'s pipeline (`bilaf_jax.experiment.run_experiment`) once per value with the methods
 bilaf-paper and bilaf-official, and once with random and activeft (they do not use it), each
-in a subfolder of --workdir sharing one set of extracted features. Every other setting is the
+in a subfolder of --workdir sharing one set of extracted features (the first run's, copied into
+the others; a subfolder holding other features is refused). Every other setting is the
 `default` config's (Fashion-MNIST pool of 10,000, EfficientNet-Lite0 taps at 48 px,
 selection on the 256-d projection, linear probe and k-NN, B = 100 / 200 / 500).
 --features-from copies the features of a finished `bilaf run --workdir DIR` (default config)
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from _common import fail  # noqa: E402
 
 from bilaf_jax import experiment, run_configs  # noqa: E402
-from bilaf_jax.io import InputError, atomic_open, write_text_atomic  # noqa: E402
+from bilaf_jax.io import InputError, arrays_sha256, atomic_open, write_text_atomic  # noqa: E402
 
 PARAMS = {"num_cores": ("K", int), "remove_fraction": ("P_rm", float)}
 # --values when not given (the README's runs); K's 20,50,100 was also P_rm's, which is out of range
@@ -42,6 +43,12 @@ FEATURE_FILES = ("pool.npz", "test.npz", "selection.npz")
 # The config fields that decide the extracted (and projected) features.
 FEATURE_FIELDS = ("dataset", "pool_size", "test_size", "backbone", "image_size", "weights",
                   "selection_dim")
+
+
+def _features_sha256(path: Path) -> str:
+    """The features and labels a feature file holds (its metadata aside)."""
+    z = experiment._read_npz(path)
+    return arrays_sha256(z["features"], z["labels"])
 
 
 def share_features(base: Path, config, target: Path) -> None:
@@ -58,12 +65,27 @@ def share_features(base: Path, config, target: Path) -> None:
     if differ:
         raise InputError(f"{base} was run with other feature settings "
                          f"({', '.join(differ)}); leave out --features-from")
+    copy_features(base, target)
+
+
+def copy_features(base: Path, target: Path) -> None:
+    """Copy base/features' files into target/features where target has none.
+
+    Refuses target features (say, extracted there before) that differ from base's: the report
+    pairs runs on the same seeds, which must see the same features and labels."""
     (target / "features").mkdir(parents=True, exist_ok=True)
     for name in FEATURE_FILES:
         src, dst = base / "features" / name, target / "features" / name
-        if src.exists() and not dst.exists():  # atomically: a killed copy leaves no stub
+        if not src.exists():
+            continue
+        if not dst.exists():  # atomically: a killed copy leaves no stub
             with open(src, "rb") as fin, atomic_open(dst, "wb") as fout:
                 shutil.copyfileobj(fin, fout)
+        elif name != "selection.npz" and _features_sha256(dst) != _features_sha256(src):
+            # (selection.npz records the pool it projects: made again where that differs)
+            raise InputError(f"{dst} holds other features than {src}; move {dst.parent} away "
+                             f"to use {base}'s (that run's selections and evaluations are then "
+                             "made again)")
 
 
 def report(by_row: dict, budgets, label: str, command: str, seeds, default: str) -> str:
@@ -164,12 +186,16 @@ def _run(args, label, values, seeds, argv) -> int:
         experiment.validate(config)
     command = " ".join(["python scripts/ablation.py", *(argv if argv is not None else sys.argv[1:])])
     by_row, budgets = {}, None
+    first = None
     for folder, value, config in runs:
         wd = root / folder
         if args.features_from:
             share_features(Path(args.features_from), config, wd)
+        elif first is not None:  # the first run's features serve the others: extracted once
+            copy_features(first, wd)
         out = experiment.run_experiment(config, wd, progress=not args.no_progress,
                                         command=command)
+        first = first or wd
         budgets = out.results["budgets"]
         for method in config.methods:
             by_row[(method, value)] = [r for r in out.results["records"] if r["method"] == method]

@@ -147,6 +147,36 @@ def test_ablation_refuses_features_of_other_settings_and_bad_values(tmp_path, ca
 
 
 
+def test_ablation_runs_on_one_set_of_features(tmp_path, capsys, monkeypatch):
+    """Without --features-from the reference run's features serve the other runs (extracted
+    once); a run folder holding other features than the shared ones is refused, not compared
+    with the others in one report."""
+    import bilaf_jax.backbones
+    from bilaf_jax import run_configs
+    from tests.test_run import _inject_features
+
+    def extract(*args, **kwargs):
+        raise AssertionError("features extracted again")
+
+    monkeypatch.setattr(bilaf_jax.backbones, "load", extract)
+    ablation = _load_script("ablation")
+    argv = ["--param", "num_cores", "--values", "2", "--seeds", "0", "--no-progress"]
+    wd = tmp_path / "abl"
+    _inject_features(wd / "reference", n=1000, config=run_configs.default())
+    assert ablation.main([*argv, "--workdir", str(wd)]) == 0, capsys.readouterr().err
+    for name in ("pool.npz", "test.npz"):
+        assert (wd / "num_cores_2" / "features" / name).read_bytes() == \
+            (wd / "reference" / "features" / name).read_bytes()
+    capsys.readouterr()
+    mixed = tmp_path / "mixed"
+    _inject_features(mixed / "reference", n=1000, config=run_configs.default())
+    _inject_features(mixed / "num_cores_2", n=1000, config=run_configs.default(), seed=5)
+    assert ablation.main([*argv, "--workdir", str(mixed)]) == 2
+    err = capsys.readouterr().err
+    assert f"{mixed / 'num_cores_2' / 'features' / 'pool.npz'} holds other features" in err, err
+    assert not (mixed / "results.md").exists()
+
+
 def test_ablation_checks_every_run_before_the_first(tmp_path, capsys, monkeypatch):
     """A bad value (or --param remove_fraction with K's default values 20,50,100) failed with a
     traceback only after the reference run had extracted, selected and evaluated."""
