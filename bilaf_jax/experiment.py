@@ -607,9 +607,12 @@ def expected_feature_meta(config: RunConfig, part: str) -> dict:
     else:
         want["weights_sha256"] = sha256_file(_weights_path(config.backbone, config.weights))
     try:  # where the data is here, it must be the data the features were made from
-        want["source"] = data.data_source(config.dataset, split, data_dir=config.data_dir).fingerprint
+        source = data.data_source(config.dataset, split, data_dir=config.data_dir)
     except InputError:
-        pass
+        return want
+    want["source"] = source.fingerprint
+    if source.class_names is not None:  # an image folder's fingerprint covers its images only:
+        want["class_names"] = list(source.class_names)  # an empty class folder shifts labels
     return want
 
 

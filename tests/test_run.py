@@ -835,6 +835,30 @@ def test_features_of_other_data_are_refused(tmp_path):
         experiment.run_experiment(tiny_config(), wd, progress=False)
 
 
+def test_features_of_an_image_folder_whose_classes_changed_are_refused(tmp_path):
+    """An image folder's fingerprint covers its images; a class folder added without images
+    shifts the labels of the classes after it, and is refused too."""
+    from bilaf_jax.extract import extract_to_file
+    from tests.test_train_resume import _image_folder
+
+    folder = _image_folder(tmp_path / "data", {"train": ["a", "c"], "test": ["a", "c"]}, seed=0)
+    config = tiny_config(dataset="image_folder", data_dir=str(folder), pool_size=None,
+                         test_size=None, backbone="efficientnet_lite0", weights="random",
+                         image_size=32)
+    wd = tmp_path / "w"
+    (wd / "features").mkdir(parents=True)
+    for part, split in (("pool", "train"), ("test", "test")):
+        extract_to_file(wd / "features" / f"{part}.npz", dataset="image_folder", split=split,
+                        backbone="efficientnet_lite0", weights="random", image_size=32,
+                        data_dir=str(folder), progress=False)
+    for part in ("pool", "test"):  # the run takes them as its own
+        experiment._check_feature_meta(config, wd / "features" / f"{part}.npz", part)
+    (folder / "train" / "b").mkdir()  # "c" is now class 2
+    with pytest.raises(ValueError, match=r"pool.npz was made with class_names \['a', 'c'\], but "
+                                         r"this run's config asks for \['a', 'b', 'c'\]"):
+        experiment._check_feature_meta(config, wd / "features" / "pool.npz", "pool")
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "configs").glob("run_*.py")),
                          ids=lambda p: p.stem)
 def test_every_run_config_file_passes_a_dry_run(path, tmp_path, capsys):
