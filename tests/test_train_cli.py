@@ -426,6 +426,39 @@ def test_full_finetune_workdir_refuses_a_replaced_weight_file(feats):
     assert _check_workdir(wd, _identity(cfg, "images"))
 
 
+def test_full_finetune_workdir_resumes_the_same_weights_named_otherwise(feats, monkeypatch):
+    """The weights' digest decides, not their path: a copy of the weight file, or the default
+    file named by its path, resumes (`bilaf run` keeps such a run's records as the same run);
+    the default file replaced since (another version of its package) is refused."""
+    from pathlib import Path
+
+    import bilaf_jax.backbones
+    from train.train import _check_workdir, _claimed, _identity, make_config
+
+    def identity(weights):
+        return _identity(make_config(mode="full", selection=str(feats / "sel.json"),
+                                     backbone_weights=weights), "images")
+
+    def claim(wd, weights):
+        with _claimed(wd, make_config(mode="full", selection=str(feats / "sel.json"),
+                                      backbone_weights=weights), identity(weights)):
+            (wd / "checkpoints" / "2").mkdir(parents=True)  # a finished checkpoint
+
+    default = feats / "default.pth"
+    default.write_bytes(b"default")
+    monkeypatch.setattr(bilaf_jax.backbones, "_weights_path",
+                        lambda name, weights: default if weights is None else Path(weights))
+    for name in ("w.pth", "copy.pth"):
+        (feats / name).write_bytes(b"mine")
+    claim(feats / "file", str(feats / "w.pth"))
+    assert _check_workdir(feats / "file", identity(str(feats / "copy.pth")))
+    claim(feats / "default", None)
+    assert _check_workdir(feats / "default", identity(str(default)))
+    default.write_bytes(b"another version")
+    with pytest.raises(ValueError, match="different config.*backbone_weights_sha256"):
+        _check_workdir(feats / "default", identity(None))
+
+
 @pytest.mark.parametrize("mode", ["linear", "knn"])
 def test_an_interrupted_rerun_leaves_the_workdir_as_it_was(bilaf, feats, capsys, monkeypatch, mode):
     """Ctrl-C while the probe or k-NN runs: the finished run's metrics.jsonl is not emptied

@@ -411,6 +411,59 @@ def test_full_mode_workdir_refuses_other_images_but_resumes_on_a_copy(tmp_path):
     assert _tree_equal(whole["state"], resumed["state"])
 
 
+def test_a_class_folder_added_since_is_another_run(tmp_path):
+    """An image folder's classes are its class folders: one added (or removed) without any of
+    the images read changes the head, not the images' digest. The same command is refused as
+    another config (it was an orbax shape error after the workdir was claimed); a workdir
+    recorded before the class count resumes."""
+    classes = {"train": ["a", "b"], "test": ["a", "b"]}
+    folder = _image_folder(tmp_path / "A", classes, seed=0)
+    sel = _selection(tmp_path, list(range(12)))
+    cfg = make_config(dataset="image_folder", data_dir=str(folder), selection=sel, image_size=16,
+                      steps=4, batch_size=4, warmup_steps=1, checkpoint_every=1, log_every=1)
+    whole = train_and_evaluate(cfg, tmp_path / "whole", backbone=TinyBackbone())
+    wd = tmp_path / "w"
+    train_and_evaluate(cfg, wd, backbone=TinyBackbone(), max_steps_this_run=2)
+    before = {p.name: p.read_bytes() for p in wd.iterdir() if p.is_file()}
+    for split in ("train", "test"):
+        (folder / split / "c").mkdir()
+    with pytest.raises(ValueError, match=r"different config \(resolved_num_classes: 2 -> 3\)"):
+        train_and_evaluate(cfg, wd, backbone=TinyBackbone())
+    assert {p.name: p.read_bytes() for p in wd.iterdir() if p.is_file()} == before
+    for split in ("train", "test"):
+        (folder / split / "c").rmdir()
+    record = json.loads((wd / "config.json").read_text())
+    del record["identity"]["resolved_num_classes"]
+    (wd / "config.json").write_text(json.dumps(record))
+    resumed = train_and_evaluate(cfg, wd, backbone=TinyBackbone())
+    assert resumed["resumed_from_step"] == 2
+    assert _tree_equal(whole["state"], resumed["state"])
+
+
+def test_a_resume_may_change_the_evaluation_batch(tmp_path):
+    """eval_batch_size is how many test images go through at once, not what the run computes
+    (num_devices already rounds it): a run that ran out of memory evaluating resumes with a
+    smaller one, to the uninterrupted run's state, metrics and summary, also where the workdir
+    recorded it as identity."""
+    _fashion_mnist_or_skip()
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    base = dict(selection=sel, image_size=16, steps=4, batch_size=4, log_every=1, eval_every=2,
+                checkpoint_every=2, pool_size=80, test_size=8, warmup_steps=1)
+    whole = train_and_evaluate(make_config(**base), tmp_path / "whole", backbone=TinyBackbone())
+    wd = tmp_path / "w"
+    train_and_evaluate(make_config(**base), wd, backbone=TinyBackbone(), max_steps_this_run=3)
+    record = json.loads((wd / "config.json").read_text())
+    record["identity"]["eval_batch_size"] = 256
+    (wd / "config.json").write_text(json.dumps(record))
+    resumed = train_and_evaluate(make_config(**base, eval_batch_size=3), wd, backbone=TinyBackbone())
+    assert resumed["resumed_from_step"] == 2
+    assert _tree_equal(whole["state"], resumed["state"])
+    assert (wd / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
+    sa, sb = (json.loads((w / "summary.json").read_text()) for w in (tmp_path / "whole", wd))
+    assert {k: v for k, v in sa.items() if k not in ("resumed_from_step", "config")} == \
+        {k: v for k, v in sb.items() if k not in ("resumed_from_step", "config")}
+
+
 def test_full_mode_image_folders_with_other_classes_are_refused(tmp_path):
     folder = _image_folder(tmp_path / "A", {"train": ["a", "b", "c"], "test": ["a", "c"]}, seed=0)
     sel = _selection(tmp_path, list(range(9)))

@@ -130,10 +130,10 @@ def without_later_defaults(fields: dict) -> dict:
     """`fields` (a Config as a dict) less the LATER_FIELDS at the value earlier runs used."""
     return {k: v for k, v in fields.items() if not (k in LATER_FIELDS and v == LATER_FIELDS[k])}
 
-# Fields that do not change the result (num_devices: only the float summation order): a resumed
-# run may change them freely.
+# Fields that do not change the result (num_devices: only the float summation order; eval_batch_size
+# only how many test images go through at once): a resumed run may change them freely.
 _NOT_IDENTITY = ("data_dir", "checkpoint_every", "max_checkpoints", "selection", "features",
-                 "test_features", "num_devices")
+                 "test_features", "num_devices", "eval_batch_size")
 
 
 def make_config(**overrides) -> Config:
@@ -237,9 +237,11 @@ def validate_config(c: Config) -> None:
 # ----------------------------------------------------------------------------- workdir
 
 
-def _identity(config: Config, data_sha256: str | None = None) -> dict:
+def _identity(config: Config, data_sha256: str | None = None,
+              num_classes: int | None = None) -> dict:
     """What a workdir's run depends on. Full mode: `data_sha256` is the digest of the labelled
-    and test images and labels it reads (data_dir, a path, is not identity: a copy resumes)."""
+    and test images and labels it reads (data_dir, a path, is not identity: a copy resumes),
+    `num_classes` the classes of its head (an image folder's class folders, some maybe empty)."""
     ident = {k: v for k, v in without_later_defaults(dataclasses.asdict(config)).items()
              if k not in _NOT_IDENTITY}
     ident["selection_sha256"] = sha256_file(config.selection)
@@ -252,16 +254,35 @@ def _identity(config: Config, data_sha256: str | None = None) -> dict:
 
         ident["preprocessing"] = preprocessing(config.backbone)
         ident["data_sha256"] = data_sha256
-        weights = config.backbone_weights
-        if weights not in (None, "random") and Path(weights).expanduser().is_file():
+        ident["resolved_num_classes"] = num_classes
+        weights, path = config.backbone_weights, None
+        if weights is None:  # the default file (a package's, which another version may replace)
+            from bilaf_jax.backbones import _weights_path
+
+            with contextlib.suppress(InputError):  # none: loading the backbone says so
+                path = _weights_path(config.backbone, None)
+        elif weights != "random" and Path(weights).expanduser().is_file():
+            path = Path(weights).expanduser()
+        if path is not None:
             # the path alone would resume checkpoints made from a file since replaced there
-            ident["backbone_weights_sha256"] = sha256_file(Path(weights).expanduser())
+            ident["backbone_weights_sha256"] = sha256_file(path)
     return ident
 
 
 # Identity keys added after runs were made: a workdir whose config.json lacks one is compared
 # without it (check_identity's added_later; recorded with it from then on), so such runs resume.
-LATER_IDENTITY_KEYS = ("backbone_weights_sha256",)
+LATER_IDENTITY_KEYS = ("backbone_weights_sha256", "resolved_num_classes")
+
+
+def _as_stored(identity: dict, stored: dict) -> dict:
+    """`identity` as compared with a workdir's `stored` one: the weights by their digest where
+    both record it (a copy elsewhere, or the default file named by its path, is the same run),
+    and _NOT_IDENTITY keys an earlier version recorded left out of the comparison."""
+    identity = {**identity, **{k: stored[k] for k in _NOT_IDENTITY if k in stored}}
+    sha = identity.get("backbone_weights_sha256")
+    if sha is not None and stored.get("backbone_weights_sha256") == sha:
+        identity["backbone_weights"] = stored.get("backbone_weights")
+    return identity
 
 
 def _stored_identity(workdir: Path) -> dict:
@@ -289,7 +310,8 @@ def _check_workdir(workdir: Path, identity: dict) -> bool:
                              "use an empty or new workdir")
         return False
     try:
-        check_identity(cfg_path, identity, workdir, added_later=LATER_IDENTITY_KEYS)
+        check_identity(cfg_path, _as_stored(identity, _stored_identity(workdir)), workdir,
+                       added_later=LATER_IDENTITY_KEYS)
     except InputError:
         if _holds_results(workdir):
             raise
@@ -829,16 +851,20 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     n_test = len(test_src) if config.test_size is None else min(config.test_size, len(test_src))
     notes = _size_notes(config, len(pool), len(test_src), f"{config.dataset}")
     # A workdir of another config is refused now, not after minutes of reading images: all of
-    # the identity but the images' digest, which is checked once they are read.
-    _check_workdir(workdir, _identity(config, _stored_identity(workdir).get("data_sha256")))
+    # the identity but what the images decide, which is checked once they are read.
+    stored = _stored_identity(workdir)
+    _check_workdir(workdir, _identity(config, stored.get("data_sha256"),
+                                      stored.get("resolved_num_classes")))
     bb = backbone if backbone is not None else _load_backbone(config)
     s = config.image_size
     resample = getattr(bb, "resize_method", "bilinear")
     labelled = data.load_rows(pool, sel, image_size=s, resample=resample)
     test = data.load_rows(test_src, np.arange(n_test), image_size=s, resample=resample,
                           crop_fraction=config.eval_crop_fraction)
+    num_classes = (config.num_classes or pool.num_classes
+                   or int(max(labelled.labels.max(), test.labels.max())) + 1)
     identity = _identity(config, arrays_sha256(labelled.images, labelled.labels,
-                                                test.images, test.labels))
+                                                test.images, test.labels), num_classes)
     _check_workdir(workdir, identity)
 
     import jax
@@ -847,8 +873,6 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
 
     from train.input_pipeline import BatchOrder, steps_for_epochs
 
-    num_classes = (config.num_classes or pool.num_classes
-                   or int(max(labelled.labels.max(), test.labels.max())) + 1)
     train_labels = np.asarray(labelled.labels, np.int32)
     test_labels = np.asarray(test.labels, np.int32)
     check_labels(num_classes, selected_pool_labels=train_labels, test_labels=test_labels)
