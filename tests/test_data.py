@@ -534,6 +534,20 @@ def test_image_folder_reports_unreadable_subfolders(tmp_path, monkeypatch):
     assert "\n" not in str(e.value)
 
 
+def test_image_folder_with_a_link_loop_is_refused(tmp_path):
+    """A link back to a parent folder was followed some 40 levels deep: one image read (and
+    labelled) 41 times. A link to a folder elsewhere is still followed (the test below)."""
+    from PIL import Image
+
+    image = Image.fromarray(np.zeros((2, 2, 3), np.uint8))
+    root = tmp_path / "pool"
+    one_image_folder(root, image, "0.png", cls="cat/sub")
+    (root / "cat" / "sub" / "up").symlink_to(root / "cat")
+    with pytest.raises(InputError, match=r"image folder .*cat/sub/up is .*pool/cat again \(a "
+                                         r"symbolic link loop\); remove the link"):
+        data_source("image_folder", "all", data_dir=root)
+
+
 def test_image_folder_rows_and_labels_follow_torchvision_image_folder(tmp_path):
     """The order torchvision's ImageFolder (the authors' datasets) gives, worked out by hand
     from its rules: sorted class folders, hidden ones included; in each, sorted

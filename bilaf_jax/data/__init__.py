@@ -32,7 +32,8 @@ TensorFlow; preparing it needs TensorFlow (`pip install 'bilaf_jax[tf]'`), netwo
 torchvision's `ImageFolder` rules, so rows and labels are index-for-index those of the
 authors' datasets: classes are the sorted subfolder names (hidden ones included, symbolic
 links followed), and each class lists `sorted(os.walk(class_folder, followlinks=True))`, each
-folder's sorted file names with an extension in `IMAGE_EXTENSIONS`.
+folder's sorted file names with an extension in `IMAGE_EXTENSIONS` (a link back to one of
+its own parent folders, which os.walk would follow some 40 levels deep, is refused).
 """
 
 from __future__ import annotations
@@ -415,6 +416,19 @@ def _image_array(im, path) -> np.ndarray:
     return np.asarray(im.convert("L" if im.mode in ("L", "1") else "RGB"))
 
 
+def _check_not_a_link_loop(folder: Path, top: Path) -> None:
+    """InputError where `folder` (below `top`) is one of its own parent folders reached again
+    through a symbolic link: os.walk follows such a loop some 40 levels deep, and every image
+    in it would be read (and labelled) once per level."""
+    real = os.path.realpath(folder)
+    parent = folder
+    while parent != top and parent.parent != parent:
+        parent = parent.parent
+        if os.path.realpath(parent) == real:
+            raise InputError(f"image folder {folder} is {parent} again (a symbolic link loop); "
+                             "remove the link")
+
+
 def _image_folder_files(root: Path, classes) -> tuple[list[Path], list[int], str]:
     """Image files under each class folder in torchvision `ImageFolder`'s order, their labels,
     and a fingerprint of their names, sizes and modification times."""
@@ -426,6 +440,7 @@ def _image_folder_files(root: Path, classes) -> tuple[list[Path], list[int], str
     for label, cls in enumerate(classes):
         # sorted walk tuples: a folder's own files (by name) before its subfolders' (as strings)
         for folder, _, names in sorted(os.walk(str(root / cls), onerror=fail, followlinks=True)):
+            _check_not_a_link_loop(Path(folder), root / cls)
             for name in sorted(names):
                 if name.lower().endswith(IMAGE_EXTENSIONS):
                     files.append(Path(folder) / name)
