@@ -68,24 +68,29 @@ def share_features(base: Path, config, target: Path) -> None:
     copy_features(base, target)
 
 
-def copy_features(base: Path, target: Path) -> None:
-    """Copy base/features' files into target/features where target has none.
-
-    Refuses target features (say, extracted there before) that differ from base's: the report
-    pairs runs on the same seeds, which must see the same features and labels."""
-    (target / "features").mkdir(parents=True, exist_ok=True)
+def check_same_features(base: Path, target: Path) -> None:
+    """Refuse target features (say, extracted there before) that differ from base's, where
+    both have them: the report pairs runs on the same seeds, which must see the same features
+    and labels. (selection.npz records the pool it projects: made again where that differs.)"""
     for name in FEATURE_FILES:
         src, dst = base / "features" / name, target / "features" / name
-        if not src.exists():
-            continue
-        if not dst.exists():  # atomically: a killed copy leaves no stub
-            with open(src, "rb") as fin, atomic_open(dst, "wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        elif name != "selection.npz" and _features_sha256(dst) != _features_sha256(src):
-            # (selection.npz records the pool it projects: made again where that differs)
+        if (name != "selection.npz" and src.exists() and dst.exists()
+                and _features_sha256(dst) != _features_sha256(src)):
             raise InputError(f"{dst} holds other features than {src}; move {dst.parent} away "
                              f"to use {base}'s (that run's selections and evaluations are then "
                              "made again)")
+
+
+def copy_features(base: Path, target: Path) -> None:
+    """Copy base/features' files into target/features where target has none (after
+    `check_same_features`)."""
+    check_same_features(base, target)
+    (target / "features").mkdir(parents=True, exist_ok=True)
+    for name in FEATURE_FILES:
+        src, dst = base / "features" / name, target / "features" / name
+        if src.exists() and not dst.exists():  # atomically: a killed copy leaves no stub
+            with open(src, "rb") as fin, atomic_open(dst, "wb") as fout:
+                shutil.copyfileobj(fin, fout)
 
 
 def report(by_row: dict, budgets, label: str, command: str, seeds, default: str) -> str:
@@ -184,6 +189,11 @@ def _run(args, label, values, seeds, argv) -> int:
     # A bad value or seed failed only after the reference run (minutes to hours), with a traceback.
     for _, _, config in runs:
         experiment.validate(config)
+    # features already there that differ from the shared ones, before the first run too
+    source = Path(args.features_from) if args.features_from else root / runs[0][0]
+    for folder, _, _ in runs:
+        if root / folder != source:
+            check_same_features(source, root / folder)
     command = " ".join(["python scripts/ablation.py", *(argv if argv is not None else sys.argv[1:])])
     by_row, budgets = {}, None
     first = None

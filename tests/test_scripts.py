@@ -86,18 +86,27 @@ def _load_script(name):
     return module
 
 
-def test_ablation_tables_and_failures(tmp_path, capsys):
+def test_ablation_tables_and_failures(tmp_path, capsys, monkeypatch):
     """K ablation on tiny injected features: one table row per (method, K), the official-mode
-    failure at B = K reported, and the random / activeft rows shared by every K."""
+    failure at B = K reported, and the random / activeft rows shared by every K. Without
+    --features-from the reference run's features serve the other runs (extracted once)."""
+    import bilaf_jax.backbones
     from bilaf_jax import run_configs
     from tests.test_run import _inject_features
 
+    def extract(*args, **kwargs):
+        raise AssertionError("features extracted again")
+
+    monkeypatch.setattr(bilaf_jax.backbones, "load", extract)
     ablation = _load_script("ablation")
     wd = tmp_path / "abl"
-    for folder in ("reference", "num_cores_2", "num_cores_10"):
-        _inject_features(wd / folder, n=1000, config=run_configs.default())
+    _inject_features(wd / "reference", n=1000, config=run_configs.default())
     assert ablation.main(["--param", "num_cores", "--values", "2,10", "--workdir", str(wd),
                           "--seeds", "0,1", "--no-progress"]) == 0
+    for folder in ("num_cores_2", "num_cores_10"):
+        for name in ("pool.npz", "test.npz"):
+            assert (wd / folder / "features" / name).read_bytes() == \
+                (wd / "reference" / "features" / name).read_bytes()
     text = (wd / "results.md").read_text()
     assert text.rstrip("\n") == capsys.readouterr().out.rstrip("\n")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
@@ -147,34 +156,22 @@ def test_ablation_refuses_features_of_other_settings_and_bad_values(tmp_path, ca
 
 
 
-def test_ablation_runs_on_one_set_of_features(tmp_path, capsys, monkeypatch):
-    """Without --features-from the reference run's features serve the other runs (extracted
-    once); a run folder holding other features than the shared ones is refused, not compared
-    with the others in one report."""
-    import bilaf_jax.backbones
+def test_ablation_refuses_a_run_folder_of_other_features_before_the_first_run(tmp_path,
+                                                                              capsys):
+    """A run folder holding other features than the shared ones is refused, not compared with
+    the others in one report, and before the reference run spends its time."""
     from bilaf_jax import run_configs
     from tests.test_run import _inject_features
 
-    def extract(*args, **kwargs):
-        raise AssertionError("features extracted again")
-
-    monkeypatch.setattr(bilaf_jax.backbones, "load", extract)
     ablation = _load_script("ablation")
-    argv = ["--param", "num_cores", "--values", "2", "--seeds", "0", "--no-progress"]
-    wd = tmp_path / "abl"
-    _inject_features(wd / "reference", n=1000, config=run_configs.default())
-    assert ablation.main([*argv, "--workdir", str(wd)]) == 0, capsys.readouterr().err
-    for name in ("pool.npz", "test.npz"):
-        assert (wd / "num_cores_2" / "features" / name).read_bytes() == \
-            (wd / "reference" / "features" / name).read_bytes()
-    capsys.readouterr()
     mixed = tmp_path / "mixed"
     _inject_features(mixed / "reference", n=1000, config=run_configs.default())
     _inject_features(mixed / "num_cores_2", n=1000, config=run_configs.default(), seed=5)
-    assert ablation.main([*argv, "--workdir", str(mixed)]) == 2
+    assert ablation.main(["--param", "num_cores", "--values", "2", "--seeds", "0",
+                          "--no-progress", "--workdir", str(mixed)]) == 2
     err = capsys.readouterr().err
     assert f"{mixed / 'num_cores_2' / 'features' / 'pool.npz'} holds other features" in err, err
-    assert not (mixed / "results.md").exists()
+    assert not (mixed / "reference" / "run.json").exists()  # nothing ran
 
 
 def test_ablation_checks_every_run_before_the_first(tmp_path, capsys, monkeypatch):
