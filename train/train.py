@@ -852,9 +852,9 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     notes = _size_notes(config, len(pool), len(test_src), f"{config.dataset}")
     # A workdir of another config is refused now, not after minutes of reading images: all of
     # the identity but what the images decide, which is checked once they are read.
-    stored = _stored_identity(workdir)
-    _check_workdir(workdir, _identity(config, stored.get("data_sha256"),
-                                      stored.get("resolved_num_classes")))
+    identity, stored = _identity(config), _stored_identity(workdir)
+    _check_workdir(workdir, {**identity, **{k: stored.get(k) for k in
+                                            ("data_sha256", "resolved_num_classes")}})
     bb = backbone if backbone is not None else _load_backbone(config)
     s = config.image_size
     resample = getattr(bb, "resize_method", "bilinear")
@@ -863,8 +863,9 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
                           crop_fraction=config.eval_crop_fraction)
     num_classes = (config.num_classes or pool.num_classes
                    or int(max(labelled.labels.max(), test.labels.max())) + 1)
-    identity = _identity(config, arrays_sha256(labelled.images, labelled.labels,
-                                                test.images, test.labels), num_classes)
+    identity["data_sha256"] = arrays_sha256(labelled.images, labelled.labels, test.images,
+                                            test.labels)
+    identity["resolved_num_classes"] = num_classes
     _check_workdir(workdir, identity)
 
     import jax
