@@ -440,11 +440,11 @@ def test_a_class_folder_added_since_is_another_run(tmp_path):
     assert _tree_equal(whole["state"], resumed["state"])
 
 
-def test_a_resume_may_change_the_evaluation_batch(tmp_path):
+def test_a_resume_may_change_the_evaluation_batch_and_checkpoint_interval(tmp_path):
     """eval_batch_size is how many test images go through at once, not what the run computes
     (num_devices already rounds it): a run that ran out of memory evaluating resumes with a
     smaller one, to the uninterrupted run's state, metrics and summary, also where the workdir
-    recorded it as identity."""
+    recorded it as identity. So does one given another checkpoint interval."""
     _fashion_mnist_or_skip()
     sel = _selection(tmp_path, list(range(0, 80, 4)))
     base = dict(selection=sel, image_size=16, steps=4, batch_size=4, log_every=1, eval_every=2,
@@ -455,7 +455,8 @@ def test_a_resume_may_change_the_evaluation_batch(tmp_path):
     record = json.loads((wd / "config.json").read_text())
     record["identity"]["eval_batch_size"] = 256
     (wd / "config.json").write_text(json.dumps(record))
-    resumed = train_and_evaluate(make_config(**base, eval_batch_size=3), wd, backbone=TinyBackbone())
+    resumed = train_and_evaluate(make_config(**{**base, "checkpoint_every": 3}, eval_batch_size=3),
+                                 wd, backbone=TinyBackbone())
     assert resumed["resumed_from_step"] == 2
     assert _tree_equal(whole["state"], resumed["state"])
     assert (wd / "metrics.jsonl").read_text() == (tmp_path / "whole" / "metrics.jsonl").read_text()
