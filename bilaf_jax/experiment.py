@@ -594,6 +594,11 @@ def expected_feature_meta(config: RunConfig, part: str) -> dict:
     """What the `meta` of this run's feature file `part` ("pool" or "test") must say: data set,
     split, size limit, backbone, image size, preprocessing (resize, mean, std), weights
     (sha256, or "random(seed=0)") and, where the data is on this machine, its fingerprint."""
+    return _expected_feature_meta(config, part)[0]
+
+
+def _expected_feature_meta(config: RunConfig, part: str) -> tuple[dict, int | None]:
+    """(`expected_feature_meta`, the split's size where its data is here, else None)."""
     from bilaf_jax import data
     from bilaf_jax.backbones import _weights_path, preprocessing
 
@@ -609,11 +614,11 @@ def expected_feature_meta(config: RunConfig, part: str) -> dict:
     try:  # where the data is here, it must be the data the features were made from
         source = data.data_source(config.dataset, split, data_dir=config.data_dir)
     except InputError:
-        return want
+        return want, None
     want["source"] = source.fingerprint
     if source.class_names is not None:  # an image folder's fingerprint covers its images only:
         want["class_names"] = list(source.class_names)  # an empty class folder shifts labels
-    return want
+    return want, len(source)
 
 
 def _feature_paths(workdir: Path) -> dict[str, Path]:
@@ -629,12 +634,15 @@ def _check_features_present(config: RunConfig, workdir: Path) -> None:
 
 def _check_feature_meta(config: RunConfig, path: Path, part: str) -> None:
     """Refuse a feature file (cached, or copied in by hand) that another config made."""
-    from bilaf_jax.extract import read_meta
+    from bilaf_jax.extract import read_meta, same_rows
 
     _read_npz(path, keys=("labels",))  # a damaged file says so first
     meta = read_meta(path)
-    for key, value in expected_feature_meta(config, part).items():
-        if meta.get(key) != value:
+    want, total = _expected_feature_meta(config, part)
+    for key, value in want.items():
+        # a limit at or above the split's size is the whole split, as no limit is
+        same = same_rows(meta, value, total) if key == "limit" else meta.get(key) == value
+        if not same:
             why = (" (the backbone's preprocessing; an earlier version of bilaf_jax made them)"
                    if key in ("resize", "mean", "std") else "")
             raise InputError(f"{path} was made with {key} {meta.get(key)!r}, but this run's "

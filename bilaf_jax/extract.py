@@ -43,7 +43,7 @@ from bilaf_jax.io import (
     write_json_atomic,
 )
 
-__all__ = ["ExtractOutput", "check_feature_pair", "extract_to_file", "read_meta"]
+__all__ = ["ExtractOutput", "check_feature_pair", "extract_to_file", "read_meta", "same_rows"]
 
 _SHARD = "batch_{:06d}.npz"
 
@@ -103,8 +103,36 @@ def _check_outside_data(out: Path, dataset: str, data_dir) -> None:
                          "an output path outside it")
 
 
-# Not part of what the features depend on: the same weights moved (a new venv) resume.
-_NOT_SETTINGS = ("weights_path",)
+# Not part of what the features depend on: the same weights moved (a new venv) resume; the
+# rows are decided by num_images with the data's fingerprint (a limit at or above the split's
+# size, or none, is the whole split).
+_NOT_SETTINGS = ("weights_path", "limit")
+
+
+def same_rows(meta: dict, limit: int | None, total: int | None = None) -> bool:
+    """Whether features with extraction `meta` hold the rows `limit` asks for (the first
+    `limit` rows, None: all) of the same split. `total`: the split's size where its data is at
+    hand; without it, features that stopped short of their own limit, or had none, tell it."""
+    stored, n = meta.get("limit"), meta.get("num_images")
+    if stored == limit:
+        return True
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, stored or 0)):
+        return False  # not written by this module
+    if total is None:
+        if stored is not None and stored <= n:
+            return False  # the split may hold more than these n rows
+        total = n
+    return n == (total if limit is None else min(limit, total))
+
+
+def _changed(before: dict, now: dict) -> str:
+    """The settings in which `now` differs from `before`, for a message; the limit is named
+    with the number of images it decided."""
+    keys = [k for k in now if k not in _NOT_SETTINGS and before.get(k) != now.get(k)]
+    keys += [k for k in before if k not in now and k not in _NOT_SETTINGS]
+    if "num_images" in keys and before.get("limit") != now.get("limit"):
+        keys.insert(keys.index("num_images"), "limit")
+    return ", ".join(f"{k} {before.get(k)!r} (now {now.get(k)!r})" for k in keys)
 
 
 def _prepare_partial(partial: Path, config: dict) -> None:
@@ -127,9 +155,7 @@ def _prepare_partial(partial: Path, config: dict) -> None:
         shards = sorted(partial.glob("batch_*.npz"))
         if shards:
             if isinstance(before, dict):
-                changed = ", ".join(f"{k} {before.get(k)!r} (now {config.get(k)!r})"
-                                    for k in sorted(set(before) | set(config))
-                                    if k not in _NOT_SETTINGS and before.get(k) != config.get(k))
+                changed = _changed(before, config)
             else:
                 changed = "settings unreadable"
             fixed = isinstance(before, dict) and any(
@@ -230,8 +256,7 @@ def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch
             {k: v for k, v in meta.items() if k not in _NOT_SETTINGS}
         if same:  # already extracted with these settings
             return ExtractOutput(out, n, backbone.dim, num_batches, 0, 0.0)
-        changed = ", ".join(f"{k} {done.get(k)!r} (now {meta[k]!r})" for k in meta
-                            if k not in _NOT_SETTINGS and done.get(k) != meta[k])
+        changed = _changed({k: v for k, v in done.items() if k != "seconds"}, meta)
         raise InputError(f"{out} holds features extracted with other settings ({changed}); "
                          "remove it or choose another output path")
     partial = out.with_name(out.name + ".partial")

@@ -66,6 +66,44 @@ def test_cli_writes_features_labels_indices_meta(pool, tmp_path, monkeypatch, ca
     assert read_meta(tmp_path / "all.npz")["num_images"] == 10
 
 
+def test_a_limit_is_compared_by_the_rows_it_decides(pool, tmp_path):
+    """A limit at or above the split's 10 images is no limit: an extraction (finished, or
+    stopped part way) with one is the extraction without, and the other way round."""
+    dirs, _ = pool
+    out = tmp_path / "f.npz"
+    _killed_after_two_batches(out, {**dirs, "limit": 25})
+    res = extract_to_file(out, progress=False, **CFG, **dirs)
+    assert (res.reused_batches, res.computed_batches) == (2, 1)
+    finished = out.read_bytes()
+    for limit in (None, 10, 40):
+        again = extract_to_file(out, progress=False, limit=limit, **CFG, **dirs)
+        assert again.computed_batches == 0 and out.read_bytes() == finished
+    with pytest.raises(InputError, match=r"other settings \(limit None \(now 9\), num_images "
+                                         r"10 \(now 9\)\)"):
+        extract_to_file(out, progress=False, limit=9, **CFG, **dirs)
+
+
+@pytest.mark.parametrize("meta, limit, total, same", [
+    ({"limit": 7, "num_images": 7}, 7, None, True),
+    ({"limit": 7, "num_images": 7}, 8, None, False),
+    ({"limit": 7, "num_images": 7}, None, None, False),  # the split may hold more than 7
+    ({"limit": 7, "num_images": 7}, None, 7, True),
+    ({"limit": 7, "num_images": 7}, 9, 7, True),
+    ({"limit": 7, "num_images": 7}, 6, 7, False),
+    ({"limit": 25, "num_images": 10}, None, None, True),  # it stopped short: the whole split
+    ({"limit": 25, "num_images": 10}, 10, None, True),
+    ({"limit": 25, "num_images": 10}, 9, None, False),
+    ({"limit": None, "num_images": 10}, 11, None, True),
+    ({"limit": None, "num_images": 10}, 11, 12, False),  # the data says there are 12 now
+    ({"limit": None}, 11, None, False),
+    ({"limit": "25", "num_images": 10}, None, None, False),
+])
+def test_same_rows(meta, limit, total, same):
+    from bilaf_jax.extract import same_rows
+
+    assert same_rows(meta, limit, total) is same
+
+
 def test_resume_after_interruption_gives_identical_features(pool, tmp_path):
     dirs, _ = pool
     whole = extract_to_file(tmp_path / "whole.npz", progress=False, **CFG, **dirs)

@@ -837,8 +837,9 @@ def test_features_of_other_data_are_refused(tmp_path):
 
 def test_features_of_an_image_folder_whose_classes_changed_are_refused(tmp_path):
     """An image folder's fingerprint covers its images; a class folder added without images
-    shifts the labels of the classes after it, and is refused too."""
-    from bilaf_jax.extract import extract_to_file
+    shifts the labels of the classes after it, and is refused too. A size limit is compared
+    by the rows it decides."""
+    from bilaf_jax.extract import extract_to_file, read_meta
     from tests.test_train_resume import _image_folder
 
     folder = _image_folder(tmp_path / "data", {"train": ["a", "c"], "test": ["a", "c"]}, seed=0)
@@ -853,6 +854,15 @@ def test_features_of_an_image_folder_whose_classes_changed_are_refused(tmp_path)
                         data_dir=str(folder), progress=False)
     for part in ("pool", "test"):  # the run takes them as its own
         experiment._check_feature_meta(config, wd / "features" / f"{part}.npz", part)
+    # A size limit at or above the split's images is no limit: the same features.
+    n = read_meta(wd / "features" / "pool.npz")["num_images"]
+    for pool_size in (n, n + 1):
+        experiment._check_feature_meta(config._replace(pool_size=pool_size),
+                                       wd / "features" / "pool.npz", "pool")
+    with pytest.raises(ValueError, match=rf"pool.npz was made with limit None, but this run's "
+                                         rf"config asks for {n - 1}"):
+        experiment._check_feature_meta(config._replace(pool_size=n - 1),
+                                       wd / "features" / "pool.npz", "pool")
     (folder / "train" / "b").mkdir()  # "c" is now class 2
     with pytest.raises(ValueError, match=r"pool.npz was made with class_names \['a', 'c'\], but "
                                          r"this run's config asks for \['a', 'b', 'c'\]"):
