@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -208,6 +209,8 @@ def test_a_backbone_trained_in_place_is_not_recorded_as_its_weights(pool, tmp_pa
     extract_to_file(tmp_path / "trained.npz", backbone=bb, progress=False, **cfg, **dirs)
     changed = read_meta(tmp_path / "trained.npz")["weights_sha256"]
     assert changed.startswith("changed:") and changed == bb.weights_id()
+    # a Backbone rebuilt around the trained module still knows it changed
+    assert dataclasses.replace(bb, taps=(2,)).weights_id() == changed
     with pytest.raises(InputError, match=r"weights_sha256 'changed:[0-9a-f]{64}' \(now "
                                          r"'random\(seed=3\)'\)"):
         extract_to_file(tmp_path / "trained.npz", progress=False, **dict(CFG, seed=3), **dirs)

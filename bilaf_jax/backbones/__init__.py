@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from pathlib import Path
 
 import jax
@@ -138,7 +139,12 @@ class Backbone:
                                                 compare=False)
 
     def __post_init__(self):
-        self._made_with = _weight_arrays(self.module)
+        # A module seen before keeps the arrays it was first seen with: a Backbone rebuilt
+        # around a trained one (dataclasses.replace, say) still knows it changed.
+        try:
+            self._made_with = _FIRST_SEEN.setdefault(self.module, _weight_arrays(self.module))
+        except TypeError:  # not weak-referenceable, or unhashable: not an NNX module
+            self._made_with = _weight_arrays(self.module)
 
     def weights_id(self, seed: int = 0) -> str:
         """The weights the module holds now, as feature files record them: the weight file's
@@ -182,6 +188,10 @@ class Backbone:
         if self.num_classes is None:
             raise InputError(f"backbone {self.name} has no classifier head; use embed()")
         return self._run("logits", images, image_size, batch_size)
+
+
+# module -> its parameter and BatchNorm arrays when a Backbone first held it
+_FIRST_SEEN: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _weight_arrays(module) -> list | None:
