@@ -77,6 +77,27 @@ def test_probe_and_knn_refuse_mismatched_or_empty_inputs(evaluate):
             evaluate(*args, num_classes=3)
 
 
+@pytest.mark.parametrize("evaluate,kwargs,message", [
+    (knn.knn_eval, {"temperature": 0.0}, "temperature must be finite and > 0"),
+    (knn.knn_eval, {"temperature": -0.07}, "temperature must be finite and > 0"),
+    (knn.knn_eval, {"temperature": float("nan")}, "temperature must be finite and > 0"),
+    (knn.knn_eval, {"k": 0}, r"k must be in \[1, "),
+    (knn.knn_eval, {"k": 2.5}, "k must be an integer"),
+    (knn.knn_eval, {"k": True}, "k must be an integer"),
+    (linear.linear_probe, {"steps": 0}, r"steps must be in \[1, "),
+    (linear.linear_probe, {"steps": 2.5}, "steps must be an integer"),
+    (linear.linear_probe, {"weight_decay": -1.0}, "weight_decay must be finite and >= 0"),
+    (linear.linear_probe, {"weight_decay": float("nan")}, "weight_decay must be finite and >= 0"),
+])
+def test_probe_and_knn_refuse_bad_hyperparameters(evaluate, kwargs, message):
+    """Refused by name, as the finetuning config refuses them: they gave an accuracy without a
+    word (temperature 0 or NaN votes NaN, a negative one lets the farthest neighbour weigh most;
+    0 probe steps is the untrained probe, a NaN weight decay a NaN objective)."""
+    x, y = np.eye(3, dtype=np.float32), np.arange(3)
+    with pytest.raises(ValueError, match=f"^{message}"):
+        evaluate(x, y, x, y, **kwargs)
+
+
 def test_probe_loss_matches_numpy_reference():
     rng = np.random.default_rng(0)
     x = rng.normal(size=(12, 5)).astype(np.float32)

@@ -18,7 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from bilaf_jax import distances
+from bilaf_jax._validation import check_count, check_positive, check_temperature
 from bilaf_jax.io import InputError
+
+MAX_COUNT = 2**31 - 1  # k or steps: a static int32 bound
 
 
 class KnnOutput(NamedTuple):
@@ -93,6 +96,8 @@ def knn_eval(train_x, train_y, test_x, test_y, *, k: int = 20, temperature: floa
     >>> knn_eval(x, y, x, y, k=1)
     1.0
     """
+    check_count(k, "k", 1, MAX_COUNT)
+    check_temperature(check_positive(temperature, "temperature"))
     xp, yp, mask, tx, ty, num_classes = padded_inputs(train_x, train_y, test_x, test_y, num_classes, pad_to)
     out = knn_classify(xp, yp, mask, tx, ty, temperature, k=k, num_classes=num_classes)
     return out if return_output else exact_accuracy(out.predictions, test_y)

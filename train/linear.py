@@ -22,7 +22,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from train.knn import exact_accuracy, padded_inputs
+from bilaf_jax._validation import check_count, check_positive
+from train.knn import MAX_COUNT, exact_accuracy, padded_inputs
 
 DEFAULT_WEIGHT_DECAY = 1e-2
 DEFAULT_STEPS = 100
@@ -136,6 +137,8 @@ def linear_probe(train_x, train_y, test_x, test_y, *, weight_decay: float = DEFA
     >>> linear_probe(x, y, x, y) > 0.9
     True
     """
+    check_count(steps, "steps", 1, MAX_COUNT)
+    check_positive(weight_decay, "weight_decay", allow_zero=True)
     xp, yp, mask, tx, ty, num_classes = padded_inputs(train_x, train_y, test_x, test_y, num_classes, pad_to)
     out = linear_probe_padded(xp, yp, mask, tx, ty, weight_decay, num_classes=num_classes, steps=steps)
     return out if return_output else exact_accuracy(out.predictions, test_y)
