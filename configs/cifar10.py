@@ -17,6 +17,12 @@ with repeated augmentation (3 augmented copies of each image; an "epoch" of
 max(1, n // 256) * 256 samples, so one step of 256 per epoch at B <= 511), its per-epoch
 cosine from 1e-6 up and down to 1e-5, and its report of the best accuracy over evaluations
 every 50 epochs (set eval_every for summary.json's best_accuracy; final_accuracy is the last).
+Their lr is scaled by batch x GPUs / 512, so 3e-3 is their rate for 2 x 256; at B <= 511 a
+step holds 2 x 128 samples (about 86 images in 3 augmentations each), where ours is 128
+images at the same rate. Also theirs, not ours: the head starts truncated normal (std 0.02,
+timm's ViT) where ours starts at zero (train/models.py); training crops come from the image
+as stored (CIFAR's 32 px; ImageNet's own size and aspect ratio) where ours come from the
+image resized to 224 x 224 first; and they train under fp16 autocast, ours in float32.
 """
 
 
