@@ -73,14 +73,16 @@ def _assigned_similarity_fwd(centroids, features, chunk_size, precision):
         return distances.first_argmax(sim, axis=0)
 
     s, p = distances.map_rows(block, features, chunk_size)
-    return (s, p), (features, p, centroids.shape[0])
+    return (s, p), (features, p, centroids)
 
 
 def _assigned_similarity_bwd(chunk_size, precision, residuals, cotangents):
-    features, p, num_centroids = residuals
+    features, p, centroids = residuals
     g_s, _ = cotangents
-    g_c = jax.ops.segment_sum(g_s[:, None] * features, p, num_segments=num_centroids)
-    return g_c.astype(features.dtype), None
+    g_c = jax.ops.segment_sum(g_s[:, None] * features, p, num_segments=centroids.shape[0])
+    # The cotangent takes the centroids' dtype, which may differ from the features' (float32
+    # centroids against float64 or bfloat16 features).
+    return g_c.astype(centroids.dtype), None
 
 
 assigned_similarity.defvjp(_assigned_similarity_fwd, _assigned_similarity_bwd)
@@ -97,7 +99,8 @@ def activeft_loss(theta, features, temperature, balance, *, chunk_size=distances
     c = distances.normalize(theta)
     sim, assign = assigned_similarity(c, features, chunk_size, precision)
     s = sim / temperature  # [b]
-    # [K, K]: k, j. Always float32: exp(./tau) would amplify bfloat16 rounding, and it is cheap.
+    # [K, K]: k, j. Never at a reduced `precision`: exp(./tau) would amplify bfloat16 rounding,
+    # and it is cheap.
     gram = distances.matmul(lax.stop_gradient(c), c.T) / temperature
     log_s = jax.nn.logsumexp(gram, axis=0)  # [K]: log S_j
     # log(1 + lambda * S / e) = softplus(log lambda + log S - s)
@@ -116,7 +119,8 @@ def activeft(key, features, num_samples: int, *, num_steps: int = 300, temperatu
 
     Args:
       key: PRNG key (initial centroids unless `init_indices` is given; batch rows per step).
-      features: [n, d] pool features (normalised internally).
+      features: [n, d] pool features (normalised internally). Computed in float32 as the
+        authors do, or in float64 for float64 features under `jax.enable_x64`.
       num_samples: K, number of samples to select (1 <= K <= n).
       num_steps: optimiser steps (authors: 300 full-batch; 100 on ImageNet with batches).
       temperature, learning_rate, balance: tau, Adam's lr and lambda; traceable (vmap-able).
@@ -187,15 +191,21 @@ def _activeft(key, features, init_indices, unavailable, temperature, learning_ra
     # normalize's eps (torch's 1e-12) would leave every row of a pool of tiny values (accepted
     # down to about 1e-16) short of unit length: lift such a pool by a power of two, which
     # gives the unit rows of the same pool at any ordinary scale. Other pools: times 1.
-    _, exponent = jnp.frexp(jnp.max(jnp.abs(x)))
+    # The scale is that of the real rows (padding may hold anything), sliced as [n] row maxima
+    # so that a sharded pool is not gathered.
+    row_max = jnp.max(jnp.abs(x), axis=1)  # [n]
+    _, exponent = jnp.frexp(jnp.max(row_max[:num_rows]))
     x = x * jnp.where(exponent < -16, jnp.ldexp(jnp.ones((), dtype), -exponent), 1.0).astype(dtype)
     feats = distances.normalize(x)
     init_key, batch_key = jax.random.split(key)
     if init_indices is None and (unavailable is None or not has_excluded):
         init_indices = jax.random.choice(init_key, num_rows, (num_samples,), replace=False)
     elif init_indices is None:
-        free = (~unavailable).astype(jnp.float32)
-        init_indices = jax.random.choice(init_key, n, (num_samples,), replace=False, p=free / free.sum())
+        # Drawn over the real rows: padding must not change the draw, whatever the PRNG's
+        # `jax_threefry_partitionable` setting (without it, the bits depend on the length).
+        free = (~unavailable[:num_rows]).astype(jnp.float32)
+        init_indices = jax.random.choice(init_key, num_rows, (num_samples,), replace=False,
+                                         p=free / free.sum())
     init_indices = init_indices.astype(jnp.int32)
     theta = feats[init_indices]
     tx = optimizer if optimizer is not None else optax.adam(learning_rate)

@@ -254,3 +254,47 @@ def test_a_pool_of_tiny_values_selects_as_at_ordinary_scale(digits):
         want = activeft(jax.random.key(0), x.astype(np.float64), 8, num_steps=20)
         got = activeft(jax.random.key(0), x.astype(np.float64) * 2.0**-400, 8, num_steps=20)
         np.testing.assert_array_equal(got.indices, want.indices)
+
+
+def test_loss_gradient_takes_the_centroids_dtype(digits, rng):
+    """float32 centroids against float64 or bfloat16 features: the gradient is float32 and
+    equals the reference's (the backward pass cast it to the features' dtype, and JAX refused
+    the mismatch with a TypeError about lax.add)."""
+    feats = ref.normalize(_features(digits, 300).astype(np.float64))
+    theta = feats[rng.choice(len(feats), 12, replace=False)] + 0.01 * rng.normal(size=(12, 64))
+    _, want = ref.activeft_loss_and_grad(theta, feats, 0.07, 1.0)
+    theta32 = jnp.asarray(theta, jnp.float32)
+    with jax.enable_x64(True):
+        grad = jax.grad(activeft_loss)(theta32, jnp.asarray(feats, jnp.float64), 0.07, 1.0)
+    assert grad.dtype == jnp.float32
+    np.testing.assert_allclose(grad, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    low = jnp.asarray(feats, jnp.bfloat16)
+    grad = jax.grad(activeft_loss)(theta32, low, 0.07, 1.0)
+    assert grad.dtype == jnp.float32
+    _, want = ref.activeft_loss_and_grad(theta, np.asarray(low, np.float64), 0.07, 1.0)
+    np.testing.assert_allclose(grad, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+
+
+def test_padding_rows_do_not_change_the_scale(digits):
+    """Rows from num_rows on are ignored whatever they hold: padding of ordinary values
+    stopped a pool of tiny values from being lifted to unit rows, and the picks changed."""
+    x = _features(digits, 300) * np.float32(2.0**-50)
+    padded = np.concatenate([x, np.ones((4, x.shape[1]), np.float32)])
+    want = activeft(jax.random.key(0), x, 8, num_steps=20)
+    got = activeft(jax.random.key(0), padded, 8, num_steps=20, num_rows=300)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_allclose(got.losses, want.losses, rtol=1e-6)  # a masked mean's rounding
+
+
+def test_padding_rows_do_not_change_the_initial_draw_with_excluded_rows(digits):
+    """With excluded rows the initial centroids are drawn over the real rows, so a padded pool
+    starts where the unpadded one does, also where JAX's PRNG is not partitionable (its bits
+    then depend on the length drawn over)."""
+    x = _features(digits, 300)
+    padded = np.concatenate([x, np.zeros((5, x.shape[1]), np.float32)])
+    labeled = np.arange(0, 300, 4)
+    with jax.threefry_partitionable(False):
+        want = activeft(jax.random.key(1), x, 10, num_steps=5, exclude=labeled)
+        got = activeft(jax.random.key(1), padded, 10, num_steps=5, exclude=labeled, num_rows=300)
+    np.testing.assert_array_equal(got.init_indices, want.init_indices)
+    np.testing.assert_array_equal(got.indices, want.indices)
