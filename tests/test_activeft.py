@@ -1,13 +1,15 @@
 """ActiveFT (stage 1) against the NumPy reference and an independent PyTorch port of the
 authors' loss."""
 
+import random
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from bilaf_jax.activeft import activeft, activeft_loss
+from bilaf_jax.activeft import activeft, activeft_loss, authors_imagenet_draws
 from tests import reference_core as ref
 
 
@@ -142,6 +144,52 @@ def test_minibatch_variant_matches_numpy_reference(digits):
     np.testing.assert_array_equal(out.indices, want_idx)
     full = ref.activeft(x, init, num_steps=40, lr=1e-2)[2]
     assert not np.allclose(full, want_losses, rtol=1e-3)  # the batches made a difference
+    # the same batches given as batch_indices (with another key): the same run
+    with jax.enable_x64(True):
+        given = activeft(jax.random.key(9), x.astype(np.float64), 12, num_steps=40,
+                         learning_rate=1e-2, init_indices=init, batch_size=150,
+                         batch_indices=np.stack(batches))
+    np.testing.assert_array_equal(given.losses, out.losses)
+    np.testing.assert_array_equal(given.matched_indices, want_matched)
+
+
+def test_authors_imagenet_draws_replay_their_script(digits):
+    """The authors' ImageNet script seeds Python's random with 0, then random.sample's the
+    initial rows and each step's batch from the list of row ids; given those rows, activeft
+    makes the reference's run."""
+    state = random.getstate()
+    try:  # as their script draws: the module's generator, seeded once
+        random.seed(0)
+        ids = list(range(500))
+        want_init = random.sample(ids, 12)
+        want_batches = [random.sample(ids, 150) for _ in range(30)]
+    finally:
+        random.setstate(state)
+    init, batches = authors_imagenet_draws(500, 12, num_steps=30, batch_size=150)
+    assert init.tolist() == want_init and batches.tolist() == want_batches
+    x = _features(digits)[:500]
+    want_idx, _, want_losses = ref.activeft(x, init, num_steps=30, lr=1e-2, batches=batches)
+    with jax.enable_x64(True):
+        out = activeft(jax.random.key(0), x.astype(np.float64), 12, num_steps=30,
+                       learning_rate=1e-2, init_indices=init, batch_size=150,
+                       batch_indices=batches)
+    np.testing.assert_allclose(out.losses, want_losses, rtol=1e-5)
+    np.testing.assert_array_equal(out.indices, want_idx)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(batch_indices=np.zeros((2, 5), int)), "needs batch_size"),
+    (dict(batch_size=5, batch_indices=np.arange(10).reshape(5, 2)),
+     r"shape \(num_steps, batch_size\) = \(2, 5\), got \(5, 2\)"),
+    (dict(batch_size=5, batch_indices=[[0, 1, 2, 3, 4], [0, 1, 2, 3, 3]]),
+     r"batch_indices\[1\] has repeated entries"),
+    (dict(batch_size=5, batch_indices=[[0, 1, 2, 3, 4], [0, 1, 2, 3, 100]]),
+     r"batch_indices\[1\] out of range \[0, 100\)"),
+])
+def test_bad_batch_indices_are_refused(kwargs, match):
+    x = np.random.default_rng(0).normal(size=(100, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=match):
+        activeft(jax.random.key(0), x, 3, num_steps=2, **kwargs)
 
 
 def test_loss_decreases_and_custom_optimizer(digits):
