@@ -23,8 +23,12 @@ Measures (no labels needed, except `label_*`):
                   with true labels: distinct labels among the selected samples, and normalised
                   entropy of their label histogram over the labels present in the pool.
 
-The key is split as `bilaf_jax.pipeline.select` splits it, so a sweep setting selects exactly
-what `select(key, features, budget, num_cores=K, core_options=..., **boundary_params)` selects.
+The key is split as `bilaf_jax.pipeline.select` splits it, so a sweep setting selects what
+`select(key, features, budget, num_cores=K, core_options=..., **boundary_params)` selects: the
+boundary stage bit for bit, given the cores. ActiveFT inside the sweep is another compiled
+program, whose float32 sums round differently (its losses differ from a separate run's in the
+last bits); where its picks hinge on near-ties (very low-dimensional features, long runs at a
+high learning rate) a setting's cores can differ from a separate run's.
 
 Dimension glossary: see `bilaf_jax.distances`; here also S (number of settings).
 """
@@ -130,9 +134,11 @@ def check_grid(grid: Mapping[str, Sequence[float]]) -> dict[str, tuple[float, ..
                 lo_s = f"{'[' if lo_ok else '('}{lo:g}"
                 hi_s = f"{hi:g}{']' if hi_ok else ')'}" if hi is not None else "inf)"
                 raise ValueError(f"grid value {name}={v:g} is out of range {lo_s}, {hi_s}")
-        if name == "temperature":
-            for v in vals.astype(float):
+        for v in vals.astype(float):
+            if name == "temperature":
                 V.check_temperature(v, "grid value temperature")
+            elif name in ("learning_rate", "balance"):  # activeft refuses float32 subnormals
+                V.check_float32(v, f"grid value {name}")
         # The settings run in float32 (float64 only with float64 features): values must stay
         # finite and distinct there.
         with np.errstate(over="ignore"):  # an overflow is reported below
@@ -207,10 +213,16 @@ def sweep_activeft(key, features, num_cores: int, grid: Mapping[str, Sequence[fl
     V.check_key(key)
     features, n = V.check_pool(features, num_rows)
     num_cores = V.check_count(num_cores, "num_cores", 1, n)
+    # Fixed arguments key the compiled-program cache: check them first (a list is unhashable).
+    num_steps = V.check_count(num_steps, "num_steps", 0, 10**9)
+    chunk_size = V.check_count(chunk_size, "chunk_size", 1, 1 << 30)
+    if batch_size is not None:
+        batch_size = V.check_count(batch_size, "batch_size", 1, n)
     params = expand(grid, tuple(ACTIVEFT_PARAMS))
     num = params["temperature"].shape[0]
     per_batch, _ = _batches(num, settings_per_batch)
-    dtype = jnp.promote_types(features.dtype, jnp.float32)
+    # The dtype ActiveFT computes in: float64 NumPy features are float32 unless x64 is on.
+    dtype = jax.dtypes.canonicalize_dtype(jnp.promote_types(features.dtype, jnp.float32))
     hp = {k: jnp.asarray(v, dtype) for k, v in params.items()}
     run = _activeft_sweep_jit(num_cores=num_cores, num_steps=num_steps, batch_size=batch_size,
                               chunk_size=chunk_size, precision=precision,
@@ -329,6 +341,7 @@ def mean_nearest_distance(features, indices, *, chunk_size: int = distances.DEFA
     5.0
     """
     features = _measured_rows(features, indices, num_rows, ndim=1)
+    chunk_size = V.check_count(chunk_size, "chunk_size", 1, 1 << 30)
     centres = features[jnp.asarray(indices)]
     # Distances do not change under translation; measured from a selected row, the Gram
     # expansion does not lose the nearest centre to a large common offset of the features.
@@ -353,6 +366,7 @@ def mean_nearest_distances(features, indices, *, chunk_size: int = distances.DEF
                            num_rows: int | None = None):
     """`mean_nearest_distance` for each row of `indices` [S, B] -> f[S], in one program."""
     features = _measured_rows(features, indices, num_rows, ndim=2)
+    chunk_size = V.check_count(chunk_size, "chunk_size", 1, 1 << 30)
     return _mean_nearest_many(features, jnp.asarray(indices), chunk_size=chunk_size)
 
 
@@ -396,8 +410,10 @@ def normalized_entropy(counts) -> float:
     total = counts.sum()
     if total <= 0:
         return 0.0
+    if (counts == counts[0]).all():  # H = log C exactly; rounding gave 1 +- 2e-16
+        return 1.0
     p = counts[counts > 0] / total
-    return max(0.0, float(-(p * np.log(p)).sum() / np.log(counts.size)))
+    return min(1.0, max(0.0, float(-(p * np.log(p)).sum() / np.log(counts.size))))
 
 
 def label_coverage(labels, indices) -> tuple[int, float]:
@@ -463,6 +479,9 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
       num_rows: the real rows of a padded, row-sharded pool (`bilaf_jax.sharding.shard_rows`);
         the results equal those on the unpadded rows.
 
+    Not jittable (the boundary stage plans its programs from concrete cores, as `bilaf`);
+    `sweep_activeft` is.
+
     >>> import jax, numpy as np
     >>> x = np.random.default_rng(0).normal(size=(200, 8)).astype(np.float32)
     >>> out = sweep(jax.random.key(0), x, 12, {"temperature": [0.05, 0.1],
@@ -484,6 +503,10 @@ def sweep(key, features, budget: int, grid: Mapping[str, Sequence[float]] | None
     _batches(1, settings_per_batch)
     V.check_key(key)
     features, n = V.check_pool(features, num_rows)
+    if V.is_traced(key) or V.is_traced(features):
+        # The boundary stage plans its class programs from concrete cores (host arrays).
+        raise ValueError("sweep needs concrete features and key: its boundary stage cannot run "
+                         "under jax.jit / jax.vmap; call sweep_activeft there, or loop in Python")
     budget = V.check_count(budget, "budget", 1, n)
     if num_cores is None:
         num_cores = default_num_cores(budget)

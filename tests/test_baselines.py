@@ -157,3 +157,61 @@ def test_kmeans_plus_plus_seeds_follow_squared_distances():
         sd = np.sqrt(p * (1 - p) / len(keys))
         assert abs(freq - p) < 4 * sd, ((a, b), freq, p)
     assert sum(np.mean((pairs[:, 0] == a) & (pairs[:, 1] == b)) for a, b in exact) == 1.0
+
+
+def _naive_lloyd(x, seeds, num_iters, tol):
+    """Lloyd from `seeds` in float64: nearest centre (lowest index on ties), empty centres
+    stay, stop once the total squared movement is <= tol * total variance."""
+    x = np.asarray(x, np.float64)
+    c = np.asarray(seeds, np.float64).copy()
+    scale = ((x - x.mean(0)) ** 2).sum(1).mean()
+    it = 0
+    while it < num_iters:
+        a = ((x[:, None] - c[None]) ** 2).sum(-1).argmin(1)
+        new = np.array([x[a == j].mean(0) if (a == j).any() else c[j] for j in range(len(c))])
+        shift, c, it = ((new - c) ** 2).sum(), new, it + 1
+        if shift <= tol * scale:
+            break
+    inertia = ((x[:, None] - c[None]) ** 2).sum(-1).min(1).sum()
+    return c, it, inertia
+
+
+@pytest.mark.parametrize("num_iters, tol", [(1, 0.0), (3, 0.0), (100, 1e-4), (100, 0.0)])
+def test_kmeans_follows_naive_lloyd_from_its_seeds(num_iters, tol):
+    rng = np.random.default_rng(3)
+    x = (rng.normal(size=(200, 4)) + 3 * rng.normal(size=(5, 4))[rng.integers(0, 5, 200)]).astype(np.float32)
+    key = jax.random.key(1)
+    seeds = kmeans_select(key, x, 7, num_iters=0).centres  # k-means++ seeds (tested above)
+    out = kmeans_select(key, x, 7, num_iters=num_iters, tol=tol)
+    centres, iters, inertia = _naive_lloyd(x, seeds, num_iters, tol)
+    assert int(out.num_iters) == iters
+    np.testing.assert_allclose(out.centres, centres, atol=1e-4)
+    np.testing.assert_allclose(float(out.inertia), inertia, rtol=1e-4)
+    np.testing.assert_array_equal(out.matched_indices, ref.greedy_match(x, centres))
+    np.testing.assert_array_equal(out.indices, np.sort(out.matched_indices))
+
+
+@pytest.mark.parametrize("k", [1, 2, 37])
+def test_kcenter_budget_edges_and_float64_match_reference(k):
+    rng = np.random.default_rng(k)
+    x = np.round(2 * rng.normal(size=(37, 3)))  # integer values: exact ties and duplicates
+    jax.config.update("jax_enable_x64", True)
+    try:
+        out = kcenter_select(jax.random.key(k), x, k)  # float64 throughout
+        assert out.radius.dtype == np.float64
+    finally:
+        jax.config.update("jax_enable_x64", False)
+    np.testing.assert_array_equal(out.order, ref.kcenter(x, k, int(out.order[0])))
+    out32 = kcenter_select(jax.random.key(k), x, k)  # float64 input computed in float32
+    np.testing.assert_array_equal(out32.order, out.order)
+
+
+def test_random_select_with_exclusions_is_uniform_over_the_rest():
+    """Every pair of the 5 rows left is drawn about as often (4,000 draws, 400 expected)."""
+    x = np.zeros((10, 2), np.float32)
+    keys = jax.random.split(jax.random.key(0), 4000)
+    idx = np.asarray(jax.vmap(lambda k: random_select(k, x, 2, exclude=[0, 2, 4, 6, 8]).indices)(keys))
+    pairs, counts = np.unique(idx, axis=0, return_counts=True)
+    assert set(pairs.ravel().tolist()) == {1, 3, 5, 7, 9} and len(pairs) == 10
+    chi2 = ((counts - 400) ** 2 / 400).sum()
+    assert chi2 < 27.9  # chi-square, 9 degrees of freedom, p = 0.001

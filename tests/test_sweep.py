@@ -438,3 +438,87 @@ def test_labels_of_objects_are_refused_by_name():
     with pytest.raises(ValueError, match="labels must be class ids"):
         sweep(jax.random.key(0), x, 4, {"temperature": [0.07]}, num_cores=2, num_steps=1,
               labels=[None] * 12)
+
+
+# ------------------------------------------------------------------------------- audit fixes
+
+
+@pytest.mark.parametrize("name", ["balance", "learning_rate"])
+def test_grid_refuses_subnormal_values_that_activeft_refuses(name):
+    """1e-40 is a float32 subnormal: activeft refuses it, the grid took it and the sweep ran it
+    (balance: log flushed to -inf, every loss exactly 0)."""
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    with pytest.raises(ValueError, match=f"{name} 1e-40 is too small for float32"):
+        activeft(jax.random.key(0), x, 3, num_steps=2, **{name: 1e-40})
+    with pytest.raises(ValueError, match=f"grid value {name} 1e-40 is too small for float32"):
+        S.parse_grid([f"{name}=1e-3,1e-40"])
+    with pytest.raises(ValueError, match="too small for float32"):
+        S.sweep_activeft(jax.random.key(0), x, 3, {name: [1e-40]}, num_steps=2)
+    assert S.check_grid({name: [0.0 if name == "learning_rate" else 1.0, 2e-38]})  # normal: kept
+
+
+def test_activeft_sweep_of_float64_features_warns_nothing(recwarn):
+    """float64 NumPy features without x64 asked JAX for float64 settings: one UserWarning per
+    hyperparameter ("Explicitly requested dtype float64 ... truncated")."""
+    x = np.random.default_rng(0).normal(size=(60, 4))
+    out = S.sweep_activeft(jax.random.key(0), x, 3, {"temperature": [0.05, 0.1]}, num_steps=3)
+    assert not [w for w in recwarn if "float64" in str(w.message)]
+    want = S.sweep_activeft(jax.random.key(0), x.astype(np.float32), 3, {"temperature": [0.05, 0.1]},
+                            num_steps=3)
+    np.testing.assert_array_equal(out.indices, want.indices)
+
+
+def test_activeft_sweep_under_a_users_vmap_and_jit():
+    x = np.random.default_rng(0).normal(size=(80, 5)).astype(np.float32)
+    grid = {"temperature": [0.05, 0.1]}
+    keys = jax.random.split(jax.random.key(0), 2)
+    got = jax.vmap(lambda k: S.sweep_activeft(k, x, 4, grid, num_steps=4).indices)(keys)
+    for i in range(2):
+        np.testing.assert_array_equal(got[i], S.sweep_activeft(keys[i], x, 4, grid, num_steps=4).indices)
+    jitted = jax.jit(lambda f: S.sweep_activeft(keys[0], f, 4, grid, num_steps=4).indices)(x)
+    np.testing.assert_array_equal(jitted, got[0])
+
+
+def test_whole_sweep_under_jit_or_vmap_is_refused_by_name(monkeypatch):
+    """The boundary stage needs concrete cores: under a user's jit the sweep ran the whole
+    ActiveFT sweep, then failed in JAX with a ConcretizationTypeError naming no argument."""
+    def activeft_sweep(*args, **kwargs):
+        raise AssertionError("the ActiveFT sweep ran before the traced input was refused")
+
+    monkeypatch.setattr(S, "sweep_activeft", activeft_sweep)
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    key = jax.random.key(0)
+    with pytest.raises(ValueError, match="sweep needs concrete features and key"):
+        jax.jit(lambda f: S.sweep(key, f, 8, num_cores=2, num_steps=2).indices)(x)
+    with pytest.raises(ValueError, match="sweep needs concrete features and key"):
+        jax.vmap(lambda k: S.sweep(k, x, 8, num_cores=2, num_steps=2).indices)(jax.random.split(key, 2))
+
+
+def test_fixed_arguments_are_checked_by_name():
+    """chunk_size=2.5 or None failed inside JAX or NumPy ("Shapes must be 1D sequences ...",
+    "'<=' not supported ..."); batch_size=[5] failed as "unhashable type: 'list'"."""
+    x = np.random.default_rng(0).normal(size=(40, 4)).astype(np.float32)
+    for bad in (2.5, None, "64", 0):
+        with pytest.raises(ValueError, match="chunk_size must be"):
+            S.mean_nearest_distance(x, [1, 2], chunk_size=bad)
+        with pytest.raises(ValueError, match="chunk_size must be"):
+            S.mean_nearest_distances(x, [[1, 2]], chunk_size=bad)
+    for bad, match in ((dict(batch_size=[5]), "batch_size must be an integer"),
+                       (dict(batch_size=41), r"batch_size must be in \[1, 40\]"),
+                       (dict(num_steps=-1), "num_steps must be in"),
+                       (dict(chunk_size=[8]), "chunk_size must be an integer")):
+        with pytest.raises(ValueError, match=match):
+            S.sweep_activeft(jax.random.key(0), x, 3, num_steps=bad.pop("num_steps", 2), **bad)
+
+
+def test_normalized_entropy_of_a_balanced_histogram_is_exactly_one():
+    """H(p) / log C rounded to 1.0000000000000002 for 5 equal counts (outside [0, 1]) and
+    0.9999999999999998 for 3, so a perfectly balanced selection did not read as 1."""
+    for c in range(2, 40):
+        assert S.normalized_entropy([7] * c) == 1.0, c
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        counts = rng.integers(0, 5, size=int(rng.integers(2, 30)))
+        assert 0.0 <= S.normalized_entropy(counts) <= 1.0
+        if counts.sum():
+            np.testing.assert_allclose(S.normalized_entropy(counts), _naive_entropy(counts), rtol=1e-12)
