@@ -167,6 +167,121 @@ def test_batch_order_is_a_function_of_seed_and_step():
     assert not np.array_equal(np.concatenate([other(s) for s in range(3)]), stream[:12])
 
 
+def _ra_sampler_batches(perm, repeats, replicas, per_device_batch):
+    """The authors' DeiT RASampler, in plain Python: each replica's list of one epoch, cut into
+    its per-device batches; returns the global batches (step k: every replica's k-th batch)."""
+    n = len(perm)
+    per_replica = math.ceil(n * repeats / replicas)
+    listed = [i for i in perm for _ in range(repeats)]
+    listed += listed[:per_replica * replicas - len(listed)]  # padded to divide evenly
+    selected = int(max(1, n // 256) * 256 / replicas)
+    shares = [listed[r::replicas][:selected] for r in range(replicas)]
+    steps = math.ceil(len(shares[0]) / per_device_batch)
+    return [sum((sh[k * per_device_batch:(k + 1) * per_device_batch] for sh in shares), [])
+            for k in range(steps)]
+
+
+@pytest.mark.parametrize("n, want_sizes", [(500, [256]), (1000, [512, 256]), (1300, [512, 512, 256]),
+                                           (300, [256]), (200, [256])])
+def test_deit_order_is_the_authors_sampler_on_two_devices(n, want_sizes):
+    """DeitOrder's global batches hold what the authors' 2-GPU run's per-device batches of 256
+    hold together, for the same permutation: at B <= 511 one step of 256 samples per epoch,
+    about 86 images in 3 augmentations each."""
+    order = input_pipeline.DeitOrder(seed=0, num_examples=n, batch_size=512, repeats=3)
+    assert order.batch_sizes() == want_sizes and order.steps_per_epoch == len(want_sizes)
+    for epoch in (0, 1):
+        perm = order.permutation(epoch)[::3].tolist()
+        want = _ra_sampler_batches(perm, 3, 2, 256)
+        got = [order(epoch * order.steps_per_epoch + k) for k in range(order.steps_per_epoch)]
+        assert [sorted(g.tolist()) for g in got] == [sorted(w) for w in want]
+    if n <= 511:  # 256 samples: 85 images 3 times, 1 once
+        assert len(set(order(0).tolist())) == 86
+    # tiny pools: at most the copies there are
+    assert input_pipeline.deit_epoch_samples(50, 3) == 150
+    assert input_pipeline.DeitOrder(0, 50, 64, 3).batch_sizes() == [64, 64, 22]
+
+
+def test_repeated_augmentation_repeats_each_row_in_a_row():
+    order = input_pipeline.BatchOrder(seed=3, num_examples=10, batch_size=4, repeats=3)
+    epoch = np.concatenate([order(s) for s in range(15)])[:30]  # 60 positions = 2 epochs
+    np.testing.assert_array_equal(epoch, np.repeat(epoch[::3], 3))
+    assert sorted(epoch[::3]) == list(range(10))
+    once = input_pipeline.BatchOrder(seed=3, num_examples=10, batch_size=4)
+    np.testing.assert_array_equal(epoch[::3], once.permutation(0))  # the same permutation
+
+
+def _timm_cosine_lr(t, *, lr, warmup_lr, warmup_t, min_lr, t_initial):
+    """timm's CosineLRScheduler._get_lr (one cycle, no warm-up prefix, no noise), in Python."""
+    if t < warmup_t:
+        return warmup_lr + t * (lr - warmup_lr) / warmup_t
+    if t // t_initial >= 1:
+        return min_lr
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * (t % t_initial) / t_initial))
+
+
+def test_deit_schedule_steps_timms_scheduler_per_epoch_as_their_loop():
+    """Epoch 0 at the rate set at construction (warmup_lr), epoch e >= 1 at the scheduler's
+    value for e - 1 (their loop calls lr_scheduler.step(epoch) after epoch `epoch`), the
+    same for every step of an epoch."""
+    from train.train import deit_learning_rate, make_config
+
+    cfg = make_config(selection="s.json", schedule="deit", learning_rate=3e-3, warmup_lr=1e-6,
+                      min_lr=1e-5, warmup_epochs=5, epochs=20)
+    spe = 3
+    sched = deit_learning_rate(cfg, spe)
+    got = np.asarray([sched(jnp.asarray(c)) for c in range(21 * spe)])
+    lr_in_epoch = [1e-6] + [_timm_cosine_lr(e, lr=3e-3, warmup_lr=1e-6, warmup_t=5, min_lr=1e-5,
+                                            t_initial=20) for e in range(20)]
+    np.testing.assert_allclose(got, np.repeat(lr_in_epoch, spe), rtol=1e-5)
+    # no warm-up: the cosine from epoch 0 (timm then leaves the optimiser's rate as it is)
+    flat = deit_learning_rate(make_config(selection="s.json", schedule="deit", warmup_epochs=0,
+                                          epochs=4, learning_rate=1.0), 1)
+    np.testing.assert_allclose([flat(jnp.asarray(c)) for c in range(5)],
+                               [1.0, 1.0, 0.5 + 0.5 * math.cos(math.pi / 4), 0.5, 0.5 - 0.5 * math.cos(math.pi / 4)],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet"])
+def test_paper_configs_plan_the_authors_steps(name):
+    """At B = 500 the authors' 2 x 256 run takes one step of 256 samples per epoch, 1001 in
+    all (epochs 0 to 1000); at 12,811 (ImageNet 1%) 25 steps of 512 per epoch."""
+    from bilaf_jax.cli.cmd_finetune import load_config_file
+    from train.train import make_config, plan_steps
+
+    cfg = make_config(**load_config_file(name), selection="s.json")
+    order, per_epoch, total, warmup = plan_steps(cfg, 500)
+    assert (per_epoch, total, warmup, order.batch_sizes()) == (1, 1001, 5, [256])
+    order, per_epoch, total, _ = plan_steps(cfg, 12_811)
+    assert (per_epoch, total, order.batch_sizes()) == (25, 25 * 1001, [512] * 25)
+
+
+def test_step_schedule_starts_and_ends_at_warmup_lr_and_min_lr():
+    from train.train import _make_optimizer, make_config
+
+    cfg = make_config(selection="s.json", learning_rate=1e-2, warmup_lr=1e-4, min_lr=1e-3)
+    _, sched = _make_optimizer(cfg, total_steps=10, warmup_steps=2)
+    np.testing.assert_allclose([sched(0), sched(2), sched(10)], [1e-4, 1e-2, 1e-3], rtol=1e-5)
+
+
+def test_head_init():
+    from flax import nnx
+
+    from train.models import Classifier
+
+    class Backbone(nnx.Module):
+        def __call__(self, x):
+            return x
+
+    zeros = Classifier(Backbone(), 384, 100, rngs=nnx.Rngs(0))
+    assert not np.asarray(zeros.head.kernel[...]).any()
+    normal = Classifier(Backbone(), 384, 100, rngs=nnx.Rngs(0), head_init="normal")
+    kernel = np.asarray(normal.head.kernel[...])
+    assert abs(kernel.std() - 0.02) < 0.001 and abs(kernel.mean()) < 0.001
+    assert not np.asarray(normal.head.bias[...]).any()
+    with pytest.raises(ValueError, match="head_init"):
+        Classifier(Backbone(), 4, 2, rngs=nnx.Rngs(0), head_init="uniform")
+
+
 def torchvision_crop_box(u_area, u_ratio, u_top, u_left, height, width, scale, ratio):
     """RandomResizedCrop's box as torchvision samples it, in plain Python, from the same uniform
     draws: up to 10 tries, then a centre crop with the aspect ratio clamped into `ratio`."""

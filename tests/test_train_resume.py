@@ -272,7 +272,8 @@ def test_each_run_trains_with_its_own_settings_in_one_process(tmp_path):
                 pool_size=80, test_size=8, warmup_steps=1, label_smoothing=0.0, ema_decay=0.0)
     variants = {"label_smoothing": 0.4, "ema_decay": 0.5, "crop_scale_min": 0.5,
                 "image_size": 24, "nesterov": True, "grad_clip_norm": 0.1,
-                "crop_interpolation": "bicubic"}
+                "crop_interpolation": "bicubic", "head_init": "normal", "warmup_lr": 1e-3,
+                "repeated_augmentation": 2}
     bb = TinyBackbone()
     first = train_and_evaluate(make_config(**base), tmp_path / "base", backbone=bb)
     after_base = {}
@@ -498,6 +499,49 @@ def test_epochs_and_warmup_epochs_count_the_same_steps(tmp_path):
     lrs = [r["learning_rate"] for r in map(json.loads, open(tmp_path / "half" / "metrics.jsonl"))
            if "learning_rate" in r]
     assert np.argmax(lrs) == 3
+
+
+def test_the_authors_recipe_runs_their_epochs_and_resumes_exactly(tmp_path):
+    """sampler 'deit' with 3 repeats: 20 labels make epochs of 60 samples, batches of 32 and
+    28 (a second compiled step); schedule 'deit' runs epochs + 1 = 3 epochs, 6 steps, at the
+    per-epoch rates; a run stopped after the first short batch resumes exactly."""
+    _fashion_mnist_or_skip()
+    from train.train import deit_learning_rate
+
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    cfg = make_config(selection=sel, image_size=16, epochs=2, warmup_epochs=1, batch_size=32,
+                      pool_size=80, test_size=8, log_every=1, sampler="deit",
+                      repeated_augmentation=3, schedule="deit", learning_rate=3e-3,
+                      warmup_lr=1e-4, min_lr=1e-5, head_init="normal", checkpoint_every=2)
+    bb = TinyBackbone()
+    full = train_and_evaluate(cfg, tmp_path / "full", backbone=bb)
+    assert full["step"] == 6
+    lrs = [r["learning_rate"] for r in map(json.loads, open(tmp_path / "full" / "metrics.jsonl"))]
+    want = np.asarray(deit_learning_rate(cfg, 2)(jnp.arange(6)))
+    np.testing.assert_allclose(lrs, want, rtol=1e-6)
+    mid = 1e-5 + 0.5 * (3e-3 - 1e-5)  # the cosine half way (t = 1 of 2 epochs)
+    np.testing.assert_allclose(want, [1e-4, 1e-4, 1e-4, 1e-4, mid, mid], rtol=1e-5)
+    part = train_and_evaluate(cfg, tmp_path / "part", backbone=bb, max_steps_this_run=2)
+    assert part["step"] == 2
+    rest = train_and_evaluate(cfg, tmp_path / "part", backbone=bb)
+    assert rest["resumed_from_step"] == 2 and _tree_equal(full["state"], rest["state"])
+    # and it is another run than the default recipe's
+    other = train_and_evaluate(dataclasses.replace(cfg, sampler="wrap"), tmp_path / "wrap",
+                               backbone=bb)
+    assert not _tree_equal(full["state"], other["state"])
+
+
+def test_deit_batches_that_do_not_split_over_the_devices_are_refused(tmp_path):
+    _fashion_mnist_or_skip()
+    if jax.device_count() < 8:
+        pytest.skip("needs 8 (simulated) devices; see conftest.py")
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    cfg = make_config(selection=sel, image_size=16, epochs=1, batch_size=32, pool_size=80,
+                      test_size=8, sampler="deit", repeated_augmentation=3, num_devices=8)
+    with pytest.raises(ValueError, match=r"batches of \[32, 28\]; 28 does not split over 8 "
+                                         "devices"):
+        train_and_evaluate(cfg, tmp_path / "w", backbone=TinyBackbone())
+    assert not (tmp_path / "w").exists()
 
 
 def test_a_start_stopped_before_any_result_does_not_claim_the_workdir(tmp_path):

@@ -4,9 +4,11 @@ RandomResizedCrop and horizontal flip, as the paper's recipe).
 Batch order and augmentation randomness are pure functions of (seed, step), so a run resumed
 from a checkpoint at step t sees exactly the batches and crops an uninterrupted run sees.
 
-Data order: positions step * b .. step * b + b - 1 of the endless stream formed by
-concatenating epoch permutations; the permutation of epoch e is
-`jax.random.permutation(fold_in(fold_in(key(seed), 0x0DA7A), e), n)`.
+Data order (`BatchOrder`, sampler "wrap"): positions step * b .. step * b + b - 1 of the
+endless stream formed by concatenating epoch lists; the list of epoch e is the permutation
+`jax.random.permutation(fold_in(fold_in(key(seed), 0x0DA7A), e), n)`, each row repeated r times
+in a row (repeated augmentation, r = 1 by default). `DeitOrder` (sampler "deit") cuts each
+epoch's list as the authors' DeiT script's repeated-augmentation sampler does.
 """
 
 from __future__ import annotations
@@ -20,22 +22,28 @@ import numpy as np
 
 
 class BatchOrder:
-    """Pool-row indices of the batch for a given step: `order(step) -> int64[batch_size]`."""
+    """Pool-row indices of the batch for a given step: `order(step) -> int64[batch_size]`.
 
-    def __init__(self, seed: int, num_examples: int, batch_size: int):
-        if num_examples <= 0 or batch_size <= 0:
-            raise ValueError("BatchOrder needs num_examples > 0 and batch_size > 0")
+    `repeats`: each row `repeats` times in a row per epoch (repeated augmentation: the copies
+    get crops of their own), so an epoch has n * repeats samples."""
+
+    def __init__(self, seed: int, num_examples: int, batch_size: int, repeats: int = 1):
+        if num_examples <= 0 or batch_size <= 0 or repeats <= 0:
+            raise ValueError("BatchOrder needs num_examples, batch_size and repeats > 0")
         self.key = jax.random.fold_in(jax.random.key(seed), 0x0DA7A)
-        self.n = num_examples
+        self.num_examples = num_examples
+        self.repeats = repeats
+        self.n = num_examples * repeats  # samples in an epoch's list
         self.batch_size = batch_size
         self._cache: dict[int, np.ndarray] = {}
 
     def permutation(self, epoch: int) -> np.ndarray:
+        """int64[n * repeats]: epoch `epoch`'s list of rows."""
         if epoch not in self._cache:
             if len(self._cache) > 4:
                 self._cache.pop(min(self._cache))
-            perm = jax.random.permutation(jax.random.fold_in(self.key, epoch), self.n)
-            self._cache[epoch] = np.asarray(perm)
+            perm = jax.random.permutation(jax.random.fold_in(self.key, epoch), self.num_examples)
+            self._cache[epoch] = np.repeat(np.asarray(perm, np.int64), self.repeats)
         return self._cache[epoch]
 
     def __call__(self, step: int) -> np.ndarray:
@@ -46,6 +54,35 @@ class BatchOrder:
             sel = epochs == e
             out[sel] = self.permutation(int(e))[offsets[sel]]
         return out
+
+
+def deit_epoch_samples(num_examples: int, repeats: int) -> int:
+    """Samples in an epoch of the repeated-augmentation sampler of the authors' DeiT script
+    (its `RASampler`, all replicas together): max(1, n // 256) * 256, at most the n * repeats
+    copies there are. So at n <= 511 an epoch is 256 samples, about 256 / repeats images."""
+    return min(max(1, num_examples // 256) * 256, num_examples * repeats)
+
+
+class DeitOrder(BatchOrder):
+    """Batches as the authors' DeiT script's sampler gives them, all replicas together: each
+    epoch the first `deit_epoch_samples` of its list (`BatchOrder.permutation`, rows repeated),
+    cut into batches of `batch_size` (the global batch: per-device batch x devices), the last
+    one smaller. `order(step) -> int64[b]`, b = batch_size but at an epoch's end."""
+
+    def __init__(self, seed: int, num_examples: int, batch_size: int, repeats: int = 1):
+        super().__init__(seed, num_examples, batch_size, repeats)
+        self.epoch_samples = deit_epoch_samples(num_examples, repeats)
+        self.steps_per_epoch = -(-self.epoch_samples // batch_size)
+
+    def batch_sizes(self) -> list[int]:
+        """The sizes of an epoch's batches, in order."""
+        last = self.epoch_samples - (self.steps_per_epoch - 1) * self.batch_size
+        return [self.batch_size] * (self.steps_per_epoch - 1) + [last]
+
+    def __call__(self, step: int) -> np.ndarray:
+        epoch, k = divmod(step, self.steps_per_epoch)
+        samples = self.permutation(epoch)[:self.epoch_samples]
+        return samples[k * self.batch_size:(k + 1) * self.batch_size]
 
 
 # Attempts torchvision's RandomResizedCrop makes before its centre-crop fallback.

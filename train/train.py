@@ -96,6 +96,19 @@ class Config:
     weight_decay: float = 1e-4  # on kernels only (see decay_mask), not biases or norm scales
     warmup_steps: int | None = None  # None: from warmup_epochs
     warmup_epochs: float = 5.0
+    # The learning rate rises from warmup_lr to learning_rate, then falls by a cosine to min_lr:
+    # per step ("steps"), or per epoch as the authors' DeiT script steps timm's scheduler
+    # ("deit": an epoch's rate is the schedule at the epoch before, and epochs + 1 epochs run,
+    # 0 to epochs as its loop; see `deit_learning_rate`).
+    schedule: str = "steps"
+    warmup_lr: float = 0.0
+    min_lr: float = 0.0
+    # Batches: "wrap" (every batch full, from the stream of epoch permutations) or "deit" (the
+    # authors' repeated-augmentation sampler: an epoch of max(1, n // 256) * 256 samples, its
+    # last batch smaller; train.input_pipeline.DeitOrder). repeated_augmentation: copies of
+    # each labelled image per epoch, each with its own crop (the authors: 3).
+    sampler: str = "wrap"
+    repeated_augmentation: int = 1
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # 0: no EMA; else evaluate the EMA of the weights and BatchNorm
     # statistics (as timm's ModelEma averages the whole state)
@@ -106,6 +119,7 @@ class Config:
     # Test images: None = the whole image resized to image_size; else DeiT's evaluation crop,
     # the shorter side resized to image_size / eval_crop_fraction, then the centre crop (0.875).
     eval_crop_fraction: float | None = None
+    head_init: str = "zeros"  # the classifier head: "zeros", or "normal" (std 0.02, timm's ViT)
     grad_clip_norm: float | None = None
     eval_every: int | None = None  # None: evaluate at the end only
     eval_batch_size: int = 256
@@ -123,7 +137,12 @@ class Config:
 
 # Fields added after runs were made, at the value those runs used: left out of identities there,
 # so that such runs still resume (and `bilaf run` keeps their evaluations).
-LATER_FIELDS = {"crop_interpolation": "bilinear"}
+LATER_FIELDS = {"crop_interpolation": "bilinear", "schedule": "steps", "warmup_lr": 0.0,
+                "min_lr": 0.0, "sampler": "wrap", "repeated_augmentation": 1,
+                "head_init": "zeros"}
+SCHEDULES = ("steps", "deit")
+SAMPLERS = ("wrap", "deit")
+HEAD_INITS = ("zeros", "normal")
 
 
 def without_later_defaults(fields: dict) -> dict:
@@ -180,8 +199,14 @@ def validate_config(c: Config) -> None:
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
+    for name, allowed in (("schedule", SCHEDULES), ("sampler", SAMPLERS),
+                          ("head_init", HEAD_INITS)):
+        if getattr(c, name) not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
+                             f"{getattr(c, name)!r}")
     for name in ("batch_size", "checkpoint_every", "log_every", "eval_batch_size", "image_size",
-                 "linear_steps", "knn_k", "max_checkpoints", "num_devices"):
+                 "linear_steps", "knn_k", "max_checkpoints", "num_devices",
+                 "repeated_augmentation"):
         positive_int(name)
     for name in ("steps", "pool_size", "test_size", "eval_every", "num_classes"):
         positive_int(name, optional=True)
@@ -214,6 +239,11 @@ def validate_config(c: Config) -> None:
     in_range("weight_decay", 0.0, inf)
     in_range("linear_weight_decay", 0.0, inf)
     in_range("warmup_epochs", 0.0, inf)
+    in_range("warmup_lr", 0.0, inf)
+    in_range("min_lr", 0.0, inf)
+    if c.schedule == "deit" and c.warmup_steps is not None:
+        raise ValueError("schedule 'deit' counts its warm-up in epochs (warmup_epochs); "
+                         "warmup_steps must be None")
     in_range("drop_path", 0.0, 1.0)
     in_range("grad_clip_norm", 0.0, inf, lo_open=True, optional=True)
     in_range("eval_crop_fraction", 0.0, 1.0, lo_open=True, hi_closed=True, optional=True)
@@ -591,11 +621,36 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def _make_optimizer(config: Config, total_steps: int, warmup_steps: int):
+def deit_learning_rate(config: Config, steps_per_epoch: int):
+    """The authors' DeiT schedule as a function of the step: timm's cosine scheduler, set per
+    epoch (warm-up from warmup_lr to learning_rate over warmup_epochs epochs, then a cosine to
+    min_lr over `epochs` epochs, min_lr after), at t = the epoch before the step's: their loop
+    calls `lr_scheduler.step(epoch)` after epoch `epoch`, and epoch 0 runs at the rate set at
+    construction, warmup_lr (t = 0 too)."""
+    import jax.numpy as jnp
+
+    peak, low, start = config.learning_rate, config.min_lr, config.warmup_lr
+    warm, length = config.warmup_epochs, config.epochs
+
+    def schedule(count):
+        t = jnp.maximum(count // steps_per_epoch - 1, 0).astype(jnp.float32)
+        rising = start + t * (peak - start) / max(warm, 1.0)  # (used only where t < warm)
+        cosine = low + 0.5 * (peak - low) * (1.0 + jnp.cos(jnp.pi * t / length))
+        return jnp.where(t < warm, rising, jnp.where(t < length, cosine, low))
+
+    return schedule
+
+
+def _make_optimizer(config: Config, total_steps: int, warmup_steps: int,
+                    steps_per_epoch: int = 1):
     import optax
 
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, config.learning_rate, max(warmup_steps, 0), max(total_steps, warmup_steps + 1), 0.0)
+    if config.schedule == "deit":
+        schedule = deit_learning_rate(config, steps_per_epoch)
+    else:
+        schedule = optax.warmup_cosine_decay_schedule(
+            config.warmup_lr, config.learning_rate, max(warmup_steps, 0),
+            max(total_steps, warmup_steps + 1), config.min_lr)
     parts = []
     if config.grad_clip_norm:
         parts.append(optax.clip_by_global_norm(config.grad_clip_norm))
@@ -736,8 +791,8 @@ class Finetune(NamedTuple):
 
 
 def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
-                   warmup_steps: int) -> Finetune:
-    """Classifier (backbone + zero-initialised head), optimiser and compiled steps."""
+                   warmup_steps: int, steps_per_epoch: int = 1) -> Finetune:
+    """Classifier (backbone + head, initialised as `head_init`), optimiser and compiled steps."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -749,12 +804,13 @@ def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
     drop_path_applied = set_drop_path(backbone.module, config.drop_path)
     if config.drop_path > 0 and not drop_path_applied:
         raise ValueError(f"backbone {config.backbone} has no drop-path layers; set drop_path=0")
-    model = Classifier(backbone.module, backbone.dim, num_classes, rngs=nnx.Rngs(config.seed))
+    model = Classifier(backbone.module, backbone.dim, num_classes, rngs=nnx.Rngs(config.seed),
+                       head_init=config.head_init)
     model.train()
     train_def, params, rest = nnx.split(model, nnx.Param, ...)
     model.eval()
     eval_def, _, _ = nnx.split(model, nnx.Param, ...)
-    tx, schedule = _make_optimizer(config, total_steps, warmup_steps)
+    tx, schedule = _make_optimizer(config, total_steps, warmup_steps, steps_per_epoch)
     state = {
         "step": jnp.zeros((), jnp.int32),
         "params": params,
@@ -774,12 +830,51 @@ def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
     commit, shard = _placement(config.num_devices)
     state = commit(jax.tree.map(jnp.copy, state))
     key_tuple = (config.optimizer, config.learning_rate, config.momentum, config.nesterov,
-                 config.weight_decay, config.grad_clip_norm, total_steps, warmup_steps)
+                 config.weight_decay, config.grad_clip_norm, total_steps, warmup_steps,
+                 config.schedule, config.warmup_lr, config.min_lr, config.warmup_epochs,
+                 config.epochs, steps_per_epoch)
     train_step = _train_step_fn(
         train_def, tx, key_tuple, image_size=config.image_size, num_classes=num_classes,
         label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
         crop_scale_min=config.crop_scale_min, crop_interpolation=config.crop_interpolation)
     return Finetune(state, train_step, _eval_step_fn(eval_def), schedule, commit, shard)
+
+
+def plan_steps(config: Config, num_labelled: int):
+    """(batch order, steps per epoch, steps in the run, warm-up steps) of a full finetuning
+    of `num_labelled` images."""
+    from train.input_pipeline import steps_for_epochs
+
+    order = batch_order(config, num_labelled)
+    per_epoch = (order.epoch_samples if config.sampler == "deit"  # samples an epoch is cut from
+                 else num_labelled * config.repeated_augmentation)
+    steps_per_epoch = steps_for_epochs(1.0, per_epoch, config.batch_size)
+    # the authors' loop runs epochs 0 .. epochs (their scheduler's `epochs` is the cosine's)
+    epochs_run = config.epochs + (1 if config.schedule == "deit" else 0)
+    total = config.steps or steps_for_epochs(epochs_run, per_epoch, config.batch_size)
+    # warm-up epochs are counted as the run's (a fraction of a step is one more step), not
+    # rounded half to even (2.5 epochs of 1 step were 2 steps, 3.5 were 4)
+    warmup = (config.warmup_steps if config.warmup_steps is not None
+              else 0 if config.warmup_epochs == 0
+              else steps_for_epochs(config.warmup_epochs, per_epoch, config.batch_size))
+    return order, steps_per_epoch, total, warmup
+
+
+def batch_order(config: Config, num_labelled: int):
+    """The run's batch order (`train.input_pipeline`): BatchOrder for sampler "wrap", DeitOrder
+    for "deit", whose batches must each split evenly over the devices."""
+    from train.input_pipeline import BatchOrder, DeitOrder
+
+    if config.sampler == "wrap":
+        return BatchOrder(config.seed, num_labelled, config.batch_size,
+                          config.repeated_augmentation)
+    order = DeitOrder(config.seed, num_labelled, config.batch_size, config.repeated_augmentation)
+    uneven = [b for b in order.batch_sizes() if b % config.num_devices]
+    if uneven:
+        raise InputError(f"sampler 'deit' cuts each epoch of {order.epoch_samples} samples into "
+                         f"batches of {order.batch_sizes()}; {uneven[0]} does not split over "
+                         f"{config.num_devices} devices: use a num_devices dividing it")
+    return order
 
 
 def check_num_devices(num_devices: int, name: str = "num_devices") -> None:
@@ -872,19 +967,11 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     import jax.numpy as jnp
     import orbax.checkpoint as ocp
 
-    from train.input_pipeline import BatchOrder, steps_for_epochs
-
     train_labels = np.asarray(labelled.labels, np.int32)
     test_labels = np.asarray(test.labels, np.int32)
     check_labels(num_classes, selected_pool_labels=train_labels, test_labels=test_labels)
     notes.append(_unseen_classes_note(train_labels, test_labels))
-    steps_per_epoch = steps_for_epochs(1.0, len(sel), config.batch_size)
-    total = config.steps or steps_for_epochs(config.epochs, len(sel), config.batch_size)
-    # warm-up epochs are counted as the run's (a fraction of a step is one more step), not
-    # rounded half to even (2.5 epochs of 1 step were 2 steps, 3.5 were 4)
-    warmup = (config.warmup_steps if config.warmup_steps is not None
-              else 0 if config.warmup_epochs == 0
-              else steps_for_epochs(config.warmup_epochs, len(sel), config.batch_size))
+    order, steps_per_epoch, total, warmup = plan_steps(config, len(sel))
     if warmup >= total:
         source = (f"warmup_steps {warmup}" if config.warmup_steps is not None else
                   f"{config.warmup_epochs:g} warm-up epochs of {steps_per_epoch} steps = {warmup}")
@@ -892,7 +979,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
                          "so the cosine decay would never start; lower warmup_steps "
                          "(--warmup-steps) / warmup_epochs or run more steps (--steps)")
 
-    ft = build_finetune(config, bb, num_classes, total, warmup)
+    ft = build_finetune(config, bb, num_classes, total, warmup, steps_per_epoch)
     state, schedule, commit, shard = ft.state, ft.schedule, ft.commit, ft.shard
     train_step, eval_step = ft.train_step, ft.eval_step
     # Preprocessed before anything is written, so a bad image size leaves the workdir untouched.
@@ -916,7 +1003,6 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
             metrics = MetricsWriter(workdir / "metrics.jsonl")
             metrics.truncate(start)
 
-            order = BatchOrder(config.seed, len(sel), config.batch_size)
             aug_key = jax.random.fold_in(jax.random.key(config.seed), 1)
 
             def eval_state(st):
@@ -926,7 +1012,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
             # Evaluation batches split evenly too (padding rows are masked, so the size is free).
             eval_batch = -(-config.eval_batch_size // config.num_devices) * config.num_devices
             t0 = time.perf_counter()
-            ran = 0
+            ran = seen = 0
             final_acc = None
             step = start
             while step < total:
@@ -937,6 +1023,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
                 state, _ = train_step(state, shard(train_images.take(idx)), shard(train_labels[idx]), key)
                 step += 1
                 ran += 1
+                seen += len(idx)
                 evaluate = step == total or (config.eval_every and step % config.eval_every == 0)
                 if step % config.log_every == 0 or evaluate:
                     record = {"step": step,
@@ -983,7 +1070,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
         }
         _write_summary(workdir, summary)
     if ran:
-        summary["images_per_second"] = ran * config.batch_size / elapsed
+        summary["images_per_second"] = seen / elapsed
     summary["state"] = state
     summary["notes"] = [n for n in notes if n]
     return summary
