@@ -7,9 +7,10 @@ Run (GPU; DINO weights from the user; CIFAR-100 prepared by TFDS):
 Expected (paper, top-1 %, mean of 3): BiLAF 31.8 / 43.5 / 62.8 / 73.7 at B = 1 / 2 / 5 / 10 %
 (Random 14.9 / 24.3 / 50.8 / 69.3). Not reproduced here: no CIFAR or DINO weights offline.
 
-Recipe as configs/cifar10.py (Nesterov SGD 0.9, lr 3e-3, wd 1e-4, cosine, 5 warm-up epochs,
-label smoothing 0.1, drop-path 0.1, gradient clipping at 2.0, RandomResizedCrop 224 (bicubic) + flip,
-1000 epochs).
+Recipe as configs/cifar10.py (Nesterov SGD 0.9, lr 3e-3 for a global batch of 512, wd 1e-4,
+cosine stepped per epoch, 5 warm-up epochs, label smoothing 0.1, drop-path 0.1, gradient
+clipping at 2.0, RandomResizedCrop 224 (bicubic) + flip, the authors' repeated-augmentation
+sampler, 1000 epochs).
 """
 
 import importlib.util
