@@ -249,6 +249,9 @@ def test_paper_configs_plan_the_authors_steps(name):
     from train.train import make_config, plan_steps
 
     cfg = make_config(**load_config_file(name), selection="s.json")
+    assert cfg.eval_every_epochs == 50  # their --eval_interval, for best_accuracy
+    with pytest.raises(ValueError, match="not both"):
+        make_config(**load_config_file(name), selection="s.json", eval_every=10)
     order, per_epoch, total, warmup = plan_steps(cfg, 500)
     assert (per_epoch, total, warmup, order.batch_sizes()) == (1, 1001, 5, [256])
     order, per_epoch, total, _ = plan_steps(cfg, 12_811)

@@ -512,11 +512,15 @@ def test_the_authors_recipe_runs_their_epochs_and_resumes_exactly(tmp_path):
     cfg = make_config(selection=sel, image_size=16, epochs=2, warmup_epochs=1, batch_size=32,
                       pool_size=80, test_size=8, log_every=1, sampler="deit",
                       repeated_augmentation=3, schedule="deit", learning_rate=3e-3,
-                      warmup_lr=1e-4, min_lr=1e-5, head_init="normal", checkpoint_every=2)
+                      warmup_lr=1e-4, min_lr=1e-5, head_init="normal", checkpoint_every=2,
+                      eval_every_epochs=2)
     bb = TinyBackbone()
     full = train_and_evaluate(cfg, tmp_path / "full", backbone=bb)
     assert full["step"] == 6
-    lrs = [r["learning_rate"] for r in map(json.loads, open(tmp_path / "full" / "metrics.jsonl"))]
+    recs = [json.loads(line) for line in open(tmp_path / "full" / "metrics.jsonl")]
+    # after epochs 0 and 2 (0-based, as their `epoch % eval_interval == 0`), at its steps 2, 6
+    assert [r["step"] for r in recs if "eval_accuracy" in r] == [2, 6]
+    lrs = [r["learning_rate"] for r in recs]
     want = np.asarray(deit_learning_rate(cfg, 2)(jnp.arange(6)))
     np.testing.assert_allclose(lrs, want, rtol=1e-6)
     mid = 1e-5 + 0.5 * (3e-3 - 1e-5)  # the cosine half way (t = 1 of 2 epochs)

@@ -122,6 +122,9 @@ class Config:
     head_init: str = "zeros"  # the classifier head: "zeros", or "normal" (std 0.02, timm's ViT)
     grad_clip_norm: float | None = None
     eval_every: int | None = None  # None: evaluate at the end only
+    # or after epochs 0, N, 2N, ... (0-based, as the authors' `epoch % eval_interval == 0`, 50:
+    # the first epoch too); not both
+    eval_every_epochs: int | None = None
     eval_batch_size: int = 256
     num_devices: int = 1  # full mode: data-parallel devices, each batch split across them
     log_every: int = 10
@@ -139,7 +142,7 @@ class Config:
 # so that such runs still resume (and `bilaf run` keeps their evaluations).
 LATER_FIELDS = {"crop_interpolation": "bilinear", "schedule": "steps", "warmup_lr": 0.0,
                 "min_lr": 0.0, "sampler": "wrap", "repeated_augmentation": 1,
-                "head_init": "zeros"}
+                "head_init": "zeros", "eval_every_epochs": None}
 SCHEDULES = ("steps", "deit")
 SAMPLERS = ("wrap", "deit")
 HEAD_INITS = ("zeros", "normal")
@@ -208,8 +211,11 @@ def validate_config(c: Config) -> None:
                  "linear_steps", "knn_k", "max_checkpoints", "num_devices",
                  "repeated_augmentation"):
         positive_int(name)
-    for name in ("steps", "pool_size", "test_size", "eval_every", "num_classes"):
+    for name in ("steps", "pool_size", "test_size", "eval_every", "eval_every_epochs",
+                 "num_classes"):
         positive_int(name, optional=True)
+    if c.eval_every is not None and c.eval_every_epochs is not None:
+        raise ValueError("give eval_every (steps) or eval_every_epochs, not both")
     if c.warmup_steps is not None and (isinstance(c.warmup_steps, bool)
                                        or not isinstance(c.warmup_steps, (int, np.integer))
                                        or c.warmup_steps < 0):
@@ -972,6 +978,12 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     check_labels(num_classes, selected_pool_labels=train_labels, test_labels=test_labels)
     notes.append(_unseen_classes_note(train_labels, test_labels))
     order, steps_per_epoch, total, warmup = plan_steps(config, len(sel))
+
+    def evaluate_after(step: int) -> bool:  # (besides the last step)
+        if config.eval_every_epochs is not None:
+            epoch, within = divmod(step, steps_per_epoch)  # `epoch` epochs done
+            return within == 0 and (epoch - 1) % config.eval_every_epochs == 0
+        return bool(config.eval_every) and step % config.eval_every == 0
     if warmup >= total:
         source = (f"warmup_steps {warmup}" if config.warmup_steps is not None else
                   f"{config.warmup_epochs:g} warm-up epochs of {steps_per_epoch} steps = {warmup}")
@@ -1024,7 +1036,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
                 step += 1
                 ran += 1
                 seen += len(idx)
-                evaluate = step == total or (config.eval_every and step % config.eval_every == 0)
+                evaluate = step == total or evaluate_after(step)
                 if step % config.log_every == 0 or evaluate:
                     record = {"step": step,
                               "train_loss": float(state["loss_sum"]) / max(int(state["loss_count"]), 1),
