@@ -20,15 +20,18 @@ command, 2 GPUs x 256) runs it:
 - Their per-epoch schedule (schedule "deit"): timm's cosine from a warm-up at 1e-6 to a floor
   of 1e-5, stepped after each epoch, over epochs 0 to 1000 as their loop.
 - The head starts normal with std 0.02 (timm's ViT).
+- Training crops are taken from the 32 px images as stored (crop_from "stored"), each crop
+  resampled to 224 bicubic, as their RandomResizedCrop does.
 - Test images as DeiT evaluates them: the shorter side resized to 256, the centre 224 kept
   (eval_crop_fraction 0.875).
 - An evaluation after epochs 0, 50, ..., 1000 (eval_every_epochs): summary.json's
   best_accuracy is the best of them, the number their script reports (final_accuracy is the
   last).
-Not as theirs: training crops here come from the image resized to 224 x 224 first, theirs
-from the image as stored (CIFAR's 32 px; ImageNet's own size and aspect ratio); they train
-under fp16 autocast, this in float32; and their permutations and crops come from torch's
-generator, these from JAX's.
+Not as theirs: they train under fp16 autocast, this in float32; Pillow rounds its bicubic
+crops to uint8, these stay float; their permutations and crops come from torch's generator,
+these from JAX's; and on ImageNet (configs/imagenet.py) the crops come from images resized to
+224 x 224 first (images of many sizes cannot be held as stored), theirs from each image at
+its own size and aspect ratio.
 """
 
 
@@ -57,6 +60,7 @@ def get_config() -> dict:
         drop_path=0.1,
         crop_scale_min=0.08,
         crop_interpolation="bicubic",  # DeiT's training crops
+        crop_from="stored",  # of CIFAR's 32 px images, as their transform
         grad_clip_norm=2.0,
         eval_crop_fraction=0.875,
         eval_every_epochs=50,  # their --eval_interval 50: best_accuracy is their report

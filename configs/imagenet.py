@@ -12,7 +12,8 @@ finetunes their ImageNet subsets): SGD momentum 0.9 (Nesterov), lr 3e-3 for thei
 of 512, weight decay 1e-4, timm's cosine stepped per epoch with 5 warm-up epochs from 1e-6 to a
 floor of 1e-5, their repeated-augmentation sampler (3 copies; an epoch of (n // 256) * 256
 samples), label smoothing 0.1, drop-path 0.1, gradient clipping at norm 2.0, RandomResizedCrop
-224 (bicubic, as DeiT) + flip, the head normal with std 0.02; validation images resized on
+224 (bicubic, as DeiT; from images resized to 224 x 224 on the host, where theirs crop each
+image at its own size) + flip, the head normal with std 0.02; validation images resized on
 the shorter side to 256 and centre-cropped to 224 as DeiT evaluates (what differs from that
 script: configs/cifar10.py). The spec gives 1000 epochs for the
 recipe; at ImageNet budgets that many epochs is a lot of compute: check the paper before a run.

@@ -535,6 +535,42 @@ def test_the_authors_recipe_runs_their_epochs_and_resumes_exactly(tmp_path):
     assert not _tree_equal(full["state"], other["state"])
 
 
+def test_crops_from_the_images_as_stored(tmp_path, monkeypatch):
+    """crop_from 'stored': the train step crops Fashion-MNIST's 28 px images themselves (the
+    authors' transform on CIFAR's 32 px), not images resized to image_size first; sources of
+    varying sizes are refused before anything is written."""
+    _fashion_mnist_or_skip()
+    import train.input_pipeline as ip
+    import train.train as tt
+
+    seen = []
+    crop = ip.random_resized_crop_and_flip
+
+    def recording(key, images, **kwargs):
+        seen.append((images.shape[1:3], kwargs["out_size"]))
+        return crop(key, images, **kwargs)
+
+    monkeypatch.setattr(ip, "random_resized_crop_and_flip", recording)
+    monkeypatch.setattr(tt, "_STEP_CACHE", {})  # traced again, with the recording crop
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    base = dict(selection=sel, image_size=16, steps=2, batch_size=4, pool_size=80, test_size=8,
+                warmup_steps=1)
+    stored = train_and_evaluate(make_config(**base, crop_from="stored"), tmp_path / "s",
+                                backbone=TinyBackbone())
+    resized = train_and_evaluate(make_config(**base), tmp_path / "r", backbone=TinyBackbone())
+    assert seen == [((28, 28), 16), ((16, 16), 16)]
+    assert not _tree_equal(stored["state"], resized["state"])
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=10):  # ImageNet images of varying sizes
+        cfg = make_config(dataset="imagenet2012", data_dir=str(tmp_path / "tfds"),
+                          selection=_selection(tmp_path, [1, 2]), image_size=16, steps=2,
+                          batch_size=2, test_size=4, warmup_steps=1, crop_from="stored")
+        with pytest.raises(ValueError, match="crop_from 'stored' crops the images as stored, "
+                                             "but imagenet2012's differ in size"):
+            train_and_evaluate(cfg, tmp_path / "in", backbone=TinyBackbone())
+    assert not (tmp_path / "in").exists()
+
+
 def test_deit_batches_that_do_not_split_over_the_devices_are_refused(tmp_path):
     _fashion_mnist_or_skip()
     if jax.device_count() < 8:

@@ -120,6 +120,9 @@ class Config:
     # the shorter side resized to image_size / eval_crop_fraction, then the centre crop (0.875).
     eval_crop_fraction: float | None = None
     head_init: str = "zeros"  # the classifier head: "zeros", or "normal" (std 0.02, timm's ViT)
+    # Training crops from the labelled images "resized" to image_size first, or as "stored"
+    # (the authors' transform crops the image itself: CIFAR's 32 px; needs one square size)
+    crop_from: str = "resized"
     grad_clip_norm: float | None = None
     eval_every: int | None = None  # None: evaluate at the end only
     # or after epochs 0, N, 2N, ... (0-based, as the authors' `epoch % eval_interval == 0`, 50:
@@ -142,10 +145,11 @@ class Config:
 # so that such runs still resume (and `bilaf run` keeps their evaluations).
 LATER_FIELDS = {"crop_interpolation": "bilinear", "schedule": "steps", "warmup_lr": 0.0,
                 "min_lr": 0.0, "sampler": "wrap", "repeated_augmentation": 1,
-                "head_init": "zeros", "eval_every_epochs": None}
+                "head_init": "zeros", "eval_every_epochs": None, "crop_from": "resized"}
 SCHEDULES = ("steps", "deit")
 SAMPLERS = ("wrap", "deit")
 HEAD_INITS = ("zeros", "normal")
+CROP_FROM = ("resized", "stored")
 
 
 def without_later_defaults(fields: dict) -> dict:
@@ -203,7 +207,7 @@ def validate_config(c: Config) -> None:
             raise ValueError(f"{name} must be a positive integer, got {v!r}")
 
     for name, allowed in (("schedule", SCHEDULES), ("sampler", SAMPLERS),
-                          ("head_init", HEAD_INITS)):
+                          ("head_init", HEAD_INITS), ("crop_from", CROP_FROM)):
         if getattr(c, name) not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got "
                              f"{getattr(c, name)!r}")
@@ -846,6 +850,17 @@ def build_finetune(config: Config, backbone, num_classes: int, total_steps: int,
     return Finetune(state, train_step, _eval_step_fn(eval_def), schedule, commit, shard)
 
 
+def _stored_size(pool) -> int:
+    """The side of a source's images where all are one square size (crop_from "stored")."""
+    shape = pool.image_shape
+    if shape is None or shape[0] != shape[1]:
+        what = "differ in size" if shape is None else f"are {shape[0]} x {shape[1]}"
+        raise InputError(f"crop_from 'stored' crops the images as stored, but {pool.name}'s "
+                         f"{what} (one square size is needed, as CIFAR's); use crop_from "
+                         "'resized'")
+    return int(shape[0])
+
+
 def plan_steps(config: Config, num_labelled: int):
     """(batch order, steps per epoch, steps in the run, warm-up steps) of a full finetuning
     of `num_labelled` images."""
@@ -959,7 +974,12 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     bb = backbone if backbone is not None else _load_backbone(config)
     s = config.image_size
     resample = getattr(bb, "resize_method", "bilinear")
-    labelled = data.load_rows(pool, sel, image_size=s, resample=resample)
+    if config.crop_from == "stored":
+        stored = _stored_size(pool)
+        labelled = data.load_rows(pool, sel)  # as stored: crops are taken from these
+    else:
+        stored = s
+        labelled = data.load_rows(pool, sel, image_size=s, resample=resample)
     test = data.load_rows(test_src, np.arange(n_test), image_size=s, resample=resample,
                           crop_fraction=config.eval_crop_fraction)
     num_classes = (config.num_classes or pool.num_classes
@@ -995,7 +1015,13 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     state, schedule, commit, shard = ft.state, ft.schedule, ft.commit, ft.shard
     train_step, eval_step = ft.train_step, ft.eval_step
     # Preprocessed before anything is written, so a bad image size leaves the workdir untouched.
-    train_images = _Images(bb, labelled.images, s)
+    try:
+        train_images = _Images(bb, labelled.images, stored)
+    except InputError as e:  # e.g. ViT-S/16 refuses a size that is no multiple of 16
+        if stored == s:
+            raise
+        raise InputError(f"crop_from 'stored' normalises the {stored} px images as stored, "
+                         f"and {e}; use crop_from 'resized'") from None
     test_images = _Images(bb, test.images, s)
 
     with _claimed(workdir, config, identity):
