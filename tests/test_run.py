@@ -325,7 +325,8 @@ def test_full_finetune_evaluation_wiring(tmp_path, monkeypatch):
     def fake_train_and_evaluate(config, workdir):
         sel = json.loads(open(config.selection).read())
         calls.append((config, str(workdir), sel))
-        return {"final_accuracy": 0.25 + 0.001 * len(sel), "step": 1}
+        return {"final_accuracy": 0.25 + 0.001 * len(sel), "step": 2,
+                "best_accuracy": 0.5 + 0.001 * len(sel), "best_step": 1}
 
     monkeypatch.setattr(train.train, "train_and_evaluate", fake_train_and_evaluate)
     wd = tmp_path / "run"
@@ -341,6 +342,8 @@ def test_full_finetune_evaluation_wiring(tmp_path, monkeypatch):
     full = [r for r in out.results["records"] if r["eval"] == "full"]
     assert {r["budget"] for r in full} == {12, 24}
     assert all(r["accuracy"] == 0.25 + 0.001 * r["num_labelled"] for r in full)
+    assert all((r["best_accuracy"], r["best_step"]) == (0.5 + 0.001 * r["num_labelled"], 1)
+               for r in full)
 
 
 def test_verdict_uses_a_paired_t_test():
@@ -494,7 +497,8 @@ def test_damaged_cached_records_are_made_again(tmp_path, monkeypatch, capsys):
     def fake_train_and_evaluate(config, workdir):
         sel = json.loads(open(config.selection).read())
         seen.append(sel)
-        return {"final_accuracy": 0.25 + 0.001 * len(sel), "step": 1}
+        return {"final_accuracy": 0.25 + 0.001 * len(sel), "step": 2,
+                "best_accuracy": 0.5 + 0.001 * len(sel), "best_step": 1}
 
     monkeypatch.setattr(train.train, "train_and_evaluate", fake_train_and_evaluate)
     wd = tmp_path / "w"
