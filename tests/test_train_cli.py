@@ -386,6 +386,29 @@ def test_warmup_steps_flag_reaches_the_config(bilaf, feats, capsys):
     assert "--warmup-steps" in capsys.readouterr().err  # full mode only
 
 
+def test_eval_every_flag_replaces_a_configs_interval_in_epochs(bilaf, feats, monkeypatch):
+    """`--config cifar10 --eval-every 100`: the flag's interval, not "eval_every and
+    eval_every_epochs, not both"."""
+    import train.train
+
+    class Seen(Exception):
+        pass
+
+    def record(config, workdir):
+        raise Seen(config)
+
+    monkeypatch.setattr(train.train, "train_and_evaluate", record)
+    monkeypatch.setattr(train.train, "check_num_devices", lambda *a: None)
+    args = ["finetune", "--config", "cifar10", "--selection", str(feats / "sel.json"),
+            "--workdir", str(feats / "c10")]
+    with pytest.raises(Seen) as flag:
+        bilaf([*args, "--eval-every", "100"])
+    assert (flag.value.args[0].eval_every, flag.value.args[0].eval_every_epochs) == (100, None)
+    with pytest.raises(Seen) as config:
+        bilaf(args)
+    assert (config.value.args[0].eval_every, config.value.args[0].eval_every_epochs) == (None, 50)
+
+
 def test_full_finetune_identity_records_the_backbones_preprocessing(feats):
     """A full-finetune workdir of another input preprocessing (an earlier version's) is not
     resumed: its checkpoints were trained on other inputs."""

@@ -68,8 +68,8 @@ def register(subparsers) -> None:
     p.add_argument("--batch-size", type=int, help="full mode: images per step (default 32)")
     p.add_argument("--learning-rate", type=float,
                    help="full mode: peak learning rate (default 3e-3)")
-    p.add_argument("--eval-every", type=int, help="full mode: evaluate every N steps (default: at "
-                   "the end)")
+    p.add_argument("--eval-every", type=int, help="full mode: evaluate every N steps, in place of "
+                   "a config's eval_every_epochs (default: at the end)")
     p.add_argument("--warmup-steps", type=int,
                    help="full mode: linear warm-up steps (default: warmup_epochs of the config, 5)")
     p.add_argument("--num-devices", type=int,
@@ -117,6 +117,8 @@ def run(args) -> int:
         value = getattr(args, flag)
         if value is not None:
             overrides[field] = value
+    if args.eval_every is not None:  # the flag's interval replaces the config's (in epochs)
+        overrides.pop("eval_every_epochs", None)
     mode = overrides.get("mode", "full")
     if mode in ("linear", "knn") and isinstance(overrides.get("features"), (str, os.PathLike)):
         # The features say which data set their rows are; --dataset must not say otherwise
