@@ -111,7 +111,7 @@ def _kcenter_from(features, padding, labelled, *, num_samples):
     x = features.astype(jnp.promote_types(features.dtype, jnp.float32))
 
     def cover(min_dist, i):
-        d = distances.pairwise(x, x[i][None], "sqeuclidean", direct=True)[:, 0]
+        d = distances.squared_to_point(x, x[i])
         return jnp.minimum(min_dist, d), None
 
     min_dist, _ = lax.scan(cover, jnp.full(x.shape[0], jnp.inf, x.dtype), labelled)
@@ -123,7 +123,7 @@ def _kcenter_from(features, padding, labelled, *, num_samples):
 def _kcenter(key, features, padding, num_rows, *, num_samples):
     x = features.astype(jnp.promote_types(features.dtype, jnp.float32))
     first = jax.random.randint(key, (), 0, num_rows, dtype=jnp.int32)
-    min_dist = distances.pairwise(x, x[first][None], "sqeuclidean", direct=True)[:, 0]
+    min_dist = distances.squared_to_point(x, x[first])
     min_dist = jnp.where(padding, -1.0, min_dist).at[first].set(-1.0)
     out = _kcenter_loop(x, min_dist, 1, num_samples)
     order = out.order.at[0].set(first)
@@ -135,7 +135,7 @@ def _kcenter_loop(x, min_dist, start, num_samples):
     rows in it)."""
 
     def dist_to(i):
-        return distances.pairwise(x, x[i][None], "sqeuclidean", direct=True)[:, 0]
+        return distances.squared_to_point(x, x[i])
 
     def step(t, state: _KCenterState) -> _KCenterState:
         # Chosen rows carry -1, so they are never picked again, while duplicates of a chosen
@@ -190,7 +190,7 @@ def _kmeans(key, features, tol, unavailable, num_rows, *, num_samples, num_iters
     real = jnp.arange(n) < num_rows  # padding rows of a sharded pool are not data
 
     def sq_to(point):
-        return jnp.where(real, distances.pairwise(x, point[None], "sqeuclidean", direct=True)[:, 0], 0.0)
+        return jnp.where(real, distances.squared_to_point(x, point), 0.0)
 
     # k-means++: each next seed drawn with probability proportional to D(x)^2.
     first = x[jax.random.randint(first_key, (), 0, num_rows)]

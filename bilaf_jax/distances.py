@@ -21,9 +21,10 @@ Matmul precision (`precision=`): "float32" (default: full float32 on every devic
 inputs, float32 accumulation). The faster two may flip near-ties in argmax/argmin decisions; a
 `jax.lax.Precision` or `DotAlgorithmPreset` is passed through unchanged.
 
-`direct=True` computes Euclidean distances from explicit differences (as scipy's `cdist` does)
-instead of the Gram expansion ||x||^2 + ||y||^2 - 2 x.y: slower and [c, K, d] in memory, but free of
-cancellation error. The official mode uses it in float64 to reproduce the authors' orderings.
+`direct=True` computes Euclidean distances from explicit differences instead of the Gram
+expansion ||x||^2 + ||y||^2 - 2 x.y: slower, but free of cancellation error, and added up feature
+by feature in scipy's `cdist` order, so float64 distances on a CPU are scipy's bit for bit. The
+official mode uses it in float64 to reproduce the authors' orderings.
 The expansion's error grows with the rows' distance from the origin, about eps ||x||^2 in the
 squared distance; the selectors translate a pool that lies far from the origin first
 (`centring_shift`), which leaves its distances as they are.
@@ -36,6 +37,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from bilaf_jax._as_numpy import nonnegative_product
 
 METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
@@ -120,8 +123,7 @@ def pairwise(x, y, metric: str = "sqeuclidean", *, direct: bool = False, precisi
     _check_metric(metric)
     if metric in ("sqeuclidean", "euclidean"):
         if direct:
-            diff = x[:, None, :] - y[None, :, :]
-            sq = jnp.sum(diff * diff, axis=-1)
+            sq = _ordered_squares(x, y)
         else:
             xy = matmul(x, y.T, precision)
             sq = jnp.sum(x * x, -1)[:, None] + jnp.sum(y * y, -1)[None, :] - 2.0 * xy
@@ -130,6 +132,27 @@ def pairwise(x, y, metric: str = "sqeuclidean", *, direct: bool = False, precisi
     if metric == "cosine":
         return 1.0 - matmul(normalize(x), normalize(y).T, precision)
     return -matmul(x, y.T, precision)
+
+
+def _ordered_squares(x, y):
+    """[a, b] squared distances from explicit differences, added feature after feature in
+    order from 0 (as scipy's `cdist` adds them), so that float64 results equal scipy's bit
+    for bit on a CPU; the [a, b] sum is the only array kept across features."""
+    xt, yt = jnp.asarray(x).T, jnp.asarray(y).T
+
+    def add(j, acc):
+        diff = xt[j][:, None] - yt[j][None, :]
+        return acc + nonnegative_product(diff, diff)  # rounded, as scipy's, before it is added
+
+    zeros = jnp.zeros((xt.shape[1], yt.shape[1]), jnp.result_type(xt, yt))
+    return lax.fori_loop(0, xt.shape[0], add, zeros, unroll=8)
+
+
+def squared_to_point(x, point):
+    """||x_i - point||^2 for each row of `x` [n, d] -> [n], from explicit differences (one
+    fused pass over `x`; no promise of scipy's order, see `pairwise(direct=True)`)."""
+    diff = x - point[None, :]
+    return jnp.sum(diff * diff, axis=-1)
 
 
 def matmul(a, b, precision=None):
