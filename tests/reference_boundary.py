@@ -25,7 +25,9 @@ def _sorted_by(keys):
 
 def official_reference(features, core_indices, budget, *, num_neighbors=10, ring_fraction=0.1,
                        remove_fraction=0.1, opponent_penalty=1.1):
-    """Returns (indices list, labels, kept bool[n], allocation)."""
+    """Returns (indices list, labels, kept bool[n], allocation, boundary score float64[n]: the
+    script's (outer - inner) / max(outer, inner) before penalties, +inf where not kept or not
+    a number)."""
     x = np.asarray(features, np.float64)
     n = x.shape[0]
     cores = sorted(int(c) for c in core_indices)
@@ -73,6 +75,7 @@ def official_reference(features, core_indices, budget, *, num_neighbors=10, ring
         raise ValueError("zero allocation")
 
     out = []
+    score = np.full(n, np.inf)
     for j, u in enumerate(denoised):
         size = len(u)
         dist = cdist(x[u], x[u])
@@ -81,6 +84,9 @@ def official_reference(features, core_indices, budget, *, num_neighbors=10, ring
         to_cores[:, j] = OWN
         outer = to_cores.min(axis=1)
         opp = to_cores.argmin(axis=1)
+        with np.errstate(invalid="ignore"):
+            bs = (outer - inner) / np.maximum(outer, inner)
+        score[u] = np.where(np.isnan(bs), np.inf, bs)
         if cores[j] not in u:
             raise ValueError("core removed")
         home = u.index(cores[j])
@@ -100,7 +106,7 @@ def official_reference(features, core_indices, budget, *, num_neighbors=10, ring
     kept = np.zeros(n, bool)
     for u in denoised:
         kept[u] = True
-    return out, labels, kept, alloc
+    return out, labels, kept, alloc, score
 
 
 def paper_reference(features, core_indices, budget, *, num_neighbors=10, ring_fraction=0.1,

@@ -122,6 +122,32 @@ def test_matches_reference_digits_x64(digit_features, mode, params, budget):
     _check(out, ref_fn(x, cores, budget, **params), x.shape[0])
 
 
+def test_official_boundary_scores_are_the_scripts_bit_for_bit(digit_features):
+    """The script's intra-class means are np.mean over rows in inclusion order; summed in
+    NumPy's order (and divided as IEEE quotients) every boundary score is its value exactly."""
+    x, cores = digit_features
+    with jax.enable_x64(True):
+        out = bilaf(KEY, x, cores, 200, mode="official")
+    ref = official_reference(x, cores, 200)
+    _check(out, ref, x.shape[0])
+    np.testing.assert_array_equal(np.asarray(out.boundary_score), ref[4])
+
+
+@pytest.mark.parametrize("seed", [0, 2, 9, 33])
+def test_official_mode_on_a_tie_heavy_integer_pool(seed):
+    """150 samples with 3 features in {0..3}: densities that are equal up to the order of
+    their sums are common, so denoising keeps the script's samples only if every mean is
+    summed and divided as NumPy does (seeds 0, 9 and 33 kept other samples before)."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 4, size=(150, 3)).astype(np.float64)
+    cores = np.sort(rng.choice(150, 3, replace=False))
+    with jax.enable_x64(True):
+        out = bilaf(KEY, x, cores, 30, mode="official", num_neighbors=3)
+    ref = official_reference(x, cores, 30, num_neighbors=3)
+    _check(out, ref, x.shape[0])
+    np.testing.assert_array_equal(np.asarray(out.boundary_score), ref[4])
+
+
 def test_official_other_num_neighbors_x64(blobs):
     x, cores = blobs
     with jax.enable_x64(True):
