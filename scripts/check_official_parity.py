@@ -4,6 +4,7 @@ Usage:
   python scripts/check_official_parity.py PATH/TO/density_cluster.py
       [--features FILE.npy] [--cores N] [--budgets 100,300] [--seed 0]
       [--data digits|random] [--k 10 --ring 0.1 --remove 0.1 --penalty 1.1]
+      [--stable-argsort]
 
 The authors' file (from github.com/Thinklab-SJTU/BiLAF, data_selection/Boundary_Selection/)
 is imported from the given path and its functions are called in this process on the same
@@ -12,12 +13,18 @@ float64 features and core indices; nothing of it is copied here. Features: --fea
 (tie-free real data), or --data random (Gaussian [2000, 64]). Cores are --cores random pool
 indices (sorted, as the authors' ActiveFT file stores them). Prints, per budget, whether the
 two lists are identical (same indices, same order). Exit status 1 on any mismatch.
+
+On features with exact distance ties (integer values, duplicates) the script's density step
+orders tied distances with NumPy's default, unstable `argsort`, whose order depends on the
+NumPy build and the CPU; the official mode orders them stably. --stable-argsort gives the
+script a stable `argsort` (its module's `np` only), which makes such pools comparable.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import types
 import warnings
 
 import numpy as np
@@ -33,6 +40,18 @@ def authors_select(mod, features, cores, budget, k, ring, remove, penalty):
                                           budget, penalty)]
 
 
+def _with_stable_argsort():
+    """NumPy's namespace with `argsort` stable (for the authors' module only)."""
+    stable = types.ModuleType("numpy_stable_argsort")
+    stable.__dict__.update({k: getattr(np, k) for k in dir(np) if not k.startswith("__")})
+
+    def argsort(a, axis=-1, kind=None, order=None):
+        return np.argsort(a, axis=axis, kind="stable", order=order)
+
+    stable.argsort = argsort
+    return stable
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("authors_file")
@@ -45,6 +64,8 @@ def main(argv=None):
     p.add_argument("--ring", type=float, default=0.1)
     p.add_argument("--remove", type=float, default=0.1)
     p.add_argument("--penalty", type=float, default=1.1)
+    p.add_argument("--stable-argsort", action="store_true",
+                   help="give the script a stable np.argsort (see above)")
     args = p.parse_args(argv)
 
     import jax
@@ -63,6 +84,8 @@ def main(argv=None):
         feats = rng.normal(size=(2000, 64))
     cores = np.sort(rng.choice(feats.shape[0], args.cores, replace=False))
     mod = load_authors(args.authors_file)
+    if args.stable_argsort:
+        mod.np = _with_stable_argsort()
     ok = True
     for budget in (int(b) for b in args.budgets.split(",")):
         try:
