@@ -73,8 +73,10 @@ def test_divide_by_a_broadcast_value_is_the_ieee_quotient():
         got = np.asarray(jax.jit(divide)(a, c[:, None]))
         plain = np.asarray(jax.jit(lambda a, c: a / c)(a, c[:, None]))
     np.testing.assert_array_equal(got, a / c[:, None])
-    # what the helper is for: XLA's plain division here is a product with the reciprocal
-    assert np.sum(plain != a / c[:, None]) > 0
+    # what the helper is for: XLA's CPU code makes the plain division a product with the
+    # reciprocal
+    if jax.default_backend() == "cpu":
+        assert np.sum(plain != a / c[:, None]) > 0
 
 
 def test_nonnegative_product_is_rounded_before_it_is_added():
