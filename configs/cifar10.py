@@ -16,7 +16,9 @@ command, 2 GPUs x 256) runs it:
   so batch_size is 512 here (on any number of devices dividing each batch).
 - Their repeated-augmentation sampler (sampler "deit", 3 copies of each image, each with its
   own crop): an epoch is max(1, n // 256) * 256 samples, so at B <= 511 one step of 256
-  samples (about 86 images) per epoch, 1001 steps in all; its last batch is smaller.
+  samples (about 86 images) per epoch, 1001 steps in all; its last batch is smaller. It deals
+  its list over their 2 GPUs (sampler_replicas 2), padded with its head where 2 does not
+  divide the 3 B copies: at an odd B below 86 an epoch holds one copy more.
 - Their per-epoch schedule (schedule "deit"): timm's cosine from a warm-up at 1e-6 to a floor
   of 1e-5, stepped after each epoch, over epochs 0 to 1000 as their loop.
 - The head starts normal with std 0.02 (timm's ViT).
@@ -55,6 +57,7 @@ def get_config() -> dict:
         min_lr=1e-5,
         sampler="deit",  # their repeated-augmentation sampler's epochs
         repeated_augmentation=3,
+        sampler_replicas=2,
         head_init="normal",
         label_smoothing=0.1,
         drop_path=0.1,

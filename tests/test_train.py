@@ -1,6 +1,7 @@
 """Finetuning: NumPy references for the k-NN vote and the probe loss, solver and padding checks,
 batch order and augmentation."""
 
+import dataclasses
 import math
 
 import numpy as np
@@ -199,6 +200,37 @@ def test_deit_order_is_the_authors_sampler_on_two_devices(n, want_sizes):
     # tiny pools: at most the copies there are
     assert input_pipeline.deit_epoch_samples(50, 3) == 150
     assert input_pipeline.DeitOrder(0, 50, 64, 3).batch_sizes() == [64, 64, 22]
+
+
+@pytest.mark.parametrize("n, replicas", [(51, 2), (50, 4), (29, 4), (85, 2), (700, 3)])
+def test_deit_order_pads_as_the_authors_sampler_where_replicas_do_not_divide(n, replicas):
+    """Their sampler pads the repeated list with its own head until the replicas divide it;
+    a tiny pool's epoch is that whole padded list (51 images x 3 = 153 copies on 2 devices:
+    154 samples, the first copy twice)."""
+    batch = 16 * replicas
+    order = input_pipeline.DeitOrder(seed=1, num_examples=n, batch_size=batch, repeats=3,
+                                     replicas=replicas)
+    for epoch in (0, 1):
+        perm = order.permutation(epoch)[::3].tolist()
+        want = _ra_sampler_batches(perm, 3, replicas, 16)
+        got = [order(epoch * order.steps_per_epoch + k) for k in range(order.steps_per_epoch)]
+        assert [sorted(g.tolist()) for g in got] == [sorted(w) for w in want]
+    assert order.epoch_samples == sum(len(w) for w in want)
+    if n == 51:
+        assert order.epoch_samples == 154
+
+
+def test_sampler_replicas_is_checked_and_reaches_the_batch_order():
+    from train.train import batch_order, make_config
+
+    with pytest.raises(ValueError, match="multiple of sampler_replicas"):
+        make_config(selection="s.json", batch_size=30, sampler_replicas=4)
+    with pytest.raises(ValueError, match="sampler_replicas must be a positive integer"):
+        make_config(selection="s.json", sampler_replicas=0)
+    cfg = make_config(selection="s.json", batch_size=64, sampler="deit",
+                      repeated_augmentation=3, sampler_replicas=2)
+    assert batch_order(cfg, 51).epoch_samples == 154  # 153 copies padded for 2 GPUs
+    assert batch_order(dataclasses.replace(cfg, sampler_replicas=1), 51).epoch_samples == 153
 
 
 def test_repeated_augmentation_repeats_each_row_in_a_row():

@@ -56,22 +56,30 @@ class BatchOrder:
         return out
 
 
-def deit_epoch_samples(num_examples: int, repeats: int) -> int:
+def deit_epoch_samples(num_examples: int, repeats: int, replicas: int = 1) -> int:
     """Samples in an epoch of the repeated-augmentation sampler of the authors' DeiT script
-    (its `RASampler`, all replicas together): max(1, n // 256) * 256, at most the n * repeats
-    copies there are. So at n <= 511 an epoch is 256 samples, about 256 / repeats images."""
-    return min(max(1, num_examples // 256) * 256, num_examples * repeats)
+    (its `RASampler`, all `replicas` together): each replica takes
+    floor(max(1, n // 256) * 256 / replicas) samples, at most its share of the n * repeats
+    copies (the list padded to divide evenly, see `DeitOrder`). So at n <= 511 an epoch is 256
+    samples, about 256 / repeats images."""
+    selected = max(1, num_examples // 256) * 256 // replicas
+    share = -(-num_examples * repeats // replicas)
+    return replicas * min(selected, share)
 
 
 class DeitOrder(BatchOrder):
     """Batches as the authors' DeiT script's sampler gives them, all replicas together: each
-    epoch the first `deit_epoch_samples` of its list (`BatchOrder.permutation`, rows repeated),
-    cut into batches of `batch_size` (the global batch: per-device batch x devices), the last
-    one smaller. `order(step) -> int64[b]`, b = batch_size but at an epoch's end."""
+    epoch the first `deit_epoch_samples` of its list (`BatchOrder.permutation`, rows repeated,
+    then, where `replicas` does not divide its length, its first entries again until it does,
+    as their sampler pads), cut into batches of `batch_size` (the global batch: per-device
+    batch x devices), the last one smaller. `order(step) -> int64[b]`, b = batch_size but at
+    an epoch's end. `replicas`: the GPUs their script would run on (`sampler_replicas`)."""
 
-    def __init__(self, seed: int, num_examples: int, batch_size: int, repeats: int = 1):
+    def __init__(self, seed: int, num_examples: int, batch_size: int, repeats: int = 1,
+                 replicas: int = 1):
         super().__init__(seed, num_examples, batch_size, repeats)
-        self.epoch_samples = deit_epoch_samples(num_examples, repeats)
+        self.replicas = replicas
+        self.epoch_samples = deit_epoch_samples(num_examples, repeats, replicas)
         self.steps_per_epoch = -(-self.epoch_samples // batch_size)
 
     def batch_sizes(self) -> list[int]:
@@ -81,7 +89,9 @@ class DeitOrder(BatchOrder):
 
     def __call__(self, step: int) -> np.ndarray:
         epoch, k = divmod(step, self.steps_per_epoch)
-        samples = self.permutation(epoch)[:self.epoch_samples]
+        listed = self.permutation(epoch)
+        pad = -len(listed) % self.replicas
+        samples = np.concatenate([listed, listed[:pad]])[:self.epoch_samples]
         return samples[k * self.batch_size:(k + 1) * self.batch_size]
 
 

@@ -109,6 +109,10 @@ class Config:
     # each labelled image per epoch, each with its own crop (the authors: 3).
     sampler: str = "wrap"
     repeated_augmentation: int = 1
+    # "deit": the GPUs their sampler deals its list over (their command: 2), which pads the
+    # list with its head where they do not divide it and takes floor(epoch / replicas) from
+    # each; the global batch is batch_size (a multiple of it) whatever num_devices is
+    sampler_replicas: int = 1
     label_smoothing: float = 0.1
     ema_decay: float = 0.0  # 0: no EMA; else evaluate the EMA of the weights and BatchNorm
     # statistics (as timm's ModelEma averages the whole state)
@@ -145,7 +149,8 @@ class Config:
 # so that such runs still resume (and `bilaf run` keeps their evaluations).
 LATER_FIELDS = {"crop_interpolation": "bilinear", "schedule": "steps", "warmup_lr": 0.0,
                 "min_lr": 0.0, "sampler": "wrap", "repeated_augmentation": 1,
-                "head_init": "zeros", "eval_every_epochs": None, "crop_from": "resized"}
+                "head_init": "zeros", "eval_every_epochs": None, "crop_from": "resized",
+                "sampler_replicas": 1}
 SCHEDULES = ("steps", "deit")
 SAMPLERS = ("wrap", "deit")
 HEAD_INITS = ("zeros", "normal")
@@ -213,7 +218,7 @@ def validate_config(c: Config) -> None:
                              f"{getattr(c, name)!r}")
     for name in ("batch_size", "checkpoint_every", "log_every", "eval_batch_size", "image_size",
                  "linear_steps", "knn_k", "max_checkpoints", "num_devices",
-                 "repeated_augmentation"):
+                 "repeated_augmentation", "sampler_replicas"):
         positive_int(name)
     for name in ("steps", "pool_size", "test_size", "eval_every", "eval_every_epochs",
                  "num_classes"):
@@ -229,6 +234,9 @@ def validate_config(c: Config) -> None:
     if c.batch_size % c.num_devices:
         raise ValueError(f"batch_size ({c.batch_size}) must be a multiple of num_devices "
                          f"({c.num_devices}): each device takes an equal share of a batch")
+    if c.batch_size % c.sampler_replicas:
+        raise ValueError(f"batch_size ({c.batch_size}) must be a multiple of sampler_replicas "
+                         f"({c.sampler_replicas}): the global batch of that many GPUs")
     def in_range(name, lo, hi, *, lo_open=False, hi_closed=False, optional=False):
         v = getattr(c, name)
         if v is None and optional:
@@ -889,7 +897,8 @@ def batch_order(config: Config, num_labelled: int):
     if config.sampler == "wrap":
         return BatchOrder(config.seed, num_labelled, config.batch_size,
                           config.repeated_augmentation)
-    order = DeitOrder(config.seed, num_labelled, config.batch_size, config.repeated_augmentation)
+    order = DeitOrder(config.seed, num_labelled, config.batch_size, config.repeated_augmentation,
+                      config.sampler_replicas)
     uneven = [b for b in order.batch_sizes() if b % config.num_devices]
     if uneven:
         raise InputError(f"sampler 'deit' cuts each epoch of {order.epoch_samples} samples into "
