@@ -754,6 +754,7 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
             jnp.broadcast_to(local, (num, p)), mode="drop")
         intra0 = jax.vmap(lambda dc, oc, sc: numpy_sum(lambda q: dc[oc[q]], sc, p))(
             dist, order, size)
+        inner = divide(intra0, size.astype(ftype)[:, None])  # fixed: the script never updates it
     else:
         # Pinned, as every product of the stage: a GPU's default float32 dot is TF32, whose
         # 10-bit inputs would make these sums (and so the scores) differ from the CPU's.
@@ -795,7 +796,6 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
     def scores(s):
         """Scores of every row [C, P] and the (possibly filled) core-distance cache."""
         if mode == "official":
-            inner = divide(intra0, sizef[:, None])
             penalised = nonnegative_product(outer, jnp.take_along_axis(s.hits, opp, axis=1))
             sc = (penalised - inner) / jnp.maximum(outer, inner)
             return jnp.where(jnp.isnan(sc), -jnp.inf, sc), s.to_cores, s.have_cores
@@ -889,7 +889,6 @@ def _process_batch(g, c, use_all, alloc, ring_fraction, remove_fraction, opponen
 
     # Boundary score before penalties, for inspection.
     if mode == "official":
-        inner = divide(intra0, sizef[:, None])
         bs = (outer - inner) / jnp.maximum(outer, inner)
     else:
         bs = tracked_scores(jnp.where(pool, intra0, 0.0) / jnp.maximum(sizef, 1.0)[:, None],
