@@ -6,8 +6,8 @@ divides with IEEE quotients. Where two samples' values are equal in the script's
 take, so official mode computes these values bit for bit as NumPy does:
 
 - `numpy_sum`: float addition is not associative, and XLA sums in its own order.
-  `np.add.reduce` over a contiguous axis of n values (NumPy's `pairwise_sum`, unchanged since
-  NumPy 1.9) computes:
+  `np.add.reduce` over a contiguous axis of n values (NumPy's `pairwise_sum`; the tests
+  check it against the installed NumPy) computes:
     n < 8          -0.0 + a_0 + a_1 + ... + a_{n-1}, left to right;
     8 <= n <= 128  eight running sums r_j = a_j + a_{j+8} + a_{j+16} + ... over the first
                    n - n % 8 values, then ((r_0 + r_1) + (r_2 + r_3)) + ((r_4 + r_5) + (r_6 + r_7)),
@@ -16,7 +16,7 @@ take, so official mode computes these values bit for bit as NumPy does:
 - `nonnegative_product`: XLA's CPU backend fuses x * y + z into one multiply-add, rounding
   once where NumPy rounds the product and then the sum.
 - `divide`: XLA rewrites a division by a broadcast value into a product with its reciprocal,
-  which is off by one unit in the last place for about a third of quotients.
+  which is often one unit off in the last place (the tests show such quotients).
 
 `tests/test_as_numpy.py` checks these against NumPy bit for bit.
 """
@@ -107,7 +107,6 @@ def divide(a, b):
     dtype = jnp.result_type(a, b)
     return jnp.broadcast_to(a, shape).astype(dtype) / lax.optimization_barrier(
         jnp.broadcast_to(b, shape).astype(dtype))
-
 
 
 def nonnegative_product(a, b):
