@@ -156,8 +156,8 @@ def _direct_chunk(rows: int, d: int, chunk_size: int) -> int:
 
 def _ordered_chunk(rows: int, chunk_size: int) -> int:
     # `distances.pairwise(direct=True)` adds feature after feature into one [c, rows] sum:
-    # 2^18 elements (2 MB in float64) stay in cache (at n = 50,000, K = 250, d = 384 the
-    # assignment took 0.50 s steady, against 0.57 s with blocks of _direct_chunk's size).
+    # 2^18 elements (2 MB in float64) stay in cache, and blocks that large keep the loop's
+    # per-feature steps few.
     return max(1, min(chunk_size, (1 << 18) // max(1, rows)))
 
 
@@ -519,11 +519,11 @@ def _idc(dist, valid, m, core, ring_fraction, remove_fraction, *, mode, num_neig
     def ring_key(s):
         """The first ring: nearest to the core; later rings: lowest density (Eq. 3)."""
         count = jnp.clip(s.size, 1, k)
-        use = jnp.arange(k)[None, :, None] < count[:, None, None]
         vals = s.near[:, -1]  # official: the script's values; paper: the distances
         if mode == "official":  # np.mean of the values in the script's order
             total = jax.vmap(lambda v, c: numpy_sum(lambda q: v[q], c, k))(vals, count)
         else:
+            use = jnp.arange(k)[None, :, None] < count[:, None, None]
             total = jnp.sum(jnp.where(use, vals, 0.0), axis=1)
         density = divide(total, count.astype(ftype)[:, None])
         return jnp.where((s.size == 0)[:, None], first_key, density)

@@ -89,10 +89,11 @@ class DeitOrder(BatchOrder):
 
     def __call__(self, step: int) -> np.ndarray:
         epoch, k = divmod(step, self.steps_per_epoch)
-        listed = self.permutation(epoch)
-        pad = -len(listed) % self.replicas
-        samples = np.concatenate([listed, listed[:pad]])[:self.epoch_samples]
-        return samples[k * self.batch_size:(k + 1) * self.batch_size]
+        samples = self.permutation(epoch)
+        pad = -len(samples) % self.replicas
+        if pad:  # their sampler's padding (a copy of the list, so only where it is needed)
+            samples = np.concatenate([samples, samples[:pad]])
+        return samples[:self.epoch_samples][k * self.batch_size:(k + 1) * self.batch_size]
 
 
 # Attempts torchvision's RandomResizedCrop makes before its centre-crop fallback.
