@@ -53,6 +53,7 @@ from bilaf_jax.io import (
     arrays_sha256,
     check_identity,
     exclusive_lock,
+    indices_sha256,
     save_npz_atomic,
     sha256_file,
     write_bytes_atomic,
@@ -892,9 +893,13 @@ def _set_aside_other_selections_finetuning(folder: Path, sel_path: Path) -> None
     folder, and this evaluation is being made again. Kept, not removed: it may hold hours of
     training."""
     stored = _json_or_none(folder / "config.json")
-    ident = stored.get("identity") if isinstance(stored, dict) else None
-    old = ident.get("selection_sha256") if isinstance(ident, dict) else None
-    if not isinstance(old, str) or old == sha256_file(sel_path):
+    ident = stored.get("identity") if isinstance(stored, dict) else {}
+    ident = ident if isinstance(ident, dict) else {}
+    if "selection_indices_sha256" in ident:  # train records the list's digest
+        old, ours = ident["selection_indices_sha256"], indices_sha256(_json_or_none(sel_path))
+    else:  # an earlier version recorded the file's
+        old, ours = ident.get("selection_sha256"), sha256_file(sel_path)
+    if not isinstance(old, str) or old == ours:
         return  # ours (resumed), or nothing train could tell: left to train
     aside = folder.with_name(f"{folder.name}.selection-{old[:12]}")
     for i in range(1, 1000):

@@ -999,18 +999,25 @@ def test_a_run_stopped_in_its_first_extraction_batch_does_not_hold_its_workdir(t
     assert json.loads((wd / "run.json").read_text())["identity"]["image_size"] == 48
 
 
+@pytest.mark.parametrize("recorded", ["indices", "file"])
 def test_full_finetuning_of_a_selection_made_again_differently_is_redone(tmp_path, monkeypatch,
-                                                                         capsys):
+                                                                         capsys, recorded):
     """The finetuning folder of the old selection would be refused by train (another
-    selection_sha256): it is moved aside, kept, and the evaluation made again."""
+    selection_indices_sha256, or selection_sha256 where an earlier version recorded the file's
+    digest): it is moved aside, kept, and the evaluation made again."""
     import train.train
-    from bilaf_jax.io import sha256_file, write_json_atomic
+    from bilaf_jax.io import indices_sha256, sha256_file, write_json_atomic
 
     trained = []
+    earlier_version = [recorded == "file"]  # the first runs' records, as earlier versions wrote them
 
     def fake_train_and_evaluate(config, workdir):
-        ident = {"selection_sha256": sha256_file(config.selection)}
-        train.train._check_workdir(workdir, ident)  # refuses another selection's run, as train
+        if earlier_version[0]:
+            ident = {"selection_sha256": sha256_file(config.selection)}
+        else:
+            ident = {"selection_indices_sha256": indices_sha256(json.loads(open(config.selection).read()))}
+        # refuses another selection's run, as train does
+        train.train._check_workdir(workdir, ident, config.selection)
         workdir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(workdir / "config.json", {"identity": ident})
         write_json_atomic(workdir / "summary.json", {"final_accuracy": 0.5})
@@ -1024,6 +1031,7 @@ def test_full_finetuning_of_a_selection_made_again_differently_is_redone(tmp_pat
     experiment.run_experiment(config, wd, progress=False)
     _replace_selection(wd, lambda picked: list(range(12)))
     trained.clear()
+    earlier_version[0] = False
     capsys.readouterr()
     out = experiment.run_experiment(config, wd, progress=False)
     assert trained == [list(range(12))]  # only the changed selection is finetuned again

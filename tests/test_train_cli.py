@@ -135,6 +135,43 @@ def test_workdir_of_another_config_is_refused(bilaf, feats, capsys):
     assert _snapshot(wd) == before
 
 
+def test_the_same_list_in_another_layout_is_the_same_run(bilaf, feats, capsys):
+    """A run is of the selection's indices in their order, not of the file's bytes: the list
+    written again otherwise resumes; the same indices in another order are another run. A
+    workdir recorded with the file's digest alone (as earlier versions did) resumes on the
+    same file, and is recorded again with the indices' digest."""
+    wd = feats / "run"
+    assert bilaf(_args(feats, wd)) == 0
+    def accuracy():
+        return json.loads((wd / "summary.json").read_text())["final_accuracy"]
+
+    first = accuracy()
+    picked = json.loads((feats / "sel.json").read_text())
+    spaced = feats / "spaced.json"
+    spaced.write_text(json.dumps(picked, indent=2) + "\n")
+    assert bilaf(_args(feats, wd, sel=spaced)) == 0
+    assert accuracy() == first
+    reordered = feats / "reordered.json"
+    reordered.write_text(json.dumps(picked[::-1]))
+    capsys.readouterr()
+    assert bilaf(_args(feats, wd, sel=reordered)) == 2
+    assert "different config (selection_indices_sha256:" in capsys.readouterr().err
+
+    from bilaf_jax.io import sha256_file
+
+    record = json.loads((wd / "config.json").read_text())
+    del record["identity"]["selection_indices_sha256"]
+    record["identity"]["selection_sha256"] = sha256_file(feats / "sel.json")
+    (wd / "config.json").write_text(json.dumps(record))
+    capsys.readouterr()
+    assert bilaf(_args(feats, wd, sel=spaced)) == 2  # its bytes are all that run recorded
+    assert "different config (selection_sha256:" in capsys.readouterr().err
+    assert bilaf(_args(feats, wd)) == 0
+    assert accuracy() == first
+    # recorded again with the indices' digest: the other layout now resumes too
+    assert bilaf(_args(feats, wd, sel=spaced)) == 0
+
+
 def test_config_file_values_of_numpy_and_pathlib_types(bilaf, feats, capsys):
     """A .py config may compute its values: NumPy scalars and paths run as the plain values they
     stand for (they were a traceback after the workdir was made, or a false range error)."""
@@ -416,16 +453,17 @@ def test_full_finetune_identity_records_the_backbones_preprocessing(feats):
     from train.train import _identity, make_config
 
     cfg = make_config(mode="full", selection=str(feats / "sel.json"))
-    assert _identity(cfg)["preprocessing"] == preprocessing("efficientnet_lite0")
+    sel = json.loads((feats / "sel.json").read_text())
+    assert _identity(cfg, sel)["preprocessing"] == preprocessing("efficientnet_lite0")
     # a setting added later enters the identity only away from what earlier runs did
-    assert "crop_interpolation" not in _identity(cfg)
+    assert "crop_interpolation" not in _identity(cfg, sel)
     bicubic = make_config(mode="full", selection=str(feats / "sel.json"), crop_interpolation="bicubic")
-    assert _identity(bicubic)["crop_interpolation"] == "bicubic"
+    assert _identity(bicubic, sel)["crop_interpolation"] == "bicubic"
     with pytest.raises(ValueError, match="crop_interpolation must be one of bilinear, bicubic"):
         make_config(mode="full", selection=str(feats / "sel.json"), crop_interpolation="nearest")
     assert "preprocessing" not in _identity(make_config(
         mode="linear", selection=str(feats / "sel.json"), features=str(feats / "pool.npz"),
-        test_features=str(feats / "test.npz")))
+        test_features=str(feats / "test.npz")), sel)
 
 
 def test_full_finetune_workdir_refuses_a_replaced_weight_file(feats):
@@ -436,17 +474,18 @@ def test_full_finetune_workdir_refuses_a_replaced_weight_file(feats):
     weights = feats / "w.pth"
     weights.write_bytes(b"first")
     cfg = make_config(mode="full", selection=str(feats / "sel.json"), backbone_weights=str(weights))
+    sel = json.loads((feats / "sel.json").read_text())
     wd = feats / "full"
-    with _claimed(wd, cfg, _identity(cfg, "images")):
+    with _claimed(wd, cfg, _identity(cfg, sel, "images")):
         (wd / "checkpoints" / "2").mkdir(parents=True)  # a finished checkpoint
-    assert _check_workdir(wd, _identity(cfg, "images"))
+    assert _check_workdir(wd, _identity(cfg, sel, "images"), cfg.selection)
     weights.write_bytes(b"second")
     with pytest.raises(ValueError, match="different config.*backbone_weights_sha256"):
-        _check_workdir(wd, _identity(cfg, "images"))
+        _check_workdir(wd, _identity(cfg, sel, "images"), cfg.selection)
     record = json.loads((wd / "config.json").read_text())
     del record["identity"]["backbone_weights_sha256"]
     (wd / "config.json").write_text(json.dumps(record))
-    assert _check_workdir(wd, _identity(cfg, "images"))
+    assert _check_workdir(wd, _identity(cfg, sel, "images"), cfg.selection)
 
 
 def test_full_finetune_workdir_resumes_the_same_weights_named_otherwise(feats, monkeypatch):
@@ -460,7 +499,8 @@ def test_full_finetune_workdir_resumes_the_same_weights_named_otherwise(feats, m
 
     def identity(weights):
         return _identity(make_config(mode="full", selection=str(feats / "sel.json"),
-                                     backbone_weights=weights), "images")
+                                     backbone_weights=weights),
+                         json.loads((feats / "sel.json").read_text()), "images")
 
     def claim(wd, weights):
         with _claimed(wd, make_config(mode="full", selection=str(feats / "sel.json"),
@@ -474,12 +514,13 @@ def test_full_finetune_workdir_resumes_the_same_weights_named_otherwise(feats, m
     for name in ("w.pth", "copy.pth"):
         (feats / name).write_bytes(b"mine")
     claim(feats / "file", str(feats / "w.pth"))
-    assert _check_workdir(feats / "file", identity(str(feats / "copy.pth")))
+    sel = str(feats / "sel.json")
+    assert _check_workdir(feats / "file", identity(str(feats / "copy.pth")), sel)
     claim(feats / "default", None)
-    assert _check_workdir(feats / "default", identity(str(default)))
+    assert _check_workdir(feats / "default", identity(str(default)), sel)
     default.write_bytes(b"another version")
     with pytest.raises(ValueError, match="different config.*backbone_weights_sha256"):
-        _check_workdir(feats / "default", identity(None))
+        _check_workdir(feats / "default", identity(None), sel)
 
 
 @pytest.mark.parametrize("mode", ["linear", "knn"])

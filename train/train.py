@@ -285,14 +285,17 @@ def validate_config(c: Config) -> None:
 # ----------------------------------------------------------------------------- workdir
 
 
-def _identity(config: Config, data_sha256: str | None = None,
+def _identity(config: Config, indices, data_sha256: str | None = None,
               num_classes: int | None = None) -> dict:
-    """What a workdir's run depends on. Full mode: `data_sha256` is the digest of the labelled
-    and test images and labels it reads (data_dir, a path, is not identity: a copy resumes),
-    `num_classes` the classes of its head (an image folder's class folders, some maybe empty)."""
+    """What a workdir's run depends on. `indices`: the selection list read from
+    config.selection. Full mode: `data_sha256` is the digest of the labelled and test images
+    and labels it reads (data_dir, a path, is not identity: a copy resumes), `num_classes` the
+    classes of its head (an image folder's class folders, some maybe empty)."""
     ident = {k: v for k, v in without_later_defaults(dataclasses.asdict(config)).items()
              if k not in _NOT_IDENTITY}
-    ident["selection_sha256"] = sha256_file(config.selection)
+    # the list, in its order (full mode's data order follows it), not the file's bytes: the
+    # same list written again in another layout resumes
+    ident["selection_indices_sha256"] = indices_sha256(indices)
     for name in ("features", "test_features"):
         path = getattr(config, name)
         if path is not None and config.mode in ("linear", "knn"):
@@ -322,11 +325,15 @@ def _identity(config: Config, data_sha256: str | None = None,
 LATER_IDENTITY_KEYS = ("backbone_weights_sha256", "resolved_num_classes")
 
 
-def _as_stored(identity: dict, stored: dict) -> dict:
+def _as_stored(identity: dict, stored: dict, selection) -> dict:
     """`identity` as compared with a workdir's `stored` one: the weights by their digest where
     both record it (a copy elsewhere, or the default file named by its path, is the same run),
-    and _NOT_IDENTITY keys an earlier version recorded left out of the comparison."""
+    the selection file (path `selection`) by its bytes where an earlier version recorded only
+    those, and _NOT_IDENTITY keys an earlier version recorded left out of the comparison."""
     identity = {**identity, **{k: stored[k] for k in _NOT_IDENTITY if k in stored}}
+    if "selection_sha256" in stored and "selection_indices_sha256" not in stored:
+        del identity["selection_indices_sha256"]
+        identity["selection_sha256"] = sha256_file(selection)
     sha = identity.get("backbone_weights_sha256")
     if sha is not None and stored.get("backbone_weights_sha256") == sha:
         identity["backbone_weights"] = stored.get("backbone_weights")
@@ -343,8 +350,9 @@ def _stored_identity(workdir: Path) -> dict:
     return stored if isinstance(stored, dict) else {}
 
 
-def _check_workdir(workdir: Path, identity: dict) -> bool:
-    """Refuse a workdir that belongs to another config. Returns True if it already has ours.
+def _check_workdir(workdir: Path, identity: dict, selection) -> bool:
+    """Refuse a workdir that belongs to another config (`identity`, of a run on the selection
+    file `selection`). Returns True if it already has ours.
 
     A workdir whose run of another config stopped before it had any result (no checkpoint,
     metrics line or summary) is not refused: there is nothing of that run to lose."""
@@ -358,8 +366,8 @@ def _check_workdir(workdir: Path, identity: dict) -> bool:
                              "use an empty or new workdir")
         return False
     try:
-        check_identity(cfg_path, _as_stored(identity, _stored_identity(workdir)), workdir,
-                       added_later=LATER_IDENTITY_KEYS)
+        check_identity(cfg_path, _as_stored(identity, _stored_identity(workdir), selection),
+                       workdir, added_later=LATER_IDENTITY_KEYS)
     except InputError:
         if _holds_results(workdir):
             raise
@@ -396,7 +404,8 @@ def _claimed(workdir: Path, config: Config, identity: dict):
     except OSError as e:  # say, a file where a parent folder should be: one line, not a traceback
         raise InputError(f"cannot create workdir {workdir}: {e.strerror or e}") from None
     with exclusive_lock(workdir / ".lock", f"workdir {workdir}"):
-        _check_workdir(workdir, identity)  # another process may have written it meanwhile
+        # another process may have written it meanwhile
+        _check_workdir(workdir, identity, config.selection)
         write_json_atomic(workdir / "config.json",
                           {"config": dataclasses.asdict(config), "identity": identity}, indent=1)
         yield
@@ -538,8 +547,8 @@ def _run_on_features(config: Config, workdir: Path) -> dict:
         # the run's records would name a data set its numbers are not of
         raise InputError(f"dataset {config.dataset} but the features {config.features} hold "
                          f"{rows['dataset']} rows")
-    identity = _identity(config)
-    _check_workdir(workdir, identity)
+    identity = _identity(config, sel)
+    _check_workdir(workdir, identity, config.selection)
     num_classes = config.num_classes or int(max(pool_y.max(), test_y.max())) + 1
     check_labels(num_classes, selected_pool_labels=pool_y[sel], test_labels=test_y)
     notes.append(_unseen_classes_note(pool_y[sel], test_y))
@@ -977,9 +986,10 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     notes = _size_notes(config, len(pool), len(test_src), f"{config.dataset}")
     # A workdir of another config is refused now, not after minutes of reading images: all of
     # the identity but what the images decide, which is checked once they are read.
-    identity, stored = _identity(config), _stored_identity(workdir)
+    identity, stored = _identity(config, sel), _stored_identity(workdir)
     _check_workdir(workdir, {**identity, **{k: stored.get(k) for k in
-                                            ("data_sha256", "resolved_num_classes")}})
+                                            ("data_sha256", "resolved_num_classes")}},
+                   config.selection)
     bb = backbone if backbone is not None else _load_backbone(config)
     s = config.image_size
     resample = getattr(bb, "resize_method", "bilinear")
@@ -996,7 +1006,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
     identity["data_sha256"] = arrays_sha256(labelled.images, labelled.labels, test.images,
                                             test.labels)
     identity["resolved_num_classes"] = num_classes
-    _check_workdir(workdir, identity)
+    _check_workdir(workdir, identity, config.selection)
 
     import jax
     import jax.numpy as jnp
