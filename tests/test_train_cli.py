@@ -135,6 +135,35 @@ def test_workdir_of_another_config_is_refused(bilaf, feats, capsys):
     assert _snapshot(wd) == before
 
 
+def test_settings_a_mode_does_not_read_may_change(bilaf, feats, capsys):
+    """A k-NN or linear run in a workdir is not refused for other full-finetune settings (seed,
+    image size; from a config file: the command's flags for them are refused in these modes)
+    or the other mode's settings, also where an earlier version recorded them; its own
+    settings still decide."""
+    def config(name, text):
+        path = feats / f"{name}.py"
+        path.write_text(f"def get_config():\n    return {text}\n")
+        return ["--config", str(path)]
+
+    for mode, other_mode, own in (("knn", "{'linear_steps': 7}", "{'knn_k': 5}"),
+                                  ("linear", "{'knn_k': 5}", "{'linear_steps': 7}")):
+        wd = feats / mode
+        assert bilaf(_args(feats, wd, mode)) == 0
+        first = json.loads((wd / "summary.json").read_text())["final_accuracy"]
+        identity = json.loads((wd / "config.json").read_text())["identity"]
+        assert "seed" not in identity and "image_size" not in identity
+        for extra in (config("full", "{'seed': 5, 'image_size': 64}"), config("other", other_mode)):
+            assert bilaf(_args(feats, wd, mode) + extra) == 0
+            assert json.loads((wd / "summary.json").read_text())["final_accuracy"] == first
+        record = json.loads((wd / "config.json").read_text())
+        record["identity"].update(seed=0, image_size=48, learning_rate=3e-3)  # as recorded before
+        (wd / "config.json").write_text(json.dumps(record))
+        assert bilaf(_args(feats, wd, mode) + config("full", "{'seed': 5}")) == 0
+        capsys.readouterr()
+        assert bilaf(_args(feats, wd, mode) + config("own", own)) == 2
+        assert "different config" in capsys.readouterr().err
+
+
 def test_the_same_list_in_another_layout_is_the_same_run(bilaf, feats, capsys):
     """A run is of the selection's indices in their order, not of the file's bytes: the list
     written again otherwise resumes; the same indices in another order are another run. A

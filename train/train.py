@@ -167,6 +167,21 @@ _NOT_IDENTITY = ("data_dir", "checkpoint_every", "max_checkpoints", "selection",
                  "test_features", "num_devices", "eval_batch_size")
 
 
+# What each mode reads of a config: the other fields may change between runs in one workdir
+# (a linear probe's result does not depend on the full finetune's seed or learning rate).
+_ON_FEATURES = ("mode", "dataset", "pool_size", "test_size", "num_classes", "log_every")
+_READ_BY_MODE = {"linear": _ON_FEATURES + ("linear_weight_decay", "linear_steps"),
+                 "knn": _ON_FEATURES + ("knn_k", "knn_temperature")}
+
+
+def _unread(mode: str) -> set[str]:
+    """The Config fields a run in `mode` does not read."""
+    fields = {f.name for f in dataclasses.fields(Config)}
+    if mode in _READ_BY_MODE:
+        return fields - set(_READ_BY_MODE[mode])
+    return {"linear_weight_decay", "linear_steps", "knn_k", "knn_temperature"}
+
+
 def make_config(**overrides) -> Config:
     """Config from keyword overrides; unknown keys or bad values raise ValueError."""
     known = {f.name for f in dataclasses.fields(Config)}
@@ -292,7 +307,7 @@ def _identity(config: Config, indices, data_sha256: str | None = None,
     and labels it reads (data_dir, a path, is not identity: a copy resumes), `num_classes` the
     classes of its head (an image folder's class folders, some maybe empty)."""
     ident = {k: v for k, v in without_later_defaults(dataclasses.asdict(config)).items()
-             if k not in _NOT_IDENTITY}
+             if k not in _NOT_IDENTITY and k not in _unread(config.mode)}
     # the list, in its order (full mode's data order follows it), not the file's bytes: the
     # same list written again in another layout resumes
     ident["selection_indices_sha256"] = indices_sha256(indices)
@@ -329,8 +344,10 @@ def _as_stored(identity: dict, stored: dict, selection) -> dict:
     """`identity` as compared with a workdir's `stored` one: the weights by their digest where
     both record it (a copy elsewhere, or the default file named by its path, is the same run),
     the selection file (path `selection`) by its bytes where an earlier version recorded only
-    those, and _NOT_IDENTITY keys an earlier version recorded left out of the comparison."""
-    identity = {**identity, **{k: stored[k] for k in _NOT_IDENTITY if k in stored}}
+    those, and _NOT_IDENTITY keys and fields the mode does not read (`_unread`) that an earlier
+    version recorded left out of the comparison."""
+    ignored = set(_NOT_IDENTITY) | _unread(identity.get("mode"))
+    identity = {**identity, **{k: stored[k] for k in ignored if k in stored}}
     if "selection_sha256" in stored and "selection_indices_sha256" not in stored:
         del identity["selection_indices_sha256"]
         identity["selection_sha256"] = sha256_file(selection)
