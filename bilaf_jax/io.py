@@ -252,7 +252,10 @@ def load_features(path, label_column: bool = False, key: str = "features"):
             raise InputError(f"{path} is JSON (a selection or results file?), not a NumPy "
                              ".npy/.npz feature file") from None
         _refuse_objects(path, e)
-        raise InputError(f"{path} is not a NumPy .npy/.npz file ({str(e).splitlines()[0]})") from None
+        why = str(e).splitlines()[0]
+        if "pickled" in why:  # neither header: NumPy took it for a pickle, and would advise loading one
+            why = "it starts with neither the .npy header nor a zip archive's"
+        raise InputError(f"{path} is not a NumPy .npy/.npz file ({why})") from None
     if isinstance(loaded, np.lib.npyio.NpzFile):
         with loaded:
             if key not in loaded.files:
@@ -368,7 +371,9 @@ def load_index_list(path, n: int | None = None, name: str = "selection", *,
                 dup = v
                 break
             seen.add(v)
-        raise InputError(f"{name} file {path} repeats index {dup}")
+        # official mode can pick a sample twice, as the authors' script does
+        hint = "; `bilaf select --unique` writes each sample once" if name == "selection" else ""
+        raise InputError(f"{name} file {path} repeats index {dup}{hint}")
     bad = [v for v in obj if v < 0 or (n is not None and v >= n)]
     if bad:
         bound = f"[0, {n})" if n is not None else ">= 0"

@@ -90,6 +90,11 @@ def test_reader_refuses_code_and_reports_corruption(tmp_path):
     with pytest.raises(InputError) as e:
         load_torch_checkpoint(junk)
     assert "\n" not in str(e.value)
+    # a text file: what it is not, not the unpickler's complaint ("Memo value not found")
+    (tmp_path / "text.pth").write_text("hello there, not a file of arrays\n")
+    with pytest.raises(InputError, match=r"text.pth is not a readable PyTorch checkpoint "
+                                         r"\(it is a text file\)$"):
+        load_torch_checkpoint(tmp_path / "text.pth")
     (tmp_path / "empty.pth").write_bytes(b"")
     with pytest.raises(InputError, match="empty file"):
         load_torch_checkpoint(tmp_path / "empty.pth")

@@ -43,7 +43,11 @@ def test_load_features_formats_and_errors(tmp_path):
     np.testing.assert_array_equal(got, x[:, :2])
     np.testing.assert_array_equal(labels, x[:, 2].astype(int))
     (tmp_path / "bad.npy").write_text("not numpy")
-    for path, match in [(tmp_path / "missing.npy", "not found"), (tmp_path / "bad.npy", "not a NumPy"),
+    # "bad.npy is not a NumPy .npy/.npz file (it starts with neither ...)", not NumPy's advice
+    # to load it as a pickle
+    for path, match in [(tmp_path / "missing.npy", "not found"),
+                        (tmp_path / "bad.npy", r"bad.npy is not a NumPy .npy/.npz file \(it starts "
+                                               r"with neither the .npy header nor a zip archive's\)$"),
                         (tmp_path, "folder")]:
         with pytest.raises(io.InputError, match=match):
             io.load_features(path)

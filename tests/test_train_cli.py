@@ -97,7 +97,7 @@ def test_linear_and_knn_write_summary_and_metrics(bilaf, feats, capsys):
 
 @pytest.mark.parametrize("content,needle", [
     ('{"a": 1}', "JSON list"),
-    ("[1, 2, 2]", "repeats index 2"),
+    ("[1, 2, 2]", "repeats index 2; `bilaf select --unique` writes each sample once"),
     ("[0, 300]", "out of range"),
     ("[-1]", "out of range"),
     ("[1, 2", "not valid JSON"),
@@ -127,11 +127,13 @@ def test_workdir_of_another_config_is_refused(bilaf, feats, capsys):
     other.write_text(json.dumps(list(range(50))))
     steps = feats / "steps.py"
     steps.write_text("def get_config():\n    return {'linear_steps': 7}\n")
-    for args in (_args(feats, wd, "knn"), _args(feats, wd, "linear", sel=other),
-                 _args(feats, wd, "linear") + ["--config", str(steps)]):
+    for args, diff in ((_args(feats, wd, "knn"), "(mode: 'linear' -> 'knn');"),
+                       (_args(feats, wd, "linear", sel=other), "(selection_indices_sha256: "),
+                       (_args(feats, wd, "linear") + ["--config", str(steps)],
+                        "(linear_steps: 100 -> 7)")):
         assert bilaf(args) == 2
         err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "different config" in err
+        assert err.count("\n") == 1 and "different config " + diff in err, err
     assert _snapshot(wd) == before
 
 

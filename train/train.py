@@ -382,9 +382,14 @@ def _check_workdir(workdir: Path, identity: dict, selection) -> bool:
             raise InputError(f"workdir {workdir} holds a run without config.json; "
                              "use an empty or new workdir")
         return False
+    stored = _stored_identity(workdir)
     try:
-        check_identity(cfg_path, _as_stored(identity, _stored_identity(workdir), selection),
-                       workdir, added_later=LATER_IDENTITY_KEYS)
+        if stored.get("mode") not in (None, identity.get("mode")):
+            # the settings each mode records differ too: the mode is what to name
+            raise InputError(f"workdir {workdir} holds a run of a different config (mode: "
+                             f"{stored['mode']!r} -> {identity['mode']!r}); use a new --workdir")
+        check_identity(cfg_path, _as_stored(identity, stored, selection), workdir,
+                       added_later=LATER_IDENTITY_KEYS)
     except InputError:
         if _holds_results(workdir):
             raise

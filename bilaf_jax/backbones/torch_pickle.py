@@ -11,6 +11,7 @@ NumPy arrays in place of tensors.
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import math
 import mmap
@@ -275,6 +276,12 @@ def load_torch_checkpoint(path) -> object:
             KeyError, struct.error, zipfile.BadZipFile, OSError, UnicodeDecodeError,
             RecursionError) as e:
         msg = " ".join(str(e).split()) or type(e).__name__
+        if isinstance(e, pickle.UnpicklingError):  # of a text file: "Memo value not found"
+            head = b"\0"
+            with contextlib.suppress(OSError), open(path, "rb") as f:
+                head = f.read(256)
+            if head.isascii() and all(c.isprintable() or c.isspace() for c in head.decode()):
+                msg = "it is a text file"  # torch.save writes binary pickles
         raise InputError(f"{path} is not a readable PyTorch checkpoint ({msg})") from None
 
 
