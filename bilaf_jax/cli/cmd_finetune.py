@@ -10,7 +10,9 @@ Modes: `linear` (probe on cached features), `knn` (weighted k-NN on cached featu
 Settings come from the defaults of `train.train.Config`, then `--config NAME` (a file
 `configs/NAME.py` or a path to such a file, whose `get_config()` returns a dict), then the flags.
 Writes WORKDIR/config.json, WORKDIR/metrics.jsonl, WORKDIR/summary.json (and WORKDIR/checkpoints
-in full mode); WORKDIR/.lock is held while it runs.
+in full mode); WORKDIR/.lock is held while it runs. Prints the final accuracy; full mode then
+prints {"params_digest": ...}, a digest of the evaluated weights (equal for two runs that ended
+in the same state, as a resumed run and an uninterrupted one do).
 """
 
 from __future__ import annotations
