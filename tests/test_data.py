@@ -147,12 +147,14 @@ def test_corrupt_files_are_one_line_errors(tmp_path, damage):
 
 def test_preparation_keeps_stdout_clean_and_says_once_what_it_does(fmnist, capsys):
     """TFDS prints while it prepares; stdout belongs to the caller (`bilaf run` writes its
-    report there), so its output goes to stderr, as one line instead of progress bars."""
+    report there), and a user error is one line: one line on stderr says what is done instead
+    of its progress bars and prints."""
     src, cache, arrays = fmnist
     load_arrays("fashion_mnist", "train", data_dir=src, cache_dir=cache)
     out, err = capsys.readouterr()
     assert out == ""
     assert err.count("preparing fashion_mnist in") == 1 and "%" not in err
+    assert "Downloading and preparing" not in err and "downloaded and prepared" not in err
     load_arrays("fashion_mnist", "test", data_dir=src, cache_dir=cache)  # prepared: silent
     assert capsys.readouterr() == ("", "")
 

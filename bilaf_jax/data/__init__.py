@@ -42,6 +42,7 @@ import collections
 import concurrent.futures
 import contextlib
 import hashlib
+import io
 import itertools
 import logging
 import os
@@ -261,8 +262,10 @@ def _refuse_incomplete(name, builder) -> None:
 
 @contextlib.contextmanager
 def _preparing(name: str, cache: Path):
-    """While TFDS prepares a dataset: one line on stderr instead of its progress bars, and its
-    prints sent to stderr too (stdout is the caller's: `bilaf run` writes its report there)."""
+    """While TFDS prepares a dataset: one line on stderr instead of its progress bars and
+    prints ("Downloading and preparing dataset Unknown size ...", then "... downloaded and
+    prepared"), which would also break the one line of a user error; stdout is the caller's
+    (`bilaf run` writes its report there)."""
     import tensorflow_datasets as tfds
     from tensorflow_datasets.core.utils import tqdm_utils
 
@@ -270,7 +273,7 @@ def _preparing(name: str, cache: Path):
     shown = getattr(tqdm_utils, "_active", True)
     tfds.disable_progress_bar()
     try:
-        with contextlib.redirect_stdout(sys.stderr):
+        with contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         tfds.display_progress_bar(shown)
