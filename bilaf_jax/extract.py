@@ -158,7 +158,9 @@ def _prepare_partial(partial: Path, config: dict) -> None:
                 changed = _changed(before, config)
             else:
                 changed = "settings unreadable"
-            fixed = isinstance(before, dict) and any(
+            # the same data and split, read or preprocessed otherwise: not a flag of this run
+            fixed = isinstance(before, dict) and all(
+                before.get(k) == config.get(k) for k in ("dataset", "split")) and any(
                 before.get(k) != config.get(k) for k in ("resize", "mean", "std", "source"))
             advice = ("the backbone's preprocessing or the data changed since (an earlier "
                       "version?): remove the folder to start over" if fixed else
@@ -205,8 +207,6 @@ def extract_to_file(out, *, dataset: str, split: str, backbone, weights=None,
 
 def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch_size, data_dir,
              cache_dir, taps, seed, progress, on_batch, read_workers) -> ExtractOutput:
-    from tqdm.auto import tqdm
-
     from bilaf_jax import backbones as bbs
     from bilaf_jax import data
 
@@ -250,18 +250,54 @@ def _extract(out, *, dataset, split, backbone, weights, image_size, limit, batch
     }
     if source.class_names is not None:  # an image folder's labels are positions in this list
         meta["class_names"] = list(source.class_names)
+    partial = out.with_name(out.name + ".partial")
     done = _finished_meta(out)
     if done is not None:
         same = {k: v for k, v in done.items() if k not in ("seconds", *_NOT_SETTINGS)} == \
             {k: v for k, v in meta.items() if k not in _NOT_SETTINGS}
         if same:  # already extracted with these settings
+            _remove_leftover_partial(partial, meta)
             return ExtractOutput(out, n, backbone.dim, num_batches, 0, 0.0)
         changed = _changed({k: v for k, v in done.items() if k != "seconds"}, meta)
         raise InputError(f"{out} holds features extracted with other settings ({changed}); "
                          "remove it or choose another output path")
-    partial = out.with_name(out.name + ".partial")
     _prepare_partial(partial, {**meta, "batch_size": batch_size, "format": 1})
+    try:
+        return _extract_batches(out, partial, meta, source, backbone, size, n, batch_size,
+                                progress, on_batch, read_workers, t0)
+    except BaseException:
+        if not any(partial.glob("batch_*.npz")):  # nothing finished to resume from
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
 
+
+def _remove_leftover_partial(partial: Path, meta: dict) -> None:
+    """Remove the partial folder of the extraction that wrote the finished file (`meta`: its
+    settings), which a kill between writing that file and removing the folder leaves, also
+    half removed (no config.json). One of other settings is left alone."""
+    if not partial.is_dir():
+        return
+    try:
+        before = json.loads((partial / "config.json").read_text())
+    except FileNotFoundError:
+        before = meta
+    except (OSError, ValueError):
+        return
+    ignored = (*_NOT_SETTINGS, "batch_size", "format")
+    if isinstance(before, dict) and ({k: v for k, v in before.items() if k not in ignored}
+                                     == {k: v for k, v in meta.items() if k not in ignored}):
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _extract_batches(out, partial, meta, source, backbone, size, n, batch_size, progress,
+                     on_batch, read_workers, t0) -> ExtractOutput:
+    """Embed the batches not yet in `partial`, then write `out` from all of them."""
+    from tqdm.auto import tqdm
+
+    from bilaf_jax import backbones as bbs
+    from bilaf_jax import data
+
+    num_batches = -(-n // batch_size)
     shards: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     for b in range(num_batches):
         p = partial / _SHARD.format(b)

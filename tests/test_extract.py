@@ -368,6 +368,53 @@ def test_image_folder_of_mixed_sizes(tmp_path):
     assert sorted(p.name for p in (tmp_path / "imgs" / "a").iterdir()) == ["0.png", "1.png", "2.png"]
 
 
+def test_an_unreadable_image_leaves_no_partial_folder(tmp_path):
+    """An error before any batch is finished leaves nothing to resume from: no partial folder
+    holding only its config.json."""
+    from PIL import Image
+
+    (tmp_path / "imgs" / "a").mkdir(parents=True)
+    Image.new("L", (9, 9)).save(tmp_path / "imgs" / "a" / "0.png")
+    (tmp_path / "imgs" / "a" / "1.png").write_text("not an image")
+    out = tmp_path / "f.npz"
+    with pytest.raises(InputError, match="1.png"):
+        extract_to_file(out, data_dir=tmp_path / "imgs", progress=False,
+                        **dict(CFG, dataset="image_folder", split="all"))
+    assert not out.exists() and not out.with_name("f.npz.partial").exists()
+
+
+def test_a_partial_folder_left_beside_the_finished_file_goes_on_the_rerun(pool, tmp_path,
+                                                                           monkeypatch):
+    """A kill after the final file is written and before its partial folder is removed (also
+    half way through removing it): the rerun finds the file finished and removes the folder.
+    One of other settings stays."""
+    import bilaf_jax.extract as ex
+
+    dirs, _ = pool
+    out = tmp_path / "f.npz"
+    partial = out.with_name("f.npz.partial")
+
+    def killed(path, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        extract_to_file(out, progress=False, **CFG, **dirs)
+    monkeypatch.undo()
+    assert out.is_file() and len(list(partial.glob("batch_*.npz"))) == 3
+    finished = out.read_bytes()
+    res = extract_to_file(out, progress=False, **CFG, **dirs)
+    assert res.computed_batches == 0 and not partial.exists() and out.read_bytes() == finished
+    partial.mkdir()  # half removed: no config.json
+    (partial / "batch_000001.npz").write_bytes(b"a batch")
+    extract_to_file(out, progress=False, **CFG, **dirs)
+    assert not partial.exists()
+    partial.mkdir()
+    (partial / "config.json").write_text(json.dumps({"image_size": 64}))
+    extract_to_file(out, progress=False, **CFG, **dirs)
+    assert (partial / "config.json").exists()
+
+
 def test_unfinished_batches_resume_after_the_weights_file_moved(tmp_path):
     """The same weights at another path (a new venv, a moved file) are the same settings; other
     weights are not."""
@@ -478,6 +525,9 @@ def test_partial_of_another_preprocessing_says_to_remove_it(tmp_path):
         _prepare_partial(partial, {**old, "resize": "bicubic"})
     with pytest.raises(InputError, match="finish that extraction with its own settings"):
         _prepare_partial(partial, {**old, "backbone": "vit_s16"})
+    # another split is another source, and a flag of the run, not an earlier version's
+    with pytest.raises(InputError, match="finish that extraction with its own settings"):
+        _prepare_partial(partial, {**old, "split": "test", "source": "another"})
 
 
 def test_selection_check_treats_image_folder_all_as_train(tmp_path):
