@@ -157,6 +157,14 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
         else:
             labeled = None
 
+    core_features = features
+    if (isinstance(features, jax.Array) and features.dtype == np.float64
+            and not jax.config.jax_enable_x64):
+        # float64 rows placed under x64 for official mode's float64 boundary stage (as
+        # `bilaf select --mesh` places them): the core stage takes them in float32, as it
+        # takes a float64 NumPy array where x64 is off
+        core_features = features.astype(np.float32)
+
     if method != "bilaf":
         if num_cores is not None and num_cores != budget:
             raise ValueError(f"num_cores applies to method='bilaf' only (got {num_cores} with {method!r})")
@@ -169,7 +177,7 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
         if given:
             raise ValueError(f"{', '.join(given)} configure BiLAF's boundary stage, which "
                              f"method={method!r} does not run")
-        core = _CORE_SELECTORS[method](core_key, features, budget, **options)
+        core = _CORE_SELECTORS[method](core_key, core_features, budget, **options)
         return process_local(SelectOutput(core.indices, core.indices, core, None))
 
     from bilaf_jax.boundary import bilaf, check_options
@@ -189,7 +197,7 @@ def select(key, features, budget: int, *, method: str = "bilaf", num_cores: int 
     if num_cores is None:
         num_cores = default_num_cores(budget)
     num_cores = V.check_count(num_cores, "num_cores", 1, budget)
-    core = _CORE_SELECTORS[core_method](core_key, features, num_cores, **options)
+    core = _CORE_SELECTORS[core_method](core_key, core_features, num_cores, **options)
     core_indices = jnp.sort(core.indices)
     all_cores = to_host(core_indices)
     if labeled is not None:

@@ -116,6 +116,9 @@ def parse_mesh(text: str | int | None) -> int | None:
 def shard_rows(features, mesh: Mesh, axis: str = "data") -> ShardedPool:
     """Pad `features` [n, d] with zero rows to a multiple of the mesh axis and shard its rows.
 
+    Where x64 is off, float64 features are placed as float32 (JAX's rule); call it under
+    `jax.enable_x64(True)` to keep them float64 for official mode's boundary stage.
+
     >>> mesh = make_mesh(1)
     >>> pool = shard_rows(np.ones((5, 2), np.float32), mesh)
     >>> pool.features.shape, pool.num_rows

@@ -143,6 +143,39 @@ def test_select_cli_mesh_equals_one_device(tmp_path):
     assert main(["select", "--verify", str(tmp_path / "one.json"), "--mesh", "3", "--compile-cache", "off"]) == 0
 
 
+def test_select_cli_mesh_keeps_float64_features(tmp_path, capsys):
+    """Official mode computes in float64: float64 features on a mesh are placed as float64
+    (they were float32 there, and near-duplicate rows that only float64 tells apart gave
+    other picks). Values beyond float32's range are refused on a mesh as without one (they
+    were read as 0 there, and selected from)."""
+    import json
+
+    from bilaf_jax.cli import main
+
+    x = _pool(301).astype(np.float64)
+    rng = np.random.default_rng(0)
+    y = np.concatenate([x, x + rng.normal(size=x.shape) * 1e-11])[:451]  # ties in float32 only
+    y = y[rng.permutation(len(y))]
+    np.save(tmp_path / "f.npy", y)
+    args = ["--budget", "60", "--cores", "6", "--steps", "50", "--mode", "official",
+            "--compile-cache", "off"]
+    for name, extra in (("one", []), ("mesh", ["--mesh", "all"])):
+        assert main(["select", str(tmp_path / "f.npy"), *args, "--out", str(tmp_path / f"{name}.json"),
+                     *extra]) == 0
+    one, mesh = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("one", "mesh"))
+    assert mesh == one
+    want32 = select(jax.random.key(0), y.astype(np.float32), 60, num_cores=6, mode="official",
+                    core_options=dict(num_steps=50))
+    assert np.asarray(want32.indices).tolist() != one  # float32 would pick otherwise
+    capsys.readouterr()
+    np.save(tmp_path / "tiny.npy", y * 1e-200)
+    for extra in ([], ["--mesh", "all"]):
+        assert main(["select", str(tmp_path / "tiny.npy"), "--budget", "30", "--out",
+                     str(tmp_path / "t.json"), *extra]) == 2
+        assert "squared distances between rows underflow float32" in capsys.readouterr().err
+    assert not (tmp_path / "t.json").exists()
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--mesh", "9"], "between 1 and the 8 devices"),
     (["--mesh", "two"], "mesh must be 'all'"),

@@ -18,6 +18,7 @@ add in another order: see `bilaf_jax.sharding`).
 
 from __future__ import annotations
 
+import contextlib
 import decimal
 import json
 import math
@@ -219,6 +220,7 @@ def run_selection(features, settings: dict, labeled=None, mesh=None):
     import jax
     import numpy as np
 
+    from bilaf_jax._validation import check_features
     from bilaf_jax.pipeline import default_num_cores
     from bilaf_jax.sharding import place
 
@@ -233,7 +235,15 @@ def run_selection(features, settings: dict, labeled=None, mesh=None):
     if settings["method"] == "bilaf" and num_cores is None:
         num_cores = default_num_cores(budget)
     start = time.perf_counter()
-    features, num_rows = place(features, mesh)
+    if mesh is not None:
+        # Checked on the host, as without a mesh: placed with x64 off, float64 features arrive
+        # in float32, where a value below its range is 0 and one above it is inf.
+        features = check_features(features)
+    # Official mode computes in float64, from the host array without a mesh: placed with x64
+    # off, float64 features would reach it in float32, and it could pick other samples.
+    official = settings["method"] == "bilaf" and settings["mode"] == "official"
+    with jax.enable_x64(True) if official and features.dtype == np.float64 else contextlib.nullcontext():
+        features, num_rows = place(features, mesh)
     with warnings.catch_warnings():  # repeats are reported by `run`, in one line
         warnings.filterwarnings("ignore", message="official mode: the authors' allocation")
         out = _select(features, budget, settings, num_cores, core_options, labeled, num_rows)
