@@ -79,6 +79,8 @@ def exclusive_lock(path, what: str):
         f = open(path, "a")  # noqa: SIM115 - closed below, after the lock is released
     except IsADirectoryError:  # the bare "[Errno 21] Is a directory" says nothing of a lock
         raise InputError(f"{what}: its lock file {path} is a folder; remove it") from None
+    except OSError as e:  # a read-only file system, say
+        raise InputError(f"{what}: cannot open its lock file {path} ({e.strerror or e})") from None
     try:
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -89,6 +89,12 @@ def test_a_folder_where_the_lock_file_goes_is_named(tmp_path):
     with pytest.raises(io.InputError, match=r"features x.npz: its lock file .*x.lock is a folder; remove it"):
         with io.exclusive_lock(tmp_path / "x.lock", "features x.npz"):
             pass
+    # any other reason the lock file cannot be opened (a read-only file system, a file where a
+    # folder should be) is one line too, not an OSError's traceback
+    (tmp_path / "file").write_text("")
+    with pytest.raises(io.InputError, match=r"^workdir w: cannot open its lock file .*file/.lock \(Not a directory\)$"):
+        with io.exclusive_lock(tmp_path / "file" / ".lock", "workdir w"):
+            pass
 
 
 def test_damaged_files_and_odd_values_are_one_line_input_errors(tmp_path):

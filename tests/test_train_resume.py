@@ -83,9 +83,14 @@ def test_resume_after_interrupt_is_exact_real_backbone(tmp_path):
     assert all("train_loss" in r and np.isfinite(r["train_loss"]) for r in recs)
     assert [r["step"] for r in recs if "eval_accuracy" in r] == [2, 4]
     assert recs[-1]["eval_accuracy"] == sa["final_accuracy"]
-    # Starting the finished run again changes nothing but resumed_from_step.
-    again = train_and_evaluate(cfg, tmp_path / "a", backbone=bb)
-    assert again["final_accuracy"] == sa["final_accuracy"] and again["resumed_from_step"] == 4
+    # Starting a finished run again changes nothing: its record still says where it resumed
+    # (it said 4, for a run that had not been interrupted, before).
+    summaries = {w: (tmp_path / w / "summary.json").read_text() for w in "ab"}
+    for w, resumed in (("a", 0), ("b", 2)):
+        again = train_and_evaluate(cfg, tmp_path / w, backbone=bb)
+        assert again["final_accuracy"] == sa["final_accuracy"]
+        assert again["resumed_from_step"] == resumed
+        assert (tmp_path / w / "summary.json").read_text() == summaries[w]
     assert (tmp_path / "a" / "metrics.jsonl").read_text() == ma
     # A different config in the same workdir is refused before anything is written.
     with pytest.raises(ValueError, match="different config"):
@@ -646,3 +651,24 @@ def test_a_workdir_in_use_is_refused_before_the_data_is_read(tmp_path, monkeypat
         with pytest.raises(ValueError, match=f"workdir {wd} is in use by another process"):
             train_and_evaluate(cfg, wd, backbone=TinyBackbone())
     assert sorted(p.name for p in wd.iterdir()) == [".lock"]
+
+
+def test_a_damaged_checkpoint_is_one_line_and_the_run_kept(tmp_path):
+    """A checkpoint damaged on disk (a data file cut short) is named in one line, with what to
+    do, and the run's files are left as they were (it was a traceback of hundreds of lines)."""
+    _fashion_mnist_or_skip()
+    sel = _selection(tmp_path, list(range(0, 80, 4)))
+    cfg = make_config(selection=sel, image_size=16, steps=4, batch_size=4, checkpoint_every=2,
+                      log_every=1, pool_size=80, test_size=8, warmup_steps=1)
+    wd = tmp_path / "w"
+    train_and_evaluate(cfg, wd, backbone=TinyBackbone(), max_steps_this_run=3)
+    data = [p for p in (wd / "checkpoints" / "2").rglob("*") if p.parent.name == "d"]
+    assert data, sorted(p.name for p in (wd / "checkpoints").rglob("*"))
+    for path in data:
+        path.write_bytes(path.read_bytes()[:40])
+    before = {p: p.read_bytes() for p in wd.rglob("*") if p.is_file() and p.name != ".lock"}
+    with pytest.raises(ValueError, match=r"^checkpoint 2 in .*checkpoints cannot be read \(.*\); "
+                                         r"move that folder away to resume from the checkpoint "
+                                         r"before it$"):
+        train_and_evaluate(cfg, wd, backbone=TinyBackbone())
+    assert {p: p.read_bytes() for p in wd.rglob("*") if p.is_file() and p.name != ".lock"} == before

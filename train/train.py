@@ -468,6 +468,15 @@ def _write_summary(workdir: Path, summary: dict) -> None:
     write_json_atomic(workdir / "summary.json", summary, indent=1)
 
 
+def _read_summary(workdir: Path) -> dict:
+    """The summary.json in `workdir` ({} where there is none or it is unreadable)."""
+    try:
+        summary = json.loads((workdir / "summary.json").read_text())
+    except (OSError, ValueError, RecursionError):
+        return {}
+    return summary if isinstance(summary, dict) else {}
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -1076,7 +1085,16 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
                 template = state
                 saved = _keys_to_data(template)
                 abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, saved)
-                restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+                try:
+                    restored = mngr.restore(latest, args=ocp.args.StandardRestore(abstract))
+                except Exception as e:  # a damaged checkpoint: orbax says so in many ways
+                    why = " ".join(str(e).split())
+                    for tail in (" See full TensorStore details", " [tensorstore_spec"):
+                        why = why.split(tail)[0]
+                    why = why[:200] or type(e).__name__
+                    raise InputError(
+                        f"checkpoint {latest} in {workdir / 'checkpoints'} cannot be read ({why}); "
+                        "move that folder away to resume from the checkpoint before it") from None
                 state = commit(_keys_from_data(restored, template))
                 start = int(state["step"])
             metrics = MetricsWriter(workdir / "metrics.jsonl")
@@ -1147,6 +1165,10 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
             "params_digest": params_digest(eval_state(state)[0]),
             "config": dataclasses.asdict(config),
         }
+        if start == total:  # the run had ended: its record keeps where it resumed, if it did
+            previous = _read_summary(workdir)
+            if previous.get("step") == total and isinstance(previous.get("resumed_from_step"), int):
+                summary["resumed_from_step"] = previous["resumed_from_step"]
         _write_summary(workdir, summary)
     if ran:
         summary["images_per_second"] = seen / elapsed
