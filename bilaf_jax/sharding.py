@@ -128,7 +128,12 @@ def shard_rows(features, mesh: Mesh, axis: str = "data") -> ShardedPool:
         raise ValueError(f"mesh must be a jax.sharding.Mesh (make_mesh()), got {mesh!r:.60}")
     if axis not in mesh.shape:
         raise ValueError(f"mesh has no axis {axis!r} (its axes: {tuple(mesh.shape)})")
-    features = np.asarray(features) if not isinstance(features, jax.Array) else features
+    if not isinstance(features, jax.Array):
+        from bilaf_jax._validation import check_features
+
+        # Checked here, as the selectors check host features: placed with x64 off, float64
+        # values below float32's range would arrive as 0 and those above it as inf.
+        features = check_features(features)
     if features.ndim != 2:
         raise ValueError(f"features must be 2-D [n, d], got shape {tuple(features.shape)}")
     n = features.shape[0]

@@ -220,7 +220,6 @@ def run_selection(features, settings: dict, labeled=None, mesh=None):
     import jax
     import numpy as np
 
-    from bilaf_jax._validation import check_features
     from bilaf_jax.pipeline import default_num_cores
     from bilaf_jax.sharding import place
 
@@ -235,10 +234,6 @@ def run_selection(features, settings: dict, labeled=None, mesh=None):
     if settings["method"] == "bilaf" and num_cores is None:
         num_cores = default_num_cores(budget)
     start = time.perf_counter()
-    if mesh is not None:
-        # Checked on the host, as without a mesh: placed with x64 off, float64 features arrive
-        # in float32, where a value below its range is 0 and one above it is inf.
-        features = check_features(features)
     # Official mode computes in float64, from the host array without a mesh: placed with x64
     # off, float64 features would reach it in float32, and it could pick other samples.
     official = settings["method"] == "bilaf" and settings["mode"] == "official"
