@@ -54,6 +54,7 @@ from bilaf_jax.io import (
     check_identity,
     exclusive_lock,
     indices_sha256,
+    read_json_object,
     save_npz_atomic,
     sha256_file,
     write_bytes_atomic,
@@ -892,8 +893,7 @@ def _set_aside_other_selections_finetuning(folder: Path, sel_path: Path) -> None
     one in `sel_path` (this job's selection, made again differently): train would refuse the
     folder, and this evaluation is being made again. Kept, not removed: it may hold hours of
     training."""
-    stored = _json_or_none(folder / "config.json")
-    ident = stored.get("identity") if isinstance(stored, dict) else {}
+    ident = (read_json_object(folder / "config.json") or {}).get("identity")
     ident = ident if isinstance(ident, dict) else {}
     if "selection_indices_sha256" in ident:  # train records the list's digest
         old, ours = ident["selection_indices_sha256"], indices_sha256(_json_or_none(sel_path))

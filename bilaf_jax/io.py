@@ -326,14 +326,20 @@ def selection_record_path(selection_path) -> Path:
     return path.with_name(stem + ".meta.json")
 
 
+def read_json_object(path) -> dict | None:
+    """The JSON object in the file `path`, or None where there is none, it cannot be read or
+    parsed, or it holds something else than an object."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 def read_selection_record(selection_path) -> dict | None:
     """The record `bilaf select` wrote beside a selection list (`selection_record_path`), or
     None where there is none or it is not a JSON object."""
-    try:
-        record = json.loads(selection_record_path(selection_path).read_text())
-    except (OSError, ValueError, RecursionError):
-        return None
-    return record if isinstance(record, dict) else None
+    return read_json_object(selection_record_path(selection_path))
 
 
 def load_index_list(path, n: int | None = None, name: str = "selection", *,

@@ -55,6 +55,7 @@ from bilaf_jax.io import (
     indices_sha256,
     load_features,
     load_index_list,
+    read_json_object,
     read_selection_record,
     selection_record_path,
     sha256_file,
@@ -306,8 +307,9 @@ def _identity(config: Config, indices, data_sha256: str | None = None,
     config.selection. Full mode: `data_sha256` is the digest of the labelled and test images
     and labels it reads (data_dir, a path, is not identity: a copy resumes), `num_classes` the
     classes of its head (an image folder's class folders, some maybe empty)."""
+    left_out = set(_NOT_IDENTITY) | _unread(config.mode)
     ident = {k: v for k, v in without_later_defaults(dataclasses.asdict(config)).items()
-             if k not in _NOT_IDENTITY and k not in _unread(config.mode)}
+             if k not in left_out}
     # the list, in its order (full mode's data order follows it), not the file's bytes: the
     # same list written again in another layout resumes
     ident["selection_indices_sha256"] = indices_sha256(indices)
@@ -360,10 +362,7 @@ def _as_stored(identity: dict, stored: dict, selection) -> dict:
 def _stored_identity(workdir: Path) -> dict:
     """The identity in `workdir`'s config.json ({} where there is none or it is unreadable:
     `_check_workdir` says so)."""
-    try:
-        stored = json.loads((workdir / "config.json").read_text())["identity"]
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
-        return {}
+    stored = (read_json_object(workdir / "config.json") or {}).get("identity")
     return stored if isinstance(stored, dict) else {}
 
 
@@ -466,15 +465,6 @@ class MetricsWriter:
 
 def _write_summary(workdir: Path, summary: dict) -> None:
     write_json_atomic(workdir / "summary.json", summary, indent=1)
-
-
-def _read_summary(workdir: Path) -> dict:
-    """The summary.json in `workdir` ({} where there is none or it is unreadable)."""
-    try:
-        summary = json.loads((workdir / "summary.json").read_text())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -1166,7 +1156,7 @@ def _run_full(config: Config, workdir: Path, backbone, max_steps_this_run) -> di
             "config": dataclasses.asdict(config),
         }
         if start == total:  # the run had ended: its record keeps where it resumed, if it did
-            previous = _read_summary(workdir)
+            previous = read_json_object(workdir / "summary.json") or {}
             if previous.get("step") == total and isinstance(previous.get("resumed_from_step"), int):
                 summary["resumed_from_step"] = previous["resumed_from_step"]
         _write_summary(workdir, summary)
